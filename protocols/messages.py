@@ -1,0 +1,108 @@
+"""The closed set of messages that travel on swarm streams.
+
+Inference (``/swarm/infer/1.0.0``) is one exchange at a time per stream::
+
+    caller                              server
+      Request  ------------------------->
+               <-------------------------  Chunk*     (only when stream=True)
+      Cancel?  ------------------------->
+               <-------------------------  Result | Error
+
+after which the stream may carry the next Request (streams are reused: a new
+stream per small call costs several times a round trip). ``CapabilityRecord``
+travels on ``/swarm/caps/1.0.0``. Values are deliberately few: tensors for
+numbers, strings for text, scalars for parameters and metadata.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codes import ErrorCode
+from .tensors import Tensor
+
+INFER_PROTOCOL = "/swarm/infer/1.0.0"
+CAPS_PROTOCOL = "/swarm/caps/1.0.0"
+
+Scalar = str | int | float | bool | None
+Value = Tensor | str | list[str] | int | float | bool
+Param = Scalar | list[str]
+
+MAX_ID_LEN = 128
+MAX_NAME_LEN = 256
+MAX_HOPS = 4
+
+
+class Priority(enum.IntEnum):
+    """Admission order: lower value runs first."""
+
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, text: str) -> Priority:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            raise ValueError(f"priority must be high, normal or low, not {text!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: str
+    model: str
+    inputs: Mapping[str, Value]
+    params: Mapping[str, Param] = field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    # Time left for the caller, relative (peers' clocks disagree); None = no deadline.
+    deadline_ms: int | None = None
+    stream: bool = False
+    # Whether running it twice is harmless (inference is); decides retries after OUTCOME_UNKNOWN.
+    idempotent: bool = True
+    # How many nodes have forwarded it already; a node refuses to forward past MAX_HOPS.
+    hops: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    id: str
+    seq: int
+    outputs: Mapping[str, Value]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    id: str
+    outputs: Mapping[str, Value]
+    meta: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    id: str
+    code: ErrorCode
+    message: str
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityRecord:
+    """What a node is and serves. ``body`` is plain msgpack data (see capabilities/)."""
+
+    peer_id: str
+    seq: int
+    ttl_s: int
+    body: Mapping[str, Any]
+    signature: bytes = b""
+
+
+Message = Request | Chunk | Result | Error | Cancel | CapabilityRecord
