@@ -1,0 +1,1 @@
+"""How peers are found (mDNS, bootstrap list, Kademlia DHT); see issue 'Swarm membership'."""

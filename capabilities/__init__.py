@@ -1,0 +1,1 @@
+"""What a node can do: hardware probe, models served, capability records."""

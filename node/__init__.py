@@ -1,0 +1,1 @@
+"""The swarm daemon: host, stream handlers, admission, CLI and client."""

@@ -1,0 +1,1 @@
+"""How work runs on a node: the runner interface and its implementations."""

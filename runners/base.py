@@ -1,0 +1,181 @@
+"""The runner interface: how one model runs on this node.
+
+A runner knows nothing of peers or streams. The node calls ``check`` before it
+queues work (so a bad request is refused at once, not after waiting its turn),
+then ``infer`` or ``stream`` from a worker task. Blocking work (model loading,
+compute) must go to a thread with ``run_blocking``: the trio thread also keeps
+every libp2p stream alive, and yamux resets a stream not read for 5 s.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from protocols import DTYPES, Param, Tensor, Value
+
+from .errors import BadInput
+
+Outputs = dict[str, Value]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """An input tensor: allowed dtypes and a shape where None is any size."""
+
+    name: str
+    dtypes: frozenset[str]
+    shape: tuple[int | None, ...]
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.dtypes <= DTYPES:
+            raise ValueError(f"unknown dtypes {sorted(self.dtypes - DTYPES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class TextSpec:
+    """An input text: one string or a list of at most ``max_items`` strings."""
+
+    name: str
+    max_items: int
+    max_chars: int
+    required: bool = True
+
+
+InputSpec = TensorSpec | TextSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a runner serves, as announced in the node's capability record."""
+
+    name: str
+    task: str  # "embeddings", "text-generation", "image-classification", ...
+    runner: str  # "openvino", "torch", "fake", ...
+    device: str  # "CPU", "GPU.0", "cuda:0", ...
+    precision: str  # "fp32", "fp16", "int8", ...
+    max_batch: int
+    inputs: tuple[InputSpec, ...]
+    context_length: int | None = None
+    streams: bool = False  # yields more than one chunk when asked to stream
+    extra: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for capability records and ``swarm status``."""
+        return {
+            "name": self.name,
+            "task": self.task,
+            "runner": self.runner,
+            "device": self.device,
+            "precision": self.precision,
+            "max_batch": self.max_batch,
+            "context_length": self.context_length,
+            "streams": self.streams,
+            "inputs": [_describe_spec(s) for s in self.inputs],
+            **dict(self.extra),
+        }
+
+
+def _describe_spec(spec: InputSpec) -> dict[str, Any]:
+    if isinstance(spec, TensorSpec):
+        return {
+            "name": spec.name,
+            "kind": "tensor",
+            "dtypes": sorted(spec.dtypes),
+            "shape": [-1 if d is None else d for d in spec.shape],
+            "required": spec.required,
+        }
+    return {
+        "name": spec.name,
+        "kind": "text",
+        "max_items": spec.max_items,
+        "max_chars": spec.max_chars,
+        "required": spec.required,
+    }
+
+
+class Runner(abc.ABC):
+    """One model on this node. Subclasses set ``info`` and implement ``infer``."""
+
+    info: ModelInfo
+
+    async def load(self) -> None:  # noqa: B027 (optional hook)
+        """Prepare the model (convert, compile, warm up). May take seconds."""
+
+    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
+        """Raise BadInput unless ``inputs`` match the declared specs. Cheap; runs on trio."""
+        check_inputs(self.info, inputs)
+
+    @abc.abstractmethod
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        """The whole answer for one request."""
+
+    async def stream(
+        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
+    ) -> AsyncIterator[Outputs]:
+        """Partial outputs as they are produced. Default: the whole answer as one chunk."""
+        yield await self.infer(inputs, params)
+
+    async def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release what ``load`` took."""
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter) -> T:
+    """Run blocking ``fn`` in a worker thread. Cancellation waits for it to finish."""
+    return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+
+def check_inputs(info: ModelInfo, inputs: Mapping[str, Value]) -> None:
+    """Validate ``inputs`` against ``info.inputs``; raise BadInput naming what is wrong."""
+    specs = {s.name: s for s in info.inputs}
+    unknown = set(inputs) - set(specs)
+    if unknown:
+        raise BadInput(f"{info.name}: unknown inputs {sorted(unknown)}; it takes {sorted(specs)}")
+    for spec in info.inputs:
+        value = inputs.get(spec.name)
+        if value is None:
+            if spec.required:
+                raise BadInput(f"{info.name}: missing input {spec.name!r}")
+            continue
+        if isinstance(spec, TensorSpec):
+            _check_tensor(info.name, spec, value)
+        else:
+            _check_text(info.name, spec, value)
+
+
+def _check_tensor(model: str, spec: TensorSpec, value: Value) -> None:
+    if not isinstance(value, Tensor):
+        raise BadInput(f"{model}: input {spec.name!r} must be a tensor")
+    if value.dtype not in spec.dtypes:
+        raise BadInput(
+            f"{model}: input {spec.name!r} has dtype {value.dtype}, "
+            f"expected {' or '.join(sorted(spec.dtypes))}"
+        )
+    want = spec.shape
+    if len(value.shape) != len(want) or any(
+        w is not None and w != got for w, got in zip(want, value.shape, strict=True)
+    ):
+        shown = ["?" if w is None else w for w in want]
+        raise BadInput(
+            f"{model}: input {spec.name!r} has shape {list(value.shape)}, expected {shown}"
+        )
+
+
+def _check_text(model: str, spec: TextSpec, value: Value) -> None:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise BadInput(f"{model}: input {spec.name!r} must be a string or a list of strings")
+    if not items or len(items) > spec.max_items:
+        raise BadInput(f"{model}: input {spec.name!r} takes 1 to {spec.max_items} strings")
+    longest = max(len(s) for s in items)
+    if longest > spec.max_chars:
+        raise BadInput(
+            f"{model}: input {spec.name!r} has a text of {longest} characters, "
+            f"at most {spec.max_chars}"
+        )
