@@ -294,7 +294,7 @@ def _message_from_wire(obj: dict[str, Any], targets: list[bytearray], limits: Li
     match tag:
         case "request":
             budget = [limits.max_message]
-            priority = f.integer("priority", Priority.NORMAL)
+            priority = f.integer("priority", int(Priority.NORMAL))
             if priority not in tuple(Priority):
                 raise RemoteProtocolError(f"unknown priority {priority}")
             deadline = f.opt_integer("deadline_ms")
