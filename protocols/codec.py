@@ -40,6 +40,7 @@ from .messages import (
 from .tensors import Tensor, expected_nbytes
 
 _HEADER = struct.Struct(">I")
+_NEED_DATA = object()  # not None: a frame may legitimately decode to msgpack nil
 MAX_ERROR_TEXT = 4096
 
 
@@ -200,7 +201,7 @@ class Decoder:
         try:
             while True:
                 payload = self._take_frame()
-                if payload is None:
+                if payload is _NEED_DATA:
                     return None
                 message = self._on_frame(payload)
                 if message is not None:
@@ -216,7 +217,7 @@ class Decoder:
     def _take_frame(self) -> Any:
         buf = self._buf
         if len(buf) < _HEADER.size:
-            return None
+            return _NEED_DATA
         (length,) = _HEADER.unpack_from(buf)
         if length > self._limits.max_frame:
             raise FrameTooLarge(
@@ -226,7 +227,7 @@ class Decoder:
             raise RemoteProtocolError("empty frame")
         end = _HEADER.size + length
         if len(buf) < end:
-            return None
+            return _NEED_DATA
         view = memoryview(buf)
         frame = view[_HEADER.size : end]
         try:

@@ -57,7 +57,10 @@ class Tensor:
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         array = np.ascontiguousarray(array)
-        return cls(name, tuple(int(d) for d in array.shape), array.data.cast("B"))
+        shape = tuple(int(d) for d in array.shape)
+        if array.size == 0:  # memoryview cannot cast a view with a zero in its shape
+            return cls(name, shape, b"")
+        return cls(name, shape, array.data.cast("B"))
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """A read-only (when the buffer is) view of the data: no copy."""
