@@ -104,6 +104,8 @@ class Runner(abc.ABC):
     """One model on this node. Subclasses set ``info`` and implement ``infer``."""
 
     info: ModelInfo
+    # How many requests may run at once; more wait in the node's admission queue.
+    concurrency: int = 1
 
     async def load(self) -> None:  # noqa: B027 (optional hook)
         """Prepare the model (convert, compile, warm up). May take seconds."""

