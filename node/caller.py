@@ -1,0 +1,140 @@
+"""The calling side of /swarm/infer: requests out, chunks and results back.
+
+Streams are reused: a pool of idle streams per peer, because a new stream per
+small call costs several times a round trip. A stream goes back to the pool
+only after a clean exchange; one that was cancelled, broke, or saw a protocol
+error is closed instead, so a late chunk can never reach the next caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+
+from protocols import (
+    DEFAULT_LIMITS,
+    INFER_PROTOCOL,
+    Cancel,
+    Chunk,
+    Error,
+    Exchange,
+    Limits,
+    RemoteError,
+    Request,
+    Result,
+    Role,
+    State,
+)
+
+from .errors import ConnectionLost, PeerUnavailable
+from .framed import FramedStream
+
+log = logging.getLogger(__name__)
+
+OnChunk = Callable[[Chunk], Awaitable[None]]
+OPEN_TIMEOUT_S = 10.0
+
+
+class Caller:
+    """Sends requests to peers of ``host`` over pooled streams."""
+
+    def __init__(self, host: Any, *, limits: Limits = DEFAULT_LIMITS, max_idle: int = 16) -> None:
+        self._host = host
+        self._limits = limits
+        self._max_idle = max_idle
+        self._idle: dict[str, list[FramedStream]] = {}
+
+    async def call(
+        self,
+        peer_id: Any,
+        request: Request,
+        on_chunk: OnChunk | None = None,
+        *,
+        reuse: bool = True,
+    ) -> Result:
+        """One exchange with ``peer_id``. Raises RemoteError for a typed Error
+        answer, PeerUnavailable if nothing was sent, ConnectionLost if the stream
+        broke after the request left (the outcome is then unknown)."""
+        key = str(peer_id)
+        stream = self._take(key) if reuse else None
+        if stream is None:
+            stream = await self._open(peer_id)
+        clean = False
+        try:
+            result = await _exchange(stream, request, on_chunk)
+            clean = True
+            return result
+        except RemoteError:
+            clean = True
+            raise
+        finally:
+            if clean and reuse and not stream.closed:
+                self._give_back(key, stream)
+            else:
+                await stream.close()
+
+    async def close(self) -> None:
+        for streams in self._idle.values():
+            for stream in streams:
+                await stream.close()
+        self._idle.clear()
+
+    def _take(self, key: str) -> FramedStream | None:
+        pool = self._idle.get(key)
+        return pool.pop() if pool else None
+
+    def _give_back(self, key: str, stream: FramedStream) -> None:
+        pool = self._idle.setdefault(key, [])
+        if len(pool) < self._max_idle:
+            pool.append(stream)
+        else:
+            stream.closed = True
+            # Over the idle cap: close it without holding up the caller.
+            trio.lowlevel.spawn_system_task(stream.reset)
+
+    async def _open(self, peer_id: Any) -> FramedStream:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT_S):
+                raw = await self._host.new_stream(peer_id, [TProtocol(INFER_PROTOCOL)])
+        except trio.TooSlowError as exc:
+            raise PeerUnavailable(f"no stream to {peer_id} within {OPEN_TIMEOUT_S} s") from exc
+        except Exception as exc:  # libp2p raises many types for an unreachable peer
+            raise PeerUnavailable(f"cannot open a stream to {peer_id}: {exc}") from exc
+        return FramedStream(raw, self._limits)
+
+
+async def _exchange(stream: FramedStream, request: Request, on_chunk: OnChunk | None) -> Result:
+    exchange = Exchange(Role.CALLER)
+    exchange.send(request)
+    try:
+        await stream.send(request)
+    except ConnectionLost as exc:
+        raise PeerUnavailable(f"the request could not be sent: {exc}") from exc
+    try:
+        while True:
+            message = await stream.receive()
+            if message is None:
+                raise ConnectionLost(f"{stream.peer_id} closed the stream without answering")
+            exchange.receive(message)
+            if isinstance(message, Chunk):
+                if on_chunk is not None and exchange.state is State.ACTIVE:
+                    await on_chunk(message)
+            elif isinstance(message, Result):
+                return message
+            elif isinstance(message, Error):
+                raise RemoteError(
+                    message.code, message.message, retry_after_ms=message.retry_after_ms
+                )
+    except trio.Cancelled:
+        # Tell the peer to stop; the stream is then closed, never reused.
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            cancel = Cancel(request.id)
+            exchange.send(cancel)
+            with contextlib.suppress(ConnectionLost):
+                await stream.send(cancel)
+        raise

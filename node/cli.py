@@ -1,0 +1,282 @@
+"""The ``swarm`` command: daemon, submit, status.
+
+Flags are parsed once here into typed configs; nothing below reads argv or env.
+Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from protocols import Chunk, Priority, RemoteError, SwarmError, Value
+from runners.catalog import DEFAULT_MODEL
+
+from . import logs
+from .client import SwarmClient
+from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
+from .errors import ConfigError
+from .render import jsonable, result_json, result_text, status_text
+
+log = logging.getLogger("swarm")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level or ("INFO" if args.func is _daemon else "WARNING"))
+    try:
+        code: int = trio.run(args.func, args)
+        return code
+    except KeyboardInterrupt:
+        return 130
+    except ConfigError as exc:
+        print(f"swarm: {exc}", file=sys.stderr)
+        return 2
+    except SwarmError as exc:
+        print(f"swarm: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer inference node.")
+    p.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for daemon, else WARNING)"
+    )
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    d = sub.add_parser("daemon", help="run a node")
+    _data_dir(d)
+    d.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help=f"address to listen on (repeatable; default {DEFAULT_LISTEN})",
+    )
+    d.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a peer to dial and forward to (repeatable)",
+    )
+    d.add_argument(
+        "--model",
+        action="append",
+        metavar="SPEC",
+        help="a model to serve: all-minilm-l6-v2 (default) or fake:NAME[:LATENCY_MS]",
+    )
+    d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
+    d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
+    d.add_argument("--grace", type=float, default=10.0, help="seconds to finish work at shutdown")
+    d.add_argument("--no-cuda-probe", action="store_true", help="skip importing torch for CUDA")
+    d.set_defaults(func=_daemon)
+
+    s = sub.add_parser("submit", help="submit a job and print its result")
+    _data_dir(s)
+    s.add_argument(
+        "--peer",
+        metavar="MULTIADDR",
+        help="the node to submit to (default: the daemon running in --data-dir)",
+    )
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("texts", nargs="*", metavar="INPUT", help="input text(s), sent as 'text'")
+    s.add_argument(
+        "--tensor",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="a tensor input from a .npy file (repeatable)",
+    )
+    s.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model parameter; VALUE is parsed as JSON when it can be",
+    )
+    s.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
+    s.add_argument("--deadline", type=float, metavar="SECONDS", help="give up after this long")
+    s.add_argument("--stream", action="store_true", help="print chunks as they arrive")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_submit)
+
+    st = sub.add_parser("status", help="show a node's hardware, models and load")
+    _data_dir(st)
+    st.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
+    return p
+
+
+def _data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"identity, models and state (default {DEFAULT_DATA_DIR})",
+    )
+
+
+async def _daemon(args: argparse.Namespace) -> int:
+    if args.no_models and args.model:
+        raise ConfigError("--no-models and --model exclude each other")
+    models = () if args.no_models else tuple(args.model or [DEFAULT_MODEL])
+    config = NodeConfig(
+        data_dir=args.data_dir.expanduser(),
+        listen=tuple(args.listen or [DEFAULT_LISTEN]),
+        peers=tuple(args.peer),
+        models=models,
+        max_queue=args.max_queue,
+        shutdown_grace_s=args.grace,
+        probe_cuda=not args.no_cuda_probe,
+    )
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        print(f"swarm node {node.peer_id} ready", flush=True)
+        for addr in node.addrs:
+            print(f"  listening on {addr}", flush=True)
+        print(f"  serving {', '.join(config.models) or 'no models (forwarding only)'}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("got %s", signal.Signals(signum).name)
+                node.stop()
+                break
+    return 0
+
+
+def _target(args: argparse.Namespace) -> str:
+    if args.peer:
+        return str(args.peer)
+    state = read_state(args.data_dir.expanduser())
+    if state is None or not state.get("addrs"):
+        raise ConfigError(
+            f"no daemon is running with data dir {args.data_dir}; start one with "
+            "'swarm daemon' or give --peer MULTIADDR"
+        )
+    return str(state["addrs"][0])
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    inputs = _inputs(args)
+    params = dict(_param(p) for p in args.param)
+    on_chunk = _print_chunk(args.json) if args.stream else None
+    async with SwarmClient.connect(_target(args)) as client:
+        try:
+            result = await client.infer(
+                args.model,
+                inputs,
+                params=params,
+                priority=Priority.parse(args.priority),
+                deadline_s=args.deadline,
+                on_chunk=on_chunk,
+            )
+        except RemoteError as exc:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "error": {
+                                "code": str(exc.code),
+                                "message": exc.message,
+                                "retry": exc.retry.value,
+                                "retry_after_ms": exc.retry_after_ms,
+                            }
+                        }
+                    )
+                )
+            else:
+                print(
+                    f"error {exc.code}: {exc.message} (retry: {exc.retry.value})", file=sys.stderr
+                )
+            return 1
+    print(result_json(result) if args.json else result_text(result), flush=True)
+    return 0
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Value | np.ndarray[Any, Any]]:
+    inputs: dict[str, Value | np.ndarray[Any, Any]] = {}
+    if args.texts:
+        inputs["text"] = args.texts[0] if len(args.texts) == 1 else list(args.texts)
+    for spec in args.tensor:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--tensor takes NAME=FILE.npy, not {spec!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not inputs:
+        raise ConfigError("give an INPUT text or a --tensor")
+    return inputs
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--param takes KEY=VALUE, not {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _print_chunk(as_json: bool) -> Any:
+    async def on_chunk(chunk: Chunk) -> None:
+        if as_json:
+            print(json.dumps({"chunk": chunk.seq, "outputs": jsonable(chunk.outputs)}), flush=True)
+            return
+        for value in chunk.outputs.values():
+            text = value if isinstance(value, str) else repr(value)
+            print(text, end="" if isinstance(value, str) else "\n", flush=True)
+
+    return on_chunk
+
+
+async def _status(args: argparse.Namespace) -> int:
+    try:
+        target = _target(args)
+    except ConfigError:
+        if args.peer:
+            raise
+        return await _local_status(args)
+    async with SwarmClient.connect(target) as client:
+        record = await client.record()
+    if args.json:
+        print(
+            json.dumps(
+                {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}, indent=2
+            )
+        )
+    else:
+        print(status_text(record.peer_id, record.body))
+    return 0
+
+
+async def _local_status(args: argparse.Namespace) -> int:
+    """No daemon to ask: show what this machine has, and say so."""
+    from capabilities.hardware import probe
+
+    hardware = await trio.to_thread.run_sync(probe)
+    body: Mapping[str, Any] = {"hardware": hardware.describe(), "models": []}
+    note = f"no daemon running with data dir {args.data_dir}; this machine:"
+    if args.json:
+        print(json.dumps({"daemon": None, **jsonable(body)}, indent=2))
+    else:
+        print(note)
+        print(status_text("(not running)", body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""A client that programs use to submit work to a swarm node.
+
+    async with SwarmClient.connect("/ip4/127.0.0.1/tcp/7420/p2p/12D3Koo...") as client:
+        result = await client.infer("all-minilm-l6-v2", {"text": ["hello", "world"]})
+        vectors = result.outputs["embedding"].numpy()
+
+or, outside trio, ``submit(address, model, inputs)``. The client runs its own
+short-lived libp2p host with a fresh identity; numpy arrays in ``inputs`` are
+sent as tensors.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import trio
+
+from protocols import (
+    DEFAULT_LIMITS,
+    CapabilityRecord,
+    Limits,
+    Param,
+    Priority,
+    Request,
+    Result,
+    Tensor,
+    Value,
+)
+
+from .caller import Caller, OnChunk
+from .caps import fetch_record
+from .errors import PeerUnavailable
+from .host import peer_info, running_host
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+class SwarmClient:
+    def __init__(self, host: Any, peer: Any, caller: Caller) -> None:
+        self._host = host
+        self.peer = peer
+        self._caller = caller
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, address: str, *, limits: Limits = DEFAULT_LIMITS
+    ) -> AsyncIterator[SwarmClient]:
+        """Dial the node at ``address`` (a multiaddr ending in /p2p/<peer id>)."""
+        info = peer_info(address)
+        async with running_host(None, ()) as host:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT_S):
+                    await host.connect(info)
+            except trio.TooSlowError as exc:
+                raise PeerUnavailable(f"no answer from {address} in {CONNECT_TIMEOUT_S} s") from exc
+            except Exception as exc:  # libp2p raises many types for a failed dial
+                raise PeerUnavailable(f"cannot connect to {address}: {exc}") from exc
+            caller = Caller(host, limits=limits)
+            try:
+                yield cls(host, info.peer_id, caller)
+            finally:
+                await caller.close()
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Value | np.ndarray[Any, Any]],
+        *,
+        params: Mapping[str, Param] | None = None,
+        priority: Priority = Priority.NORMAL,
+        deadline_s: float | None = None,
+        on_chunk: OnChunk | None = None,
+        request_id: str | None = None,
+    ) -> Result:
+        """Run ``model`` on ``inputs`` somewhere in the swarm, through this node.
+
+        With ``on_chunk`` the request streams: chunks arrive as produced and the
+        Result carries only metadata. Raises RemoteError (with its ``code`` and
+        ``retry``) when the node answers with an error.
+        """
+        request = Request(
+            id=request_id or new_request_id(),
+            model=model,
+            inputs={k: _as_value(v) for k, v in inputs.items()},
+            params=dict(params or {}),
+            priority=priority,
+            deadline_ms=None if deadline_s is None else max(1, int(deadline_s * 1000)),
+            stream=on_chunk is not None,
+        )
+        if deadline_s is None:
+            return await self._caller.call(self.peer, request, on_chunk)
+        # Stop waiting a little after the node's own deadline, so its typed error wins.
+        with trio.fail_after(deadline_s + 1.0):
+            return await self._caller.call(self.peer, request, on_chunk)
+
+    async def record(self) -> CapabilityRecord:
+        """The node's capability record: hardware, models, load."""
+        return await fetch_record(self._host, self.peer)
+
+
+def _as_value(value: Value | np.ndarray[Any, Any]) -> Value:
+    return Tensor.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def submit(address: str, model: str, inputs: Mapping[str, Any], **options: Any) -> Result:
+    """Blocking convenience: connect, run one request, disconnect."""
+
+    async def once() -> Result:
+        async with SwarmClient.connect(address) as client:
+            return await client.infer(model, inputs, **options)
+
+    return trio.run(once)

@@ -1,0 +1,180 @@
+"""The daemon: one node's lifetime, from identity to clean shutdown.
+
+Start: identity from the data dir, runners loaded (the default model is
+converted once and cached), hardware probed off the trio thread, host
+listening, handlers set, configured peers dialled. Stop (``Node.stop``, wired
+to SIGINT/SIGTERM by the CLI): new work is refused, work in flight gets the
+grace period, what is left is cut off with a typed error, then the host is
+closed with its listener. Every task lives in this nursery and ends with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
+
+from capabilities.hardware import Hardware, probe
+from capabilities.record import record_body
+from protocols import CAPS_PROTOCOL, DEFAULT_LIMITS, INFER_PROTOCOL, Limits
+from runners.base import Runner
+from runners.catalog import DEFAULT_MODEL, build_runner
+
+from .caller import Caller
+from .caps import CapsHandler
+from .errors import ConfigError
+from .host import dialable_addrs, load_or_create_identity, running_host
+from .infer_handler import InferHandler
+from .peers import PeerLinks
+from .service import InferenceService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = Path("~/.swarm").expanduser()
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7420"
+STATE_FILE = "daemon.json"
+PEER_LINK_WAIT_S = 5.0
+ANSWER_WAIT_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    data_dir: Path = DEFAULT_DATA_DIR
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    peers: tuple[str, ...] = ()
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    max_queue: int = 64
+    shutdown_grace_s: float = 10.0
+    probe_cuda: bool = True
+    limits: Limits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise ConfigError("max_queue must be >= 0")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown grace must be >= 0 seconds")
+        if not self.listen:
+            raise ConfigError("give at least one listen address")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.peer_id = ""
+        self.addrs: list[str] = []
+        self.service: InferenceService | None = None
+        self.links: PeerLinks | None = None
+        self.hardware: Hardware | None = None
+        self._runners: dict[str, Runner] = {}
+        self._stop = trio.Event()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown; ``run`` returns when it is complete."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_pair = load_or_create_identity(cfg.data_dir / "identity.key")
+        try:
+            await self._load_runners()
+            self.hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
+            async with running_host(key_pair, cfg.listen) as host:
+                await self._serve(host, task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                for runner in self._runners.values():
+                    await runner.close()
+                (cfg.data_dir / STATE_FILE).unlink(missing_ok=True)
+            log.info("node stopped")
+
+    async def _load_runners(self) -> None:
+        runners = [build_runner(spec, self.config.models_dir) for spec in self.config.models]
+        names = [r.info.name.lower() for r in runners]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a model is configured twice: {names}")
+        async with trio.open_nursery() as nursery:
+            for runner in runners:
+                nursery.start_soon(runner.load)
+        self._runners = {r.info.name: r for r in runners}
+
+    async def _serve(self, host: Any, task_status: TaskStatus[Node]) -> None:
+        cfg = self.config
+        self.peer_id = host.get_id().to_base58()
+        caller = Caller(host, limits=cfg.limits)
+        self.links = PeerLinks(host, caller, list(cfg.peers)) if cfg.peers else None
+        service = InferenceService(
+            self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=self.links
+        )
+        self.service = service
+        handler = InferHandler(service, limits=cfg.limits)
+        host.set_stream_handler(TProtocol(INFER_PROTOCOL), handler)
+        host.set_stream_handler(TProtocol(CAPS_PROTOCOL), CapsHandler(self.peer_id, self.describe))
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.links is not None:
+                    await nursery.start(self.links.run)
+                    await self.links.wait_linked(PEER_LINK_WAIT_S)
+                self.addrs = dialable_addrs(host)
+                self._write_state()
+                log.info("node %s ready on %s", self.peer_id, ", ".join(self.addrs))
+                task_status.started(self)
+                await self._stop.wait()
+                log.info("shutting down: draining for up to %.1f s", cfg.shutdown_grace_s)
+                await service.drain(cfg.shutdown_grace_s)
+                with trio.move_on_after(ANSWER_WAIT_S):  # let cut-off work send its errors
+                    await handler.wait_answered()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await caller.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The body of this node's capability record."""
+        assert self.hardware is not None and self.service is not None  # set before serving
+        peers = []
+        if self.links is not None:
+            peers = [
+                {"peer_id": e.peer_id, "address": e.address, "models": e.models, "error": e.error}
+                for e in self.links.directory.entries.values()
+            ]
+        body = record_body(
+            addrs=self.addrs,
+            hardware=self.hardware,
+            models=[r.info for r in self._runners.values()],
+            load=self.service.load(),
+        )
+        return {**body, "stats": self.service.stats.describe(), "peers": peers}
+
+    def _write_state(self) -> None:
+        """Where the CLI finds the running daemon of this data dir."""
+        state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": self.addrs}
+        path = self.config.data_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(path)
+
+
+def read_state(data_dir: Path) -> dict[str, Any] | None:
+    """The running daemon's pid, peer id and addresses, if one is running there."""
+    path = data_dir / STATE_FILE
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None  # a stale file from a daemon that died
+    return state

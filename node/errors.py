@@ -1,0 +1,61 @@
+"""Errors of the node layer.
+
+    SwarmError (protocols.errors)
+    └── NodeError
+        ├── ConfigError        a bad flag, config value or model spec: BAD_REQUEST
+        ├── PeerUnavailable    we could not reach the peer; nothing was sent: NOT_EXECUTED
+        ├── ConnectionLost     the stream broke under us after the request left: OUTCOME_UNKNOWN
+        ├── Overloaded         the admission queue is full: OVERLOADED, with retry_after_ms
+        ├── ShuttingDown       the node is draining and takes no new work: NOT_EXECUTED
+        ├── Interrupted        the node shut down while it ran: OUTCOME_UNKNOWN
+        ├── DeadlineExceeded   the request's deadline passed: DEADLINE_EXCEEDED
+        └── Unauthorized       the peer may not use this node: UNAUTHORIZED
+
+"We closed it" is not an error: a stream we close ourselves ends quietly.
+"""
+
+from __future__ import annotations
+
+from protocols import ErrorCode, SwarmError
+
+
+class NodeError(SwarmError):
+    code = ErrorCode.INTERNAL
+
+
+class ConfigError(NodeError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class PeerUnavailable(NodeError):
+    code = ErrorCode.NOT_EXECUTED
+
+
+class ConnectionLost(NodeError):
+    code = ErrorCode.OUTCOME_UNKNOWN
+
+
+class Overloaded(NodeError):
+    code = ErrorCode.OVERLOADED
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class ShuttingDown(NodeError):
+    code = ErrorCode.NOT_EXECUTED
+
+
+class DeadlineExceeded(NodeError):
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class Unauthorized(NodeError):
+    code = ErrorCode.UNAUTHORIZED
+
+
+class Interrupted(NodeError):
+    """The node shut down while the work was running: it may or may not have finished."""
+
+    code = ErrorCode.OUTCOME_UNKNOWN

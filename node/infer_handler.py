@@ -1,0 +1,177 @@
+"""The serving side of /swarm/infer: one task per stream, reading all the time.
+
+The reader never stops reading while a request runs: that is how a Cancel is
+seen at once and how yamux's window keeps moving (yamux resets a stream that is
+not read for 5 s). Each request runs in its own child task. Whatever goes wrong
+with one stream (garbage, a vanished peer, a runner failure) ends in a typed
+Error to that peer, or in silence if the peer is gone, and never reaches the
+rest of the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+
+from protocols import (
+    DEFAULT_LIMITS,
+    Cancel,
+    Chunk,
+    Error,
+    ErrorCode,
+    Exchange,
+    Limits,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    Request,
+    Result,
+    Role,
+    State,
+    SwarmError,
+    Value,
+)
+
+from .errors import ConnectionLost
+from .framed import FramedStream
+from .service import InferenceService
+
+log = logging.getLogger(__name__)
+
+
+class InferHandler:
+    def __init__(self, service: InferenceService, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._service = service
+        self._limits = limits
+        self.streams_open = 0
+        self._unanswered = 0  # requests read whose answer has not been sent yet
+        self._all_answered = trio.Event()
+        self._all_answered.set()
+
+    async def wait_answered(self) -> None:
+        """Until every request read so far has been answered (or its caller is gone)."""
+        await self._all_answered.wait()
+
+    async def __call__(self, raw_stream: Any) -> None:
+        stream = FramedStream(raw_stream, self._limits)
+        exchange = Exchange(Role.SERVER)
+        self.streams_open += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._read(stream, exchange, nursery)
+        finally:
+            self.streams_open -= 1
+            await stream.close()
+
+    async def _read(self, stream: FramedStream, exchange: Exchange, nursery: trio.Nursery) -> None:
+        active: dict[str, trio.CancelScope] = {}
+        try:
+            while True:
+                message = await stream.receive()
+                if message is None:
+                    return  # the caller is done sending; a running request still answers
+                exchange.receive(message)
+                if isinstance(message, Cancel):
+                    scope = active.get(message.id)
+                    if scope is not None:
+                        scope.cancel()
+                elif isinstance(message, Request):
+                    scope = trio.CancelScope()
+                    active[message.id] = scope
+                    if self._unanswered == 0:
+                        self._all_answered = trio.Event()
+                    self._unanswered += 1
+                    nursery.start_soon(self._serve, stream, exchange, message, scope, active)
+        except RemoteProtocolError as exc:
+            log.info("peer %s broke the protocol: %s", stream.peer_id, exc)
+            nursery.cancel_scope.cancel()
+            await self._reply(
+                stream, exchange, Error(exchange.request_id or "", exc.code, str(exc))
+            )
+        except ConnectionLost as exc:
+            log.info("stream from %s lost: %s", stream.peer_id, exc.__cause__ or exc)
+            nursery.cancel_scope.cancel()
+
+    async def _serve(
+        self,
+        stream: FramedStream,
+        exchange: Exchange,
+        request: Request,
+        scope: trio.CancelScope,
+        active: dict[str, trio.CancelScope],
+    ) -> None:
+        seq = 0
+
+        async def emit(outputs: Mapping[str, Value]) -> None:
+            nonlocal seq
+            chunk = Chunk(request.id, seq, dict(outputs))
+            seq += 1
+            if exchange.state is State.ACTIVE:  # once cancelled, the caller wants no more
+                exchange.send(chunk)
+                await stream.send(chunk)
+
+        try:
+            await self._answer(stream, exchange, request, scope, active, emit)
+        finally:
+            self._unanswered -= 1
+            if self._unanswered == 0:
+                self._all_answered.set()
+
+    async def _answer(
+        self,
+        stream: FramedStream,
+        exchange: Exchange,
+        request: Request,
+        scope: trio.CancelScope,
+        active: dict[str, trio.CancelScope],
+        emit: Callable[[Mapping[str, Value]], Awaitable[None]],
+    ) -> None:
+        reply: Result | Error
+        try:
+            with scope:
+                reply = await self._service.execute(request, emit)
+            if scope.cancelled_caught:
+                reply = Error(request.id, ErrorCode.CANCELLED, "cancelled by the caller")
+        except ConnectionLost:
+            return  # the caller is gone; nobody to answer
+        except RemoteError as exc:  # a peer we forwarded to answered with an error
+            reply = Error(request.id, exc.code, exc.message, exc.retry_after_ms)
+        except SwarmError as exc:
+            reply = _error_for(request.id, exc)
+        except Exception as exc:  # a runner bug must not take the node down
+            log.exception("request %s for %s failed", request.id, request.model)
+            reply = Error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        finally:
+            active.pop(request.id, None)
+        await self._reply(stream, exchange, reply)
+
+    async def _reply(self, stream: FramedStream, exchange: Exchange, reply: Result | Error) -> None:
+        try:
+            exchange.send(reply)
+        except LocalProtocolError:
+            return  # the exchange already ended (e.g. the stream broke first)
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                await stream.send(reply)
+        except ProtocolError as exc:  # e.g. a result too large to encode
+            log.warning("cannot send the answer to %s: %s", reply.id, exc)
+            fallback = Error(reply.id, exc.code, f"the answer could not be sent: {exc}")
+            with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+                await _send_quietly(stream, fallback)
+        except ConnectionLost:
+            log.info("could not answer %s: the caller is gone", reply.id)
+
+
+def _error_for(request_id: str, exc: SwarmError) -> Error:
+    retry_after = getattr(exc, "retry_after_ms", None)
+    return Error(request_id, exc.code, str(exc), retry_after)
+
+
+async def _send_quietly(stream: FramedStream, message: Error) -> None:
+    with contextlib.suppress(ConnectionLost, ProtocolError):
+        await stream.send(message)

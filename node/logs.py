@@ -1,0 +1,26 @@
+"""Logging, configured by the node at start (never at import time).
+
+libp2p sets its logger to propagate=False on import and is noisy at INFO
+(every dial, every DHT step), so it gets our handler and its own, higher level.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def configure(level: str = "INFO", *, libp2p_level: str = "WARNING") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    lib = logging.getLogger("libp2p")
+    lib.handlers[:] = [handler]
+    lib.propagate = False
+    lib.setLevel(libp2p_level.upper())
+    for noisy in ("multiaddr", "zeroconf", "async_service"):
+        logging.getLogger(noisy).setLevel(libp2p_level.upper())

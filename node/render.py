@@ -1,0 +1,102 @@
+"""How results and status read on a terminal, and as JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from protocols import Result, Tensor, Value
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return {"dtype": value.dtype, "shape": list(value.shape), "data": value.numpy().tolist()}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def result_json(result: Result, extra: Mapping[str, Any] | None = None) -> str:
+    body = {"id": result.id, "outputs": jsonable(result.outputs), "meta": dict(result.meta)}
+    return json.dumps({**body, **(extra or {})})
+
+
+def value_text(value: Value) -> str:
+    if isinstance(value, Tensor):
+        array = value.numpy()
+        head = np.array2string(array.reshape(-1)[:6], precision=4, separator=", ")
+        more = " ..." if array.size > 6 else ""
+        return f"{value.dtype}{list(value.shape)} {head}{more}"
+    return repr(value)
+
+
+def result_text(result: Result) -> str:
+    lines = [f"{name}: {value_text(value)}" for name, value in result.outputs.items()]
+    meta = result.meta
+    served = str(meta.get("served_by", "?"))
+    line = f"served by {served} ({meta.get('runner', '?')} on {meta.get('device', '?')})"
+    line += f" in {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
+    if meta.get("forwarded_by"):
+        line += f", forwarded by {meta['forwarded_by']}"
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
+    hw = body.get("hardware", {})
+    cpu, ram = hw.get("cpu", {}), hw.get("ram", {})
+    lines = [f"node      {peer_id}"]
+    if body.get("software"):
+        lines.append(f"version   {body['software'].get('version', '?')}")
+    lines += [f"address   {a}" for a in body.get("addrs", [])]
+    lines.append(
+        f"cpu       {cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores, "
+        f"{cpu.get('logical_cores', '?')} threads, {cpu.get('usable_cores', '?')} usable)"
+    )
+    if ram:
+        lines.append(
+            f"memory    {ram.get('total', 0) / 2**30:.1f} GiB total, "
+            f"{ram.get('available', 0) / 2**30:.1f} GiB available"
+        )
+    for dev in hw.get("openvino", []):
+        state = dev.get("full_name") if dev.get("available") else f"absent ({dev.get('reason')})"
+        lines.append(f"openvino  {dev.get('name')}: {state}")
+    for dev in hw.get("cuda", []):
+        lines.append(
+            f"cuda      {dev.get('index')}: {dev.get('name')} "
+            f"({dev.get('total_memory', 0) / 2**30:.1f} GiB)"
+        )
+    if not hw.get("cuda"):
+        lines.append(f"cuda      none ({hw.get('cuda_status', 'not probed')})")
+    for model in body.get("models", []):
+        lines.append(
+            f"model     {model.get('name')}  {model.get('task')}  {model.get('runner')}"
+            f"/{model.get('device')}  {model.get('precision')}  max batch {model.get('max_batch')}"
+        )
+    if not body.get("models"):
+        lines.append("model     (none)")
+    load, stats = body.get("load"), body.get("stats", {})
+    if load:
+        q = load.get("queue_depth", {})
+        lines.append(
+            f"load      in flight {load.get('in_flight')}, queued high/normal/low "
+            f"{q.get('high')}/{q.get('normal')}/{q.get('low')}, "
+            f"ewma {load.get('ewma_latency_ms')} ms"
+        )
+    if stats:
+        lines.append(
+            f"served    {stats.get('served')} ok, {stats.get('failed')} failed, "
+            f"{stats.get('forwarded')} forwarded"
+        )
+    for peer in body.get("peers", []):
+        state = "linked" if not peer.get("error") else f"unreachable: {peer['error']}"
+        models = ", ".join(peer.get("models", [])) or "-"
+        lines.append(f"peer      {peer.get('peer_id')}  {models}  {state}")
+    return "\n".join(lines)

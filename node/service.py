@@ -1,0 +1,181 @@
+"""Where a request runs: on a local runner, or forwarded to a peer that serves it.
+
+This is the one place that turns a Request into a Result, whatever carried it
+(a libp2p stream today; the HTTP gateway later). It owns admission per model,
+the request's deadline, and shutdown: while draining, new work is refused with
+NOT_EXECUTED, and work cut off by shutdown is told NOT_EXECUTED if it had not
+started or OUTCOME_UNKNOWN if it had.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from capabilities.record import Load
+from protocols import MAX_HOPS, Priority, Request, Result, Value
+from runners.base import Runner
+from runners.errors import ModelNotFound
+
+from .admission import PriorityGate
+from .errors import DeadlineExceeded, Interrupted, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
+
+
+class Forwarder(Protocol):
+    """Sends a request this node cannot run to a peer that can."""
+
+    async def forward(self, request: Request, emit: Emit) -> Result: ...
+
+    def serves(self, model: str) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Active:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    started: bool = False
+
+
+@dataclass
+class Stats:
+    """Counters for status and capability records."""
+
+    served: int = 0
+    failed: int = 0
+    forwarded: int = 0
+    ewma_ms: float = 0.0
+
+    def observe(self, ms: float) -> None:
+        self.ewma_ms = ms if self.served == 0 else self.ewma_ms + 0.2 * (ms - self.ewma_ms)
+        self.served += 1
+
+    def describe(self) -> dict[str, int]:
+        return {"served": self.served, "failed": self.failed, "forwarded": self.forwarded}
+
+
+class InferenceService:
+    def __init__(
+        self,
+        runners: Mapping[str, Runner],
+        *,
+        node_id: str,
+        max_queue: int,
+        forwarder: Forwarder | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.runners = {name.lower(): r for name, r in runners.items()}
+        self.gates = {
+            name: PriorityGate(concurrency=r.concurrency, max_waiting=max_queue)
+            for name, r in self.runners.items()
+        }
+        self.forwarder = forwarder
+        self.draining = False
+        self.stats = Stats()
+        self._active: set[_Active] = set()
+        self._all_done = trio.Event()  # replaced whenever work starts; set when none is left
+        self._all_done.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def load(self) -> Load:
+        """Queue depth per priority, in flight and latency, for status and records."""
+        depth = {p.name.lower(): 0 for p in Priority}
+        for gate in self.gates.values():
+            for prio, n in gate.depth().items():
+                depth[prio] += n
+        ewma = round(self.stats.ewma_ms, 3) if self.stats.served else None
+        return Load(queue_depth=depth, in_flight=self.in_flight, ewma_latency_ms=ewma)
+
+    async def execute(self, request: Request, emit: Emit) -> Result:
+        """Run or forward ``request``; chunks go to ``emit`` when it streams.
+
+        Raises a SwarmError subclass (its ``code`` is what the caller is told).
+        """
+        if self.draining:
+            raise ShuttingDown("the node is shutting down and takes no new work")
+        job = _Active()
+        if not self._active:
+            self._all_done = trio.Event()
+        self._active.add(job)
+        try:
+            with job.scope:
+                return await self._within_deadline(request, emit, job)
+            if job.started:
+                raise Interrupted("the node shut down while running the request")
+            raise ShuttingDown("the node shut down before running the request")
+        except BaseException:
+            self.stats.failed += 1
+            raise
+        finally:
+            self._active.discard(job)
+            if not self._active:
+                self._all_done.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work; let work in flight finish for ``grace_s``, then cut it off."""
+        self.draining = True
+        with trio.move_on_after(grace_s):
+            await self._all_done.wait()
+        for job in list(self._active):
+            job.scope.cancel()
+
+    async def _within_deadline(self, request: Request, emit: Emit, job: _Active) -> Result:
+        if request.deadline_ms is None:
+            return await self._route(request, emit, job)
+        with trio.move_on_after(request.deadline_ms / 1000):
+            return await self._route(request, emit, job)
+        raise DeadlineExceeded(f"deadline of {request.deadline_ms} ms passed")
+
+    async def _route(self, request: Request, emit: Emit, job: _Active) -> Result:
+        name = request.model.lower()
+        runner = self.runners.get(name)
+        if runner is not None:
+            return await self._run_local(name, runner, request, emit, job)
+        if self.forwarder is not None and request.hops < MAX_HOPS and self.forwarder.serves(name):
+            self.stats.forwarded += 1
+            return await self.forwarder.forward(request, emit)
+        raise ModelNotFound(
+            f"no peer known to this node serves {request.model!r}; "
+            f"this node serves {sorted(self.runners) or 'no models'}"
+        )
+
+    async def _run_local(
+        self, name: str, runner: Runner, request: Request, emit: Emit, job: _Active
+    ) -> Result:
+        runner.check(request.inputs, request.params)  # refuse bad input before queueing
+        queued_at = trio.current_time()
+        async with self.gates[name].slot(request.priority):
+            job.started = True
+            started_at = trio.current_time()
+            outputs: Mapping[str, Value]
+            if request.stream:
+                chunks = 0
+                async for chunk in runner.stream(request.inputs, request.params):
+                    await emit(chunk)
+                    chunks += 1
+                outputs = {}
+            else:
+                outputs = await runner.infer(request.inputs, request.params)
+            done_at = trio.current_time()
+        run_ms = 1000 * (done_at - started_at)
+        self.stats.observe(run_ms)
+        meta: dict[str, str | int | float | bool | None] = {
+            "served_by": self.node_id,
+            "model": runner.info.name,
+            "runner": runner.info.runner,
+            "device": runner.info.device,
+            "queue_ms": round(1000 * (started_at - queued_at), 3),
+            "run_ms": round(run_ms, 3),
+        }
+        if request.stream:
+            meta["chunks"] = chunks
+        return Result(id=request.id, outputs=dict(outputs), meta=meta)

@@ -1,0 +1,234 @@
+"""Real libp2p hosts in one process: a node answers, refuses bad input with typed
+errors, and keeps serving everyone else."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import trio
+from conftest import NodeFactory
+from libp2p.custom_types import TProtocol
+from support import eventually
+
+from node.client import SwarmClient, new_request_id
+from node.framed import FramedStream
+from node.host import peer_info, running_host
+from protocols import (
+    INFER_PROTOCOL,
+    Chunk,
+    Error,
+    ErrorCode,
+    Priority,
+    RemoteError,
+    Request,
+    Retry,
+    Tensor,
+    encode,
+)
+
+
+@asynccontextmanager
+async def raw_stream(address: str) -> AsyncIterator[tuple[Any, FramedStream]]:
+    """A bare /swarm/infer stream, for sending bytes no well-behaved client would."""
+    info = peer_info(address)
+    async with running_host(None, ()) as host:
+        await host.connect(info)
+        stream = await host.new_stream(info.peer_id, [TProtocol(INFER_PROTOCOL)])
+        yield stream, FramedStream(stream)
+
+
+async def test_two_hosts_answer_and_say_who_served(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory(models=("fake:echo",)) as node,
+        SwarmClient.connect(node.addrs[0]) as client,
+    ):
+        result = await client.infer("echo", {"text": ["a", "b"]})
+        again = await client.infer("echo", {"text": ["a", "b"]})
+    emb = result.outputs["embedding"]
+    assert isinstance(emb, Tensor) and emb.shape == (2, 8) and emb.dtype == "float32"
+    assert emb == again.outputs["embedding"]  # deterministic
+    assert not np.array_equal(emb.numpy()[0], emb.numpy()[1])  # derived from each input
+    assert result.meta["served_by"] == node.peer_id
+    assert result.meta["runner"] == "fake"
+
+
+async def test_three_nodes_forward_to_the_peer_that_serves(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory("b", models=("fake:echo",)) as b,
+        node_factory("c", models=("fake:other",)) as c,
+        node_factory("a", models=(), peers=(b.addrs[0], c.addrs[0])) as a,
+        SwarmClient.connect(a.addrs[0]) as client,
+    ):
+        echo = await client.infer("echo", {"text": "hello"})
+        other = await client.infer("OTHER", {"text": "hello"})
+        chunks: list[Chunk] = []
+
+        async def on_chunk(chunk: Chunk) -> None:
+            chunks.append(chunk)
+
+        streamed = await client.infer(
+            "echo", {"text": "hi"}, params={"chunks": 4}, on_chunk=on_chunk
+        )
+        with pytest.raises(RemoteError) as missing:
+            await client.infer("nobody-serves-this", {"text": "x"})
+    assert echo.meta["served_by"] == b.peer_id and echo.meta["forwarded_by"] == a.peer_id
+    assert other.meta["served_by"] == c.peer_id
+    assert [c.seq for c in chunks] == [0, 1, 2, 3]
+    assert all(isinstance(c.outputs["text"], str) for c in chunks)
+    assert streamed.meta["chunks"] == 4 and streamed.outputs == {}
+    assert missing.value.code is ErrorCode.MODEL_NOT_FOUND
+    assert missing.value.retry is Retry.ELSEWHERE
+
+
+async def test_bad_requests_get_typed_errors_and_the_stream_still_works(
+    node_factory: NodeFactory,
+) -> None:
+    async with (
+        node_factory(models=("fake:echo",)) as node,
+        SwarmClient.connect(node.addrs[0]) as client,
+    ):
+        bad_dtype = {"x": np.zeros((2, 3), dtype=np.int64)}
+        bad_shape = {"x": np.zeros((2, 3, 4), dtype=np.float32)}
+        for inputs, code in [
+            (bad_dtype, ErrorCode.BAD_REQUEST),
+            (bad_shape, ErrorCode.BAD_REQUEST),
+            ({"nope": "x"}, ErrorCode.BAD_REQUEST),
+        ]:
+            with pytest.raises(RemoteError) as info:
+                await client.infer("echo", inputs)
+            assert info.value.code is code
+            assert info.value.retry is Retry.NEVER
+        with pytest.raises(RemoteError) as unknown:
+            await client.infer("no-such-model", {"text": "x"})
+        assert unknown.value.code is ErrorCode.MODEL_NOT_FOUND
+        assert "echo" in unknown.value.message
+        ok = await client.infer("echo", {"x": np.ones((2, 3), dtype=np.float32)})
+    assert ok.outputs["embedding"].numpy()[0, 0] == pytest.approx(6.0)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        (b"\x00\x00\x00\x05garbage", ErrorCode.MALFORMED),
+        (struct.pack(">I", 1 << 30), ErrorCode.TOO_LARGE),
+        (
+            encode(Error("x", ErrorCode.INTERNAL, "servers send errors, callers do not"))[0],
+            ErrorCode.MALFORMED,
+        ),
+        (
+            b"".join(
+                struct.pack(">I", len(p)) + p for p in [msgpack.packb({"t": "teleport", "id": "x"})]
+            ),
+            ErrorCode.MALFORMED,
+        ),
+    ],
+    ids=["garbage", "oversized-frame", "out-of-order", "unknown-tag"],
+)
+async def test_malformed_frames_get_an_error_then_close(
+    node_factory: NodeFactory, payload: bytes, code: ErrorCode
+) -> None:
+    async with node_factory(models=("fake:echo",)) as node:
+        async with raw_stream(node.addrs[0]) as (raw, framed):
+            await raw.write(payload)
+            with trio.fail_after(5):
+                reply = await framed.receive()
+                assert isinstance(reply, Error) and reply.code is code
+                assert await framed.receive() is None  # then the node closes the stream
+        async with SwarmClient.connect(node.addrs[0]) as client:
+            assert (await client.infer("echo", {"text": "still here"})).outputs
+
+
+async def test_wrong_tensor_bytes_are_malformed(node_factory: NodeFactory) -> None:
+    frame = msgpack.packb(
+        {
+            "t": "request",
+            "id": "r1",
+            "model": "echo",
+            "inputs": {"x": {"dtype": "float32", "shape": [2, 2], "data": b"\x00" * 15}},
+        }
+    )
+    async with (
+        node_factory(models=("fake:echo",)) as node,
+        raw_stream(node.addrs[0]) as (
+            raw,
+            framed,
+        ),
+    ):
+        await raw.write(struct.pack(">I", len(frame)) + frame)
+        with trio.fail_after(5):
+            reply = await framed.receive()
+    assert isinstance(reply, Error) and reply.code is ErrorCode.MALFORMED
+    assert "16 bytes" in reply.message
+
+
+async def test_peer_vanishing_mid_request_leaves_the_node_serving(
+    node_factory: NodeFactory,
+) -> None:
+    async with node_factory(models=("fake:slow:500",)) as node:
+        async with raw_stream(node.addrs[0]) as (raw, framed):
+            await framed.send(Request(new_request_id(), "slow", {"text": "x"}))
+            service = node.service
+            assert service is not None
+            await eventually(lambda: service.in_flight == 1)
+            await raw.reset()
+        await eventually(lambda: service.in_flight == 0)
+        async with SwarmClient.connect(node.addrs[0]) as client:
+            result = await client.infer("slow", {"text": "after"})
+    assert result.meta["served_by"] == node.peer_id
+
+
+async def test_full_queue_answers_overloaded_at_once(node_factory: NodeFactory) -> None:
+    async with node_factory(models=("fake:slow:400",), max_queue=1) as node:
+        outcomes: list[str] = []
+
+        async def submit(priority: Priority) -> None:
+            async with SwarmClient.connect(node.addrs[0]) as client:
+                started = trio.current_time()
+                try:
+                    await client.infer("slow", {"text": "x"}, priority=priority)
+                    outcomes.append("ok")
+                except RemoteError as exc:
+                    assert exc.code is ErrorCode.OVERLOADED
+                    assert exc.retry is Retry.ELSEWHERE and (exc.retry_after_ms or 0) > 0
+                    assert trio.current_time() - started < 0.3  # refused, not queued
+                    outcomes.append("overloaded")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(submit, Priority.NORMAL)
+    # one runs, one waits in the queue of one, the rest are refused
+    assert sorted(outcomes) == ["ok", "ok", "overloaded", "overloaded"]
+
+
+async def test_deadline_and_cancel(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory(models=("fake:slow:2000",)) as node,
+        SwarmClient.connect(node.addrs[0]) as client,
+    ):
+        with pytest.raises(RemoteError) as late:
+            await client.infer("slow", {"text": "x"}, deadline_s=0.2)
+        assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
+        with trio.move_on_after(0.2):
+            await client.infer("slow", {"text": "x"})
+        service = node.service
+        assert service is not None
+        await eventually(lambda: service.in_flight == 0, 2.0)  # the Cancel reached the node
+        ok = await client.infer("slow", {"text": "x"}, deadline_s=5)
+    assert ok.meta["served_by"] == node.peer_id
+
+
+async def test_large_tensor_travels_in_parts(node_factory: NodeFactory) -> None:
+    x = np.random.default_rng(0).random((4, 400_000), dtype=np.float32)  # 6.4 MB
+    async with (
+        node_factory(models=("fake:echo",)) as node,
+        SwarmClient.connect(node.addrs[0]) as client,
+    ):
+        result = await client.infer("echo", {"x": x})
+    got = result.outputs["embedding"].numpy()  # type: ignore[union-attr]
+    np.testing.assert_allclose(got[:, 0], 2 * x.sum(axis=1), rtol=1e-5)
