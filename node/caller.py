@@ -66,7 +66,7 @@ class Caller:
             stream = await self._open(peer_id)
         clean = False
         try:
-            result = await _exchange(stream, request, on_chunk)
+            result = await exchange(stream, request, on_chunk)
             clean = True
             return result
         except RemoteError:
@@ -108,7 +108,8 @@ class Caller:
         return FramedStream(raw, self._limits)
 
 
-async def _exchange(stream: FramedStream, request: Request, on_chunk: OnChunk | None) -> Result:
+async def exchange(stream: FramedStream, request: Request, on_chunk: OnChunk | None) -> Result:
+    """One request and its answer on ``stream``, which must be idle."""
     exchange = Exchange(Role.CALLER)
     exchange.send(request)
     try:

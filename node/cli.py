@@ -36,15 +36,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level or ("INFO" if args.func is _daemon else "WARNING"))
     try:
         code: int = trio.run(args.func, args)
-        return code
-    except KeyboardInterrupt:
-        return 130
-    except ConfigError as exc:
-        print(f"swarm: {exc}", file=sys.stderr)
-        return 2
-    except SwarmError as exc:
-        print(f"swarm: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as raised:
+        exc = _sole(raised)  # a nursery wraps the error that ends it in a group
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if isinstance(exc, ConfigError):
+            print(f"swarm: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, SwarmError):
+            print(f"swarm: {type(exc).__name__} [{exc.code}]: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return code
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one error inside nested one-member exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,11 +153,13 @@ async def _daemon(args: argparse.Namespace) -> int:
     node = Node(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
-        print(f"swarm node {node.peer_id} ready", flush=True)
-        for addr in node.addrs:
-            print(f"  listening on {addr}", flush=True)
-        print(f"  serving {', '.join(config.models) or 'no models (forwarding only)'}", flush=True)
+        # Catch signals before saying "ready": a supervisor may send SIGTERM at once.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            print(f"swarm node {node.peer_id} ready", flush=True)
+            for addr in node.addrs:
+                print(f"  listening on {addr}", flush=True)
+            serving = ", ".join(config.models) or "no models (forwarding only)"
+            print(f"  serving {serving}", flush=True)
             async for signum in signals:
                 log.info("got %s", signal.Signals(signum).name)
                 node.stop()

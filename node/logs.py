@@ -2,6 +2,7 @@
 
 libp2p sets its logger to propagate=False on import and is noisy at INFO
 (every dial, every DHT step), so it gets our handler and its own, higher level.
+Call this after libp2p is imported (the CLI does, at start).
 """
 
 from __future__ import annotations
@@ -22,5 +23,10 @@ def configure(level: str = "INFO", *, libp2p_level: str = "WARNING") -> None:
     lib.handlers[:] = [handler]
     lib.propagate = False
     lib.setLevel(libp2p_level.upper())
+    # Some libp2p modules pin their own logger to INFO at import (the auto-connector
+    # logs every 30 s): make every one of them inherit the level set above.
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.NOTSET)
     for noisy in ("multiaddr", "zeroconf", "async_service"):
         logging.getLogger(noisy).setLevel(libp2p_level.upper())

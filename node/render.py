@@ -88,7 +88,7 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
         lines.append(
             f"load      in flight {load.get('in_flight')}, queued high/normal/low "
             f"{q.get('high')}/{q.get('normal')}/{q.get('low')}, "
-            f"ewma {load.get('ewma_latency_ms')} ms"
+            f"ewma latency {_ms(load.get('ewma_latency_ms'))}"
         )
     if stats:
         lines.append(
@@ -100,3 +100,7 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
         models = ", ".join(peer.get("models", [])) or "-"
         lines.append(f"peer      {peer.get('peer_id')}  {models}  {state}")
     return "\n".join(lines)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value} ms"

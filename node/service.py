@@ -79,8 +79,7 @@ class InferenceService:
         self.draining = False
         self.stats = Stats()
         self._active: set[_Active] = set()
-        self._all_done = trio.Event()  # replaced whenever work starts; set when none is left
-        self._all_done.set()
+        self._drained: trio.Event | None = None  # exists only while drain() waits
 
     @property
     def in_flight(self) -> int:
@@ -103,8 +102,6 @@ class InferenceService:
         if self.draining:
             raise ShuttingDown("the node is shutting down and takes no new work")
         job = _Active()
-        if not self._active:
-            self._all_done = trio.Event()
         self._active.add(job)
         try:
             with job.scope:
@@ -117,14 +114,16 @@ class InferenceService:
             raise
         finally:
             self._active.discard(job)
-            if not self._active:
-                self._all_done.set()
+            if not self._active and self._drained is not None:
+                self._drained.set()
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work; let work in flight finish for ``grace_s``, then cut it off."""
         self.draining = True
-        with trio.move_on_after(grace_s):
-            await self._all_done.wait()
+        if self._active:
+            self._drained = trio.Event()
+            with trio.move_on_after(grace_s):
+                await self._drained.wait()
         for job in list(self._active):
             job.scope.cancel()
 

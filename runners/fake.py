@@ -88,7 +88,8 @@ class FakeRunner(Runner):
 
     async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
         chunks = self._start(inputs, params)
-        await trio.sleep(self.latency_s)
+        if self.latency_s:  # zero latency means no wait at all, not a yield to the scheduler
+            await trio.sleep(self.latency_s)
         words = "".join(_word(inputs, i) for i in range(chunks))
         return {"embedding": self._embedding(inputs), "text": words}
 
