@@ -62,8 +62,24 @@ class Caller:
         broke after the request left (the outcome is then unknown)."""
         key = str(peer_id)
         stream = self._take(key) if reuse else None
-        if stream is None:
-            stream = await self._open(peer_id)
+        if stream is not None:
+            try:
+                return await self._on(key, stream, request, on_chunk, reuse)
+            except PeerUnavailable:
+                # A pooled stream can die while idle (the peer restarted). Nothing was
+                # sent on it, so a fresh stream, which redials, is safe to try once.
+                log.debug("pooled stream to %s was dead; opening a new one", key)
+        stream = await self._open(peer_id)
+        return await self._on(key, stream, request, on_chunk, reuse)
+
+    async def _on(
+        self,
+        key: str,
+        stream: FramedStream,
+        request: Request,
+        on_chunk: OnChunk | None,
+        reuse: bool,
+    ) -> Result:
         clean = False
         try:
             result = await exchange(stream, request, on_chunk)

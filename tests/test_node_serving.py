@@ -3,6 +3,7 @@ errors, and keeps serving everyone else."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from libp2p.custom_types import TProtocol
 from support import eventually
 
 from node.client import SwarmClient, new_request_id
+from node.daemon import Node
 from node.framed import FramedStream
 from node.host import peer_info, running_host
 from protocols import (
@@ -232,3 +234,33 @@ async def test_large_tensor_travels_in_parts(node_factory: NodeFactory) -> None:
         result = await client.infer("echo", {"x": x})
     got = result.outputs["embedding"].numpy()  # type: ignore[union-attr]
     np.testing.assert_allclose(got[:, 0], 2 * x.sum(axis=1), rtol=1e-5)
+
+
+async def test_client_survives_the_node_restarting(node_factory: NodeFactory) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    stopped = trio.Event()
+
+    async def serve(stop: trio.Event, *, task_status: trio.TaskStatus[Node]) -> None:
+        listen = (f"/ip4/127.0.0.1/tcp/{port}",)
+        async with node_factory("n", models=("fake:echo",), listen=listen) as node:
+            task_status.started(node)
+            await stop.wait()
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        stop_first = trio.Event()
+        first_node: Node = await nursery.start(serve, stop_first)
+        async with SwarmClient.connect(first_node.addrs[0]) as client:
+            first = await client.infer("echo", {"text": "before"})
+            stop_first.set()  # the node shuts down under the client's pooled stream
+            with trio.fail_after(10):
+                await stopped.wait()
+            stop_second = trio.Event()
+            second_node: Node = await nursery.start(serve, stop_second)
+            second = await client.infer("echo", {"text": "after"})  # redials, same client
+            stop_second.set()
+    assert second_node.addrs == first_node.addrs  # same identity, same port
+    assert first.meta["served_by"] == second.meta["served_by"] == second_node.peer_id
