@@ -143,8 +143,7 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
             }
         case _:
             raise LocalProtocolError(f"not a message: {message!r}")
-    if sum(len(d) for d in deferred) > limits.max_message:
-        raise MessageTooLarge(f"tensors exceed max_message={limits.max_message} bytes")
+    _check_outgoing(body, limits)
     frames = [_frame(body, limits)]
     for data in deferred:
         for start in range(0, len(data), limits.part_size):
@@ -152,6 +151,16 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
                 _frame({"t": "part", "data": data[start : start + limits.part_size]}, limits)
             )
     return frames
+
+
+def _check_outgoing(body: dict[str, Any], limits: Limits) -> None:
+    """Refuse to send what a peer's decoder would refuse: our bug, not the peer's."""
+    try:
+        _message_from_wire(body, [], limits)
+    except FrameTooLarge as exc:
+        raise MessageTooLarge(str(exc)) from exc
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"refusing to send a malformed message: {exc}") from exc
 
 
 def _frame(body: Mapping[str, Any], limits: Limits) -> bytes:
@@ -181,10 +190,11 @@ class Decoder:
         self._limits = limits
         self._buf = bytearray()
         self._error: ProtocolError | None = None
-        # A message waiting for its deferred tensors, their buffers, and bytes filled so far.
+        # A message waiting for its deferred tensors, and their buffers still to fill. The
+        # buffers grow as parts arrive, so a small frame declaring a large tensor costs
+        # nothing until the bytes are really sent.
         self._waiting: Message | None = None
-        self._targets: list[bytearray] = []
-        self._filled = 0
+        self._targets: list[_Target] = []
 
     @property
     def idle(self) -> bool:
@@ -192,7 +202,8 @@ class Decoder:
         return not self._buf and self._waiting is None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        if self._error is None:  # a failed stream is not worth buffering
+            self._buf += data
 
     def next_message(self) -> Message | None:
         """The next whole message, or None until more bytes are fed."""
@@ -257,10 +268,10 @@ class Decoder:
             return self._on_part(obj)
         if self._waiting is not None:
             raise RemoteProtocolError(f"expected a tensor part, got {tag!r}")
-        targets: list[bytearray] = []
+        targets: list[_Target] = []
         message = _message_from_wire(obj, targets, self._limits)
         if targets:
-            self._waiting, self._targets, self._filled = message, targets, 0
+            self._waiting, self._targets = message, targets
             return None
         return message
 
@@ -271,14 +282,11 @@ class Decoder:
         if not isinstance(data, bytes) or not data or len(obj) != 2:
             raise RemoteProtocolError("a part must be {t: part, data: non-empty bin}")
         target = self._targets[0]
-        end = self._filled + len(data)
-        if end > len(target):
+        if len(target.buffer) + len(data) > target.size:
             raise RemoteProtocolError("tensor part overruns its tensor")
-        target[self._filled : end] = data
-        self._filled = end
-        while self._targets and self._filled == len(self._targets[0]):
+        target.buffer.extend(data)
+        if len(target.buffer) == target.size:
             self._targets.pop(0)
-            self._filled = 0
         if self._targets:
             return None
         message, self._waiting = self._waiting, None
@@ -289,7 +297,13 @@ class Decoder:
 # wire map -> message, checking every field
 
 
-def _message_from_wire(obj: dict[str, Any], targets: list[bytearray], limits: Limits) -> Message:
+@dataclass(frozen=True, slots=True)
+class _Target:
+    buffer: bytearray  # the deferred tensor's data, filled by parts
+    size: int
+
+
+def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limits) -> Message:
     tag = obj.get("t")
     f = _Fields(obj, str(tag))
     match tag:
@@ -302,8 +316,8 @@ def _message_from_wire(obj: dict[str, Any], targets: list[bytearray], limits: Li
             message: Message = Request(
                 id=f.ident(),
                 model=f.text("model", max_len=MAX_NAME_LEN),
-                inputs=_values(f.mapping("inputs"), targets, budget),
-                params=_params(f.mapping("params", {})),
+                inputs=_values(f.mapping("inputs"), targets, budget, limits),
+                params=_params(f.mapping("params", {}), limits),
                 priority=Priority(priority),
                 deadline_ms=deadline,
                 stream=f.boolean("stream", False),
@@ -314,13 +328,13 @@ def _message_from_wire(obj: dict[str, Any], targets: list[bytearray], limits: Li
             message = Chunk(
                 id=f.ident(),
                 seq=f.integer("seq"),
-                outputs=_values(f.mapping("outputs"), targets, [limits.max_message]),
+                outputs=_values(f.mapping("outputs"), targets, [limits.max_message], limits),
             )
         case "result":
             message = Result(
                 id=f.ident(),
-                outputs=_values(f.mapping("outputs"), targets, [limits.max_message]),
-                meta=_scalars(f.mapping("meta", {})),
+                outputs=_values(f.mapping("outputs"), targets, [limits.max_message], limits),
+                meta=_scalars(f.mapping("meta", {}), limits),
             )
         case "error":
             code_text = f.text("code")
@@ -416,13 +430,22 @@ class _Fields:
             raise RemoteProtocolError(f"{self._tag} message has unknown fields {sorted(extra)}")
 
 
-def _values(m: dict[str, Any], targets: list[bytearray], budget: list[int]) -> dict[str, Value]:
+def _keys(m: dict[Any, Any], what: str, limits: Limits) -> None:
+    # msgpack's strict_map_key admits bin keys too; ours are always text.
+    if len(m) > limits.max_items or not all(isinstance(k, str) for k in m):
+        raise RemoteProtocolError(f"{what} must be a map of at most {limits.max_items} str keys")
+
+
+def _values(
+    m: dict[str, Any], targets: list[_Target], budget: list[int], limits: Limits
+) -> dict[str, Value]:
+    _keys(m, "inputs and outputs", limits)
     out: dict[str, Value] = {}
     for key, v in m.items():
         if isinstance(v, dict):
             out[key] = _tensor(key, v, targets, budget)
         elif isinstance(v, list):
-            if not all(isinstance(s, str) for s in v):
+            if len(v) > limits.max_items or not all(isinstance(s, str) for s in v):
                 raise RemoteProtocolError(f"value {key!r}: a list must hold only strings")
             out[key] = v
         elif isinstance(v, str | int | float | bool):
@@ -432,7 +455,7 @@ def _values(m: dict[str, Any], targets: list[bytearray], budget: list[int]) -> d
     return out
 
 
-def _tensor(key: str, v: dict[str, Any], targets: list[bytearray], budget: list[int]) -> Tensor:
+def _tensor(key: str, v: dict[str, Any], targets: list[_Target], budget: list[int]) -> Tensor:
     extra = set(v) - {"dtype", "shape", "data", "deferred"}
     if extra or "dtype" not in v or "shape" not in v or ("data" in v) == ("deferred" in v):
         raise RemoteProtocolError(f"tensor {key!r} must have dtype, shape and data or deferred")
@@ -443,28 +466,31 @@ def _tensor(key: str, v: dict[str, Any], targets: list[bytearray], budget: list[
             raise RemoteProtocolError(
                 f"tensor {key!r}: deferred must be true, for a non-empty tensor"
             )
-        buffer = bytearray(nbytes)
-        targets.append(buffer)
-        return Tensor(v["dtype"], shape, buffer)
+        target = _Target(bytearray(), nbytes)
+        targets.append(target)
+        return Tensor(v["dtype"], shape, target.buffer)
     data = v["data"]
-    if not isinstance(data, bytes) or len(data) != nbytes:
+    # Peers send bytes; a message we are about to send may hold any buffer.
+    if not isinstance(data, bytes | bytearray | memoryview) or memoryview(data).nbytes != nbytes:
         raise RemoteProtocolError(
             f"tensor {key!r}: {v['dtype']}{list(shape)} needs {nbytes} bytes of data"
         )
     return Tensor(v["dtype"], shape, data)
 
 
-def _scalars(m: dict[str, Any]) -> dict[str, Scalar]:
+def _scalars(m: dict[str, Any], limits: Limits) -> dict[str, Scalar]:
+    _keys(m, "meta", limits)
     for key, v in m.items():
         if v is not None and not isinstance(v, str | int | float | bool):
             raise RemoteProtocolError(f"meta {key!r} must be a scalar")
     return m
 
 
-def _params(m: dict[str, Any]) -> dict[str, Param]:
+def _params(m: dict[str, Any], limits: Limits) -> dict[str, Param]:
+    _keys(m, "params", limits)
     for key, v in m.items():
         if isinstance(v, list):
-            if not all(isinstance(s, str) for s in v):
+            if len(v) > limits.max_items or not all(isinstance(s, str) for s in v):
                 raise RemoteProtocolError(f"param {key!r}: a list must hold only strings")
         elif v is not None and not isinstance(v, str | int | float | bool):
             raise RemoteProtocolError(f"param {key!r} must be a scalar or a list of strings")

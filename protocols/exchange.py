@@ -11,7 +11,8 @@ peer wrote (a violation is theirs: RemoteProtocolError)::
 
 A Cancel that crosses the Result on the wire arrives in IDLE and is ignored:
 it is a race, not a fault. Chunks must arrive in sequence, so a duplicated or
-lost chunk is caught rather than passed to the caller.
+lost chunk is caught rather than passed to the caller, and only a request
+that asked to stream may get chunks.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Exchange:
         self.role = role
         self.state = State.IDLE
         self.request_id: str | None = None
+        self.streaming = False
         self.next_seq = 0
 
     def send(self, message: Message) -> None:
@@ -74,7 +76,7 @@ class Exchange:
                 f"{sender.value} may not send {type(message).__name__} in {self.state.value}"
             )
         if isinstance(message, Request):
-            self.request_id, self.next_seq = message.id, 0
+            self.request_id, self.streaming, self.next_seq = message.id, message.stream, 0
         elif self.state is not State.IDLE:
             if message.id != self.request_id:
                 raise error(
@@ -82,6 +84,8 @@ class Exchange:
                     f"but the exchange is {self.request_id!r}"
                 )
             if isinstance(message, Chunk):
+                if not self.streaming:
+                    raise error("chunk for a request that did not ask to stream")
                 if message.seq != self.next_seq:
                     raise error(f"chunk {message.seq} out of order, expected {self.next_seq}")
                 self.next_seq += 1

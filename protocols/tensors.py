@@ -46,7 +46,7 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        return len(self.data)
+        return memoryview(self.data).nbytes  # len() counts items of a typed view, not bytes
 
     @classmethod
     def from_numpy(cls, array: np.ndarray[Any, Any]) -> Tensor:
@@ -56,7 +56,8 @@ class Tensor:
             raise ValueError(f"dtype {name} cannot travel; use one of {sorted(DTYPES)}")
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
-        array = np.ascontiguousarray(array)
+        if not array.flags.c_contiguous:  # (ascontiguousarray would turn 0-d into 1-d)
+            array = array.copy(order="C")
         shape = tuple(int(d) for d in array.shape)
         if array.size == 0:  # memoryview cannot cast a view with a zero in its shape
             return cls(name, shape, b"")
@@ -99,7 +100,8 @@ def expected_nbytes(dtype: object, shape: object, *, max_bytes: int) -> tuple[tu
         if type(dim) is not int or dim < 0:
             raise RemoteProtocolError(f"tensor dim {dim!r} is not a non-negative int")
         dims.append(dim)
-    nbytes = math.prod(dims) * np.dtype(dtype).itemsize
-    if nbytes > max_bytes:
-        raise FrameTooLarge(f"tensor of {nbytes} bytes exceeds the limit of {max_bytes}")
-    return tuple(dims), nbytes
+    itemsize = np.dtype(dtype).itemsize
+    # Sized as if zero dims were 1: a [0, 2**64] tensor holds no bytes but cannot be viewed.
+    if math.prod(d or 1 for d in dims) * itemsize > max_bytes:
+        raise FrameTooLarge(f"tensor {dtype}{dims} exceeds the limit of {max_bytes} bytes")
+    return tuple(dims), math.prod(dims) * itemsize
