@@ -19,7 +19,7 @@ import numpy as np
 import trio
 
 from protocols import Chunk, Priority, RemoteError, SwarmError, Value
-from runners.catalog import DEFAULT_MODEL
+from runners.catalog import DEFAULT_MODEL, ModelSpecError, parse_model_spec
 
 from . import logs
 from .client import SwarmClient
@@ -141,6 +141,11 @@ async def _daemon(args: argparse.Namespace) -> int:
     if args.no_models and args.model:
         raise ConfigError("--no-models and --model exclude each other")
     models = () if args.no_models else tuple(args.model or [DEFAULT_MODEL])
+    for spec in models:  # a typo is bad usage: say so before anything starts
+        try:
+            parse_model_spec(spec)
+        except ModelSpecError as exc:
+            raise ConfigError(str(exc)) from exc
     config = NodeConfig(
         data_dir=args.data_dir.expanduser(),
         listen=tuple(args.listen or [DEFAULT_LISTEN]),

@@ -1,4 +1,5 @@
-"""Shared fixtures: in-process nodes on loopback, with fake or real runners."""
+"""Shared fixtures: in-process nodes on loopback, with fake or real runners, and the
+default model converted to OpenVINO IR once per session."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 import trio
 
 from node.daemon import Node, NodeConfig
+from runners import convert_minilm, ir_cache
+from runners.openvino_embed import MODEL_NAME, OpenVINOEmbedRunner, cache_key
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+GARBAGE = b"not an IR "
 
 NodeFactory = Callable[..., AbstractAsyncContextManager[Node]]
 
@@ -42,3 +46,31 @@ def node_factory(tmp_path: Path) -> NodeFactory:
                 node.stop()
 
     return start
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models dir holding the converted IR, made once for the whole session.
+
+    Shared, so treat it as read-only: tests that damage a cache, or daemons
+    that would write to it, work on copies. The session's one conversion (they
+    cost ~10 s each) starts from a planted entry that looks whole (this build's
+    fingerprint, a manifest, matching file sizes) but holds garbage, so it also
+    proves that a damaged entry is detected, discarded and rebuilt: see
+    test_runner_openvino.test_planted_damaged_entry_was_rebuilt.
+    """
+    path = tmp_path_factory.mktemp("models")
+    root = path / MODEL_NAME
+    staged = ir_cache.new_staging(root)
+    for name in convert_minilm.FILES:
+        (staged / name).write_bytes(GARBAGE * 100)
+    planted = ir_cache.publish(root, cache_key(), staged, {"planted": "by the test"})
+    assert ir_cache.find(root, cache_key()) == planted
+
+    async def convert() -> None:
+        runner = OpenVINOEmbedRunner(path)
+        await runner.load()
+        await runner.close()
+
+    trio.run(convert)
+    return path

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from conftest import GARBAGE
 
 from protocols import ErrorCode, Tensor, Value
 from runners import convert_minilm, ir_cache
@@ -38,35 +39,6 @@ TEXTS = [
     "",
     "long " * 400,  # over MAX_TOKENS: truncated the way sentence-transformers truncates
 ]
-
-
-GARBAGE = b"not an IR "
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models dir holding the converted IR, made once for the whole session.
-
-    The session's one conversion (they cost ~10 s each) starts from a planted
-    entry that looks whole (this build's fingerprint, a manifest, matching file
-    sizes) but holds garbage, so it also proves that a damaged entry is
-    detected, discarded and rebuilt: see test_planted_damaged_entry_was_rebuilt.
-    """
-    path = tmp_path_factory.mktemp("models")
-    root = path / MODEL_NAME
-    staged = ir_cache.new_staging(root)
-    for name in convert_minilm.FILES:
-        (staged / name).write_bytes(GARBAGE * 100)
-    planted = ir_cache.publish(root, cache_key(), staged, {"planted": "by the test"})
-    assert ir_cache.find(root, cache_key()) == planted
-
-    async def convert() -> None:
-        runner = OpenVINOEmbedRunner(path)
-        await runner.load()
-        await runner.close()
-
-    trio.run(convert)
-    return path
 
 
 @pytest.fixture(scope="session")
