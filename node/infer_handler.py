@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -39,7 +39,7 @@ from protocols import (
 
 from .errors import ConnectionLost
 from .framed import FramedStream
-from .service import InferenceService
+from .service import Emit, InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -116,39 +116,36 @@ class InferHandler:
                 await stream.send(chunk)
 
         try:
-            await self._answer(stream, exchange, request, scope, active, emit)
-        finally:
-            self._unanswered -= 1
-            if self._unanswered == 0:
-                self._all_answered.set()
-
-    async def _answer(
-        self,
-        stream: FramedStream,
-        exchange: Exchange,
-        request: Request,
-        scope: trio.CancelScope,
-        active: dict[str, trio.CancelScope],
-        emit: Callable[[Mapping[str, Value]], Awaitable[None]],
-    ) -> None:
-        reply: Result | Error
-        try:
-            with scope:
-                reply = await self._service.execute(request, emit)
-            if scope.cancelled_caught:
-                reply = Error(request.id, ErrorCode.CANCELLED, "cancelled by the caller")
-        except ConnectionLost:
-            return  # the caller is gone; nobody to answer
-        except RemoteError as exc:  # a peer we forwarded to answered with an error
-            reply = Error(request.id, exc.code, exc.message, exc.retry_after_ms)
-        except SwarmError as exc:
-            reply = _error_for(request.id, exc)
-        except Exception as exc:  # a runner bug must not take the node down
-            log.exception("request %s for %s failed", request.id, request.model)
-            reply = Error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            reply = await self._outcome(request, scope, emit)
+            if reply is not None:
+                await self._reply(stream, exchange, reply)
         finally:
             active.pop(request.id, None)
-        await self._reply(stream, exchange, reply)
+            self._answered()
+
+    async def _outcome(
+        self, request: Request, scope: trio.CancelScope, emit: Emit
+    ) -> Result | Error | None:
+        """The answer owed to the caller, or None when the caller is gone."""
+        try:
+            with scope:
+                return await self._service.execute(request, emit)
+            return Error(request.id, ErrorCode.CANCELLED, "cancelled by the caller")
+        except ConnectionLost:
+            return None
+        except RemoteError as exc:  # a peer we forwarded to answered with an error
+            return Error(request.id, exc.code, exc.message, exc.retry_after_ms)
+        except SwarmError as exc:
+            return _error_for(request.id, exc)
+        except Exception as exc:  # a runner bug must not take the node down
+            log.exception("request %s for %s failed", request.id, request.model)
+            return Error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _answered(self) -> None:
+        # Counted from when the reader takes a request, so shutdown never misses one.
+        self._unanswered -= 1
+        if self._unanswered == 0:
+            self._all_answered.set()
 
     async def _reply(self, stream: FramedStream, exchange: Exchange, reply: Result | Error) -> None:
         try:
