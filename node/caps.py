@@ -15,6 +15,7 @@ from libp2p.custom_types import TProtocol
 
 from protocols import CAPS_PROTOCOL, CapabilityRecord, RemoteProtocolError
 
+from .access import AccessPolicy
 from .errors import ConnectionLost, PeerUnavailable
 from .framed import FramedStream
 
@@ -23,9 +24,15 @@ FETCH_TIMEOUT_S = 10.0
 
 
 class CapsHandler:
-    def __init__(self, peer_id: str, body: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        body: Callable[[], Mapping[str, Any]],
+        access: AccessPolicy | None = None,
+    ) -> None:
         self._peer_id = peer_id
         self._body = body
+        self._access = access or AccessPolicy()
 
     def record(self) -> CapabilityRecord:
         # Wall-clock milliseconds: a restarted node's records still sort after its old ones.
@@ -35,6 +42,9 @@ class CapsHandler:
 
     async def __call__(self, raw_stream: Any) -> None:
         stream = FramedStream(raw_stream)
+        if not self._access.permits(stream.peer_id):
+            await stream.reset()  # a stranger learns nothing, not even an error text
+            return
         try:
             await stream.send(self.record())
         except ConnectionLost:

@@ -7,11 +7,13 @@ Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,11 @@ from protocols import Chunk, Priority, RemoteError, SwarmError, Value
 from runners.catalog import DEFAULT_MODEL, ModelSpecError, parse_model_spec
 
 from . import logs
+from .access import load_allow_list, load_swarm_key, new_swarm_key_text
 from .client import SwarmClient
 from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
-from .errors import ConfigError
+from .errors import ConfigError, sole_error
+from .host import build_host, load_or_create_identity
 from .render import jsonable, result_json, result_text, status_text
 
 log = logging.getLogger("swarm")
@@ -35,9 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level or ("INFO" if args.func is _daemon else "WARNING"))
     try:
-        code: int = trio.run(args.func, args)
+        # Commands that touch no network (keygen, id) are plain functions.
+        run = trio.run if inspect.iscoroutinefunction(args.func) else (lambda f, a: f(a))
+        code: int = run(args.func, args)
     except BaseException as raised:
-        exc = _sole(raised)  # a nursery wraps the error that ends it in a group
+        exc = sole_error(raised)  # a nursery wraps the error that ends it in a group
         if isinstance(exc, KeyboardInterrupt):
             return 130
         if isinstance(exc, ConfigError):
@@ -48,13 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     return code
-
-
-def _sole(exc: BaseException) -> BaseException:
-    """The one error inside nested one-member exception groups, or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
     d.add_argument("--grace", type=float, default=10.0, help="seconds to finish work at shutdown")
     d.add_argument("--no-cuda-probe", action="store_true", help="skip importing torch for CUDA")
+    d.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="PEER_ID",
+        help="only these peers may use this node (repeatable)",
+    )
+    d.add_argument(
+        "--allow-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="allowed peer ids, one per line (repeatable)",
+    )
     d.set_defaults(func=_daemon)
 
     s = sub.add_parser("submit", help="submit a job and print its result")
@@ -120,6 +134,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_submit)
 
+    k = sub.add_parser("keygen", help="write a new swarm key for a private swarm")
+    k.add_argument("path", type=Path, metavar="FILE", help="where to write it (e.g. swarm.key)")
+    k.set_defaults(func=_keygen)
+
+    i = sub.add_parser("id", help="print this data dir's peer id (for allow-lists)")
+    _data_dir(i)
+    i.set_defaults(func=_id)
+
     st = sub.add_parser("status", help="show a node's hardware, models and load")
     _data_dir(st)
     st.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
@@ -129,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="join the private swarm of this key (default: DATA_DIR/swarm.key if it exists)",
+    )
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -154,6 +182,8 @@ async def _daemon(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         shutdown_grace_s=args.grace,
         probe_cuda=not args.no_cuda_probe,
+        swarm_key=_swarm_key(args),
+        allow=load_allow_list(args.allow, args.allow_file),
     )
     node = Node(config)
     async with trio.open_nursery() as nursery:
@@ -169,6 +199,37 @@ async def _daemon(args: argparse.Namespace) -> int:
                 log.info("got %s", signal.Signals(signum).name)
                 node.stop()
                 break
+    return 0
+
+
+def _swarm_key(args: argparse.Namespace) -> str | None:
+    path = args.swarm_key or args.data_dir.expanduser() / "swarm.key"
+    if args.swarm_key is None and not path.exists():
+        return None
+    return load_swarm_key(path)
+
+
+def _connect(args: argparse.Namespace, target: str) -> AbstractAsyncContextManager[SwarmClient]:
+    """A client with this data dir's identity (so allow-lists know it) and swarm key."""
+    identity = args.data_dir.expanduser() / "identity.key"
+    key_pair = load_or_create_identity(identity) if identity.exists() else None
+    return SwarmClient.connect(target, swarm_key=_swarm_key(args), key_pair=key_pair)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    if path.exists():
+        raise ConfigError(f"{path} exists; not overwriting a swarm key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(new_swarm_key_text())
+    print(f"wrote a new swarm key to {path}; give it to every node of the swarm (--swarm-key)")
+    return 0
+
+
+def _id(args: argparse.Namespace) -> int:
+    key_pair = load_or_create_identity(args.data_dir.expanduser() / "identity.key")
+    print(build_host(key_pair).get_id().to_base58())
     return 0
 
 
@@ -188,7 +249,7 @@ async def _submit(args: argparse.Namespace) -> int:
     inputs = _inputs(args)
     params = dict(_param(p) for p in args.param)
     on_chunk = _print_chunk(args.json) if args.stream else None
-    async with SwarmClient.connect(_target(args)) as client:
+    async with _connect(args, _target(args)) as client:
         try:
             result = await client.infer(
                 args.model,
@@ -267,7 +328,7 @@ async def _status(args: argparse.Namespace) -> int:
         if args.peer:
             raise
         return await _local_status(args)
-    async with SwarmClient.connect(target) as client:
+    async with _connect(args, target) as client:
         record = await client.record()
     if args.json:
         print(

@@ -52,16 +52,28 @@ class SwarmClient:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, address: str, *, limits: Limits = DEFAULT_LIMITS
+        cls,
+        address: str,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        swarm_key: str | None = None,
+        key_pair: Any | None = None,
+        timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> AsyncIterator[SwarmClient]:
-        """Dial the node at ``address`` (a multiaddr ending in /p2p/<peer id>)."""
+        """Dial the node at ``address`` (a multiaddr ending in /p2p/<peer id>).
+
+        ``swarm_key`` joins a private swarm; ``key_pair`` is the identity to use
+        (a node's own, to pass its allow-list), else a fresh one.
+        """
         info = peer_info(address)
-        async with running_host(None, ()) as host:
+        async with running_host(key_pair, (), psk=swarm_key) as host:
             try:
-                with trio.fail_after(CONNECT_TIMEOUT_S):
+                with trio.fail_after(timeout_s):
                     await host.connect(info)
             except trio.TooSlowError as exc:
-                raise PeerUnavailable(f"no answer from {address} in {CONNECT_TIMEOUT_S} s") from exc
+                raise PeerUnavailable(
+                    f"no handshake with {address} in {timeout_s} s (wrong swarm key?)"
+                ) from exc
             except Exception as exc:  # libp2p raises many types for a failed dial
                 raise PeerUnavailable(f"cannot connect to {address}: {exc}") from exc
             caller = Caller(host, limits=limits)

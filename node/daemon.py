@@ -27,6 +27,7 @@ from protocols import CAPS_PROTOCOL, DEFAULT_LIMITS, INFER_PROTOCOL, Limits
 from runners.base import Runner
 from runners.catalog import DEFAULT_MODEL, build_runner
 
+from .access import AccessPolicy
 from .caller import Caller
 from .caps import CapsHandler
 from .errors import ConfigError
@@ -54,6 +55,8 @@ class NodeConfig:
     shutdown_grace_s: float = 10.0
     probe_cuda: bool = True
     limits: Limits = DEFAULT_LIMITS
+    swarm_key: str | None = None  # 64 hex digits: a private swarm
+    allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -78,6 +81,7 @@ class Node:
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
         self._stop = trio.Event()
+        self.access = AccessPolicy(config.allow)
 
     def stop(self) -> None:
         """Begin a graceful shutdown; ``run`` returns when it is complete."""
@@ -90,7 +94,7 @@ class Node:
         try:
             await self._load_runners()
             self.hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
-            async with running_host(key_pair, cfg.listen) as host:
+            async with running_host(key_pair, cfg.listen, psk=cfg.swarm_key) as host:
                 await self._serve(host, task_status)
         finally:
             with trio.CancelScope(shield=True):
@@ -118,9 +122,10 @@ class Node:
             self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=self.links
         )
         self.service = service
-        handler = InferHandler(service, limits=cfg.limits)
+        handler = InferHandler(service, limits=cfg.limits, access=self.access)
         host.set_stream_handler(TProtocol(INFER_PROTOCOL), handler)
-        host.set_stream_handler(TProtocol(CAPS_PROTOCOL), CapsHandler(self.peer_id, self.describe))
+        caps = CapsHandler(self.peer_id, self.describe, self.access)
+        host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         try:
             async with trio.open_nursery() as nursery:
                 if self.links is not None:
@@ -155,7 +160,12 @@ class Node:
             models=[r.info for r in self._runners.values()],
             load=self.service.load(),
         )
-        return {**body, "stats": self.service.stats.describe(), "peers": peers}
+        access = {
+            "private_swarm": self.config.swarm_key is not None,
+            "allow_list": self.access.allowed is not None,
+            "refused": self.access.refused,
+        }
+        return {**body, "stats": self.service.stats.describe(), "peers": peers, "access": access}
 
     def _write_state(self) -> None:
         """Where the CLI finds the running daemon of this data dir."""

@@ -59,3 +59,14 @@ class Interrupted(NodeError):
     """The node shut down while the work was running: it may or may not have finished."""
 
     code = ErrorCode.OUTCOME_UNKNOWN
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one error inside nested one-member exception groups, or ``exc`` itself.
+
+    Nurseries (ours and libp2p's) wrap whatever ends them in a group; a caller
+    that hit one error should see that error, not layers of wrapping.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -30,10 +30,11 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from .errors import ConfigError
+from .errors import ConfigError, sole_error
 
 log = logging.getLogger(__name__)
 HOST_CLOSE_TIMEOUT_S = 5.0
+NEGOTIATE_TIMEOUT_S = 10
 
 
 def load_or_create_identity(path: Path) -> Any:
@@ -50,7 +51,8 @@ def load_or_create_identity(path: Path) -> Any:
     return key_pair
 
 
-def build_host(key_pair: Any | None = None) -> Any:
+def build_host(key_pair: Any | None = None, *, psk: str | None = None) -> Any:
+    """A host; with ``psk`` (64 hex digits) every connection is a private-swarm one."""
     key_pair = key_pair or generate_new_ed25519_identity()
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     return new_host(
@@ -58,29 +60,42 @@ def build_host(key_pair: Any | None = None) -> Any:
         sec_opt={TProtocol(NOISE_ID): noise},
         muxer_opt={TProtocol(YAMUX_ID): Yamux},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
+        psk=psk,
+        # A peer with the wrong swarm key never finishes the handshake: give up sooner
+        # than the default (a wrong key otherwise takes ~40 s to fail).
+        negotiate_timeout=NEGOTIATE_TIMEOUT_S,
     )
 
 
 @asynccontextmanager
-async def running_host(key_pair: Any | None, listen: Sequence[str]) -> AsyncIterator[Any]:
+async def running_host(
+    key_pair: Any | None, listen: Sequence[str], *, psk: str | None = None
+) -> AsyncIterator[Any]:
     """A started host listening on ``listen``; closed, listener included, on exit."""
     try:
         addrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as exc:  # multiaddr raises several types for bad text
         raise ConfigError(f"bad listen address in {list(listen)}: {exc}") from exc
-    host = build_host(key_pair)
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            await stack.enter_async_context(host.run(listen_addrs=addrs))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {list(listen)}: {exc}") from exc
-        try:
-            yield host
-        finally:
-            # Close inside run(): once run() exits, its service teardown drops the
-            # connections without closing their sockets, and the listener stays open.
-            with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT_S):
-                await host.close()
+    host = build_host(key_pair, psk=psk)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(host.run(listen_addrs=addrs))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {list(listen)}: {exc}") from exc
+            try:
+                yield host
+            finally:
+                # Close inside run(): once run() exits, its service teardown drops the
+                # connections without closing their sockets, and the listener stays open.
+                with trio.CancelScope(shield=True), trio.move_on_after(HOST_CLOSE_TIMEOUT_S):
+                    await host.close()
+    except BaseExceptionGroup as group:
+        # libp2p's nurseries wrap an error raised in our body; give the caller the error.
+        error = sole_error(group)
+        if error is group:
+            raise
+        raise error from None
 
 
 def peer_info(address: str) -> PeerInfo:

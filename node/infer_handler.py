@@ -37,6 +37,7 @@ from protocols import (
     Value,
 )
 
+from .access import AccessPolicy
 from .errors import ConnectionLost
 from .framed import FramedStream
 from .service import Emit, InferenceService
@@ -45,9 +46,16 @@ log = logging.getLogger(__name__)
 
 
 class InferHandler:
-    def __init__(self, service: InferenceService, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        access: AccessPolicy | None = None,
+    ) -> None:
         self._service = service
         self._limits = limits
+        self._access = access or AccessPolicy()
         self.streams_open = 0
         self._unanswered = 0  # requests read whose answer has not been sent yet
         self._all_answered = trio.Event()
@@ -60,6 +68,10 @@ class InferHandler:
     async def __call__(self, raw_stream: Any) -> None:
         stream = FramedStream(raw_stream, self._limits)
         exchange = Exchange(Role.SERVER)
+        if not self._access.permits(stream.peer_id):
+            await self._reply(stream, exchange, Error("", ErrorCode.UNAUTHORIZED, "not allowed"))
+            await stream.close()
+            return
         self.streams_open += 1
         try:
             async with trio.open_nursery() as nursery:

@@ -7,7 +7,7 @@ peer wrote (a violation is theirs: RemoteProtocolError)::
     IDLE --Request--> ACTIVE --Chunk--> ACTIVE --Result|Error--> IDLE
                         |                                         ^
                         +--Cancel--> CANCELLING --Chunk*, Result|Error
-    IDLE --Error--> CLOSED      (the server refuses the stream itself)
+    any  --Error with id ""--> CLOSED   (the server refuses the stream itself)
 
 A Cancel that crosses the Result on the wire arrives in IDLE and is ignored:
 it is a race, not a fault. Chunks must arrive in sequence, so a duplicated or
@@ -71,6 +71,11 @@ class Exchange:
     def _apply(self, sender: Role, message: Message, error: type[ProtocolError]) -> None:
         key = (self.state, sender, type(message))
         nxt = _TRANSITIONS.get(key)
+        if isinstance(message, Error) and not message.id and sender is Role.SERVER:
+            if self.state is State.CLOSED:
+                raise error("the stream was already refused")
+            self.state = State.CLOSED  # a stream-level refusal ends any exchange
+            return
         if nxt is None or isinstance(message, CapabilityRecord):
             raise error(
                 f"{sender.value} may not send {type(message).__name__} in {self.state.value}"

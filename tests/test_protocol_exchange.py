@@ -298,6 +298,8 @@ class Model:
             return (sender is CALLER and isinstance(m, Request | Cancel)) or (
                 sender is SERVER and isinstance(m, Error)
             )
+        if sender is SERVER and isinstance(m, Error) and not m.id:
+            return True  # a stream-level refusal is allowed at any point
         if m.id != self.request_id:
             return False
         if sender is CALLER:
@@ -315,6 +317,8 @@ class Model:
         elif isinstance(m, Cancel):
             if self.state is State.ACTIVE:
                 self.state = State.CANCELLING
+        elif isinstance(m, Error) and not m.id:
+            self.state = State.CLOSED  # a stream-level refusal ends any exchange
         elif isinstance(m, Result | Error):
             self.state = State.CLOSED if self.state is State.IDLE else State.IDLE
 
@@ -333,6 +337,7 @@ class Model:
             (SERVER, chunk(self.next_seq, rid)),
             (SERVER, result(rid)),
             (SERVER, error(rid)),
+            (SERVER, error("")),
             (CALLER, Cancel(rid)),
         ]
 
