@@ -37,7 +37,7 @@ from .framed import FramedStream
 log = logging.getLogger(__name__)
 
 OnChunk = Callable[[Chunk], Awaitable[None]]
-OPEN_TIMEOUT_S = 10.0
+OPEN_TIMEOUT_S = 5.0
 
 
 class Caller:
@@ -114,14 +114,22 @@ class Caller:
             trio.lowlevel.spawn_system_task(stream.reset)
 
     async def _open(self, peer_id: Any) -> FramedStream:
-        try:
-            with trio.fail_after(OPEN_TIMEOUT_S):
-                raw = await self._host.new_stream(peer_id, [TProtocol(INFER_PROTOCOL)])
-        except trio.TooSlowError as exc:
-            raise PeerUnavailable(f"no stream to {peer_id} within {OPEN_TIMEOUT_S} s") from exc
-        except Exception as exc:  # libp2p raises many types for an unreachable peer
-            raise PeerUnavailable(f"cannot open a stream to {peer_id}: {exc}") from exc
-        return FramedStream(raw, self._limits)
+        # Two tries: a stream opened on a connection that libp2p is just closing (two
+        # dials to one peer crossing, with one connection allowed per peer) can hang.
+        for attempt in (1, 2):
+            try:
+                with trio.fail_after(OPEN_TIMEOUT_S):
+                    raw = await self._host.new_stream(peer_id, [TProtocol(INFER_PROTOCOL)])
+                return FramedStream(raw, self._limits)
+            except trio.TooSlowError as exc:
+                if attempt == 2:
+                    raise PeerUnavailable(
+                        f"no stream to {peer_id} within {OPEN_TIMEOUT_S} s, twice"
+                    ) from exc
+                log.info("opening a stream to %s timed out; trying once more", peer_id)
+            except Exception as exc:  # libp2p raises many types for an unreachable peer
+                raise PeerUnavailable(f"cannot open a stream to {peer_id}: {exc}") from exc
+        raise AssertionError("unreachable")
 
 
 async def exchange(stream: FramedStream, request: Request, on_chunk: OnChunk | None) -> Result:

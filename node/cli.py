@@ -29,7 +29,8 @@ from .client import SwarmClient
 from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
 from .errors import ConfigError, sole_error
 from .host import build_host, load_or_create_identity
-from .render import jsonable, result_json, result_text, status_text
+from .membership import MembershipConfig
+from .render import jsonable, peers_text, result_json, result_text, status_text
 
 log = logging.getLogger("swarm")
 
@@ -87,6 +88,29 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
     d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
     d.add_argument("--grace", type=float, default=10.0, help="seconds to finish work at shutdown")
+    d.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="join the swarm through this peer; also a DHT seed (repeatable)",
+    )
+    d.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
+    d.add_argument("--no-dht", action="store_true", help="do not run the Kademlia DHT")
+    d.add_argument(
+        "--heartbeat",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often linked peers prove they are alive (default 5)",
+    )
+    d.add_argument(
+        "--dead-after",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="drop a peer silent for this long (default 15)",
+    )
     d.add_argument("--no-cuda-probe", action="store_true", help="skip importing torch for CUDA")
     d.add_argument(
         "--allow",
@@ -147,6 +171,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
+
+    pe = sub.add_parser("peers", help="list the peers a node knows")
+    _data_dir(pe)
+    pe.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
+    pe.add_argument("--model", metavar="NAME", help="only peers that serve this model")
+    pe.add_argument("--json", action="store_true", help="machine-readable output")
+    pe.set_defaults(func=_peers)
     return p
 
 
@@ -183,6 +214,10 @@ async def _daemon(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.grace,
         probe_cuda=not args.no_cuda_probe,
         swarm_key=_swarm_key(args),
+        bootstrap=tuple(args.bootstrap),
+        mdns=not args.no_mdns,
+        dht=not args.no_dht,
+        membership=_membership(args),
         allow=load_allow_list(args.allow, args.allow_file),
     )
     node = Node(config)
@@ -339,6 +374,28 @@ async def _status(args: argparse.Namespace) -> int:
     else:
         print(status_text(record.peer_id, record.body))
     return 0
+
+
+async def _peers(args: argparse.Namespace) -> int:
+    async with _connect(args, _target(args)) as client:
+        record = await client.record()
+    view = record.body.get("view", {})
+    rows = view.get("peers", [])
+    if args.model:
+        wanted = args.model.lower()
+        rows = [r for r in rows if wanted in [m.lower() for m in r.get("models", [])]]
+    if args.json:
+        print(json.dumps({"peer_id": record.peer_id, "peers": jsonable(rows)}, indent=2))
+    else:
+        print(peers_text(rows, view.get("discovery", {})))
+    return 0
+
+
+def _membership(args: argparse.Namespace) -> MembershipConfig:
+    try:
+        return MembershipConfig(heartbeat_s=args.heartbeat, dead_after_s=args.dead_after)
+    except ValueError as exc:
+        raise ConfigError(f"--heartbeat/--dead-after: {exc}") from exc
 
 
 async def _local_status(args: argparse.Namespace) -> int:

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import trio
+from libp2p import generate_new_ed25519_identity
 
+from capabilities.signing import VerifiedRecord
 from protocols import (
     DEFAULT_LIMITS,
-    CapabilityRecord,
     Limits,
     Param,
     Priority,
@@ -32,7 +33,7 @@ from protocols import (
 )
 
 from .caller import Caller, OnChunk
-from .caps import fetch_record
+from .caps import RecordSigner, exchange_records
 from .errors import PeerUnavailable
 from .host import peer_info, running_host
 
@@ -44,8 +45,9 @@ def new_request_id() -> str:
 
 
 class SwarmClient:
-    def __init__(self, host: Any, peer: Any, caller: Caller) -> None:
+    def __init__(self, host: Any, peer: Any, caller: Caller, key_pair: Any) -> None:
         self._host = host
+        self._key_pair = key_pair
         self.peer = peer
         self._caller = caller
 
@@ -66,6 +68,7 @@ class SwarmClient:
         (a node's own, to pass its allow-list), else a fresh one.
         """
         info = peer_info(address)
+        key_pair = key_pair or generate_new_ed25519_identity()
         async with running_host(key_pair, (), psk=swarm_key) as host:
             try:
                 with trio.fail_after(timeout_s):
@@ -78,7 +81,7 @@ class SwarmClient:
                 raise PeerUnavailable(f"cannot connect to {address}: {exc}") from exc
             caller = Caller(host, limits=limits)
             try:
-                yield cls(host, info.peer_id, caller)
+                yield cls(host, info.peer_id, caller, key_pair)
             finally:
                 await caller.close()
 
@@ -114,9 +117,10 @@ class SwarmClient:
         with trio.fail_after(deadline_s + 1.0):
             return await self._caller.call(self.peer, request, on_chunk)
 
-    async def record(self) -> CapabilityRecord:
-        """The node's capability record: hardware, models, load."""
-        return await fetch_record(self._host, self.peer)
+    async def record(self) -> VerifiedRecord:
+        """The node's verified record: hardware, models, and its view of the swarm."""
+        hello = RecordSigner(self._key_pair, dict).heartbeat(0, {}, client=True)
+        return (await exchange_records(self._host, self.peer, hello)).record
 
 
 def _as_value(value: Value | np.ndarray[Any, Any]) -> Value:

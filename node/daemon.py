@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,24 @@ import trio
 from libp2p.custom_types import TProtocol
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
+from bootstrap.dht import ModelDHT
+from bootstrap.dialer import BootstrapDialer
+from bootstrap.mdns import MdnsDiscovery, service_type_for
+from bootstrap.peerstore import PeerStore
+from bootstrap.table import live_peers
 from capabilities.hardware import Hardware, probe
 from capabilities.record import record_body
-from protocols import CAPS_PROTOCOL, DEFAULT_LIMITS, INFER_PROTOCOL, Limits
+from protocols import CAPS_PROTOCOL, DEFAULT_LIMITS, INFER_PROTOCOL, CapabilityRecord, Limits
 from runners.base import Runner
 from runners.catalog import DEFAULT_MODEL, build_runner
 
 from .access import AccessPolicy
 from .caller import Caller
-from .caps import CapsHandler
+from .caps import CapsHandler, Received, RecordSigner
 from .errors import ConfigError
-from .host import dialable_addrs, load_or_create_identity, running_host
+from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
 from .infer_handler import InferHandler
-from .peers import PeerLinks
+from .membership import Membership, MembershipConfig
 from .service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,10 @@ class NodeConfig:
     shutdown_grace_s: float = 10.0
     probe_cuda: bool = True
     limits: Limits = DEFAULT_LIMITS
+    bootstrap: tuple[str, ...] = ()  # peers to join the swarm through (also DHT seeds)
+    mdns: bool = True
+    dht: bool = True
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
 
@@ -77,7 +87,9 @@ class Node:
         self.peer_id = ""
         self.addrs: list[str] = []
         self.service: InferenceService | None = None
-        self.links: PeerLinks | None = None
+        self.membership: Membership | None = None
+        self._nursery: trio.Nursery | None = None
+        self._key_pair: Any = None
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
         self._stop = trio.Event()
@@ -90,7 +102,7 @@ class Node:
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key_pair = load_or_create_identity(cfg.data_dir / "identity.key")
+        key_pair = self._key_pair = load_or_create_identity(cfg.data_dir / "identity.key")
         try:
             await self._load_runners()
             self.hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
@@ -117,21 +129,26 @@ class Node:
         cfg = self.config
         self.peer_id = host.get_id().to_base58()
         caller = Caller(host, limits=cfg.limits)
-        self.links = PeerLinks(host, caller, list(cfg.peers)) if cfg.peers else None
+        signer = RecordSigner(self._key_pair, self.describe)
+        membership = Membership(host, signer, caller, self._load, cfg.membership)
+        self.membership = membership
         service = InferenceService(
-            self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=self.links
+            self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=membership
         )
         self.service = service
         handler = InferHandler(service, limits=cfg.limits, access=self.access)
         host.set_stream_handler(TProtocol(INFER_PROTOCOL), handler)
-        caps = CapsHandler(self.peer_id, self.describe, self.access)
+        caps = CapsHandler(membership.on_inbound, self._answer(signer), self.access)
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
+        store = PeerStore.in_data_dir(cfg.data_dir)
+        membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
+        self.addrs = dialable_addrs(host)
         try:
             async with trio.open_nursery() as nursery:
-                if self.links is not None:
-                    await nursery.start(self.links.run)
-                    await self.links.wait_linked(PEER_LINK_WAIT_S)
-                self.addrs = dialable_addrs(host)
+                self._nursery = nursery
+                await nursery.start(membership.run)
+                await self._start_discovery(nursery, host, membership, store)
+                await self._wait_for_configured_peers(membership)
                 self._write_state()
                 log.info("node %s ready on %s", self.peer_id, ", ".join(self.addrs))
                 task_status.started(self)
@@ -145,27 +162,71 @@ class Node:
             with trio.CancelScope(shield=True):
                 await caller.close()
 
+    async def _start_discovery(
+        self, nursery: trio.Nursery, host: Any, membership: Membership, store: PeerStore
+    ) -> None:
+        cfg = self.config
+        for known in await store.known_peers():  # redial peers of earlier runs first
+            membership.events.send_nowait(known)
+        dial = (*cfg.peers, *cfg.bootstrap)
+        if dial:
+            dialer = BootstrapDialer(host, dial, membership.events.clone())
+            await nursery.start(dialer.run)
+        if cfg.mdns:
+            mdns = MdnsDiscovery.for_host(
+                host, membership.events.clone(), service_type=service_type_for(cfg.swarm_key)
+            )
+            await nursery.start(mdns.run)
+        if cfg.dht:
+            dht = ModelDHT(host, membership.events.clone())
+            await nursery.start(dht.run)
+            membership.finder = dht.find_providers
+            for name in self._runners:
+                nursery.start_soon(dht.provide, name)
+
+    async def _wait_for_configured_peers(self, membership: Membership) -> None:
+        """Ready means the peers we were told to dial have answered (or the wait ended)."""
+        wanted = {str(peer_info(a).peer_id) for a in (*self.config.peers, *self.config.bootstrap)}
+        wanted.discard(self.peer_id)
+        with trio.move_on_after(PEER_LINK_WAIT_S):
+            while not wanted <= {p.peer_id for p in live_peers(membership.table)}:
+                await membership.wait_changed()
+
+    def _remember(self, store: PeerStore, peer_id: str, addrs: tuple[str, ...]) -> None:
+        if self._nursery is not None and addrs:
+            self._nursery.start_soon(store.remember, peer_id, addrs)
+
+    def _load(self) -> dict[str, Any]:
+        assert self.service is not None  # set before serving
+        return self.service.load().describe()
+
+    def _answer(self, signer: RecordSigner) -> Callable[[Received], CapabilityRecord]:
+        def answer(received: Received) -> CapabilityRecord:
+            assert self.membership is not None and self.service is not None
+            if received.is_client:
+                view = {
+                    **self.membership.view(),
+                    "stats": self.service.stats.describe(),
+                    "access": {
+                        "private_swarm": self.config.swarm_key is not None,
+                        "allow_list": self.access.allowed is not None,
+                        "refused": self.access.refused,
+                    },
+                }
+                return signer.view(view)
+            return self.membership.answer(received)
+
+        return answer
+
     def describe(self) -> dict[str, Any]:
-        """The body of this node's capability record."""
+        """The body of this node's full capability record (load travels in heartbeats)."""
         assert self.hardware is not None and self.service is not None  # set before serving
-        peers = []
-        if self.links is not None:
-            peers = [
-                {"peer_id": e.peer_id, "address": e.address, "models": e.models, "error": e.error}
-                for e in self.links.directory.entries.values()
-            ]
-        body = record_body(
+        return record_body(
             addrs=self.addrs,
             hardware=self.hardware,
             models=[r.info for r in self._runners.values()],
             load=self.service.load(),
         )
-        access = {
-            "private_swarm": self.config.swarm_key is not None,
-            "allow_list": self.access.allowed is not None,
-            "refused": self.access.refused,
-        }
-        return {**body, "stats": self.service.stats.describe(), "peers": peers, "access": access}
 
     def _write_state(self) -> None:
         """Where the CLI finds the running daemon of this data dir."""

@@ -13,7 +13,14 @@ import sys
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-def configure(level: str = "INFO", *, libp2p_level: str = "WARNING") -> None:
+def configure(level: str = "INFO", *, libp2p_level: str | None = None) -> None:
+    """Our level for our loggers; libp2p speaks only when debugging.
+
+    libp2p logs every failed dial at ERROR; in a swarm, peers come and go, and
+    the node reports what matters (unreachable peers, refusals) itself.
+    """
+    if libp2p_level is None:
+        libp2p_level = "WARNING" if level.upper() == "DEBUG" else "CRITICAL"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     root = logging.getLogger()

@@ -82,7 +82,7 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
         )
     if not body.get("models"):
         lines.append("model     (none)")
-    load, stats = body.get("load"), body.get("stats", {})
+    load, stats = body.get("load"), body.get("view", {}).get("stats", {})
     if load:
         q = load.get("queue_depth", {})
         lines.append(
@@ -95,12 +95,51 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
             f"served    {stats.get('served')} ok, {stats.get('failed')} failed, "
             f"{stats.get('forwarded')} forwarded"
         )
-    for peer in body.get("peers", []):
-        state = "linked" if not peer.get("error") else f"unreachable: {peer['error']}"
-        models = ", ".join(peer.get("models", [])) or "-"
-        lines.append(f"peer      {peer.get('peer_id')}  {models}  {state}")
+    view = body.get("view", {})
+    for source, problem in view.get("discovery", {}).items():
+        lines.append(f"discovery {source}: {problem}")
+    access = view.get("access", {})
+    if access:
+        private = "private swarm" if access.get("private_swarm") else "open swarm"
+        allow = ", allow-list" if access.get("allow_list") else ""
+        lines.append(f"access    {private}{allow}, {access.get('refused', 0)} refused")
+    peers = view.get("peers", [])
+    linked = sum(1 for p in peers if p.get("status") == "linked")
+    lines.append(f"peers     {len(peers)} known, {linked} linked ('swarm peers' lists them)")
     return "\n".join(lines)
 
 
 def _ms(value: Any) -> str:
     return "-" if value is None else f"{value} ms"
+
+
+def peers_text(rows: list[Mapping[str, Any]], problems: Mapping[str, str]) -> str:
+    """The peer table as a terminal table."""
+    if not rows:
+        lines = ["no peers known"]
+    else:
+        header = ("PEER", "STATUS", "FOUND BY", "SEEN", "MODELS", "LOAD", "HARDWARE", "ADDRESSES")
+        table = [header]
+        for r in rows:
+            load = r.get("load") or {}
+            depth = load.get("queue_depth") or {}
+            queued = sum(v for v in depth.values() if isinstance(v, int))
+            table.append(
+                (
+                    str(r.get("peer_id", ""))[-12:],
+                    str(r.get("status", "")) + (f" ({r['reason']})" if r.get("reason") else ""),
+                    ",".join(r.get("found_by", [])),
+                    f"{r.get('seen_ago_s', 0):.0f}s ago",
+                    ",".join(r.get("models", [])) or "-",
+                    f"{load.get('in_flight', 0)} run, {queued} queued" if load else "-",
+                    str(r.get("hardware", "")),
+                    " ".join(r.get("addrs", [])),
+                )
+            )
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in table
+        ]
+    lines += [f"discovery {source}: {problem}" for source, problem in problems.items()]
+    return "\n".join(lines)

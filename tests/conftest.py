@@ -34,6 +34,10 @@ def node_factory(tmp_path: Path) -> NodeFactory:
             "listen": (LOOPBACK,),
             "probe_cuda": False,
             "shutdown_grace_s": 2.0,
+            # In-process nodes find each other through explicit peers unless a test
+            # turns these on: multicast and the DHT would couple unrelated tests.
+            "mdns": False,
+            "dht": False,
         }
         settings.update(overrides)
         node = Node(NodeConfig(**settings))

@@ -125,8 +125,16 @@ class Daemon:
         self.peer_id = ""
         self.addrs: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
+        # No mDNS: other swarms on this machine (other tests, a demo) must not join ours.
         command = swarm_command(
-            "daemon", "--listen", LOOPBACK, "--no-cuda-probe", "--data-dir", str(data_dir), *args
+            "daemon",
+            "--listen",
+            LOOPBACK,
+            "--no-cuda-probe",
+            "--no-mdns",
+            "--data-dir",
+            str(data_dir),
+            *args,
         )
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as stderr:
@@ -340,20 +348,35 @@ def test_status_of_a_lists_both_peers(swarm: Swarm) -> None:
     record = ok_json(by_peer)
     assert record["peer_id"] == swarm.a.peer_id
     assert record["models"] == []
-    peers = {p["peer_id"]: p for p in record["peers"]}
+    peers = {p["peer_id"]: p for p in record["view"]["peers"]}
     assert set(peers) == {swarm.b.peer_id, swarm.c.peer_id}
     assert peers[swarm.b.peer_id]["models"] == ["echo"]
     assert peers[swarm.c.peer_id]["models"] == ["other"]
-    assert all(p["error"] is None for p in peers.values())
+    assert all(p["status"] == "linked" for p in peers.values())
 
     local = ok_json(by_data_dir)
     assert local["peer_id"] == swarm.a.peer_id
-    assert {p["peer_id"] for p in local["peers"]} == set(peers)
+    assert {p["peer_id"] for p in local["view"]["peers"]} == set(peers)
 
     assert as_text.returncode == 0, as_text.stderr
     assert f"node      {swarm.a.peer_id}" in as_text.stdout
-    assert f"peer      {swarm.b.peer_id}  echo  linked" in as_text.stdout
-    assert f"peer      {swarm.c.peer_id}  other  linked" in as_text.stdout
+    assert "peers     2 known, 2 linked" in as_text.stdout
+
+
+def test_peers_lists_the_table_and_filters_by_model(swarm: Swarm) -> None:
+    everyone, echo, as_text = cli(
+        ["peers", "--peer", swarm.a.addr, "--json"],
+        ["peers", "--peer", swarm.a.addr, "--model", "ECHO", "--json"],
+        ["peers", "--peer", swarm.a.addr],
+    )
+    rows = ok_json(everyone)["peers"]
+    assert {r["peer_id"] for r in rows} == {swarm.b.peer_id, swarm.c.peer_id}
+    assert all("bootstrap" in r["found_by"] and r["addrs"] for r in rows)
+    assert [r["peer_id"] for r in ok_json(echo)["peers"]] == [swarm.b.peer_id]
+    assert as_text.returncode == 0, as_text.stderr
+    lines = as_text.stdout.splitlines()
+    assert lines[0].split()[:4] == ["PEER", "STATUS", "FOUND", "BY"]
+    assert any(swarm.b.peer_id[-12:] in line and "echo" in line for line in lines)
 
 
 # --- shutdown and identity -----------------------------------------------------------
@@ -401,6 +424,37 @@ def test_sigint_stops_cleanly_and_a_restart_keeps_the_peer_id(daemons: Daemons) 
     assert state["pid"] == again.proc.pid
     again.signal(signal.SIGTERM)
     again.wait_stopped_cleanly()
+
+
+def peer_ids(address: str) -> set[str]:
+    """The linked peers of the node at ``address``, as ``swarm peers --json`` lists them."""
+    (done,) = cli(["peers", "--peer", address, "--json"])
+    return {r["peer_id"] for r in ok_json(done)["peers"] if r["status"] == "linked"}
+
+
+def test_a_killed_peer_is_dropped_within_the_bound_and_back_after_restart(
+    daemons: Daemons,
+) -> None:
+    fast = ("--heartbeat", "0.5", "--dead-after", "2")
+    a = daemons.start("a", "--no-models", *fast).wait_ready()
+    b = daemons.start("b", "--model", "fake:echo", "--peer", a.addr, *fast).wait_ready()
+    assert b.peer_id in peer_ids(a.addr)
+    os.kill(b.proc.pid, signal.SIGKILL)  # no goodbye, no closed connections
+    b.proc.wait(timeout=5)
+    killed = time.monotonic()
+    while b.peer_id in peer_ids(a.addr):
+        assert time.monotonic() - killed < 10, "the dead peer stayed in the table"
+        time.sleep(0.2)
+    gone_after = time.monotonic() - killed
+    # dead-after, plus one heartbeat round and the table's one-second tick, plus CLI time
+    assert gone_after < 2 + 0.5 + 1 + 2.5, gone_after
+
+    again = daemons.start("b", "--model", "fake:echo", *fast).wait_ready()  # peerstore redials a
+    assert again.peer_id == b.peer_id
+    back = time.monotonic()
+    while b.peer_id not in peer_ids(a.addr):
+        assert time.monotonic() - back < 10, "the restarted peer did not come back"
+        time.sleep(0.2)
 
 
 # --- the real default model ----------------------------------------------------------

@@ -9,7 +9,7 @@ from conftest import NodeFactory
 from libp2p import generate_new_ed25519_identity
 
 from node.access import load_allow_list, load_swarm_key, new_swarm_key_text
-from node.caps import fetch_record
+from node.caps import RecordSigner, exchange_records
 from node.client import SwarmClient
 from node.errors import ConfigError, ConnectionLost, PeerUnavailable
 from node.host import build_host, peer_info, running_host
@@ -37,7 +37,11 @@ async def test_allow_list_refuses_strangers_and_serves_members(
             result = await client.infer("echo", {"text": "member"})
             record = await client.record()
     assert result.meta["served_by"] == node.peer_id
-    assert record.body["access"] == {"private_swarm": False, "allow_list": True, "refused": 2}
+    assert record.body["view"]["access"] == {
+        "private_swarm": False,
+        "allow_list": True,
+        "refused": 2,
+    }
     assert node.access.refused_by_peer == {_peer_id(stranger): 2}
 
 
@@ -53,17 +57,19 @@ async def test_swarm_key_keeps_outsiders_from_the_handshake(
                 async with SwarmClient.connect(address, swarm_key=outsider_key, timeout_s=3):
                     pytest.fail("an outsider completed the handshake")
         # A raw host without the key cannot read the record either.
-        async with running_host(None, ()) as host:
+        outsider = generate_new_ed25519_identity()
+        hello = RecordSigner(outsider, dict).heartbeat(0, {}, client=True)
+        async with running_host(outsider, ()) as host:
             with trio.move_on_after(3) as scope:
                 await host.connect(peer_info(address))
-                await fetch_record(host, peer_info(address).peer_id)
+                await exchange_records(host, peer_info(address).peer_id, hello)
                 pytest.fail("an outsider read the capability record")
             assert scope.cancelled_caught
         async with SwarmClient.connect(address, swarm_key=key) as client:
             result = await client.infer("echo", {"text": "member"})
             record = await client.record()
     assert result.meta["served_by"] == node.peer_id
-    assert record.body["access"]["private_swarm"] is True
+    assert record.body["view"]["access"]["private_swarm"] is True
 
 
 def test_swarm_key_files(tmp_path: object) -> None:

@@ -1,0 +1,325 @@
+"""Swarm membership: the peer table, fed by discovery, records and heartbeats.
+
+Discovery adapters (mDNS, the bootstrap list, the DHT, the peerstore, ``--peer``)
+send ``Discovered`` hints into one bounded channel. A hinted peer is *linked*:
+dialled, sent our full record and asked for its own, which must verify (its
+signature, its peer id, its time, a seq newer than any seen). From then on the
+two keep each other fresh with heartbeats (small signed records with load and
+the seq of the sender's newest full record); a heartbeat that announces a newer
+full record makes the receiver pull it. Either side heartbeats a peer it has
+not heard from for one interval, so in steady state one exchange per pair per
+interval proves both alive. A peer silent for ``dead_after_s`` leaves the table;
+it comes back when it is heard from or discovered again.
+
+All state changes go through the pure reducer in ``bootstrap.table``; this
+module only does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
+
+from bootstrap.events import Discovered, DiscoveryProblem, Source
+from bootstrap.table import (
+    Heard,
+    Peer,
+    PeerTable,
+    RecordRefused,
+    RecordVerified,
+    Reported,
+    TableConfig,
+    Tick,
+    Unreachable,
+    apply,
+    live_peers,
+    rows,
+    serving,
+)
+from capabilities.signing import RecordBook, RecordRejected
+from protocols import CapabilityRecord, ProtocolError, Request, Result, SwarmError
+from runners.errors import ModelNotFound
+
+from .caller import Caller
+from .caps import Received, RecordSigner, exchange_records
+from .errors import PeerUnavailable
+from .service import Emit
+
+log = logging.getLogger(__name__)
+
+DiscoveryEvent = Discovered | DiscoveryProblem
+LINK_TIMEOUT_S = 10.0
+DHT_LOOKUP_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipConfig:
+    heartbeat_s: float = 5.0
+    dead_after_s: float = 15.0
+    relink_after_s: float = 3.0  # at most one link attempt per peer this often
+    max_linking: int = 16  # link attempts at once
+    events_buffer: int = 256
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.dead_after_s:
+            raise ValueError("heartbeat must be positive and shorter than dead_after")
+
+
+class Membership:
+    def __init__(
+        self,
+        host: Any,
+        signer: RecordSigner,
+        caller: Caller,
+        load: Callable[[], Mapping[str, Any]],
+        config: MembershipConfig = MembershipConfig(),
+    ) -> None:
+        self._host = host
+        self._signer = signer
+        self._caller = caller
+        self._load = load
+        self.config = config
+        self.self_id = host.get_id().to_base58()
+        self.table = PeerTable(TableConfig(dead_after_s=config.dead_after_s))
+        self._book = RecordBook()
+        self.events, self._events_in = trio.open_memory_channel[DiscoveryEvent](
+            config.events_buffer
+        )
+        self._linking: set[str] = set()
+        self._last_try: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
+        self._limiter = trio.CapacityLimiter(config.max_linking)
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.on_verified: Callable[[str, tuple[str, ...]], None] | None = None
+        # Asks the DHT who provides a model (hints), when this node runs one.
+        self.finder: Callable[[str, float], Awaitable[list[Any]]] | None = None
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._consume)
+            nursery.start_soon(self._heartbeats)
+            nursery.start_soon(self._ticks)
+            task_status.started()
+
+    def _apply(self, event: Any) -> None:
+        self.table = apply(self.table, event)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Until the table next changes (for tests and watchers)."""
+        await self._changed.wait()
+
+    async def _consume(self) -> None:
+        async for event in self._events_in:
+            self._apply(Reported(event, trio.current_time()))
+            if isinstance(event, Discovered) and event.peer_id != self.self_id:
+                self.link(event.peer_id, event.addrs)
+
+    async def _ticks(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self._apply(Tick(trio.current_time()))
+            self._book = self._book.prune(time.time_ns() // 1_000_000)
+
+    async def _heartbeats(self) -> None:
+        interval = self.config.heartbeat_s
+        while True:
+            await trio.sleep(interval * random.uniform(0.4, 0.6))  # twice per interval
+            now = trio.current_time()
+            assert self._nursery is not None
+            for peer in live_peers(self.table):
+                if now - peer.last_seen >= interval and peer.peer_id not in self._linking:
+                    self._linking.add(peer.peer_id)
+                    self._nursery.start_soon(self._beat, peer.peer_id, peer.seq or 0)
+
+    # -- linking and heartbeats -------------------------------------------------
+
+    def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
+        """Dial ``peer_id`` and swap full records, unless that was just tried."""
+        now = trio.current_time()
+        if peer_id in self._linking or now - self._last_try.get(peer_id, -1e9) < (
+            self.config.relink_after_s
+        ):
+            return
+        self._linking.add(peer_id)
+        self._last_try[peer_id] = now
+        assert self._nursery is not None
+        self._nursery.start_soon(self._link, peer_id, addrs)
+
+    async def _link(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+        try:
+            async with self._limiter:
+                pid = ID.from_base58(peer_id)
+                if addrs:
+                    infos = [multiaddr.Multiaddr(a) for a in addrs]
+                    with trio.fail_after(LINK_TIMEOUT_S):
+                        await self._host.connect(PeerInfo(pid, infos))
+                await self._swap(peer_id, self._signer.full())
+        except trio.TooSlowError:
+            self._apply(Unreachable(peer_id, "no connection in time", trio.current_time()))
+        except Exception as exc:  # any dial failure: libp2p raises many types
+            log.info("cannot link %s: %s", peer_id, _reason(exc))
+            self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
+        finally:
+            self._linking.discard(peer_id)
+
+    async def _beat(self, peer_id: str, known_seq: int) -> None:
+        try:
+            await self._swap(peer_id, self._signer.heartbeat(known_seq, self._load()))
+        except Exception as exc:  # a failed beat only marks the peer; silence drops it
+            self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
+        finally:
+            self._linking.discard(peer_id)
+
+    async def _swap(self, peer_id: str, ours: CapabilityRecord) -> None:
+        """Send ``ours``, take the answer; ask again with known_seq 0 if that was stale."""
+        for _ in range(2):
+            try:
+                received = await exchange_records(self._host, ID.from_base58(peer_id), ours)
+            except RecordRejected as exc:
+                self._apply(RecordRefused(peer_id, f"{exc.reason}: {exc}", trio.current_time()))
+                return
+            if not self.accept(received):
+                return
+            ours = self._signer.heartbeat(0, self._load())  # known_seq 0: send your full record
+
+    # -- records in -------------------------------------------------------------
+
+    def accept(self, received: Received) -> bool:
+        """Take a verified record the peer sent about itself, on its own connection.
+
+        Returns whether we should pull its full record (a heartbeat announced a
+        newer one than we hold).
+        """
+        record = received.record
+        now = trio.current_time()
+        try:
+            self._book = self._book.admit(record)
+        except RecordRejected as exc:
+            self._apply(RecordRefused(record.peer_id, f"{exc.reason}: {exc}", now))
+            return False
+        beat = received.heartbeat
+        if beat is None:
+            left_s = (record.expires_ms - time.time_ns() // 1_000_000) / 1000
+            self._apply(RecordVerified(record.peer_id, record.seq, record.body, now, now + left_s))
+            if self.on_verified is not None:
+                self.on_verified(record.peer_id, tuple(self.table.peers[record.peer_id].addrs))
+            return False
+        load = beat.get("load")
+        self._apply(Heard(record.peer_id, now, load if isinstance(load, Mapping) else None))
+        known = self.table.peers.get(record.peer_id)
+        full_seq = beat.get("full_seq")
+        return known is None or (isinstance(full_seq, int) and full_seq > (known.seq or 0))
+
+    async def on_inbound(self, received: Received) -> None:
+        if not received.is_client and self.accept(received):
+            self._last_try.pop(received.record.peer_id, None)
+            self.link(received.record.peer_id)  # pull its newer full record
+
+    def answer(self, received: Received) -> CapabilityRecord:
+        """Our reply on an inbound caps stream."""
+        if received.is_client:
+            return self._signer.view(self.view())
+        beat = received.heartbeat
+        known = beat.get("known_seq", 0) if beat is not None else 0
+        full = self._signer.full()
+        if not isinstance(known, int) or known < full.seq:
+            return full
+        theirs = self.table.peers.get(received.record.peer_id)
+        return self._signer.heartbeat(theirs.seq or 0 if theirs else 0, self._load())
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "peers": rows(self.table),
+            "discovery": {str(s): p.text for s, p in self.table.problems.items()},
+            "dropped_for_silence": self.table.drops,
+            "records_refused": self.table.refusals,
+        }
+
+    # -- forwarding ---------------------------------------------------------------
+
+    def serves(self, model: str) -> bool:
+        """Whether forwarding could work: a linked peer serves it, or the DHT may know one."""
+        return bool(serving(self.table, model)) or self.finder is not None
+
+    async def _providers(self, model: str) -> list[Peer]:
+        """Linked peers serving ``model``; asks the DHT and links what it finds if none."""
+        found = serving(self.table, model)
+        if found or self.finder is None:
+            return found
+        hints = await self.finder(model, DHT_LOOKUP_S)
+        for hint in hints:
+            if hint.peer_id != self.self_id:
+                self.link(hint.peer_id, tuple(hint.addrs))
+        with trio.move_on_after(LINK_TIMEOUT_S if hints else 0):
+            while not (found := serving(self.table, model)):
+                await self.wait_changed()
+        return found
+
+    async def forward(self, request: Request, emit: Emit) -> Result:
+        """Send ``request`` to a linked peer serving its model, least busy first.
+
+        A peer that cannot be reached is marked and the next one tried; any
+        answer (or a loss after sending) is final here: retries of work that may
+        have run are the router's business.
+        """
+        candidates = await self._providers(request.model)
+        if not candidates:
+            raise ModelNotFound(f"no peer in the swarm is known to serve {request.model!r}")
+        random.shuffle(candidates)  # spread ties
+        candidates.sort(key=lambda p: self._in_flight.get(p.peer_id, 0) + _queued(p.load))
+        left = trio.current_effective_deadline() - trio.current_time()
+        deadline_ms = None if left == float("inf") else max(1, int(left * 1000))
+        forwarded = replace(request, hops=request.hops + 1, deadline_ms=deadline_ms)
+
+        async def relay(chunk: Any) -> None:
+            await emit(chunk.outputs)
+
+        last: SwarmError | None = None
+        for peer in candidates:
+            self._in_flight[peer.peer_id] = self._in_flight.get(peer.peer_id, 0) + 1
+            try:
+                result = await self._caller.call(ID.from_base58(peer.peer_id), forwarded, relay)
+            except PeerUnavailable as exc:
+                self._apply(Unreachable(peer.peer_id, _reason(exc), trio.current_time()))
+                last = exc
+                continue
+            finally:
+                self._in_flight[peer.peer_id] -= 1
+            return replace(
+                result, id=request.id, meta={**result.meta, "forwarded_by": self.self_id}
+            )
+        raise last or PeerUnavailable(f"no linked peer serves {request.model!r}")
+
+
+def _queued(load: Mapping[str, Any] | None) -> int:
+    depth = (load or {}).get("queue_depth")
+    in_flight = (load or {}).get("in_flight")
+    total = (
+        sum(v for v in depth.values() if isinstance(v, int)) if isinstance(depth, Mapping) else 0
+    )
+    return total + (in_flight if isinstance(in_flight, int) else 0)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SwarmError | ProtocolError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = ["Membership", "MembershipConfig", "Source"]

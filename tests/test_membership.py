@@ -1,0 +1,143 @@
+"""Membership through real nodes: bootstrap + DHT, liveness, and refused records."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import trio
+from conftest import NodeFactory
+from libp2p import generate_new_ed25519_identity
+from support import eventually
+
+from bootstrap.events import Source
+from bootstrap.table import Status, live_peers, serving
+from capabilities.signing import sign_record
+from node.caps import CAPS, exchange_records
+from node.client import SwarmClient
+from node.daemon import Node
+from node.framed import FramedStream
+from node.host import build_host, peer_info, running_host
+from node.membership import MembershipConfig
+
+FAST = MembershipConfig(heartbeat_s=0.3, dead_after_s=1.5, relink_after_s=0.2)
+
+
+def _linked(node: Node) -> set[str]:
+    assert node.membership is not None
+    return {p.peer_id for p in live_peers(node.membership.table)}
+
+
+async def test_ten_nodes_through_one_bootstrap_find_providers_by_dht(
+    node_factory: NodeFactory,
+) -> None:
+    # Models spread so that each is served by some nodes only.
+    spread = ["alpha"] * 4 + ["beta"] * 3 + ["gamma"] * 3
+    async with AsyncExitStack() as stack:
+        boot = await stack.enter_async_context(node_factory("boot", models=(), dht=True))
+        nodes = []
+        for i, model in enumerate(spread):
+            node = await stack.enter_async_context(
+                node_factory(
+                    f"n{i}", models=(f"fake:{model}",), dht=True, bootstrap=(boot.addrs[0],)
+                )
+            )
+            nodes.append(node)
+        providers = {
+            m: {n.peer_id for n, s in zip(nodes, spread, strict=True) if s == m}
+            for m in set(spread)
+        }
+        with trio.fail_after(60):
+            for node, model in zip(nodes, spread, strict=True):
+                wanted = next(m for m in ("alpha", "beta", "gamma") if m != model)
+                async with SwarmClient.connect(node.addrs[0]) as client:
+                    result = await client.infer(wanted, {"text": "who serves this?"})
+                # It ran on a provider the node found through the DHT and linked.
+                assert result.meta["served_by"] in providers[wanted]
+                assert node.membership is not None
+                found = {p.peer_id for p in serving(node.membership.table, wanted)}
+                assert found and found <= providers[wanted]
+
+
+async def test_a_silent_peer_is_dropped_and_comes_back(node_factory: NodeFactory) -> None:
+    async with node_factory("a", models=(), membership=FAST) as a:
+        async with node_factory(
+            "b", models=("fake:echo",), peers=(a.addrs[0],), membership=FAST
+        ) as b:
+            await eventually(lambda: b.peer_id in _linked(a))
+        # b is gone (a killed process is tested in test_daemon_processes.py)
+        started = trio.current_time()
+        await eventually(lambda: b.peer_id not in _linked(a), 5.0)
+        gone_after = trio.current_time() - started
+        assert gone_after <= FAST.dead_after_s + 2 * FAST.heartbeat_s + 1.0
+
+        # Restarted with its data dir: it redials a from its peerstore and is back.
+        async with node_factory("b", models=("fake:echo",), membership=FAST) as b2:
+            assert b2.peer_id == b.peer_id
+            await eventually(lambda: b.peer_id in _linked(a), 5.0)
+            async with SwarmClient.connect(a.addrs[0]) as client:
+                result = await client.infer("echo", {"text": "back"})
+    assert result.meta["served_by"] == b.peer_id
+
+
+@asynccontextmanager
+async def _raw_caps(address: str, key_pair: object) -> AsyncIterator[FramedStream]:
+    info = peer_info(address)
+    async with running_host(key_pair, ()) as host:
+        await host.connect(info)
+        yield FramedStream(await host.new_stream(info.peer_id, [CAPS]))
+
+
+async def test_forged_and_replayed_records_are_refused(node_factory: NodeFactory) -> None:
+    async with node_factory("n", models=("fake:echo",)) as node:
+        assert node.membership is not None
+        alice, mallory = generate_new_ed25519_identity(), generate_new_ed25519_identity()
+        alice_id = build_host(alice).get_id().to_base58()
+        body = {"models": [{"name": "stolen"}], "addrs": []}
+
+        # Mallory sends Alice's (genuine) record on her own connection: not hers to send.
+        genuine = sign_record(alice, body, seq=10, ttl_s=60)
+        async with _raw_caps(node.addrs[0], mallory) as stream:
+            await stream.send(genuine)
+            assert await stream.receive() is None  # refused: no answer
+        # A record whose signature does not match its body.
+        tampered = sign_record(mallory, body, seq=10, ttl_s=60)
+        forged = type(tampered)(
+            tampered.peer_id,
+            tampered.seq,
+            tampered.ttl_s,
+            {**tampered.body, "models": [{"name": "echo"}]},
+            tampered.signature,
+        )
+        async with _raw_caps(node.addrs[0], mallory) as stream:
+            await stream.send(forged)
+            assert await stream.receive() is None
+        # Alice herself, then an older record of hers replayed.
+        info = peer_info(node.addrs[0])
+        async with running_host(alice, ()) as host:
+            await host.connect(info)
+            await exchange_records(host, info.peer_id, sign_record(alice, body, seq=20, ttl_s=60))
+            assert node.membership.table.peers[alice_id].status is Status.LINKED
+            await exchange_records(host, info.peer_id, genuine)  # seq 10 < 20
+        peer = node.membership.table.peers[alice_id]
+        assert peer.status is Status.REFUSED and "replayed" in (peer.reason or "")
+        assert not serving(node.membership.table, "stolen")  # refused peers serve nothing
+        # And the node goes on serving.
+        async with SwarmClient.connect(node.addrs[0]) as client:
+            assert (await client.infer("echo", {"text": "still here"})).outputs
+
+
+async def test_status_says_why_discovery_fails(node_factory: NodeFactory) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nobody = build_host(generate_new_ed25519_identity()).get_id().to_base58()
+    dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/{nobody}"
+    async with node_factory("lonely", models=(), bootstrap=(dead,)) as node:
+        membership = node.membership
+        assert membership is not None
+        await eventually(lambda: Source.BOOTSTRAP in membership.table.problems, 10.0)
+        async with SwarmClient.connect(node.addrs[0]) as client:
+            view = (await client.record()).body["view"]
+    assert "bootstrap unreachable" in view["discovery"]["bootstrap"]
