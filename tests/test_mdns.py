@@ -3,22 +3,20 @@ the problem report, and libp2p's process-wide handler list.
 
 Most tests use a fake backend whose "browser thread" calls libp2p's global
 ``peerDiscovery`` exactly as libp2p's listener does, so no multicast is needed.
-Two tests run real zeroconf on this machine (loopback is enough). Real hosts in
-separate network namespaces are in test_mdns_netns.py.
+Real zeroconf runs only inside network namespaces the tests make
+(test_mdns_netns.py): zeroconf multicasts on every interface, and tests must
+send nothing beyond loopback and their own namespaces.
 """
 
 from __future__ import annotations
 
 import queue
-import secrets
-import socket
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
-import psutil
 import pytest
 import trio
 from libp2p import generate_new_ed25519_identity
@@ -33,7 +31,6 @@ from bootstrap.mdns import (
     MdnsDiscovery,
     announce_addrs,
     service_type_for,
-    start_zeroconf,
 )
 
 Event = Discovered | DiscoveryProblem
@@ -255,69 +252,3 @@ def test_private_swarms_browse_their_own_service_type() -> None:
 
 
 # --- real zeroconf -----------------------------------------------------------------------
-
-
-def zeroconf_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if not t.name.startswith("Trio thread")}
-
-
-@asynccontextmanager
-async def real(
-    service_type: str, peer_id: str, send: trio.MemorySendChannel[Event]
-) -> AsyncIterator[MdnsDiscovery]:
-    mdns = MdnsDiscovery(
-        peer_id,
-        [f"/ip4/127.0.0.1/tcp/7420/p2p/{peer_id}"],
-        send,
-        service_type=service_type,
-        no_answer_after_s=60,
-        backend_factory=start_zeroconf,
-    )
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(WAIT_S):
-            await nursery.start(mdns.run)
-        try:
-            yield mdns
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-def unique_service_type() -> str:
-    return f"_swt-{secrets.token_hex(3)}._udp.local."
-
-
-def skip_without_ipv4() -> None:
-    if not any(
-        entry.family == socket.AF_INET
-        for entries in psutil.net_if_addrs().values()
-        for entry in entries
-    ):
-        pytest.skip("no IPv4 address on this machine, not even 127.0.0.1: zeroconf cannot run")
-
-
-async def test_real_zeroconf_stops_with_its_nursery_and_leaves_no_thread() -> None:
-    skip_without_ipv4()
-    before_threads, before_handlers = zeroconf_threads(), handlers()
-    send, _ = trio.open_memory_channel[Event](4)
-    async with real(unique_service_type(), new_peer_id(), send):
-        started = zeroconf_threads() - before_threads
-        assert any(t.name.startswith("zeroconf-ServiceBrowser") for t in started), started
-    assert zeroconf_threads() == before_threads
-    assert handlers() == before_handlers
-
-
-async def test_real_zeroconf_two_services_in_one_process_find_each_other() -> None:
-    skip_without_ipv4()
-    service_type = unique_service_type()
-    a_id, b_id = new_peer_id(), new_peer_id()
-    send_a, receive_a = trio.open_memory_channel[Event](4)
-    send_b, receive_b = trio.open_memory_channel[Event](4)
-    async with real(service_type, a_id, send_a), real(service_type, b_id, send_b):
-        with trio.fail_after(10):
-            found_by_a = await receive_a.receive()
-            found_by_b = await receive_b.receive()
-        assert found_by_a == Discovered(b_id, ("/ip4/127.0.0.1/tcp/7420",), Source.MDNS)
-        assert found_by_b == Discovered(a_id, ("/ip4/127.0.0.1/tcp/7420",), Source.MDNS)
-        with trio.move_on_after(0.5):  # and nothing else: no echo of the other's finds
-            extra = await receive_a.receive()
-            pytest.fail(f"unexpected second event {extra}")
