@@ -260,7 +260,13 @@ def _record(table: PeerTable, event: RecordVerified) -> PeerTable:
         table,
         replace(
             peer,
-            addrs=_merge_addrs(table, peer.addrs, event.body.get("addrs"), peer.peer_id),
+            # The addresses a peer signs for itself come first; older hints after them.
+            addrs=_merge_addrs(
+                table,
+                _merge_addrs(table, (), event.body.get("addrs"), peer.peer_id),
+                list(peer.addrs),
+                peer.peer_id,
+            ),
             last_seen=max(peer.last_seen, event.at),
             status=Status.LINKED,
             reason=None,

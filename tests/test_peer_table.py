@@ -160,9 +160,9 @@ def test_sources_and_addresses_merge() -> None:
     peer = table.peers[A]
     assert peer.sources == {Source.MDNS, Source.BOOTSTRAP, Source.DHT}
     assert peer.addrs == (
+        "/ip4/10.9.9.9/tcp/1",  # what the peer signed comes first, /p2p/<own id> stripped
         "/ip4/192.168.1.5/tcp/4001",
         "/ip4/203.0.113.7/tcp/4001",
-        "/ip4/10.9.9.9/tcp/1",  # the record's /p2p/<own id> suffix stripped
     )
     assert peer.last_seen == 2.5  # an older event (1.5) did not move it back
 
