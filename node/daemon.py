@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7420"
 STATE_FILE = "daemon.json"
 PEER_LINK_WAIT_S = 5.0
 ANSWER_WAIT_S = 3.0
+ROSTER_KEY = "swarm/members/v1"  # a DHT key every member provides (not a model name)
+ROSTER_LOOKUP_S = 5.0
+ROSTER_EVERY_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +185,21 @@ class Node:
             dht = ModelDHT(host, membership.events.clone())
             await nursery.start(dht.run)
             membership.finder = dht.find_providers
-            for name in self._runners:
+            for name in (*self._runners, ROSTER_KEY):
                 nursery.start_soon(dht.provide, name)
+            nursery.start_soon(self._roster, dht)
+
+    async def _roster(self, dht: ModelDHT) -> None:
+        """Find the other members through the DHT, so a node that joined through one
+        bootstrap peer comes to know the whole swarm, not only the peers it asked for.
+
+        Every member provides one well-known key; its providers (the DHT's answer is
+        capped at about 20 per lookup) arrive as Discovered hints and get linked.
+        """
+        pauses = iter((1.0, 2.0, 4.0, 8.0))  # soon after joining, then at a low rate
+        while True:
+            await trio.sleep(next(pauses, ROSTER_EVERY_S) * random.uniform(0.8, 1.2))
+            await dht.find_providers(ROSTER_KEY, ROSTER_LOOKUP_S)
 
     async def _wait_for_configured_peers(self, membership: Membership) -> None:
         """Ready means the peers we were told to dial have answered (or the wait ended)."""

@@ -141,3 +141,22 @@ async def test_status_says_why_discovery_fails(node_factory: NodeFactory) -> Non
         async with SwarmClient.connect(node.addrs[0]) as client:
             view = (await client.record()).body["view"]
     assert "bootstrap unreachable" in view["discovery"]["bootstrap"]
+
+
+async def test_nodes_joined_through_one_bootstrap_come_to_see_each_other(
+    node_factory: NodeFactory,
+) -> None:
+    async with AsyncExitStack() as stack:
+        boot = await stack.enter_async_context(node_factory("boot", models=(), dht=True))
+        nodes = [boot]
+        for i in range(4):
+            nodes.append(
+                await stack.enter_async_context(
+                    node_factory(f"m{i}", models=(), dht=True, bootstrap=(boot.addrs[0],))
+                )
+            )
+        everyone = {n.peer_id for n in nodes}
+        started = trio.current_time()
+        for node in nodes:  # the DHT roster, not the bootstrap, tells them of each other
+            await eventually(lambda node=node: _linked(node) == everyone - {node.peer_id}, 30.0)
+        print(f"full view of {len(nodes)} nodes after {trio.current_time() - started:.1f} s")
