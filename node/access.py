@@ -75,6 +75,10 @@ class AccessPolicy:
     refused: int = 0
     refused_by_peer: dict[str, int] = field(default_factory=dict)
 
+    def member(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` may be in our swarm at all (no counting: our own check)."""
+        return self.allowed is None or peer_id in self.allowed
+
     def permits(self, peer_id: str) -> bool:
         if self.allowed is None or peer_id in self.allowed:
             return True

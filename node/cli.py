@@ -33,6 +33,7 @@ from .membership import MembershipConfig
 from .render import jsonable, peers_text, result_json, result_text, status_text
 
 log = logging.getLogger("swarm")
+CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("path", type=Path, metavar="FILE", help="where to write it (e.g. swarm.key)")
     k.set_defaults(func=_keygen)
 
-    i = sub.add_parser("id", help="print this data dir's peer id (for allow-lists)")
+    i = sub.add_parser("id", help="print this data dir's node and client peer ids")
     _data_dir(i)
     i.set_defaults(func=_id)
 
@@ -245,9 +246,12 @@ def _swarm_key(args: argparse.Namespace) -> str | None:
 
 
 def _connect(args: argparse.Namespace, target: str) -> AbstractAsyncContextManager[SwarmClient]:
-    """A client with this data dir's identity (so allow-lists know it) and swarm key."""
-    identity = args.data_dir.expanduser() / "identity.key"
-    key_pair = load_or_create_identity(identity) if identity.exists() else None
+    """A client with this data dir's client identity and swarm key.
+
+    Not the node's own identity: a peer connected to both the daemon and the CLI
+    under one peer id would take one for the other (one connection per peer).
+    """
+    key_pair = load_or_create_identity(args.data_dir.expanduser() / CLIENT_KEY)
     return SwarmClient.connect(target, swarm_key=_swarm_key(args), key_pair=key_pair)
 
 
@@ -263,8 +267,10 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _id(args: argparse.Namespace) -> int:
-    key_pair = load_or_create_identity(args.data_dir.expanduser() / "identity.key")
-    print(build_host(key_pair).get_id().to_base58())
+    data_dir = args.data_dir.expanduser()
+    for what, name in (("node", "identity.key"), ("client", CLIENT_KEY)):
+        key_pair = load_or_create_identity(data_dir / name)
+        print(f"{build_host(key_pair).get_id().to_base58()}  {what}")
     return 0
 
 

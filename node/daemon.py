@@ -134,7 +134,9 @@ class Node:
         self.peer_id = host.get_id().to_base58()
         caller = Caller(host, limits=cfg.limits)
         signer = RecordSigner(self._key_pair, self.describe)
-        membership = Membership(host, signer, caller, self._load, cfg.membership)
+        membership = Membership(
+            host, signer, caller, self._load, cfg.membership, access=self.access
+        )
         self.membership = membership
         service = InferenceService(
             self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=membership

@@ -50,6 +50,7 @@ from capabilities.signing import RecordBook, RecordRejected
 from protocols import CapabilityRecord, ProtocolError, Request, Result, SwarmError
 from runners.errors import ModelNotFound
 
+from .access import AccessPolicy
 from .caller import Caller
 from .caps import Received, RecordSigner, exchange_records
 from .errors import PeerUnavailable
@@ -83,12 +84,14 @@ class Membership:
         caller: Caller,
         load: Callable[[], Mapping[str, Any]],
         config: MembershipConfig = MembershipConfig(),
+        access: AccessPolicy | None = None,
     ) -> None:
         self._host = host
         self._signer = signer
         self._caller = caller
         self._load = load
         self.config = config
+        self._access = access or AccessPolicy()
         self.self_id = host.get_id().to_base58()
         self.table = PeerTable(TableConfig(dead_after_s=config.dead_after_s))
         self._book = RecordBook()
@@ -126,9 +129,11 @@ class Membership:
 
     async def _consume(self) -> None:
         async for event in self._events_in:
-            self._apply(Reported(event, trio.current_time()))
-            if isinstance(event, Discovered) and event.peer_id != self.self_id:
+            if isinstance(event, Discovered):
+                if event.peer_id == self.self_id or not self._access.member(event.peer_id):
+                    continue  # outside an allow-list: never dialled, never listed
                 self.link(event.peer_id, event.addrs)
+            self._apply(Reported(event, trio.current_time()))
 
     async def _ticks(self) -> None:
         while True:
@@ -208,6 +213,8 @@ class Membership:
         """
         record = received.record
         now = trio.current_time()
+        if not self._access.member(record.peer_id):
+            return False
         try:
             self._book = self._book.admit(record)
         except RecordRejected as exc:

@@ -102,3 +102,26 @@ def test_allow_lists(tmp_path: object) -> None:
     assert load_allow_list([pid], []) == {pid}
     with pytest.raises(ConfigError):
         load_allow_list(["not a peer id!"], [])
+
+
+async def test_peers_outside_the_allow_list_never_appear_in_the_table(
+    node_factory: NodeFactory,
+) -> None:
+    async with (
+        node_factory("member", models=("fake:echo",)) as member,
+        node_factory("stranger", models=("fake:other",)) as stranger,
+    ):
+        user = generate_new_ed25519_identity()
+        allow = frozenset({member.peer_id, _peer_id(user)})
+        async with node_factory(
+            "a", models=(), peers=(member.addrs[0], stranger.addrs[0]), allow=allow
+        ) as a:
+            assert a.membership is not None
+            assert set(a.membership.table.peers) == {member.peer_id}
+            async with SwarmClient.connect(a.addrs[0], key_pair=user) as client:
+                with pytest.raises(RemoteError) as missing:
+                    await client.infer("other", {"text": "x"})  # only the stranger serves it
+                assert missing.value.code is ErrorCode.MODEL_NOT_FOUND
+                assert (await client.infer("echo", {"text": "x"})).meta["served_by"] == (
+                    member.peer_id
+                )
