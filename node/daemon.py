@@ -165,6 +165,7 @@ class Node:
                     await handler.wait_answered()
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None  # handlers still running during the host's close spawn nothing
             with trio.CancelScope(shield=True):
                 await caller.close()
 

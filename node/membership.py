@@ -111,12 +111,16 @@ class Membership:
     # -- running ---------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._consume)
-            nursery.start_soon(self._heartbeats)
-            nursery.start_soon(self._ticks)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._consume)
+                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._ticks)
+                task_status.started()
+        finally:
+            # Inbound caps streams can still arrive while the host closes: link nothing then.
+            self._nursery = None
 
     def _apply(self, event: Any) -> None:
         self.table = apply(self.table, event)
@@ -157,13 +161,14 @@ class Membership:
     def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
         """Dial ``peer_id`` and swap full records, unless that was just tried."""
         now = trio.current_time()
-        if peer_id in self._linking or now - self._last_try.get(peer_id, -1e9) < (
-            self.config.relink_after_s
+        if (
+            self._nursery is None
+            or peer_id in self._linking
+            or now - self._last_try.get(peer_id, -1e9) < self.config.relink_after_s
         ):
             return
         self._linking.add(peer_id)
         self._last_try[peer_id] = now
-        assert self._nursery is not None
         self._nursery.start_soon(self._link, peer_id, addrs)
 
     async def _link(self, peer_id: str, addrs: tuple[str, ...]) -> None:
