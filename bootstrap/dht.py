@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 import multihash  # type: ignore[import-untyped]
 import trio
-from libp2p.abc import INotifee
 from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
@@ -44,6 +43,7 @@ from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs s
 from node.errors import ConfigError
 
 from ._addrs import without_p2p
+from ._notifee import ConnectionNotifee
 from .events import Discovered, DiscoveryProblem, Source
 
 log = logging.getLogger(__name__)
@@ -349,26 +349,11 @@ class _QuietKad(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
-class _ConnectionWatcher(INotifee):
+class _ConnectionWatcher(ConnectionNotifee):
     """A network notifee that wakes the seeding loop when a peer connects."""
 
     def __init__(self) -> None:
         self.changed = trio.Event()
 
-    async def connected(self, network: Any, conn: Any) -> None:
+    def on_connected(self, conn: Any) -> None:
         self.changed.set()
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        return None
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        return None

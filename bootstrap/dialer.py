@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from libp2p.abc import INotifee
 from libp2p.peer.peerinfo import PeerInfo
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
@@ -37,6 +36,7 @@ from node.errors import ConfigError
 from node.host import peer_info
 
 from ._addrs import without_p2p
+from ._notifee import ConnectionNotifee
 from .events import Discovered, DiscoveryProblem, Source
 
 log = logging.getLogger(__name__)
@@ -276,13 +276,13 @@ class _QuietDials(logging.Filter):
         )
 
 
-class _LinkWatcher(INotifee):
+class _LinkWatcher(ConnectionNotifee):
     """Wakes a link's task when its peer connects or disconnects (runs on the trio thread)."""
 
     def __init__(self, links: Mapping[str, BootstrapLink]) -> None:
         self._links = links
 
-    def _wake(self, conn: Any) -> None:
+    def on_connected(self, conn: Any) -> None:
         try:
             pid = conn.muxed_conn.peer_id.to_base58()
         except AttributeError:
@@ -291,20 +291,4 @@ class _LinkWatcher(INotifee):
         if link is not None:
             link._wake.set()
 
-    async def connected(self, network: Any, conn: Any) -> None:
-        self._wake(conn)
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        self._wake(conn)
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        return None
+    on_disconnected = on_connected
