@@ -3,11 +3,11 @@
 The opener sends one signed record, the responder answers with one, and the
 stream closes. What is sent depends on what the other side already holds:
 
-- a *full* record (hardware, models, load, addresses) when the other side's
-  known seq of our full record is older than our newest one;
+- a *full* record (hardware, models, load, addresses, and its content
+  ``version``) when the other side holds an older version of it, or none;
 - else a *heartbeat*: a small signed record ``{"heartbeat": {...}}`` with our
-  load and the seq of our newest full record, so the other side knows whether
-  to ask again.
+  load and the version of our full record, so the other side knows whether to
+  ask again.
 
 One exchange is therefore a push, a pull and a liveness proof for both sides.
 A *client* (``swarm status``, the Python client) opens with a heartbeat marked
@@ -43,15 +43,22 @@ CAPS = TProtocol(CAPS_PROTOCOL)
 
 
 class RecordSigner:
-    """Signs this node's records; seq grows with the wall clock, even across restarts."""
+    """Signs this node's records; seq grows with the wall clock, even across restarts.
+
+    Every signature takes the next seq, and peers refuse a seq below one they saw,
+    so a full record is re-signed whenever anything was signed after it. What a
+    heartbeat announces is the full record's *version*: it changes only with the
+    content (or when the record nears expiry), so peers pull it only then.
+    """
 
     def __init__(self, key_pair: Any, full_body: Callable[[], Mapping[str, Any]]) -> None:
         self._key_pair = key_pair
         self._full_body = full_body
         self._seq = 0
-        self.full_seq = 0  # seq of the newest full record
+        self.version = 0  # of the full record's content
+        self._versioned_ms = 0
         self._full: CapabilityRecord | None = None
-        self._full_content: Mapping[str, Any] | None = None
+        self._content: Mapping[str, Any] | None = None
 
     def _next_seq(self) -> int:
         self._seq = max(self._seq + 1, time.time_ns() // 1_000_000)
@@ -60,29 +67,36 @@ class RecordSigner:
     def _sign(self, body: Mapping[str, Any]) -> CapabilityRecord:
         return sign_record(self._key_pair, body, seq=self._next_seq(), ttl_s=RECORD_TTL_S)
 
+    def _refresh(self) -> Mapping[str, Any]:
+        """The current full body; bumps ``version`` when its content changed or aged."""
+        body = self._full_body()
+        content = {k: v for k, v in body.items() if k != "load"}
+        now_ms = time.time_ns() // 1_000_000
+        if content != self._content or now_ms - self._versioned_ms > RECORD_TTL_S * 500:
+            self._content, self._versioned_ms = content, now_ms
+            self.version = self._next_seq()
+            self._full = None
+        return body
+
     def full(self) -> CapabilityRecord:
-        """The full record, re-signed when its content changed or it nears expiry."""
-        content = {k: v for k, v in self._full_body().items() if k != "load"}
-        stale = self._full is None or (
-            time.time_ns() // 1_000_000 - self._full.body["issued_ms"] > RECORD_TTL_S * 500
-        )
-        if stale or content != self._full_content:
-            self._full = self._sign(self._full_body())
-            self._full_content = content
-            self.full_seq = self._full.seq
-        assert self._full is not None
+        """The full record: its content at ``version``, with a seq no peer has seen older."""
+        body = self._refresh()
+        if self._full is None or self._full.seq < self._seq:
+            self._full = self._sign({**body, "version": self.version})
         return self._full
 
     def heartbeat(
-        self, known_seq: int, load: Mapping[str, Any], *, client: bool = False
+        self, known_version: int, load: Mapping[str, Any], *, client: bool = False
     ) -> CapabilityRecord:
-        self.full()  # a content change must bump full_seq before we announce it
-        beat = {"full_seq": self.full_seq, "known_seq": known_seq, "load": dict(load)}
+        """A small signed record: our load, our full record's version, and which version
+        of the other side's full record we hold (0: none)."""
+        self._refresh()
+        beat = {"version": self.version, "known": known_version, "load": dict(load)}
         return self._sign({"heartbeat": beat, **({"client": True} if client else {})})
 
     def view(self, extra: Mapping[str, Any]) -> CapabilityRecord:
         """The full record with this node's own view added, for clients."""
-        return self._sign({**self._full_body(), "view": dict(extra)})
+        return self._sign({**self._refresh(), "version": self.version, "view": dict(extra)})
 
 
 @dataclass(frozen=True, slots=True)

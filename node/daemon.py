@@ -10,6 +10,7 @@ closed with its listener. Every task lives in this nursery and ends with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -199,7 +200,7 @@ class Node:
         Every member provides one well-known key; its providers (the DHT's answer is
         capped at about 20 per lookup) arrive as Discovered hints and get linked.
         """
-        pauses = iter((1.0, 2.0, 4.0, 8.0))  # soon after joining, then at a low rate
+        pauses = iter((0.5, 1.0, 2.0, 4.0, 8.0))  # soon after joining, then at a low rate
         while True:
             await trio.sleep(next(pauses, ROSTER_EVERY_S) * random.uniform(0.8, 1.2))
             await dht.find_providers(ROSTER_KEY, ROSTER_LOOKUP_S)
@@ -214,7 +215,9 @@ class Node:
 
     def _remember(self, store: PeerStore, peer_id: str, addrs: tuple[str, ...]) -> None:
         if self._nursery is not None and addrs:
-            self._nursery.start_soon(store.remember, peer_id, addrs)
+            # An inbound record can land while the nursery closes; then it is not saved.
+            with contextlib.suppress(RuntimeError):
+                self._nursery.start_soon(store.remember, peer_id, addrs)
 
     def _load(self) -> dict[str, Any]:
         assert self.service is not None  # set before serving

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 DiscoveryEvent = Discovered | DiscoveryProblem
 LINK_TIMEOUT_S = 10.0
 DHT_LOOKUP_S = 5.0
+HINTS_ONLY = frozenset({Source.DHT, Source.PEERSTORE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +138,10 @@ class Membership:
                 if event.peer_id == self.self_id or not self._access.member(event.peer_id):
                     continue  # outside an allow-list: never dialled, never listed
                 self.link(event.peer_id, event.addrs)
+                if event.source in HINTS_ONLY:
+                    # A DHT provider record or a peerstore row outlives its peer: not
+                    # evidence that it is alive. It enters the table once it answers.
+                    continue
             self._apply(Reported(event, trio.current_time()))
 
     async def _ticks(self) -> None:
@@ -154,7 +159,7 @@ class Membership:
             for peer in live_peers(self.table):
                 if now - peer.last_seen >= interval and peer.peer_id not in self._linking:
                     self._linking.add(peer.peer_id)
-                    self._nursery.start_soon(self._beat, peer.peer_id, peer.seq or 0)
+                    self._nursery.start_soon(self._beat, peer.peer_id, _version(peer.body))
 
     # -- linking and heartbeats -------------------------------------------------
 
@@ -188,16 +193,16 @@ class Membership:
         finally:
             self._linking.discard(peer_id)
 
-    async def _beat(self, peer_id: str, known_seq: int) -> None:
+    async def _beat(self, peer_id: str, known_version: int) -> None:
         try:
-            await self._swap(peer_id, self._signer.heartbeat(known_seq, self._load()))
+            await self._swap(peer_id, self._signer.heartbeat(known_version, self._load()))
         except Exception as exc:  # a failed beat only marks the peer; silence drops it
             self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
         finally:
             self._linking.discard(peer_id)
 
     async def _swap(self, peer_id: str, ours: CapabilityRecord) -> None:
-        """Send ``ours``, take the answer; ask again with known_seq 0 if that was stale."""
+        """Send ``ours``, take the answer; ask again (we hold version 0) if that was stale."""
         for _ in range(2):
             try:
                 received = await exchange_records(self._host, ID.from_base58(peer_id), ours)
@@ -206,7 +211,7 @@ class Membership:
                 return
             if not self.accept(received):
                 return
-            ours = self._signer.heartbeat(0, self._load())  # known_seq 0: send your full record
+            ours = self._signer.heartbeat(0, self._load())  # "we hold none": send it
 
     # -- records in -------------------------------------------------------------
 
@@ -235,8 +240,9 @@ class Membership:
         load = beat.get("load")
         self._apply(Heard(record.peer_id, now, load if isinstance(load, Mapping) else None))
         known = self.table.peers.get(record.peer_id)
-        full_seq = beat.get("full_seq")
-        return known is None or (isinstance(full_seq, int) and full_seq > (known.seq or 0))
+        version = beat.get("version")
+        held = _version(known.body) if known is not None else 0
+        return known is None or (isinstance(version, int) and version > held)
 
     async def on_inbound(self, received: Received) -> None:
         if not received.is_client and self.accept(received):
@@ -248,12 +254,12 @@ class Membership:
         if received.is_client:
             return self._signer.view(self.view())
         beat = received.heartbeat
-        known = beat.get("known_seq", 0) if beat is not None else 0
+        known = beat.get("known", 0) if beat is not None else 0  # a full record: assume none
         full = self._signer.full()
-        if not isinstance(known, int) or known < full.seq:
+        if not isinstance(known, int) or known < self._signer.version:
             return full
         theirs = self.table.peers.get(received.record.peer_id)
-        return self._signer.heartbeat(theirs.seq or 0 if theirs else 0, self._load())
+        return self._signer.heartbeat(_version(theirs.body if theirs else None), self._load())
 
     def view(self) -> dict[str, Any]:
         return {
@@ -317,6 +323,12 @@ class Membership:
                 result, id=request.id, meta={**result.meta, "forwarded_by": self.self_id}
             )
         raise last or PeerUnavailable(f"no linked peer serves {request.model!r}")
+
+
+def _version(body: Mapping[str, Any] | None) -> int:
+    """The content version of a peer's full record we hold (0: none)."""
+    version = (body or {}).get("version")
+    return version if isinstance(version, int) else 0
 
 
 def _queued(load: Mapping[str, Any] | None) -> int:
