@@ -154,7 +154,9 @@ class ModelDHT:
         finally:
             self._dht = None
             if mode is DHTMode.SERVER:
-                self._host.remove_stream_handler(PROTOCOL_ID)
+                # libp2p may already have dropped it while the host closes.
+                with contextlib.suppress(KeyError):
+                    self._host.remove_stream_handler(PROTOCOL_ID)
             for name in (*KAD_LOGGERS, HOST_LOGGER):
                 logging.getLogger(name).removeFilter(quiet)
 

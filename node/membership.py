@@ -46,7 +46,7 @@ from bootstrap.table import (
     rows,
     serving,
 )
-from capabilities.signing import RecordBook, RecordRejected
+from capabilities.signing import RecordBook, RecordRejected, RecordReplayed
 from protocols import CapabilityRecord, ProtocolError, Request, Result, SwarmError
 from runners.errors import ModelNotFound
 
@@ -227,6 +227,11 @@ class Membership:
             return False
         try:
             self._book = self._book.admit(record)
+        except RecordReplayed:
+            # Sent by the peer itself on its authenticated connection, so an older seq
+            # only means two of its exchanges crossed: late, not hostile. Ignore it.
+            log.debug("ignored a late record of %s (seq %d)", record.peer_id, record.seq)
+            return False
         except RecordRejected as exc:
             self._apply(RecordRefused(record.peer_id, f"{exc.reason}: {exc}", now))
             return False
