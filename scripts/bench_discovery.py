@@ -36,7 +36,6 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -52,6 +51,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from netns import (  # scripts/netns.py, beside this script
+    bridged_namespaces,
+    delete_namespaces,
+    ip,
+    remove_stale_namespaces,
+    why_namespaces_cannot_be_made,
+)
 
 from bootstrap.table import live_peers
 from node import logs
@@ -75,7 +81,6 @@ TARGET_BYTES_S = 2000.0  # 2 KB/s
 SUBNET = "10.77.1"  # host i gets SUBNET.(i + 2)/24, inside its own namespace only
 PREFIX = "swb"  # namespaces swb<pid>-br, swb<pid>-h0, ...
 BRIDGE = "br-swarmbench"
-IP_TIMEOUT_S = 10.0
 PROC_READY_S = 60.0
 PROC_STOP_S = 10.0
 LOOPBACK_BOUND_S = 480.0  # sections 1, 3 and 4 together
@@ -431,83 +436,6 @@ async def _in_process(
 # --------------------------------------------------------------------------- mDNS in namespaces
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False
-    )
-    if check and done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-    return done
-
-
-def namespaces() -> list[str]:
-    return [line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line.strip()]
-
-
-def why_no_namespaces() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "making network namespaces needs root"
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
-    probe = f"{PREFIX}{os.getpid()}-probe"
-    made = ip("netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"cannot make a network namespace here: {made.stderr.strip()}"
-    ip("netns", "del", probe, check=False)
-    return None
-
-
-def remove_stale_namespaces() -> None:
-    """Namespaces of an earlier run of this benchmark that was killed outright."""
-    for name in namespaces():
-        pid = name[len(PREFIX) :].split("-", 1)[0]
-        if name.startswith(PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            ip("netns", "del", name, check=False)
-
-
-@contextmanager
-def bridged_namespaces(count: int) -> Iterator[list[str]]:
-    """``count`` namespaces on one bridge (itself in a namespace); host i is SUBNET.i+2."""
-    base = f"{PREFIX}{os.getpid()}"
-    bridge_ns = f"{base}-br"
-    made: list[str] = []
-    try:
-        ip("netns", "add", bridge_ns)
-        made.append(bridge_ns)
-        ip("-n", bridge_ns, "link", "add", BRIDGE, "type", "bridge")
-        ip("-n", bridge_ns, "link", "set", BRIDGE, "up")
-        hosts = []
-        for i in range(count):
-            ns = f"{base}-h{i}"
-            ip("netns", "add", ns)
-            made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-            peer = ("peer", "name", f"v{i}", "netns", bridge_ns)
-            ip("-n", ns, "link", "add", "eth0", "type", "veth", *peer)
-            ip("-n", ns, "addr", "add", f"{SUBNET}.{i + 2}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")  # multicast out eth0
-            ip("-n", bridge_ns, "link", "set", f"v{i}", "master", BRIDGE)
-            ip("-n", bridge_ns, "link", "set", f"v{i}", "up")
-            hosts.append(ns)
-        yield hosts
-    finally:
-        delete_namespaces(made)
-
-
-def delete_namespaces(made: list[str]) -> None:
-    """Kill what still runs in them (only what this benchmark started), then delete them."""
-    for ns in reversed(made):
-        for pid in ip("netns", "pids", ns, check=False).stdout.split():
-            with suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        ip("netns", "del", ns, check=False)
-    if left := [ns for ns in made if ns in namespaces()]:
-        print(f"WARNING: namespaces not deleted: {left}", file=sys.stderr)
-
-
 @contextmanager
 def private_namespace() -> Iterator[str]:
     """A namespace with only ``lo`` (up): its counters see nothing but what runs in it."""
@@ -526,13 +454,13 @@ def loopback_sections(args: argparse.Namespace) -> dict[str, Any]:
     The in-process swarms and the victim then share a ``lo`` that nothing else on
     the machine touches, so its byte counter is theirs alone.
     """
-    if reason := why_no_namespaces():
+    if reason := why_namespaces_cannot_be_made(PREFIX):
         warnings = WarningLog.install()
         here = trio.run(in_process, sizes_of(args.sizes), args.window, not args.no_dead)
         here["warnings"] = warnings.lines()
         here["isolation"] = f"none ({reason}): lo is the machine's, which must be quiet"
         return here
-    remove_stale_namespaces()
+    remove_stale_namespaces(PREFIX)
     with private_namespace() as ns:
         command = ["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve())]
         command += ["--loopback-child", "--sizes", args.sizes, "--window", str(args.window)]
@@ -683,7 +611,10 @@ def veth_counters(nss: list[str]) -> tuple[int, int]:
 def mdns_run(n: int, window_s: float, traffic: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"n": n}
     with tempfile.TemporaryDirectory(prefix="bench-discovery-") as tmp:
-        with bridged_namespaces(n) as nss, node_processes(nss, Path(tmp)) as procs:
+        with (
+            bridged_namespaces(n, prefix=PREFIX, subnet=SUBNET, bridge=BRIDGE) as nss,
+            node_processes(nss, Path(tmp)) as procs,
+        ):
             _measure_mdns(out, nss, procs, window_s, traffic)
         # node_processes has asked them to stop (stdin closed), and reaped them
         out["stop_problems"] = _stop_problems(procs)
@@ -758,10 +689,10 @@ def _warnings(log: Path) -> set[str]:
 
 
 def mdns_section(sizes: list[int], window_s: float) -> dict[str, Any]:
-    reason = why_no_namespaces()
+    reason = why_namespaces_cannot_be_made(PREFIX)
     if reason:
         return {"skipped": reason}
-    remove_stale_namespaces()
+    remove_stale_namespaces(PREFIX)
     runs = []
     for n in sizes:
         progress(f"... mDNS, {n} processes in network namespaces")

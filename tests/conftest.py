@@ -3,6 +3,7 @@ default model converted to OpenVINO IR once per session."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 import trio
 
 from node.daemon import Node, NodeConfig
+
+# scripts/ holds helpers shared by tests and benchmarks (netns.py).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))
 from runners import convert_minilm, ir_cache
 from runners.openvino_embed import MODEL_NAME, OpenVINOEmbedRunner, cache_key
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netns import bridged_namespaces, remove_stale_namespaces, why_namespaces_cannot_be_made
 
 pytestmark = pytest.mark.slow
 
@@ -41,77 +41,6 @@ BRIDGE = "br-swarmtest"
 READY_BOUND_S = 20.0  # interpreter and libp2p imports, in parallel
 DISCOVERY_BOUND_S = 15.0  # all ready -> every host found every other and read its record
 STOP_BOUND_S = 10.0
-IP_TIMEOUT_S = 10.0
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False
-    )
-    if check and done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-    return done
-
-
-def namespaces() -> list[str]:
-    return [line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line.strip()]
-
-
-def why_namespaces_cannot_be_made() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "making network namespaces needs root"
-    if shutil.which("ip") is None:
-        return "no `ip` command: install iproute2 (scripts/setup does)"
-    probe = f"{PREFIX}{os.getpid()}-probe"
-    made = ip("netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"cannot make a network namespace here: {made.stderr.strip()}"
-    ip("netns", "del", probe, check=False)
-    return None
-
-
-def remove_stale_namespaces() -> None:
-    """Namespaces left by an earlier run of this test that was killed outright."""
-    for name in namespaces():
-        pid = name[len(PREFIX) :].split("-", 1)[0]
-        if name.startswith(PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            ip("netns", "del", name, check=False)
-
-
-@contextmanager
-def bridged_namespaces(count: int) -> Iterator[list[str]]:
-    """``count`` namespaces on one bridge; yields their names (host i is SUBNET.i+2)."""
-    base = f"{PREFIX}{os.getpid()}"
-    bridge_ns = f"{base}-br"
-    made: list[str] = []
-    try:
-        ip("netns", "add", bridge_ns)
-        made.append(bridge_ns)
-        ip("-n", bridge_ns, "link", "add", BRIDGE, "type", "bridge")
-        ip("-n", bridge_ns, "link", "set", BRIDGE, "up")
-        hosts = []
-        for i in range(count):
-            ns = f"{base}-h{i}"
-            ip("netns", "add", ns)
-            made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-            # Both ends are created inside our namespaces: no link ever exists in the root one.
-            peer = ("peer", "name", f"v{i}", "netns", bridge_ns)
-            ip("-n", ns, "link", "add", "eth0", "type", "veth", *peer)
-            ip("-n", ns, "addr", "add", f"{SUBNET}.{i + 2}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")  # multicast out eth0
-            ip("-n", bridge_ns, "link", "set", f"v{i}", "master", BRIDGE)
-            ip("-n", bridge_ns, "link", "set", f"v{i}", "up")
-            hosts.append(ns)
-        yield hosts
-    finally:
-        for ns in reversed(made):
-            ip("netns", "del", ns, check=False)
-        left = [ns for ns in made if ns in namespaces()]
-        assert not left, f"namespaces not deleted: {left}"
 
 
 @dataclass
@@ -202,11 +131,11 @@ def wait_until(
 
 @pytest.fixture
 def bridged() -> Iterator[list[str]]:
-    reason = why_namespaces_cannot_be_made()
+    reason = why_namespaces_cannot_be_made(PREFIX)
     if reason:
         pytest.skip(reason)
-    remove_stale_namespaces()
-    with bridged_namespaces(HOSTS) as nss:
+    remove_stale_namespaces(PREFIX)
+    with bridged_namespaces(HOSTS, prefix=PREFIX, subnet=SUBNET, bridge=BRIDGE) as nss:
         yield nss
 
 
