@@ -116,20 +116,15 @@ class Caller:
     async def _open(self, peer_id: Any) -> FramedStream:
         # Two tries: a stream opened on a connection that libp2p is just closing (two
         # dials to one peer crossing, with one connection allowed per peer) can hang.
-        for attempt in (1, 2):
-            try:
-                with trio.fail_after(OPEN_TIMEOUT_S):
+        try:
+            for _ in range(2):
+                with trio.move_on_after(OPEN_TIMEOUT_S):
                     raw = await self._host.new_stream(peer_id, [TProtocol(INFER_PROTOCOL)])
-                return FramedStream(raw, self._limits)
-            except trio.TooSlowError as exc:
-                if attempt == 2:
-                    raise PeerUnavailable(
-                        f"no stream to {peer_id} within {OPEN_TIMEOUT_S} s, twice"
-                    ) from exc
-                log.info("opening a stream to %s timed out; trying once more", peer_id)
-            except Exception as exc:  # libp2p raises many types for an unreachable peer
-                raise PeerUnavailable(f"cannot open a stream to {peer_id}: {exc}") from exc
-        raise AssertionError("unreachable")
+                    return FramedStream(raw, self._limits)
+                log.info("opening a stream to %s timed out", peer_id)
+        except Exception as exc:  # libp2p raises many types for an unreachable peer
+            raise PeerUnavailable(f"cannot open a stream to {peer_id}: {exc}") from exc
+        raise PeerUnavailable(f"no stream to {peer_id} within {OPEN_TIMEOUT_S} s, twice")
 
 
 async def exchange(stream: FramedStream, request: Request, on_chunk: OnChunk | None) -> Result:

@@ -95,6 +95,7 @@ class Node:
         self.membership: Membership | None = None
         self._nursery: trio.Nursery | None = None
         self._key_pair: Any = None
+        self._caps: CapsHandler | None = None
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
         self._stop = trio.Event()
@@ -146,6 +147,7 @@ class Node:
         handler = InferHandler(service, limits=cfg.limits, access=self.access)
         host.set_stream_handler(TProtocol(INFER_PROTOCOL), handler)
         caps = CapsHandler(membership.on_inbound, self._answer(signer), self.access)
+        self._caps = caps
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
         membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
@@ -225,11 +227,13 @@ class Node:
 
     def _answer(self, signer: RecordSigner) -> Callable[[Received], CapabilityRecord]:
         def answer(received: Received) -> CapabilityRecord:
-            assert self.membership is not None and self.service is not None
+            assert self.membership and self.service and self._caps  # set before serving
             if received.is_client:
                 view = {
                     **self.membership.view(),
                     "stats": self.service.stats.describe(),
+                    # Records that failed verification on arrival, before any table saw them.
+                    "records_refused_on_arrival": self._caps.refused_records,
                     "access": {
                         "private_swarm": self.config.swarm_key is not None,
                         "allow_list": self.access.allowed is not None,

@@ -56,7 +56,6 @@ class InferHandler:
         self._service = service
         self._limits = limits
         self._access = access or AccessPolicy()
-        self.streams_open = 0
         self._unanswered = 0  # requests read whose answer has not been sent yet
         self._all_answered = trio.Event()
         self._all_answered.set()
@@ -72,12 +71,10 @@ class InferHandler:
             await self._reply(stream, exchange, Error("", ErrorCode.UNAUTHORIZED, "not allowed"))
             await stream.close()
             return
-        self.streams_open += 1
         try:
             async with trio.open_nursery() as nursery:
                 await self._read(stream, exchange, nursery)
         finally:
-            self.streams_open -= 1
             await stream.close()
 
     async def _read(self, stream: FramedStream, exchange: Exchange, nursery: trio.Nursery) -> None:

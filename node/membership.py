@@ -349,6 +349,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, SwarmError | ProtocolError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
-
-
-__all__ = ["Membership", "MembershipConfig", "Source"]

@@ -125,9 +125,11 @@ async def test_forged_and_replayed_records_are_refused(node_factory: NodeFactory
         peer = node.membership.table.peers[alice_id]
         assert peer.status is Status.LINKED and peer.seq == 20
         assert peer.models == ("fresh",)  # the replayed body did not overwrite it
-        # And the node goes on serving.
+        # And the node goes on serving, and counts the two records it refused.
         async with SwarmClient.connect(node.addrs[0]) as client:
             assert (await client.infer("echo", {"text": "still here"})).outputs
+            view = (await client.record()).body["view"]
+        assert view["records_refused_on_arrival"] == 2
 
 
 async def test_status_says_why_discovery_fails(node_factory: NodeFactory) -> None:
