@@ -154,9 +154,10 @@ class ModelDHT:
         finally:
             self._dht = None
             if mode is DHTMode.SERVER:
-                # libp2p may already have dropped it while the host closes.
-                with contextlib.suppress(KeyError):
-                    self._host.remove_stream_handler(PROTOCOL_ID)
+                # The KAD handler must not outlive the DHT, but removing it races
+                # libp2p's negotiation of an inbound stream (it looks the protocol up
+                # twice, and a KeyError escapes into the host): replace it instead.
+                self._host.set_stream_handler(PROTOCOL_ID, _refuse)
             for name in (*KAD_LOGGERS, HOST_LOGGER):
                 logging.getLogger(name).removeFilter(quiet)
 
@@ -359,3 +360,9 @@ class _ConnectionWatcher(ConnectionNotifee):
 
     def on_connected(self, conn: Any) -> None:
         self.changed.set()
+
+
+async def _refuse(stream: Any) -> None:
+    """Stands in for the KAD handler once the DHT has stopped."""
+    with contextlib.suppress(Exception):  # the stream may already be gone
+        await stream.reset()
