@@ -5,6 +5,7 @@ SwarmError (protocols.errors)
     ├── BadInput           inputs or params the model cannot take: BAD_REQUEST
     ├── ModelNotFound      no runner serves this model here: MODEL_NOT_FOUND
     └── ModelLoadError     the model could not be loaded or converted: INTERNAL
+ConfigError                a model or backend declaration that does not validate
 """
 
 from __future__ import annotations
@@ -26,3 +27,9 @@ class ModelNotFound(RunnerError):
 
 class ModelLoadError(RunnerError):
     code = ErrorCode.INTERNAL
+
+
+class ConfigError(SwarmError):
+    """A model or backend declaration that does not validate; the message names the field."""
+
+    code = ErrorCode.BAD_REQUEST
