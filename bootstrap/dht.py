@@ -184,8 +184,15 @@ class ModelDHT:
             dht.provider_store.providing_keys.discard(key)
             dht.provider_store.providers.get(key, {}).pop(str(self._host.get_id()), None)
 
-    async def find_providers(self, model_name: str, timeout_s: float) -> list[Provider]:
+    async def find_providers(
+        self, model_name: str, timeout_s: float, *, ask: int | None = None
+    ) -> list[Provider]:
         """Other peers that announced the model: hints, found within ``timeout_s``.
+
+        By default the k closest peers to the key are found on the network and
+        all asked. With ``ask=N``, only the N closest in our own routing table are
+        asked: a few requests instead of dozens, for repeated lookups where a
+        partial answer will do.
 
         Never raises for a network problem: on an error it logs and returns
         what it found (possibly nothing); on a timeout it returns what the
@@ -200,7 +207,7 @@ class ModelDHT:
             return []
         with trio.move_on_after(timeout_s) as scope:
             try:
-                await self._lookup(dht, key, found)
+                await self._lookup(dht, key, found, ask)
             except Exception as exc:  # libp2p raises many types on a broken peer
                 log.warning("looking up providers of %s failed: %s", model_name, exc)
         if scope.cancelled_caught:
@@ -215,7 +222,9 @@ class ModelDHT:
             self._emit_nowait(Discovered(provider.peer_id, provider.addrs, Source.DHT))
         return providers
 
-    async def _lookup(self, dht: Any, key: bytes, found: dict[str, set[str]]) -> None:
+    async def _lookup(
+        self, dht: Any, key: bytes, found: dict[str, set[str]], ask_only: int | None
+    ) -> None:
         def add(infos: Iterable[Any]) -> None:
             for info in infos:
                 pid = info.peer_id.to_base58()
@@ -223,7 +232,10 @@ class ModelDHT:
                     found.setdefault(pid, set()).update(str(a) for a in info.addrs)
 
         add(dht.provider_store.get_providers(key))  # records sent to us, and our own
-        closest = await dht.peer_routing.find_closest_peers_network(key)
+        if ask_only is None:
+            closest = await dht.peer_routing.find_closest_peers_network(key)
+        else:
+            closest = dht.routing_table.find_local_closest_peers(key, ask_only)
         limiter = trio.CapacityLimiter(ALPHA)
 
         async def ask(peer: Any) -> None:

@@ -21,7 +21,8 @@ Rules:
   evidence only (an mDNS answer, a dial that worked), not cached hints on a timer.
   Evidence already older than ``dead_after_s`` when it arrives is ignored.
 - A record with a seq below the one held is ignored (it arrived late); a record's
-  ``expires_at``, if given, takes it back on the first Tick past it.
+  ``expires_at``, if given, takes it back on the first Tick past it, unless a
+  ``Heard`` with ``renews_until`` (a heartbeat vouching for the record) moved it on.
 - ``RecordRefused`` should be applied only for records a peer sent about itself on
   its own authenticated connection, so that a replay of B's old record relayed
   by C cannot get B refused.
@@ -92,6 +93,8 @@ class Heard:
     peer_id: str
     at: float
     load: Mapping[str, Any] | None = None
+    # A signed heartbeat naming the version of the record held: its new expiry.
+    renews_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +176,15 @@ def apply(table: PeerTable, event: Event) -> PeerTable:
                 peer, status=Status.REFUSED, reason=reason, body=None, models=(), load=None
             )
             return _put(table, replace(refused, expires_at=None))
-        case Heard(peer_id=pid, at=at, load=load):
+        case Heard(peer_id=pid, at=at, load=load, renews_until=renews):
             table = _clock(table, at)
             peer = table.peers.get(pid)
             if peer is None or _stale(table, at):
                 return table
             if load is not None and at >= peer.last_seen and peer.body is not None:
                 peer = replace(peer, load=load)
+            if renews is not None and peer.expires_at is not None and peer.body is not None:
+                peer = replace(peer, expires_at=max(peer.expires_at, renews))
             if peer.status == Status.UNREACHABLE:
                 status = Status.DISCOVERED if peer.body is None else Status.LINKED
                 peer = replace(peer, status=status, reason=None)

@@ -1,13 +1,19 @@
 """/swarm/caps/1.0.0: two nodes swap signed capability records on one stream.
 
-The opener sends one signed record, the responder answers with one, and the
-stream closes. What is sent depends on what the other side already holds:
+The opener sends one signed record and the responder answers with one; the
+opener may then send another on the same stream, and so on. A linked pair keeps
+one such stream open and sends every heartbeat on it: a new stream per beat
+costs a yamux open and close and a multistream negotiation, several times the
+bytes of the records themselves. The responder closes a stream that stays idle
+for ``IDLE_TIMEOUT_S``; the opener then opens a new one.
+
+What is sent depends on what the other side already holds:
 
 - a *full* record (hardware, models, load, addresses, and its content
   ``version``) when the other side holds an older version of it, or none;
 - else a *heartbeat*: a small signed record ``{"heartbeat": {...}}`` with our
   load and the version of our full record, so the other side knows whether to
-  ask again.
+  ask again (and, while the version stands, that the record it holds is current).
 
 One exchange is therefore a push, a pull and a liveness proof for both sides.
 A *client* (``swarm status``, the Python client) opens with a heartbeat marked
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 60
 EXCHANGE_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 60.0  # longer than any heartbeat interval a swarm would use
+# Parts of the full record that change without changing its version: load travels
+# in heartbeats, and the peer sample only helps newcomers find the swarm.
+VOLATILE = frozenset({"load", "peers"})
 CAPS = TProtocol(CAPS_PROTOCOL)
 
 
@@ -56,8 +66,8 @@ class RecordSigner:
         self._full_body = full_body
         self._seq = 0
         self.version = 0  # of the full record's content
-        self._versioned_ms = 0
         self._full: CapabilityRecord | None = None
+        self._full_signed_ms = 0
         self._content: Mapping[str, Any] | None = None
 
     def _next_seq(self) -> int:
@@ -68,30 +78,48 @@ class RecordSigner:
         return sign_record(self._key_pair, body, seq=self._next_seq(), ttl_s=RECORD_TTL_S)
 
     def _refresh(self) -> Mapping[str, Any]:
-        """The current full body; bumps ``version`` when its content changed or aged."""
+        """The current full body; bumps ``version`` when its content changed.
+
+        Age alone does not bump it: peers holding this version have its expiry
+        renewed by every heartbeat that names it, so they need not pull it again.
+        """
         body = self._full_body()
-        content = {k: v for k, v in body.items() if k != "load"}
-        now_ms = time.time_ns() // 1_000_000
-        if content != self._content or now_ms - self._versioned_ms > RECORD_TTL_S * 500:
-            self._content, self._versioned_ms = content, now_ms
+        content = {k: v for k, v in body.items() if k not in VOLATILE}
+        if content != self._content:
+            self._content = content
             self.version = self._next_seq()
             self._full = None
         return body
 
     def full(self) -> CapabilityRecord:
-        """The full record: its content at ``version``, with a seq no peer has seen older."""
+        """The full record: its content at ``version``, with a seq no peer has seen older
+        and most of its TTL left."""
         body = self._refresh()
-        if self._full is None or self._full.seq < self._seq:
+        now_ms = time.time_ns() // 1_000_000
+        if (
+            self._full is None
+            or self._full.seq < self._seq
+            or now_ms - self._full_signed_ms > RECORD_TTL_S * 250
+        ):
             self._full = self._sign({**body, "version": self.version})
+            self._full_signed_ms = now_ms
         return self._full
 
     def heartbeat(
-        self, known_version: int, load: Mapping[str, Any], *, client: bool = False
+        self,
+        known_version: int,
+        load: Mapping[str, Any],
+        *,
+        client: bool = False,
+        peers: int | None = None,
     ) -> CapabilityRecord:
-        """A small signed record: our load, our full record's version, and which version
-        of the other side's full record we hold (0: none)."""
+        """A small signed record: our load, our full record's version, which version
+        of the other side's full record we hold (0: none) and, for members, how many
+        peers we link (a peer that links fewer pulls our record's peer sample)."""
         self._refresh()
         beat = {"version": self.version, "known": known_version, "load": dict(load)}
+        if peers is not None:
+            beat["peers"] = peers
         return self._sign({"heartbeat": beat, **({"client": True} if client else {})})
 
     def view(self, extra: Mapping[str, Any]) -> CapabilityRecord:
@@ -128,17 +156,29 @@ class CapsHandler:
         self._answer = answer
         self._access = access or AccessPolicy()
         self.refused_records = 0
+        self.streams = 0  # inbound caps streams accepted
+        self.exchanges = 0  # records answered on them
 
     async def __call__(self, raw_stream: Any) -> None:
         stream = FramedStream(raw_stream)
         if not self._access.permits(stream.peer_id):
             await stream.reset()  # a stranger learns nothing, not even an error text
             return
+        self.streams += 1
         try:
-            with trio.fail_after(EXCHANGE_TIMEOUT_S):
-                received = await _receive(stream)
-                await self._on_record(received)
-                await stream.send(self._answer(received))
+            wait_s = EXCHANGE_TIMEOUT_S  # for the first record; then the idle bound
+            while True:
+                with trio.fail_after(wait_s):
+                    received = await _next(stream)
+                if received is None:
+                    return  # the opener is done with this stream
+                with trio.fail_after(EXCHANGE_TIMEOUT_S):
+                    await self._on_record(received)
+                    await stream.send(self._answer(received))
+                self.exchanges += 1
+                if received.is_client:
+                    return  # clients ask once
+                wait_s = IDLE_TIMEOUT_S
         except (RecordRejected, RemoteProtocolError) as exc:
             self.refused_records += 1
             log.info("refused a record from %s: %s", stream.peer_id, exc)
@@ -148,33 +188,83 @@ class CapsHandler:
             await stream.close()
 
 
-async def exchange_records(host: Any, peer_id: Any, ours: CapabilityRecord) -> Received:
-    """Send ``ours`` to ``peer_id`` and return its verified answer.
+class CapsStreams:
+    """The opener side: one caps stream per peer, reused for every exchange with it."""
 
-    Raises PeerUnavailable (could not reach it), ConnectionLost (it broke off),
-    RemoteProtocolError (garbage) or RecordRejected (a record that fails checks).
-    """
-    try:
-        with trio.fail_after(EXCHANGE_TIMEOUT_S):
+    def __init__(self, host: Any, *, max_idle: int = 1024) -> None:
+        self._host = host
+        self._max_idle = max_idle
+        self._idle: dict[str, FramedStream] = {}
+
+    async def exchange(self, peer_id: Any, ours: CapabilityRecord) -> Received:
+        """Send ``ours`` to ``peer_id`` and return its verified answer.
+
+        Raises PeerUnavailable (could not reach it), ConnectionLost (it broke off),
+        RemoteProtocolError (garbage) or RecordRejected (a record that fails checks).
+        """
+        key = str(peer_id)
+        stream = self._idle.pop(key, None)
+        if stream is not None:
             try:
-                raw = await host.new_stream(peer_id, [CAPS])
-            except Exception as exc:  # libp2p raises many types for an unreachable peer
-                raise PeerUnavailable(f"cannot reach {peer_id}: {exc}") from exc
-            stream = FramedStream(raw)
-            try:
+                return await self._on(key, stream, ours)
+            except (ConnectionLost, PeerUnavailable):
+                # The peer closed an idle stream, or restarted. Records are safe to send
+                # twice (a repeat is ignored as late), so try once on a fresh stream.
+                log.debug("caps stream to %s was gone; opening a new one", key)
+        try:
+            with trio.fail_after(EXCHANGE_TIMEOUT_S):
+                raw = await self._host.new_stream(peer_id, [CAPS])
+        except trio.TooSlowError as exc:
+            raise PeerUnavailable(f"no stream to {peer_id} within {EXCHANGE_TIMEOUT_S} s") from exc
+        except Exception as exc:  # libp2p raises many types for an unreachable peer
+            raise PeerUnavailable(f"cannot reach {peer_id}: {exc}") from exc
+        return await self._on(key, FramedStream(raw), ours)
+
+    async def _on(self, key: str, stream: FramedStream, ours: CapabilityRecord) -> Received:
+        clean = False
+        try:
+            with trio.fail_after(EXCHANGE_TIMEOUT_S):
                 await stream.send(ours)
-                received = await _receive(stream)
-            finally:
+                received = await _next(stream)
+            if received is None:
+                raise ConnectionLost(f"{key} closed the caps stream without answering")
+            if received.record.peer_id != key:
+                raise RemoteProtocolError(f"{key} answered with the record of another peer")
+            clean = True
+            return received
+        except trio.TooSlowError as exc:
+            raise PeerUnavailable(f"{key} did not answer within {EXCHANGE_TIMEOUT_S} s") from exc
+        finally:
+            if clean and not stream.closed and len(self._idle) < self._max_idle:
+                old = self._idle.pop(key, None)
+                self._idle[key] = stream
+                if old is not None:  # two exchanges ran at once: keep one stream
+                    await old.close()
+            else:
                 await stream.close()
-    except trio.TooSlowError as exc:
-        raise PeerUnavailable(f"{peer_id} did not answer within {EXCHANGE_TIMEOUT_S} s") from exc
-    if received.record.peer_id != str(peer_id):
-        raise RemoteProtocolError(f"{peer_id} answered with the record of another peer")
-    return received
+
+    async def forget(self, peer_id: str) -> None:
+        """Close the stream to a peer that left the table."""
+        stream = self._idle.pop(peer_id, None)
+        if stream is not None:
+            await stream.close()
+
+    async def close(self) -> None:
+        idle, self._idle = list(self._idle.values()), {}
+        for stream in idle:
+            await stream.close()
 
 
-async def _receive(stream: FramedStream) -> Received:
+async def exchange_records(host: Any, peer_id: Any, ours: CapabilityRecord) -> Received:
+    """One exchange on a new stream that is closed after it (for one-off callers)."""
+    return await CapsStreams(host, max_idle=0).exchange(peer_id, ours)
+
+
+async def _next(stream: FramedStream) -> Received | None:
+    """The next verified record on ``stream``; None when the other side ended it."""
     message = await stream.receive()
+    if message is None:
+        return None
     if not isinstance(message, CapabilityRecord):
         raise RemoteProtocolError(f"expected a capability record, got {type(message).__name__}")
     record = verify_record(message)

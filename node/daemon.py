@@ -53,7 +53,10 @@ PEER_LINK_WAIT_S = 5.0
 ANSWER_WAIT_S = 3.0
 ROSTER_KEY = "swarm/members/v1"  # a DHT key every member provides (not a model name)
 ROSTER_LOOKUP_S = 5.0
-ROSTER_EVERY_S = 15.0
+ROSTER_FIRST_S = 1.0
+ROSTER_ASK = 3  # closest peers asked per roster lookup; each answers with every member it holds
+ROSTER_EVERY_S = 15.0  # at most this long between lookups that find new members
+ROSTER_MAX_S = 480.0  # lookups that find nobody new back off to this
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +204,21 @@ class Node:
 
         Every member provides one well-known key; its providers (the DHT's answer is
         capped at about 20 per lookup) arrive as Discovered hints and get linked.
+        Lookups come soon after joining, then ever more rarely while they find
+        nobody new: one costs kilobytes (every provider with its addresses), a node
+        that joins later links to us itself, and linked peers name the peers they
+        know in their records (see ``Membership.peer_sample``).
         """
-        pauses = iter((0.5, 1.0, 2.0, 4.0, 8.0))  # soon after joining, then at a low rate
+        assert self.membership is not None  # set before discovery starts
+        pause, seen = ROSTER_FIRST_S, set[str]()
         while True:
-            await trio.sleep(next(pauses, ROSTER_EVERY_S) * random.uniform(0.8, 1.2))
-            await dht.find_providers(ROSTER_KEY, ROSTER_LOOKUP_S)
+            await trio.sleep(pause * random.uniform(0.8, 1.2))
+            hints = await dht.find_providers(ROSTER_KEY, ROSTER_LOOKUP_S, ask=None)
+            found = {h.peer_id for h in hints}
+            found -= set(self.membership.table.peers) | seen | {self.peer_id}
+            seen |= found
+            # Hold the pace while lookups bring news; else back off, doubling.
+            pause = min(pause, ROSTER_EVERY_S) if found else min(pause * 2, ROSTER_MAX_S)
 
     async def _wait_for_configured_peers(self, membership: Membership) -> None:
         """Ready means the peers we were told to dial have answered (or the wait ended)."""
@@ -234,6 +247,7 @@ class Node:
                     "stats": self.service.stats.describe(),
                     # Records that failed verification on arrival, before any table saw them.
                     "records_refused_on_arrival": self._caps.refused_records,
+                    "caps": {"streams_in": self._caps.streams, "records_in": self._caps.exchanges},
                     "access": {
                         "private_swarm": self.config.swarm_key is not None,
                         "allow_list": self.access.allowed is not None,
@@ -248,12 +262,14 @@ class Node:
     def describe(self) -> dict[str, Any]:
         """The body of this node's full capability record (load travels in heartbeats)."""
         assert self.hardware is not None and self.service is not None  # set before serving
-        return record_body(
+        assert self.membership is not None
+        body = record_body(
             addrs=self.addrs,
             hardware=self.hardware,
             models=[r.info for r in self._runners.values()],
             load=self.service.load(),
         )
+        return {**body, "peers": self.membership.peer_sample()}
 
     def _write_state(self) -> None:
         """Where the CLI finds the running daemon of this data dir."""

@@ -5,11 +5,14 @@ send ``Discovered`` hints into one bounded channel. A hinted peer is *linked*:
 dialled, sent our full record and asked for its own, which must verify (its
 signature, its peer id, its time, a seq newer than any seen). From then on the
 two keep each other fresh with heartbeats (small signed records with load and
-the seq of the sender's newest full record); a heartbeat that announces a newer
-full record makes the receiver pull it. Either side heartbeats a peer it has
-not heard from for one interval, so in steady state one exchange per pair per
-interval proves both alive. A peer silent for ``dead_after_s`` leaves the table;
-it comes back when it is heard from or discovered again.
+the version of the sender's full record); a heartbeat that announces a newer
+full record makes the receiver pull it, and one naming the version held renews
+that record's expiry. Of each pair, the side with the lower peer id heartbeats
+once per interval and the other only when that has gone quiet for longer
+(``LAGGARD_FACTOR`` intervals), so in steady state one exchange per pair per
+interval, on one long-lived caps stream, proves both alive. A peer silent for
+``dead_after_s`` leaves the table; it comes back when it is heard from or
+discovered again.
 
 All state changes go through the pure reducer in ``bootstrap.table``; this
 module only does the I/O around it.
@@ -38,6 +41,7 @@ from bootstrap.table import (
     RecordRefused,
     RecordVerified,
     Reported,
+    Status,
     TableConfig,
     Tick,
     Unreachable,
@@ -52,7 +56,7 @@ from runners.errors import ModelNotFound
 
 from .access import AccessPolicy
 from .caller import Caller
-from .caps import Received, RecordSigner, exchange_records
+from .caps import CapsStreams, Received, RecordSigner
 from .errors import PeerUnavailable
 from .service import Emit
 
@@ -62,6 +66,17 @@ DiscoveryEvent = Discovered | DiscoveryProblem
 LINK_TIMEOUT_S = 10.0
 DHT_LOOKUP_S = 5.0
 HINTS_ONLY = frozenset({Source.DHT, Source.PEERSTORE})
+# The higher id of a pair heartbeats only after this many intervals of silence:
+# later than the lower id's beats are due (at most 1.6 intervals apart, given the
+# checks' jitter), well before a peer is dropped.
+LAGGARD_FACTOR = 1.7
+# How many linked peers a full record names, so that a newcomer that learnt of a
+# few members (one DHT lookup returns about 20) links to the rest through them.
+PEER_SAMPLE = 64
+# A peer whose heartbeats say it links more peers than we do has its full record
+# (and sample) pulled, at most this often: one we cannot reach must not cost a
+# full record per beat.
+SAMPLE_EVERY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +88,10 @@ class MembershipConfig:
     events_buffer: int = 256
 
     def __post_init__(self) -> None:
-        if not 0 < self.heartbeat_s < self.dead_after_s:
-            raise ValueError("heartbeat must be positive and shorter than dead_after")
+        if not 0 < self.heartbeat_s * LAGGARD_FACTOR < self.dead_after_s:
+            raise ValueError(
+                f"heartbeat must be positive and {LAGGARD_FACTOR} times it shorter than dead_after"
+            )
 
 
 class Membership:
@@ -90,6 +107,7 @@ class Membership:
         self._host = host
         self._signer = signer
         self._caller = caller
+        self._streams = CapsStreams(host)
         self._load = load
         self.config = config
         self._access = access or AccessPolicy()
@@ -102,6 +120,7 @@ class Membership:
         self._linking: set[str] = set()
         self._last_try: dict[str, float] = {}
         self._in_flight: dict[str, int] = {}
+        self._sampled: dict[str, float] = {}  # peer -> when we last pulled its sample
         self._limiter = trio.CapacityLimiter(config.max_linking)
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -122,6 +141,7 @@ class Membership:
         finally:
             # Inbound caps streams can still arrive while the host closes: link nothing then.
             self._nursery = None
+            await self._streams.close()
 
     def _apply(self, event: Any) -> None:
         self.table = apply(self.table, event)
@@ -137,7 +157,9 @@ class Membership:
             if isinstance(event, Discovered):
                 if event.peer_id == self.self_id or not self._access.member(event.peer_id):
                     continue  # outside an allow-list: never dialled, never listed
-                self.link(event.peer_id, event.addrs)
+                known = self.table.peers.get(event.peer_id)
+                if known is None or known.status != Status.LINKED:
+                    self.link(event.peer_id, event.addrs)  # linked peers stay fresh by beats
                 if event.source in HINTS_ONLY:
                     # A DHT provider record or a peerstore row outlives its peer: not
                     # evidence that it is alive. It enters the table once it answers.
@@ -147,8 +169,11 @@ class Membership:
     async def _ticks(self) -> None:
         while True:
             await trio.sleep(1.0)
+            before = set(self.table.peers)
             self._apply(Tick(trio.current_time()))
             self._book = self._book.prune(time.time_ns() // 1_000_000)
+            for gone in before - set(self.table.peers):
+                await self._streams.forget(gone)
 
     async def _heartbeats(self) -> None:
         interval = self.config.heartbeat_s
@@ -157,7 +182,8 @@ class Membership:
             now = trio.current_time()
             assert self._nursery is not None
             for peer in live_peers(self.table):
-                if now - peer.last_seen >= interval and peer.peer_id not in self._linking:
+                due = interval if self.self_id < peer.peer_id else interval * LAGGARD_FACTOR
+                if now - peer.last_seen >= due and peer.peer_id not in self._linking:
                     self._linking.add(peer.peer_id)
                     self._nursery.start_soon(self._beat, peer.peer_id, _version(peer.body))
 
@@ -195,7 +221,7 @@ class Membership:
 
     async def _beat(self, peer_id: str, known_version: int) -> None:
         try:
-            await self._swap(peer_id, self._signer.heartbeat(known_version, self._load()))
+            await self._swap(peer_id, self._heartbeat(known_version))
         except Exception as exc:  # a failed beat only marks the peer; silence drops it
             self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
         finally:
@@ -205,13 +231,13 @@ class Membership:
         """Send ``ours``, take the answer; ask again (we hold version 0) if that was stale."""
         for _ in range(2):
             try:
-                received = await exchange_records(self._host, ID.from_base58(peer_id), ours)
+                received = await self._streams.exchange(ID.from_base58(peer_id), ours)
             except RecordRejected as exc:
                 self._apply(RecordRefused(peer_id, f"{exc.reason}: {exc}", trio.current_time()))
                 return
             if not self.accept(received):
                 return
-            ours = self._signer.heartbeat(0, self._load())  # "we hold none": send it
+            ours = self._heartbeat(0)  # "we hold none": send it
 
     # -- records in -------------------------------------------------------------
 
@@ -219,7 +245,7 @@ class Membership:
         """Take a verified record the peer sent about itself, on its own connection.
 
         Returns whether we should pull its full record (a heartbeat announced a
-        newer one than we hold).
+        newer one than we hold, or more linked peers than we have).
         """
         record = received.record
         now = trio.current_time()
@@ -239,15 +265,52 @@ class Membership:
         if beat is None:
             left_s = (record.expires_ms - time.time_ns() // 1_000_000) / 1000
             self._apply(RecordVerified(record.peer_id, record.seq, record.body, now, now + left_s))
+            self._link_sample(record.body.get("peers"))
             if self.on_verified is not None:
                 self.on_verified(record.peer_id, tuple(self.table.peers[record.peer_id].addrs))
             return False
         load = beat.get("load")
-        self._apply(Heard(record.peer_id, now, load if isinstance(load, Mapping) else None))
         known = self.table.peers.get(record.peer_id)
         version = beat.get("version")
         held = _version(known.body) if known is not None else 0
-        return known is None or (isinstance(version, int) and version > held)
+        # A heartbeat naming the version we hold vouches that it is still current.
+        renew = None
+        if version == held and held:
+            renew = now + (record.expires_ms - time.time_ns() // 1_000_000) / 1000
+        self._apply(Heard(record.peer_id, now, load if isinstance(load, Mapping) else None, renew))
+        if known is None or (isinstance(version, int) and version > held):
+            return True
+        # It links more peers than we do: its record's sample may name some we lack.
+        linked = beat.get("peers")
+        more = isinstance(linked, int) and linked > len(live_peers(self.table))
+        if more and now - self._sampled.get(record.peer_id, -1e9) >= SAMPLE_EVERY_S:
+            self._sampled[record.peer_id] = now
+            return True
+        return False
+
+    def peer_sample(self) -> list[list[Any]]:
+        """Linked peers and their addresses, for our full record (see PEER_SAMPLE)."""
+        peers = live_peers(self.table)
+        if len(peers) > PEER_SAMPLE:
+            peers = random.sample(peers, PEER_SAMPLE)
+        return [[p.peer_id, list(p.addrs[:4])] for p in peers]
+
+    def _link_sample(self, sample: Any) -> None:
+        """Link the peers another member named that we do not know: hints, no more."""
+        if not isinstance(sample, list):
+            return
+        for entry in sample[:PEER_SAMPLE]:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                continue
+            peer_id, addrs = entry
+            if (
+                peer_id == self.self_id
+                or peer_id in self.table.peers
+                or not self._access.member(peer_id)
+                or not isinstance(addrs, list)
+            ):
+                continue
+            self.link(peer_id, tuple(a for a in addrs[:4] if isinstance(a, str)))
 
     async def on_inbound(self, received: Received) -> None:
         if not received.is_client and self.accept(received):
@@ -264,7 +327,11 @@ class Membership:
         if not isinstance(known, int) or known < self._signer.version:
             return full
         theirs = self.table.peers.get(received.record.peer_id)
-        return self._signer.heartbeat(_version(theirs.body if theirs else None), self._load())
+        return self._heartbeat(_version(theirs.body if theirs else None))
+
+    def _heartbeat(self, known_version: int) -> CapabilityRecord:
+        linked = len(live_peers(self.table))
+        return self._signer.heartbeat(known_version, self._load(), peers=linked)
 
     def view(self) -> dict[str, Any]:
         return {

@@ -36,3 +36,19 @@ def test_heartbeats_carry_versions() -> None:
     signer = RecordSigner(generate_new_ed25519_identity(), lambda: {"models": []})
     beat = verify_record(signer.heartbeat(42, {"in_flight": 2})).body["heartbeat"]
     assert beat == {"version": signer.version, "known": 42, "load": {"in_flight": 2}}
+
+
+def test_the_peer_sample_changes_without_a_new_version() -> None:
+    body: dict[str, Any] = {"models": [], "peers": [["a", []]]}
+    signer = RecordSigner(generate_new_ed25519_identity(), lambda: dict(body))
+    version = signer.full().body["version"]
+    body["peers"] = [["a", []], ["b", ["/ip4/127.0.0.1/tcp/1"]]]
+    full = signer.heartbeat(0, {}) and signer.full()
+    assert full.body["version"] == version and full.body["peers"] == body["peers"]
+
+
+def test_member_heartbeats_say_how_many_peers_they_link() -> None:
+    signer = RecordSigner(generate_new_ed25519_identity(), lambda: {"models": []})
+    beat = verify_record(signer.heartbeat(0, {}, peers=7)).body["heartbeat"]
+    assert beat["peers"] == 7
+    assert "peers" not in verify_record(signer.heartbeat(0, {}, client=True)).body["heartbeat"]

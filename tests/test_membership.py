@@ -164,3 +164,42 @@ async def test_nodes_joined_through_one_bootstrap_come_to_see_each_other(
         for node in nodes:  # the DHT roster, not the bootstrap, tells them of each other
             await eventually(lambda node=node: _linked(node) == everyone - {node.peer_id}, 30.0)
         print(f"full view of {len(nodes)} nodes after {trio.current_time() - started:.1f} s")
+
+
+async def test_heartbeats_reuse_one_caps_stream_per_pair(node_factory: NodeFactory) -> None:
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(node_factory("a", models=(), membership=FAST))
+        b = await stack.enter_async_context(
+            node_factory("b", models=(), peers=(a.addrs[0],), membership=FAST)
+        )
+        await eventually(lambda: b.peer_id in _linked(a) and a.peer_id in _linked(b))
+        handlers = [h for h in (a._caps, b._caps) if h is not None]
+        assert len(handlers) == 2
+        streams = sum(h.streams for h in handlers)
+        records = sum(h.exchanges for h in handlers)
+        await trio.sleep(10 * FAST.heartbeat_s)
+        beats = sum(h.exchanges for h in handlers) - records
+        opened = sum(h.streams for h in handlers) - streams
+        # The lower id beats every interval (the other only if that stops), on the
+        # stream it already holds: about ten beats, no new stream for them.
+        assert 5 <= beats <= 20, beats
+        assert opened <= 1, opened
+        assert b.peer_id in _linked(a) and a.peer_id in _linked(b)
+
+
+async def test_members_learn_of_each_other_from_peer_samples(node_factory: NodeFactory) -> None:
+    # No DHT, no mDNS: c is told only of a, and a's record names b.
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(node_factory("a", models=(), membership=FAST))
+        b = await stack.enter_async_context(
+            node_factory("b", models=("fake:bee",), peers=(a.addrs[0],), membership=FAST)
+        )
+        await eventually(lambda: b.peer_id in _linked(a))
+        c = await stack.enter_async_context(
+            node_factory("c", models=(), peers=(a.addrs[0],), membership=FAST)
+        )
+        await eventually(lambda: _linked(c) == {a.peer_id, b.peer_id}, 10.0)
+        await eventually(lambda: c.peer_id in _linked(b), 10.0)
+        async with SwarmClient.connect(c.addrs[0]) as client:
+            result = await client.infer("bee", {"text": "found you"})
+        assert result.meta["served_by"] == b.peer_id

@@ -369,3 +369,17 @@ def test_any_event_sequence_keeps_the_invariants(plan: Any, config: TableConfig)
         if isinstance(event, Tick):  # nobody older than dead_after after a Tick
             assert all(table.now - p.last_seen <= config.dead_after_s for p in table.peers.values())
         assert [r["peer_id"] for r in rows(table)] == sorted(table.peers)
+
+
+def test_a_heartbeat_vouching_for_the_record_renews_its_expiry() -> None:
+    table = run(RecordVerified(A, 1, body("echo"), at=0.0, expires_at=10.0))
+    table = run(Heard(A, at=9.0, renews_until=30.0), Tick(12.0), table=table)
+    assert serving(table, "echo") and table.peers[A].expires_at == 30.0
+    # A renewal never shortens; a plain heartbeat keeps the peer, not the record.
+    table = run(Heard(A, at=13.0, renews_until=20.0), Heard(A, at=25.0), table=table)
+    assert table.peers[A].expires_at == 30.0
+    table = run(Tick(30.0), table=table)
+    assert table.peers[A].body is None and serving(table, "echo") == []
+    # Nothing to renew once the record is gone: the peer must send it again.
+    table = run(Heard(A, at=31.0, renews_until=90.0), Tick(32.0), table=table)
+    assert table.peers[A].expires_at is None and serving(table, "echo") == []
