@@ -11,11 +11,12 @@ Run as a child process: ``python tests/kserve_standin.py PORT MODEL_NAME``.
 kserve binds its REST server to 0.0.0.0 with no option to change it; the
 uvicorn config is subclassed here to force 127.0.0.1. gRPC is off.
 
-For ``:predict`` kserve hands the model the request's JSON as a dict; this
-model answers it as TF-Serving does: ``instances`` (a list of rows, each a
-value or an object of named inputs) give ``predictions`` (one row per
-instance), ``inputs`` (a value or an object of named columns) give
-``outputs``.
+A v2 request may use the binary tensor extension; outputs come back binary
+when the request asks (``binary_data_output``). For ``:predict`` kserve hands
+the model the request's JSON as a dict; this model answers it as TF-Serving
+does: ``instances`` (a list of rows, each a value or an object of named
+inputs) give ``predictions`` (one row per instance), ``inputs`` (a value or an
+object of named columns) give ``outputs``.
 """
 
 from __future__ import annotations
@@ -108,10 +109,11 @@ def main(port: int, name: str) -> None:
             if isinstance(payload, InferRequest):
                 feeds = {i.name: i.as_numpy() for i in payload.inputs}
                 out = self.run(feeds)
+                binary = bool(payload.use_binary_outputs)  # asked for by binary_data_output
                 outputs = []
                 for key, array in out.items():
                     item = InferOutput(key, list(array.shape), "FP32")
-                    item.set_data_from_numpy(array.astype(np.float32), binary_data=False)
+                    item.set_data_from_numpy(array.astype(np.float32), binary_data=binary)
                     outputs.append(item)
                 return InferResponse(
                     response_id=payload.id or "0", model_name=self.name, infer_outputs=outputs

@@ -57,6 +57,122 @@ def test_tfserving_columnar_round_trip(array: np.ndarray[Any, Any]) -> None:
     np.testing.assert_array_equal(value.numpy().reshape(array.shape), array)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(arrays(), min_size=1, max_size=3), st.lists(st.text(max_size=5), max_size=3))
+def test_kserve_binary_round_trip(arrays_: list[np.ndarray[Any, Any]], texts: list[str]) -> None:
+    """A binary request read back as an answer gives every tensor and text unchanged."""
+    inputs: dict[str, Any] = {f"t{i}": Tensor.from_numpy(a) for i, a in enumerate(arrays_)}
+    inputs["s"] = texts
+    body, length = kserve_v2.encode_binary_request(inputs, request_id="r1")
+    header = json.loads(body[:length])
+    assert header["parameters"] == {"binary_data_output": True}
+    assert all("data" not in item for item in header["inputs"])
+    answer = json.dumps({"id": "r1", "outputs": header["inputs"]}).encode() + body[length:]
+    outputs = kserve_v2.decode_binary_response(answer, "test", expect=inputs, request_id="r1")
+    assert outputs["s"] == texts
+    for i, array in enumerate(arrays_):
+        got = outputs[f"t{i}"]
+        assert isinstance(got, Tensor) and got.dtype == array.dtype.name
+        np.testing.assert_array_equal(got.numpy(), array)
+
+
+def _binary_answer(outputs: list[dict[str, Any]], blob: bytes) -> bytes:
+    return json.dumps({"outputs": outputs}).encode() + blob
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (
+            _binary_answer(
+                [
+                    {
+                        **{"name": "y", "datatype": "FP32", "shape": [2]},
+                        "parameters": {"binary_data_size": 8},
+                    }
+                ],
+                b"\0" * 4,
+            ),
+            "binary bytes",
+        ),
+        (
+            _binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "datatype": "FP32",
+                        "shape": [2],
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ],
+                b"\0" * 4,
+            ),
+            "4 bytes for FP32",
+        ),
+        (
+            _binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "datatype": "FP32",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ],
+                b"\0" * 6,
+            ),
+            "belong to no",
+        ),
+        (
+            _binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "datatype": "BOOL",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 1},
+                    }
+                ],
+                b"\x02",
+            ),
+            "BOOL bytes",
+        ),
+        (
+            _binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 6},
+                    }
+                ],
+                b"\x09\0\0\0ab",
+            ),
+            "runs past",
+        ),
+        (
+            _binary_answer(
+                [
+                    {
+                        "name": "y",
+                        "datatype": "FP32",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": -4},
+                    }
+                ],
+                b"",
+            ),
+            "not a size",
+        ),
+        (b"\xff\x00 not json", "does not start with a JSON header"),
+    ],
+)
+def test_kserve_bad_binary_answers_are_garbage(answer: bytes, why: str) -> None:
+    with pytest.raises(BackendGarbage, match=why):
+        kserve_v2.decode_binary_response(answer, "test")
+
+
 def test_kserve_nested_data_and_bytes_are_read() -> None:
     _, nested = kserve_v2.decode_tensor(
         {"name": "a", "datatype": "INT32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}, "t"
@@ -179,7 +295,8 @@ def test_tfserving_rows_and_answers() -> None:
         ({"outputs": {"z": [1.0]}}, r"outputs \['y'\] missing"),
         ({"outputs": {"y": [[1.0], [2.0, 3.0]]}}, "regular array"),
         ({"outputs": {"y": [1.5]}, "x": 1}, None),
-        ({"outputs": {"y": [None]}}, "not an array of numbers"),
+        ({"outputs": {"y": [None]}}, "'O'-kind values"),
+        ({"outputs": {"y": [{"a": 1}]}}, "'O'-kind values"),
     ],
 )
 def test_tfserving_bad_answers_are_garbage(body: Any, why: str | None) -> None:

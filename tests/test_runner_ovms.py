@@ -104,9 +104,11 @@ class Recording(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.seen: list[tuple[str, str]] = []
+        self.sizes: dict[tuple[str, str], int] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.seen.append((request.method, request.url.path))
+        self.sizes[(request.method, request.url.path)] = len(request.content)
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -155,6 +157,25 @@ async def test_metadata_becomes_input_specs_and_answers_match_local(
         assert status["endpoint"]["breaker"] == "closed"
         assert await runner.model_ready() is True
         assert await runner.server_health() == {"live": True, "ready": True}
+    finally:
+        await runner.close()
+
+
+@pytest.mark.slow
+async def test_binary_extension_matches_json(kserve_url: str, local_model: Any) -> None:
+    """The binary tensor extension both ways: the same numbers, a fraction of the bytes."""
+    transport = Recording()
+    runner = OVMSRunner(config(kserve_url, binary=True), transport=transport)
+    await runner.load()
+    try:
+        images = image_batch(2, seed=3)
+        outputs = await runner.infer({"input_0": Tensor.from_numpy(images)}, {})
+        got = outputs["4195"]
+        assert isinstance(got, Tensor) and got.shape == (2, 2)
+        want = local_model(images)[local_model.outputs[0]]
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+        (sent,) = [n for (m, p), n in transport.sizes.items() if p.endswith("/infer")]
+        assert sent < images.nbytes + 1024  # raw float32, not JSON text
     finally:
         await runner.close()
 

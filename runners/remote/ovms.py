@@ -57,6 +57,7 @@ class OVMSConfig:
     version: int | None = None
     task: str = "inference"
     tfs_format: str = "columnar"
+    binary: bool = False  # KServe v2 binary tensor extension, both ways
     signature: str = tfserving.DEFAULT_SIGNATURE
     max_batch: int = 64
     text_max_items: int = 256
@@ -85,7 +86,8 @@ class OVMSConfig:
         ``model`` (required), ``served_name`` (default: model), ``api``
         ("kserve" or "tfserving"), ``version`` (a number, or "latest": the
         default), ``task``, ``tfs_format`` ("columnar" or "rows"),
-        ``signature``, ``max_batch``, ``text_max_items``, ``text_max_chars``.
+        ``binary`` (KServe's binary tensor extension; default false), ``signature``,
+        ``max_batch``, ``text_max_items``, ``text_max_chars``.
         """
         endpoint = EndpointConfig.from_table(table)
         model = table.text("model")
@@ -103,6 +105,7 @@ class OVMSConfig:
                 version=version,
                 task=table.text("task", "inference"),
                 tfs_format=table.text("tfs_format", "columnar", choices=FORMATS),
+                binary=table.flag("binary", False),
                 signature=table.text("signature", tfserving.DEFAULT_SIGNATURE),
                 max_batch=table.integer("max_batch", 64, low=1, high=2**20),
                 text_max_items=table.integer("text_max_items", 256, low=1, high=2**20),
@@ -222,11 +225,23 @@ class OVMSRunner(Runner):
         where = f"{c.endpoint.name}: {c.model}"
         if c.api == "kserve":
             request_id = f"swarm-{next(_ids)}"
-            body = kserve_v2.encode_request(inputs, request_id=request_id)
-            answer = await self._call("POST", kserve_v2.infer_path(c.model, c.version_text), body)
-            outputs = kserve_v2.decode_response(
-                answer, where, expect=self._outputs, request_id=request_id
-            )
+            path = kserve_v2.infer_path(c.model, c.version_text)
+            if c.binary:
+                content, length = kserve_v2.encode_binary_request(inputs, request_id=request_id)
+                headers = {
+                    kserve_v2.HEADER_LENGTH: str(length),
+                    "Content-Type": "application/octet-stream",
+                }
+                data = await self._call("POST", path, content, headers=headers)
+                outputs = kserve_v2.decode_binary_response(
+                    data, where, expect=self._outputs, request_id=request_id
+                )
+            else:
+                body = kserve_v2.encode_request(inputs, request_id=request_id)
+                answer = await self._call("POST", path, body)
+                outputs = kserve_v2.decode_response(
+                    answer, where, expect=self._outputs, request_id=request_id
+                )
         else:
             instances = params.get("instances")
             fmt = params.get("format", c.tfs_format)
@@ -303,9 +318,16 @@ class OVMSRunner(Runner):
             "endpoint": self._endpoint.status() if self._endpoint is not None else None,
         }
 
-    async def _call(self, method: str, path: str, body: Any) -> Any:
-        """One call; a 404 means the server has no such model (or version)."""
+    async def _call(
+        self, method: str, path: str, body: Any, headers: Mapping[str, str] | None = None
+    ) -> Any:
+        """One call (raw bytes both ways when ``body`` is bytes); a 404 means the server
+        has no such model (or version)."""
         try:
+            if isinstance(body, bytes):
+                return await self.endpoint.call_raw(
+                    method, path, content=body, headers=headers, idempotent=True
+                )
             return await self.endpoint.call_json(method, path, body=body, idempotent=True)
         except BackendRejected as exc:
             if exc.status == 404:

@@ -34,6 +34,7 @@ from protocols.tensors import MAX_NDIM
 
 from ..base import InputSpec, TensorSpec, TextSpec
 from .errors import BackendGarbage
+from .kserve_v2 import json_array
 
 TF_DTYPES: Mapping[str, str] = {
     "DT_FLOAT": "float32",
@@ -54,7 +55,6 @@ DEFAULT_SIGNATURE = "serving_default"
 CONFIG_STATUS = "/v1/config"
 CONFIG_RELOAD = "/v1/config/reload"
 _DEFAULT_BY_KIND = {"f": "float32", "i": "int64", "u": "int64", "b": "bool"}
-_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,21 +290,16 @@ def _value(data: Any, kind: str | None, at: str) -> Value:
             return data
         if not _all_text(data):
             raise BackendGarbage(f"{at}: expected strings")
-        return [s for s in _flat(data)]
+        return list(_flat(data))
     try:
         raw = np.array(data)
     except (ValueError, OverflowError) as exc:
         raise BackendGarbage(f"{at}: not a regular array of numbers") from exc
-    if raw.ndim > MAX_NDIM or raw.dtype.kind not in "biuf":
+    if raw.dtype.kind not in "biufO":
         raise BackendGarbage(f"{at}: not an array of numbers ({raw.dtype.kind!r}-kind values)")
-    dtype = kind or _DEFAULT_BY_KIND[raw.dtype.kind]
-    target = np.dtype(dtype)
-    if raw.size and raw.dtype.kind not in _KINDS[target.kind]:
-        raise BackendGarbage(f"{at}: {raw.dtype.kind!r}-kind values for dtype {dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        array = raw.astype(target)
-    if target.kind in "iu" and raw.size and not np.array_equal(array, raw):
-        raise BackendGarbage(f"{at}: values out of range for {dtype}")
+    if kind is None and raw.dtype.kind == "O":
+        raise BackendGarbage(f"{at}: not an array of numbers")
+    array = json_array(data, kind or _DEFAULT_BY_KIND[raw.dtype.kind], at)
     return Tensor.from_numpy(array)
 
 
