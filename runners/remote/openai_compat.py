@@ -10,7 +10,8 @@ where servers truly differ: ``vllm`` (LoRA adapter routes, ``/tokenize``,
 Text generation (``task = "text-generation"``), inputs (exactly one):
 
 - ``prompt``: a string, or a list of strings = a batch of prompts (each sent as
-  its own ``/v1/completions`` call, concurrently, answered in order);
+  its own ``/v1/completions`` call, concurrently, answered in order: servers
+  such as llama-cpp-python take one prompt per call);
 - ``messages``: one conversation for ``/v1/chat/completions``, as a JSON string
   of ``[{"role": "user", "content": "..."}, ...]``.
 
@@ -20,7 +21,9 @@ over a batch; absent when the server does not count). ``stream`` (one prompt
 or conversation) yields ``{"text": delta}`` chunks, then a last chunk with
 ``text`` "" and ``finish_reason`` (and token counts when the server sent
 them). Params: see ``openai_protocol.SAMPLING`` plus ``stop`` and ``adapter``
-(a LoRA adapter or fine-tune to address instead of the base model).
+(a LoRA adapter or fine-tune to address instead of the base model). Without
+``max_tokens`` a request gets the config's ``max_tokens``, at most half the
+context length when that is known.
 
 Embeddings (``task = "embeddings"``): input ``text`` (a string or a list),
 output ``embedding`` float32 [n, dim]; param ``dimensions`` where the model
@@ -50,7 +53,7 @@ from ..base import ModelInfo, Outputs, TextSpec, check_inputs
 from ..errors import BadInput, ConfigError, ModelNotFound, RunnerError
 from ..settings import Table
 from .config import EndpointConfig
-from .errors import BackendError, BackendGarbage, BackendRejected
+from .errors import BackendError, BackendFailed, BackendGarbage, BackendRejected
 from .openai_protocol import (
     Completion,
     Sampling,
@@ -271,10 +274,13 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         prompt, messages = inputs.get("prompt"), inputs.get("messages")
         if (prompt is None) == (messages is None):
             raise BadInput(f"{name}: give exactly one of 'prompt' or 'messages'")
-        sampling = parse_params(
-            name, params, default_max_tokens=self.config.max_tokens, flavor=self.config.flavor
-        )
         context = self.info.context_length
+        default_max_tokens = self.config.max_tokens
+        if context is not None:  # a default must leave room for the prompt
+            default_max_tokens = min(default_max_tokens, max(1, context // 2))
+        sampling = parse_params(
+            name, params, default_max_tokens=default_max_tokens, flavor=self.config.flavor
+        )
         if context is not None and sampling.max_tokens >= context:
             raise BadInput(
                 f"{name}: max_tokens {sampling.max_tokens} leaves no room for a prompt "
@@ -335,20 +341,28 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         where = f"{self.info.name}: {path}"
         last = Completion("", None, None, None)
         parser = SSEParser()
+        done = False
         try:
             async with self.endpoint.stream_lines("POST", path, body=body) as lines:
+                # Read to the end even after [DONE]: the server closes right after, and
+                # an HTTP body left half-read is a connection thrown away.
                 async for line in lines:
                     data = parser.feed(line)
-                    if data is None:
+                    if data is None or done:
                         continue
                     if data.strip() == "[DONE]":
-                        break
+                        done = True
+                        continue
                     chunk = parse_chunk(where, _loads(where, data), chat=chat)
                     last = _merge(last, chunk)
                     if chunk.text:
                         yield {"text": chunk.text}
         except BackendRejected as exc:
             raise missing_model(exc, model) from exc
+        if not done and last.finish_reason is None:
+            # Some servers (llama-cpp-python) answer 200 and then end the stream
+            # empty when generation fails, e.g. for a prompt over the context.
+            raise BackendFailed(f"{where}: the stream ended before the answer finished")
         yield _final(last)
 
     async def _check_context(self, text: str, sampling: Sampling, messages: int) -> None:
