@@ -140,6 +140,7 @@ async def test_4xx_carry_the_backend_message_and_are_not_retried(fake: FakeBacke
     fake.plan("/bad", Reply(400, {"error": {"message": "max_tokens is too large"}}))
     fake.plan("/gone", Reply(404, {"detail": "Not Found"}))
     fake.plan("/tea", Reply(418, b"I'm a teapot"))
+    fake.plan("/dep", Reply(424, {"error": "Inference failed", "error_type": "backend"}))
     async with Endpoint(config(fake.url)) as endpoint:
         with pytest.raises(BackendRejected, match="max_tokens is too large") as bad:
             await endpoint.call_json("POST", "/bad", idempotent=True)
@@ -147,8 +148,10 @@ async def test_4xx_carry_the_backend_message_and_are_not_retried(fake: FakeBacke
             await endpoint.call_json("GET", "/gone", idempotent=True)
         with pytest.raises(BackendRejected, match="teapot"):
             await endpoint.call_json("GET", "/tea", idempotent=True)
+        with pytest.raises(BackendFailed, match="Inference failed"):  # TEI: the model failed
+            await endpoint.call_json("POST", "/dep", idempotent=False)
         assert endpoint.status()["breaker"] == "closed"
-        assert endpoint.status()["failures"] == 0
+        assert endpoint.status()["failures"] == 1  # only the 424 counts against the backend
     assert isinstance(bad.value, BadInput) and bad.value.code is ErrorCode.BAD_REQUEST
     assert gone.value.status == 404
     assert [len(fake.requests_to(p)) for p in ("/bad", "/gone", "/tea")] == [1, 1, 1]

@@ -228,7 +228,7 @@ def missing_model(exc: BackendRejected, model: str) -> BackendError:
 class _Plan:
     """A checked generation request."""
 
-    prompts: list[str] | None
+    prompts: list[str]  # empty for a conversation
     messages: list[dict[str, str]] | None
     batch: bool
     sampling: Sampling
@@ -290,7 +290,7 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         if adapter is not None and self.adapters is not None and adapter not in self.adapters:
             raise ModelNotFound(f"{name}: no adapter {adapter!r} is loaded")
         if isinstance(messages, str):
-            return _Plan(None, parse_messages(name, messages), False, sampling)
+            return _Plan([], parse_messages(name, messages), False, sampling)
         if isinstance(messages, list):
             raise BadInput(f"{name}: input 'messages' is one JSON string")
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -302,7 +302,6 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         plan = self._plan(inputs, params)
         if plan.messages is not None:
             return _outputs([await self._chat(plan.messages, plan.sampling)], batch=False)
-        assert plan.prompts is not None
         calls = [_bind(self._complete, p, plan.sampling) for p in plan.prompts]
         return _outputs(await _gather(calls), batch=plan.batch)
 
@@ -334,7 +333,6 @@ class OpenAIGenerateRunner(_OpenAIRunner):
             await self._check_context(_joined(plan.messages), sampling, len(plan.messages))
             body["messages"] = plan.messages
         else:
-            assert plan.prompts is not None
             chat, path = False, "/v1/completions"
             await self._check_context(plan.prompts[0], sampling, messages=0)
             body["prompt"] = plan.prompts[0]
