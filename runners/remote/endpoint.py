@@ -354,12 +354,12 @@ class Endpoint:
             self._keys.bench(lease, self.config.breaker_cooldown_s)
             label = lease.label if lease is not None else "no key"
             raise BackendAuth(f"{prefix}: refused {label}: {detail}", status=status)
-        if 400 <= status < 500:
+        if 400 <= status < 500 and status != 424:  # 424: the model failed (TEI)
             raise BackendRejected(f"{prefix}: {detail}", status=status)
         raise BackendFailed(f"{prefix}: {detail}", status=status)
 
     def scrub(self, text: str) -> str:
-        """``text`` with every key of this endpoint replaced by its label."""
+        """``text`` with every key of this endpoint replaced by ``<key>``."""
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, "<key>")
@@ -372,7 +372,6 @@ class Endpoint:
         self, method: str, path: str, body: Any, timeout_s: float | None, idempotent: bool
     ) -> AsyncIterator[AsyncIterator[str]]:
         deadline = trio.current_time() + (timeout_s or self.config.timeout_s)
-        where = f"{method} {path}"
         attempt = 0
         while True:
             try:
@@ -382,7 +381,7 @@ class Endpoint:
             except _StreamStarted as started:
                 raise started.error from started.error.__cause__
             except BackendError as exc:
-                await self._pause_or_raise(exc, attempt, idempotent, deadline, method, where)
+                await self._pause_or_raise(exc, attempt, idempotent, deadline, method, path)
                 attempt += 1
 
     @asynccontextmanager
