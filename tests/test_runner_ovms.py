@@ -342,6 +342,16 @@ async def test_garbage_answers_are_backend_garbage() -> None:
             await runner.close()
 
 
+async def test_garbage_metadata_fails_the_load() -> None:
+    with FakeOVMS() as ovms:
+        ovms.plan(f"/v2/models/{MODEL}", Reply(200, {"name": MODEL, "inputs": "x"}))
+        runner = OVMSRunner(config(ovms.url, model=MODEL))
+        with pytest.raises(ModelLoadError, match="'inputs' is not a list") as caught:
+            await runner.load()
+        assert isinstance(caught.value.__cause__, BackendGarbage)
+        await runner.close()
+
+
 @pytest.mark.slow
 async def test_server_gone_is_unreachable_not_executed() -> None:
     """A server of its own (stopped mid-test), so the shared one stays up."""
