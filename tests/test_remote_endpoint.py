@@ -158,8 +158,9 @@ async def test_4xx_carry_the_backend_message_and_are_not_retried(fake: FakeBacke
 
 
 async def test_breaker_opens_after_n_failures_then_lets_one_probe_through(
-    fake: FakeBackend,
+    fake: FakeBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="runners.remote")
     fake.plan("/x", Reply(500), Reply(500))
     cfg = config(fake.url, retries=0, breaker_failures=2, breaker_cooldown_s=0.5)
     async with Endpoint(cfg) as endpoint:
@@ -167,6 +168,7 @@ async def test_breaker_opens_after_n_failures_then_lets_one_probe_through(
             with pytest.raises(BackendFailed):
                 await endpoint.call_json("GET", "/x", idempotent=True)
         assert endpoint.status()["breaker"] == "open"
+        assert "circuit open after 2 consecutive failures" in caplog.text
         with pytest.raises(CircuitOpen) as refused:
             await endpoint.call_json("GET", "/x", idempotent=True)
         assert refused.value.code is ErrorCode.NOT_EXECUTED

@@ -56,7 +56,15 @@ from .errors import (
     BackendUnreachable,
     CircuitOpen,
 )
-from .resilience import Backoff, CircuitBreaker, Clock, KeyLease, KeyPool, parse_retry_after
+from .resilience import (
+    Backoff,
+    BreakerState,
+    CircuitBreaker,
+    Clock,
+    KeyLease,
+    KeyPool,
+    parse_retry_after,
+)
 
 __all__ = ["Endpoint", "EndpointConfig"]
 
@@ -308,7 +316,15 @@ class Endpoint:
         if verdict is True:
             self._breaker.success()
         elif verdict is False:
+            was_open = self._breaker.state is not BreakerState.CLOSED
             self._breaker.failure()
+            if not was_open and self._breaker.state is BreakerState.OPEN:
+                log.warning(
+                    "%s: circuit open after %d consecutive failures; no calls for %.1f s",
+                    self.config.name,
+                    self._breaker.failures,
+                    self.config.breaker_cooldown_s,
+                )
         else:
             self._breaker.abandon()
 
