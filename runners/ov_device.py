@@ -144,7 +144,10 @@ def compile_for(core: ov.Core, model: Any, options: OVOptions, name: str) -> ov.
         available = list(core.available_devices)
     except Exception as exc:  # a broken plugin can make the listing itself fail
         raise ModelLoadError(f"{name}: cannot list OpenVINO devices: {exc}") from exc
-    check_device(options.device, available)
+    try:
+        check_device(options.device, available)
+    except DeviceUnavailable as exc:
+        raise DeviceUnavailable(f"{name}: cannot compile for {options.device}: {exc}") from None
     try:
         return core.compile_model(model, options.device, options.properties())
     except Exception as exc:
