@@ -121,7 +121,7 @@ def preprocess(images: Array) -> Array:
     _, h, w, _ = images.shape
     side = int(CROP_FRACTION * min(h, w))
     top, left = (h - side) // 2, (w - side) // 2
-    crop = images[:, top : top + side, left : left + side, :].astype(np.float32)
+    crop = images[:, top : top + side, left : left + side, :]  # uint8: each tap upcasts
     rows, row_w = _taps(side, SIZE)
     cols, col_w = _taps(side, SIZE)
     # Separable filter: each output row is a weighted sum of a few source rows; then columns.

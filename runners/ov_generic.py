@@ -196,9 +196,13 @@ class OVModelRunner(Runner):
         }
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
-        self._feed(inputs)
+        self._feed(inputs, params)
 
-    def _feed(self, inputs: Mapping[str, Value]) -> dict[str, np.ndarray[Any, Any]]:
+    def _feed(
+        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        if params:
+            raise BadInput(f"{self.info.name}: takes no params, got {sorted(params)}")
         check_inputs(self.info, inputs)
         feed: dict[str, np.ndarray[Any, Any]] = {}
         for name, value in inputs.items():
@@ -219,7 +223,7 @@ class OVModelRunner(Runner):
         return feed
 
     async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
-        feed = self._feed(inputs)
+        feed = self._feed(inputs, params)
         queue = self._queue
         if queue is None:
             raise RunnerError(f"{self.info.name}: not loaded")

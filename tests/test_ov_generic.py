@@ -202,6 +202,8 @@ async def test_bad_inputs_are_refused_before_inference(throughput: OVModelRunner
             throughput.check(inputs, {})
         with pytest.raises(BadInput, match=message):
             await throughput.infer(inputs, {})
+    with pytest.raises(BadInput, match="takes no params"):
+        throughput.check({"input_0": Tensor.from_numpy(good)}, {"top_k": 3})
 
 
 def test_config_names_the_bad_field(tmp_path: Path) -> None:
