@@ -112,11 +112,14 @@ class OVModelRunner(Runner):
         self.cache_root = Path(models_dir) / config.name / config.options.precision
         self.info = self._info(inputs=(), device=config.options.device)
         self._queue: InferQueue | None = None
+        self._load_lock = trio.Lock()
         self._outputs: tuple[str, ...] = ()
         self._batched: tuple[str, ...] = ()  # inputs whose first dim is dynamic
         self.conversion_s: float | None = None
 
-    def _info(self, inputs: tuple[TensorSpec, ...], device: str) -> ModelInfo:
+    def _info(
+        self, inputs: tuple[TensorSpec, ...], device: str, outputs: tuple[str, ...] = ()
+    ) -> ModelInfo:
         c = self.config
         return ModelInfo(
             name=c.name,
@@ -126,12 +129,21 @@ class OVModelRunner(Runner):
             precision=c.options.precision,
             max_batch=c.max_batch,
             inputs=inputs,
-            extra={"performance_hint": c.options.performance_hint, "source": c.path.suffix[1:]},
+            extra={
+                "performance_hint": c.options.performance_hint,
+                "inference_precision": c.options.inference_precision,
+                "source": c.path.suffix[1:],
+                "outputs": ",".join(outputs),
+            },
         )
 
     async def load(self) -> None:
-        if self._queue is not None:
-            return
+        """Read (or convert once), compile, size the request pool. Idempotent."""
+        async with self._load_lock:
+            if self._queue is None:
+                await self._load()
+
+    async def _load(self) -> None:
         source = self.config.path
         if not source.is_file():
             raise ModelLoadError(f"{self.config.name}: no model file at {source}")
@@ -142,7 +154,8 @@ class OVModelRunner(Runner):
         self._queue = InferQueue(compiled, jobs, self.config.name)
         self._outputs = outputs
         self._batched = tuple(s.name for s in inputs if s.shape and s.shape[0] is None)
-        self.info = self._info(inputs, execution_devices(compiled, self.config.options.device))
+        device = execution_devices(compiled, self.config.options.device)
+        self.info = self._info(inputs, device, outputs)
         self.concurrency = jobs
 
     def _compile(self, source: Path) -> tuple[Any, tuple[TensorSpec, ...], tuple[str, ...]]:

@@ -82,6 +82,7 @@ async def test_interface_is_read_from_the_model(throughput: OVModelRunner) -> No
     assert described["task"] == "image-classification"
     assert described["device"] == "CPU"
     assert described["performance_hint"] == "THROUGHPUT"
+    assert described["outputs"] == OUTPUT
     # THROUGHPUT on this CPU: the device's optimal number of parallel requests.
     assert throughput.concurrency >= 1
 
