@@ -261,3 +261,24 @@ async def test_torch_on_cuda_matches_cpu(
     tolerance = {"fp32": 1e-2, "fp16": 0.1, "bf16": 0.5}[dtype]
     np.testing.assert_allclose(got["logits"], want["logits"], atol=tolerance)
     assert got["indices"][0, 0] == DAISY
+
+
+@pytest.mark.slow
+async def test_auto_device_and_throughput_hint(
+    ov_fp32: OVClassifyRunner, classify_models: Path, flower: np.ndarray
+) -> None:
+    runner = ov_runner(classify_models, device="auto", performance_hint="THROUGHPUT")
+    await runner.load()
+    assert runner.conversion_s is None  # the same fp32 entry: device and hint are not in the key
+    assert runner.info.device == "CPU"  # AUTO resolved to what is here
+    assert runner._queue is not None and runner.concurrency == runner._queue.jobs
+    batch = np.concatenate([flower, flower])
+    results: list[np.ndarray] = []
+
+    async def one() -> None:
+        results.append((await classify(runner, image(batch), top_k=1))["indices"])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(2 * runner.concurrency):
+            nursery.start_soon(one)
+    assert all((r == DAISY).all() for r in results) and len(results) == 2 * runner.concurrency
