@@ -40,6 +40,7 @@ from . import convert_minilm as recipe
 from . import ir_cache
 from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs, run_blocking
 from .errors import BadInput, ModelLoadError, RunnerError
+from .ov_device import OVOptions, compile_for
 
 MODEL_NAME = recipe.MODEL_NAME
 MAX_BATCH = 64
@@ -234,16 +235,12 @@ class _Session:
             expected = np.asarray(probe["embedding"], dtype=np.float32)
         except Exception as exc:
             raise _CorruptEntry(f"{path.name} does not load: {exc}") from exc
+        # An absent device (GPU without OpenCL) is a DeviceUnavailable naming what is here.
         try:
-            compiled = core.compile_model(
-                model,
-                config.device,
-                {"PERFORMANCE_HINT": config.performance_hint, "INFERENCE_PRECISION_HINT": "f32"},
-            )
-        except Exception as exc:
-            raise ModelLoadError(
-                f"{MODEL_NAME}: cannot compile for {config.device}: {exc}"
-            ) from exc
+            options = OVOptions(device=config.device, performance_hint=config.performance_hint)
+        except ValueError as exc:
+            raise ModelLoadError(f"{MODEL_NAME}: {exc}") from exc
+        compiled = compile_for(core, model, options, MODEL_NAME)
         try:
             session = cls(compiled, tokenizer, config.concurrency)
             got = session.embed(texts)

@@ -1,0 +1,99 @@
+"""Find a converted IR in the models dir, or make it once with a converter child process.
+
+The recipe is the one ``openvino_embed`` follows (see ``ir_cache``): the
+converter (``python -m runners.X ... STAGING_DIR ...``) writes into a private
+staging dir, which is published whole with one rename under a fingerprint of
+everything the IR depends on. Converting in a child keeps torch, nncf and their
+seconds of GIL-holding imports out of the daemon.
+
+Each (model, precision) gets a root of its own, because ``ir_cache.prune``
+deletes every other fingerprint under a root: an int8 entry must not evict the
+fp32 one that another runner serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from . import ir_cache
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def find_or_convert(
+    root: Path,
+    parts: Mapping[str, str],
+    command: Callable[[Path], Sequence[str]],
+    *,
+    name: str,
+    timeout_s: float,
+) -> tuple[Path, float | None]:
+    """The entry for ``parts`` under ``root`` and the seconds spent converting (None: cached).
+
+    ``command(staging_dir)`` is the converter's argv after the interpreter.
+    Raises ModelLoadError when the converter fails, times out or cannot start.
+    """
+    key = ir_cache.fingerprint(parts)
+    path = await _blocking(name, ir_cache.find, root, key)
+    if path is not None:
+        return path, None
+    log.info("converting %s to OpenVINO IR in %s (once)", name, root)
+    started = time.monotonic()
+    staged = await _blocking(name, ir_cache.new_staging, root)
+    published = False
+    try:
+        with trio.fail_after(timeout_s):
+            done = await trio.run_process(
+                [sys.executable, *command(staged)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=converter_env(),
+            )
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip()[-2000:]
+            raise ModelLoadError(f"{name}: converter exited with {done.returncode}: {tail}")
+        path = await _blocking(name, ir_cache.publish, root, key, staged, dict(parts))
+        published = True
+    except trio.TooSlowError as exc:
+        raise ModelLoadError(f"{name}: conversion took over {timeout_s} s") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{name}: cannot run the converter: {exc}") from exc
+    finally:
+        if not published:
+            with trio.CancelScope(shield=True), contextlib.suppress(ModelLoadError):
+                await _blocking(name, ir_cache.discard, staged)
+    with contextlib.suppress(ModelLoadError):  # tidying up is best effort
+        await _blocking(name, ir_cache.prune, root, key)
+    return path, time.monotonic() - started
+
+
+async def discard(path: Path, name: str) -> None:
+    await _blocking(name, ir_cache.discard, path)
+
+
+async def _blocking(name: str, fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{name}: model cache: {exc}") from exc
+
+
+def converter_env() -> dict[str, str]:
+    """The daemon's environment, offline, with ``runners`` importable as it is here."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
