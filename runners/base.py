@@ -127,6 +127,11 @@ class Runner(abc.ABC):
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release what ``load`` took."""
 
+    def status(self) -> Mapping[str, Any] | None:
+        """Live state worth showing in ``swarm status`` (a backend's circuit breaker,
+        batching counters); None when there is nothing beyond ``info``. No secrets."""
+        return None
+
 
 async def run_blocking(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter) -> T:
     """Run blocking ``fn`` in a worker thread. Cancellation waits for it to finish."""
