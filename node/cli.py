@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 import trio
 
 from protocols import Chunk, Priority, RemoteError, SwarmError, Value
-from runners.catalog import DEFAULT_MODEL, ModelSpecError, parse_model_spec
+from runners.catalog import (
+    DEFAULT_MODEL,
+    ModelSpec,
+    ModelSpecError,
+    parse_model_spec,
+    specs_from_config,
+)
 
 from . import logs
 from .access import load_allow_list, load_swarm_key, new_swarm_key_text
@@ -33,6 +40,7 @@ from .membership import MembershipConfig
 from .render import jsonable, peers_text, result_json, result_text, status_text
 
 log = logging.getLogger("swarm")
+CONFIG_FILE = "config.toml"  # in the data dir: read when present, or named by --config
 CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 
 
@@ -84,7 +92,16 @@ def _parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         metavar="SPEC",
-        help="a model to serve: all-minilm-l6-v2 (default) or fake:NAME[:LATENCY_MS]",
+        help=(
+            "a model to serve (repeatable): all-minilm-l6-v2 (the default), efficientnet-lite0, "
+            "fake:NAME[:LATENCY_MS], or KIND:key=value,... (see README: Models)"
+        ),
+    )
+    d.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"[[models]] and [backends.NAME] tables (default DATA_DIR/{CONFIG_FILE} if present)",
     )
     d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
     d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
@@ -197,15 +214,37 @@ def _data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
+    """The models of config.toml, then those of --model; the default if none.
+
+    Every declaration is validated here, before anything starts: a typo is bad
+    usage, said at once with the field it is in.
+    """
+    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
+    specs: list[ModelSpec] = []
+    try:
+        if args.config is not None or path.exists():
+            try:
+                data = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read {path}: {exc}") from exc
+            specs += specs_from_config(data, str(path))
+        specs += [parse_model_spec(text) for text in args.model or ()]
+        if not specs:
+            specs.append(parse_model_spec(DEFAULT_MODEL))
+    except ModelSpecError as exc:
+        raise ConfigError(str(exc)) from exc
+    names = [s.name.lower() for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"models declared twice: {', '.join(twice)}")
+    return tuple(specs)
+
+
 async def _daemon(args: argparse.Namespace) -> int:
     if args.no_models and args.model:
         raise ConfigError("--no-models and --model exclude each other")
-    models = () if args.no_models else tuple(args.model or [DEFAULT_MODEL])
-    for spec in models:  # a typo is bad usage: say so before anything starts
-        try:
-            parse_model_spec(spec)
-        except ModelSpecError as exc:
-            raise ConfigError(str(exc)) from exc
+    models = () if args.no_models else _models(args)
     config = NodeConfig(
         data_dir=args.data_dir.expanduser(),
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
@@ -229,7 +268,7 @@ async def _daemon(args: argparse.Namespace) -> int:
             print(f"swarm node {node.peer_id} ready", flush=True)
             for addr in node.addrs:
                 print(f"  listening on {addr}", flush=True)
-            serving = ", ".join(config.models) or "no models (forwarding only)"
+            serving = ", ".join(map(str, config.models)) or "no models (forwarding only)"
             print(f"  serving {serving}", flush=True)
             async for signum in signals:
                 log.info("got %s", signal.Signals(signum).name)

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,16 @@ from bootstrap.peerstore import PeerStore
 from bootstrap.table import live_peers
 from capabilities.hardware import Hardware, probe
 from capabilities.record import record_body
-from protocols import CAPS_PROTOCOL, DEFAULT_LIMITS, INFER_PROTOCOL, CapabilityRecord, Limits
+from protocols import (
+    CAPS_PROTOCOL,
+    DEFAULT_LIMITS,
+    INFER_PROTOCOL,
+    CapabilityRecord,
+    Limits,
+    SwarmError,
+)
 from runners.base import Runner
-from runners.catalog import DEFAULT_MODEL, build_runner
+from runners.catalog import DEFAULT_MODEL, ModelSpec, build_runner
 
 from .access import AccessPolicy
 from .caller import Caller
@@ -64,7 +71,7 @@ class NodeConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     peers: tuple[str, ...] = ()
-    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    models: tuple[str | ModelSpec, ...] = (DEFAULT_MODEL,)  # see runners.catalog
     max_queue: int = 64
     shutdown_grace_s: float = 10.0
     probe_cuda: bool = True
@@ -98,6 +105,7 @@ class Node:
         self.membership: Membership | None = None
         self._nursery: trio.Nursery | None = None
         self._key_pair: Any = None
+        self.failed_models: dict[str, str] = {}  # name -> why it did not load
         self._caps: CapsHandler | None = None
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
@@ -125,14 +133,31 @@ class Node:
             log.info("node stopped")
 
     async def _load_runners(self) -> None:
+        """Build and load every declared model, at once.
+
+        A model that fails to load (a file that does not convert, a backend that
+        does not answer, a device that is absent) is left out with its reason,
+        shown in ``swarm status``; the node serves the others.
+        """
         runners = [build_runner(spec, self.config.models_dir) for spec in self.config.models]
         names = [r.info.name.lower() for r in runners]
         if len(set(names)) != len(names):
             raise ConfigError(f"a model is configured twice: {names}")
+        loaded: list[Runner] = []
+
+        async def load(runner: Runner) -> None:
+            try:
+                await runner.load()
+            except SwarmError as exc:
+                log.error("model %s did not load: %s", runner.info.name, exc)
+                self.failed_models[runner.info.name] = str(exc)
+            else:
+                loaded.append(runner)
+
         async with trio.open_nursery() as nursery:
             for runner in runners:
-                nursery.start_soon(runner.load)
-        self._runners = {r.info.name: r for r in runners}
+                nursery.start_soon(load, runner)
+        self._runners = {r.info.name: r for r in runners if r in loaded}
 
     async def _serve(self, host: Any, task_status: TaskStatus[Node]) -> None:
         cfg = self.config
@@ -248,6 +273,8 @@ class Node:
                     # Records that failed verification on arrival, before any table saw them.
                     "records_refused_on_arrival": self._caps.refused_records,
                     "caps": {"streams_in": self._caps.streams, "records_in": self._caps.exchanges},
+                    "runners": self.runner_status(),
+                    "models_failed": dict(self.failed_models),
                     "access": {
                         "private_swarm": self.config.swarm_key is not None,
                         "allow_list": self.access.allowed is not None,
@@ -269,7 +296,26 @@ class Node:
             models=[r.info for r in self._runners.values()],
             load=self.service.load(),
         )
-        return {**body, "peers": self.membership.peer_sample()}
+        circuits = {
+            name: breaker
+            for name, state in self.runner_status().items()
+            if isinstance(breaker := _find(state, "breaker"), str)
+        }
+        extra = {"circuits": circuits} if circuits else {}
+        return {**body, **extra, "peers": self.membership.peer_sample()}
+
+    def runner_status(self) -> dict[str, dict[str, Any]]:
+        """Each runner's live state (circuit breaker, batching), for status and records.
+
+        Backend addresses stay on this node: peers and clients learn the state of
+        a model's backend, not where it is.
+        """
+        out = {}
+        for name, runner in self._runners.items():
+            state = runner.status()
+            if state:
+                out[name] = _without(state, "base_url")
+        return out
 
     def _write_state(self) -> None:
         """Where the CLI finds the running daemon of this data dir."""
@@ -278,6 +324,23 @@ class Node:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(path)
+
+
+def _without(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``data`` without ``key`` at any depth."""
+    return {
+        k: _without(v, key) if isinstance(v, Mapping) else v for k, v in data.items() if k != key
+    }
+
+
+def _find(data: Mapping[str, Any], key: str) -> Any:
+    """The first value of ``key`` at any depth of ``data`` (None if absent)."""
+    if key in data:
+        return data[key]
+    for value in data.values():
+        if isinstance(value, Mapping) and (found := _find(value, key)) is not None:
+            return found
+    return None
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:
