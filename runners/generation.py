@@ -191,15 +191,15 @@ def parse_sampling(model: str, params: Mapping[str, Param], limit: int) -> Sampl
         temperature=_float(model, params, "temperature", 0.0, 0.0, 2.0),
         top_p=_float(model, params, "top_p", 1.0, 0.0, 1.0, open_low=True),
         top_k=_int(model, params, "top_k", 0, 0, MAX_TOP_K),
-        seed=_int(model, params, "seed", None, 0, MAX_SEED),
+        seed=None if params.get("seed") is None else _int(model, params, "seed", 0, 0, MAX_SEED),
         stop=_stops(model, params.get("stop")),
         repetition_penalty=_float(model, params, "repetition_penalty", 1.0, 0.5, 2.0),
     )
 
 
 def _int(
-    model: str, params: Mapping[str, Param], name: str, default: int | None, low: int, high: int
-) -> int | None:
+    model: str, params: Mapping[str, Param], name: str, default: int, low: int, high: int
+) -> int:
     value = params.get(name)
     if value is None:
         return default
@@ -221,14 +221,12 @@ def _float(
     value = params.get(name)
     if value is None:
         return default
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        number = float(value)
-        ok = (low < number if open_low else low <= number) and number <= high
-    if not ok:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    number = float(value) if numeric else None  # type: ignore[arg-type]
+    if number is None or not (low < number if open_low else low <= number) or number > high:
         bracket = "(" if open_low else "["
         raise BadInput(f"{model}: param {name!r} must be a number in {bracket}{low:g}, {high:g}]")
-    return float(value)  # type: ignore[arg-type]
+    return number
 
 
 def _stops(model: str, value: Param) -> tuple[str, ...]:

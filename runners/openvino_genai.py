@@ -84,7 +84,8 @@ class GenAIConfig:
     def from_table(cls, table: Table) -> GenAIConfig:
         """Read this config's fields from ``table``; the caller calls ``table.done()``."""
         d = cls()
-        context = table.integer("context_length", d.context_length, low=2, high=recipe.MODEL_CONTEXT)
+        top = recipe.MODEL_CONTEXT
+        context = table.integer("context_length", d.context_length, low=2, high=top)
         limit = table.integer("max_new_tokens", d.max_new_tokens, low=1, high=context - 1)
         return cls(
             device=table.text("device", d.device),

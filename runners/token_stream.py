@@ -22,8 +22,9 @@ each is joined by its starter, as a nursery would join a task.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -67,10 +68,8 @@ class _Worker(Generic[R]):
             self._on_finish()
             self.finished.set()
 
-        try:
+        with contextlib.suppress(trio.RunFinishedError):  # trio is gone; nobody waits
             self._token.run_sync_soon(finish)
-        except trio.RunFinishedError:
-            pass  # trio is gone; nobody is waiting
 
     async def join(self) -> None:
         """Ask the worker to stop and wait for it, even when cancelled."""
@@ -104,7 +103,7 @@ async def run_cancellable(work: Callable[[threading.Event], R]) -> R:
     return worker.unwrap()
 
 
-async def pieces(work: Callable[[Emit], R], *, buffer: int) -> AsyncIterator[str | Done[R]]:
+async def pieces(work: Callable[[Emit], R], *, buffer: int) -> AsyncGenerator[str | Done[R], None]:
     """Run ``work(emit)`` in a thread; yield each emitted piece, then ``Done(result)``.
 
     At most ``buffer`` pieces wait in the channel; a full channel blocks the
