@@ -9,10 +9,11 @@ started or OUTCOME_UNKNOWN if it had.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -158,9 +159,16 @@ class InferenceService:
             outputs: Mapping[str, Value]
             if request.stream:
                 chunks = 0
-                async for chunk in runner.stream(request.inputs, request.params):
-                    await emit(chunk)
-                    chunks += 1
+                # Closed on the spot when the caller goes: a generator left to the garbage
+                # collector would hold the model until then.
+                stream = cast(
+                    "AsyncGenerator[Mapping[str, Value], None]",
+                    runner.stream(request.inputs, request.params),  # an async generator
+                )
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        await emit(chunk)
+                        chunks += 1
                 outputs = {}
             else:
                 outputs = await runner.infer(request.inputs, request.params)

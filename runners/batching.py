@@ -23,9 +23,10 @@ the inner runner as they are.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import trio
@@ -104,8 +105,10 @@ class BatchingRunner(Runner):
     async def stream(
         self, inputs: Mapping[str, Value], params: Mapping[str, Param]
     ) -> AsyncIterator[Outputs]:
-        async for chunk in self.inner.stream(inputs, params):
-            yield chunk
+        chunks = cast("AsyncGenerator[Outputs, None]", self.inner.stream(inputs, params))
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
 
     async def close(self) -> None:
         await self.inner.close()

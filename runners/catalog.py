@@ -8,6 +8,8 @@ a spec into an unloaded runner. The flag grammar::
 
     all-minilm-l6-v2         the embedded default: all-MiniLM-L6-v2 on OpenVINO CPU
     efficientnet-lite0       EfficientNet-Lite0 image classification on OpenVINO CPU
+    smollm2-135m-instruct    SmolLM2-135M-Instruct text generation on OpenVINO GenAI
+                             (also: smollm2)
     fake:NAME[:LATENCY_MS]   a FakeRunner serving NAME (for tests and benchmarks)
     KIND:key=value,...       any kind below with its fields, e.g.
                              openai:name=smollm2,base_url=http://127.0.0.1:8080
@@ -49,6 +51,7 @@ from .settings import Table
 
 DEFAULT_MODEL = MINILM
 EFFICIENTNET = "efficientnet-lite0"
+SMOLLM2 = "smollm2-135m-instruct"
 MAX_FAKE_LATENCY_MS = 3_600_000.0
 _FAKE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _NUMBER = re.compile(r"-?\d+(\.\d*)?([eE][-+]?\d+)?")
@@ -70,6 +73,7 @@ class Kind:
     local: bool = True  # runs here (may batch), rather than forwarding to a server
     about: str = ""
     prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # before reading
+    fixed_name: str | None = None  # the one model the kind serves, when it names it
 
 
 def _read_embed(table: Table) -> EmbedConfig:
@@ -94,12 +98,15 @@ def _read_fake(table: Table) -> tuple[str, float]:
 
 def _kinds() -> dict[str, Kind]:
     # Imported here: each kind pulls its own libraries, and an unused kind costs nothing.
+    from .openvino_genai import GenAIConfig, OpenVINOGenAIRunner
     from .ov_classify import OVClassifyConfig, OVClassifyRunner
     from .ov_generic import OVModelConfig, OVModelRunner
     from .remote.openai_compat import OpenAICompatConfig
     from .remote.openai_compat import build_runner as build_openai
     from .remote.ovms import OVMSConfig, build_ovms_runner
     from .torch_classify import TorchClassifyConfig, TorchClassifyRunner
+    from .torch_embed import TorchEmbedConfig, TorchEmbedRunner
+    from .torch_generate import TorchGenerateConfig, TorchGenerateRunner
 
     return {
         "openvino-embed": Kind(
@@ -117,6 +124,24 @@ def _kinds() -> dict[str, Kind]:
             TorchClassifyConfig.from_table,
             lambda d, c: TorchClassifyRunner(d, c),
             about="EfficientNet-Lite0 on torch (CUDA when present)",
+        ),
+        "openvino-genai": Kind(
+            GenAIConfig.from_table,
+            lambda d, c: OpenVINOGenAIRunner(d, c),
+            about="SmolLM2-135M-Instruct text generation, streamed",
+            fixed_name=SMOLLM2,
+        ),
+        "torch-generate": Kind(
+            TorchGenerateConfig.from_table,
+            lambda d, c: TorchGenerateRunner(c),
+            about="SmolLM2-135M-Instruct on torch (CUDA when present), streamed",
+            fixed_name=SMOLLM2,
+        ),
+        "torch-embed": Kind(
+            TorchEmbedConfig.from_table,
+            lambda d, c: TorchEmbedRunner(c),
+            about="all-MiniLM-L6-v2 on torch (CUDA when present)",
+            fixed_name=MINILM,
         ),
         "openai": Kind(
             OpenAICompatConfig.from_table,
@@ -154,7 +179,8 @@ def kinds() -> dict[str, Kind]:
 
 def available() -> str:
     return (
-        f"{MINILM} (the default), {EFFICIENTNET}, fake:NAME[:LATENCY_MS], or KIND:key=value,... "
+        f"{MINILM} (the default), {EFFICIENTNET}, {SMOLLM2}, fake:NAME[:LATENCY_MS], "
+        "or KIND:key=value,... "
         f"with KIND one of {', '.join(sorted(kinds()))}"
     )
 
@@ -183,6 +209,8 @@ def model_spec(data: Mapping[str, Any], where: str, *, text: str = "") -> ModelS
     table = Table(kind.prepare(dict(data)) if kind.prepare else data, where)
     table.text("kind", kind_name)
     try:
+        if kind.fixed_name is not None:
+            table.text("name", kind.fixed_name, choices=(kind.fixed_name,))
         batching = BatchConfig.from_table(table) if kind.local else None
         config = kind.read(table)
         table.done()
@@ -193,7 +221,7 @@ def model_spec(data: Mapping[str, Any], where: str, *, text: str = "") -> ModelS
         raise ModelSpecError(message if where in message else f"{where}: {message}") from None
     name = data.get("name")
     if not isinstance(name, str) or not name:
-        name = getattr(config, "name", None) or MINILM
+        name = kind.fixed_name or getattr(config, "name", None) or MINILM
     return ModelSpec(kind_name, str(name), config, batching, text)
 
 
@@ -201,6 +229,8 @@ def _default_kind(data: Mapping[str, Any]) -> str:
     name = str(data.get("name", "")).lower()
     if name == EFFICIENTNET:
         return "openvino-classify"
+    if name in (SMOLLM2, "smollm2"):
+        return "openvino-genai"
     return "openvino-embed" if name in ("", MINILM) else ""
 
 
@@ -212,6 +242,8 @@ def parse_model_spec(text: str) -> ModelSpec:
         return model_spec({"kind": "openvino-embed"}, where, text=MINILM)
     if spec.lower() == EFFICIENTNET:
         return model_spec({"kind": "openvino-classify"}, where, text=EFFICIENTNET)
+    if spec.lower() in (SMOLLM2, "smollm2"):
+        return model_spec({"kind": "openvino-genai"}, where, text=SMOLLM2)
     kind, sep, rest = spec.partition(":")
     kind = kind.lower()
     if not sep or not rest or kind not in kinds():
