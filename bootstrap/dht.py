@@ -283,16 +283,32 @@ class ModelDHT:
         watcher = _ConnectionWatcher()
         network = self._host.get_network()
         network.register_notifee(watcher)
+        # A peer the table will not take (a client, a full bucket) is offered again
+        # ever more rarely: each offer may cost an identify or a ping.
+        retry: dict[Any, tuple[float, float]] = {}  # peer -> (next offer, pause)
         try:
             while True:
-                for peer in list(self._host.get_connected_peers()):
-                    if not dht.routing_table.peer_in_table(peer):
-                        # Checks (via identify) that the peer runs a DHT server; may ping.
-                        with trio.move_on_after(self._config.call_timeout_s):
-                            try:
-                                await dht.add_peer(peer)
-                            except Exception as exc:
-                                log.debug("cannot add %s to the routing table: %s", peer, exc)
+                now = trio.current_time()
+                connected = list(self._host.get_connected_peers())
+                for gone in set(retry) - set(connected):
+                    del retry[gone]
+                for peer in connected:
+                    if dht.routing_table.peer_in_table(peer) or retry.get(peer, (0, 0))[0] > now:
+                        continue
+                    # Checks (via identify) that the peer runs a DHT server; may ping.
+                    added = False
+                    with trio.move_on_after(self._config.call_timeout_s):
+                        try:
+                            added = bool(await dht.add_peer(peer))
+                        except Exception as exc:
+                            log.debug("cannot add %s to the routing table: %s", peer, exc)
+                    if added:
+                        retry.pop(peer, None)
+                    else:
+                        pause = min(
+                            2 * retry.get(peer, (0, self._config.seed_interval_s))[1], 300.0
+                        )
+                        retry[peer] = (trio.current_time() + pause, pause)
                 empty = dht.get_routing_table_size() == 0
                 if was_empty and not empty:
                     self._kick.set()

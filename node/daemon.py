@@ -238,12 +238,13 @@ class Node:
         pause, seen = ROSTER_FIRST_S, set[str]()
         while True:
             await trio.sleep(pause * random.uniform(0.8, 1.2))
-            hints = await dht.find_providers(ROSTER_KEY, ROSTER_LOOKUP_S, ask=None)
+            hints = await dht.find_providers(ROSTER_KEY, ROSTER_LOOKUP_S, ask=ROSTER_ASK)
             found = {h.peer_id for h in hints}
             found -= set(self.membership.table.peers) | seen | {self.peer_id}
             seen |= found
-            # Hold the pace while lookups bring news; else back off, doubling.
-            pause = min(pause, ROSTER_EVERY_S) if found else min(pause * 2, ROSTER_MAX_S)
+            # Hold the pace while lookups bring news; else back off fast (x4): peer samples
+            # in records carry most news once a node has joined.
+            pause = min(pause, ROSTER_EVERY_S) if found else min(pause * 4, ROSTER_MAX_S)
 
     async def _wait_for_configured_peers(self, membership: Membership) -> None:
         """Ready means the peers we were told to dial have answered (or the wait ended)."""
