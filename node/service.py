@@ -9,17 +9,16 @@ started or OUTCOME_UNKNOWN if it had.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Protocol
 
 import trio
 
 from capabilities.record import Load
 from protocols import MAX_HOPS, Priority, Request, Result, Value
-from runners.base import Runner
+from runners.base import Runner, opened_stream
 from runners.errors import ModelNotFound
 
 from .admission import PriorityGate
@@ -159,13 +158,7 @@ class InferenceService:
             outputs: Mapping[str, Value]
             if request.stream:
                 chunks = 0
-                # Closed on the spot when the caller goes: a generator left to the garbage
-                # collector would hold the model until then.
-                stream = cast(
-                    "AsyncGenerator[Mapping[str, Value], None]",
-                    runner.stream(request.inputs, request.params),  # an async generator
-                )
-                async with contextlib.aclosing(stream):
+                async with opened_stream(runner, request.inputs, request.params) as stream:
                     async for chunk in stream:
                         await emit(chunk)
                         chunks += 1

@@ -10,9 +10,10 @@ every libp2p stream alive, and yamux resets a stream not read for 5 s.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Mapping
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -131,6 +132,17 @@ class Runner(abc.ABC):
         """Live state worth showing in ``swarm status`` (a backend's circuit breaker,
         batching counters); None when there is nothing beyond ``info``. No secrets."""
         return None
+
+
+@contextlib.asynccontextmanager
+async def opened_stream(
+    runner: Runner, inputs: Mapping[str, Value], params: Mapping[str, Param]
+) -> AsyncIterator[AsyncGenerator[Outputs, None]]:
+    """``runner.stream(...)``, closed on leaving the block: a caller that goes away
+    stops the generation at once, not when the garbage collector finalises it."""
+    chunks = cast("AsyncGenerator[Outputs, None]", runner.stream(inputs, params))
+    async with contextlib.aclosing(chunks):
+        yield chunks
 
 
 async def run_blocking(fn: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter) -> T:

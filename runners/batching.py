@@ -23,10 +23,9 @@ the inner runner as they are.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import trio
@@ -34,7 +33,7 @@ import trio.lowlevel
 
 from protocols import Param, SwarmError, Tensor, Value
 
-from .base import Outputs, Runner
+from .base import Outputs, Runner, opened_stream
 from .errors import ConfigError, RunnerError
 from .settings import Table
 
@@ -105,8 +104,7 @@ class BatchingRunner(Runner):
     async def stream(
         self, inputs: Mapping[str, Value], params: Mapping[str, Param]
     ) -> AsyncIterator[Outputs]:
-        chunks = cast("AsyncGenerator[Outputs, None]", self.inner.stream(inputs, params))
-        async with contextlib.aclosing(chunks):
+        async with opened_stream(self.inner, inputs, params) as chunks:
             async for chunk in chunks:
                 yield chunk
 

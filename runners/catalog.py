@@ -20,11 +20,14 @@ like one, else as text; ``a|b`` is a list. Secrets never go in flags (a command
 line is visible to every user of the machine): name the environment variable
 that holds a key with ``key_env=VAR``.
 
-Kinds (the ``kind`` field of a table): see ``KINDS``. Every local kind also
+Kinds (the ``kind`` field of a table): see ``kinds()``. Every local kind also
 takes ``batch_max`` and ``batch_wait_ms`` (dynamic batching, see
 ``runners.batching``). A table may name ``backend = "NAME"``: the fields of
 config.toml's ``[backends.NAME]`` table (an endpoint: base URL, keys, limits,
-breaker) are then its defaults.
+breaker) are then its defaults. A remote kind (openai, ovms) may carry a
+``container`` table: the node then starts that server in a container where a
+container engine runs, and says it runs in API mode where none does (see
+``runners.remote.contained``).
 
 Errors: ``ModelSpecError`` (a ``ConfigError``, code BAD_REQUEST) for a spec
 that does not parse or validate, with a message naming the field or listing
@@ -193,6 +196,7 @@ class ModelSpec:
     name: str
     config: Any = field(compare=False, repr=False)
     batching: BatchConfig | None = None
+    container: Any = None  # a ContainerConfig: the node starts the server, when it can
     text: str = field(default="", compare=False)  # as written, for messages
 
     def __str__(self) -> str:
@@ -206,6 +210,9 @@ def model_spec(data: Mapping[str, Any], where: str, *, text: str = "") -> ModelS
     kind = kinds().get(kind_name)
     if kind is None:
         raise ModelSpecError(f"{where}.kind: unknown kind {kind_name!r}; available: {available()}")
+    container = None
+    if not kind.local and isinstance(data.get("container"), Mapping):
+        data, container = _container(data, where)
     table = Table(kind.prepare(dict(data)) if kind.prepare else data, where)
     table.text("kind", kind_name)
     try:
@@ -222,7 +229,22 @@ def model_spec(data: Mapping[str, Any], where: str, *, text: str = "") -> ModelS
     name = data.get("name")
     if not isinstance(name, str) or not name:
         name = kind.fixed_name or getattr(config, "name", None) or MINILM
-    return ModelSpec(kind_name, str(name), config, batching, text)
+    return ModelSpec(kind_name, str(name), config, batching, container, text)
+
+
+def _container(data: Mapping[str, Any], where: str) -> tuple[dict[str, Any], Any]:
+    """Split off a ``container`` table; the server's URL defaults to the container's."""
+    from .remote.container import ContainerConfig
+
+    rest = {k: v for k, v in data.items() if k != "container"}
+    table = Table(data["container"], f"{where}.container")
+    try:
+        config = ContainerConfig.from_table(table)
+        table.done()
+    except ConfigError as exc:
+        raise ModelSpecError(str(exc)) from None
+    rest.setdefault("base_url", config.base_url)
+    return rest, config
 
 
 def _default_kind(data: Mapping[str, Any]) -> str:
@@ -322,4 +344,8 @@ def build_runner(spec: ModelSpec | str, models_dir: Path) -> Runner:
     runner = kinds()[parsed.kind].build(Path(models_dir), parsed.config)
     if parsed.batching is not None:
         runner = BatchingRunner(runner, parsed.batching)
+    if parsed.container is not None:
+        from .remote.contained import ContainedRunner
+
+        runner = ContainedRunner(runner, parsed.container)
     return runner

@@ -85,6 +85,15 @@ class Table:
             raise self._bad(key, "a list of non-empty strings", value)
         return tuple(items)
 
+    def table(self, key: str) -> Table | None:
+        """A sub-table (``[models.container]``, ``env = {...}``), or None when absent."""
+        value = self._get(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self._bad(key, "a table", value)
+        return Table(value, f"{self.where}.{key}")
+
     def done(self) -> None:
         """Refuse keys nobody read: a typo must not be ignored silently."""
         unknown = sorted(set(self.data) - self._read)

@@ -108,8 +108,12 @@ class ContainerConfig:
         """Fields: kind, name, model_name, host_port (required); image, model_path,
         bind_host, gpu, gpu_devices, env (a table of strings), env_pass, env_file,
         extra_args. The caller calls ``table.done()``."""
-        env_table = Table(table._get("env", {}), f"{table.where}.env")  # a sub-table
-        env = tuple((key, env_table.text(key)) for key in sorted(env_table.data))
+        env_table = table.table("env")
+        env = (
+            ()
+            if env_table is None
+            else tuple((key, env_table.text(key)) for key in sorted(env_table.data))
+        )
         try:
             return cls(
                 kind=table.text("kind", choices=KINDS),
@@ -127,6 +131,8 @@ class ContainerConfig:
                 extra_args=table.texts("extra_args", ()),
             )
         except ConfigError as exc:
+            if table.where in str(exc):  # a field error from Table: already says where
+                raise
             raise ConfigError(f"{table.where}.{exc}") from None
 
 
