@@ -177,3 +177,12 @@ def test_default_spec_builds_the_openvino_runner_without_loading(tmp_path: Path)
     assert runner.info.name == "all-minilm-l6-v2" and runner.info.runner == "openvino"
     assert runner.cache_root == tmp_path / "all-minilm-l6-v2"
     assert not runner.loaded and list(tmp_path.iterdir()) == []  # nothing converted yet
+
+
+def test_the_readme_config_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("LLAMA_KEY_1", "k1")
+    monkeypatch.setenv("LLAMA_KEY_2", "k2")
+    specs = specs_from_config(tomllib.loads(block), "README.md")
+    assert [s.kind for s in specs] == ["openai", "openvino-classify", "ovms"]
