@@ -25,6 +25,7 @@ from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProt
 from .messages import (
     MAX_ID_LEN,
     MAX_NAME_LEN,
+    MAX_STRATEGY_LEN,
     Cancel,
     CapabilityRecord,
     Chunk,
@@ -108,6 +109,8 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
                 "idempotent": message.idempotent,
                 "hops": message.hops,
             }
+            if message.strategy is not None:  # absent unless asked: old peers never see it
+                body["strategy"] = message.strategy
         case Chunk():
             body = {
                 "t": "chunk",
@@ -323,6 +326,7 @@ def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limi
                 stream=f.boolean("stream", False),
                 idempotent=f.boolean("idempotent", True),
                 hops=f.integer("hops", 0),
+                strategy=f.opt_text("strategy", max_len=MAX_STRATEGY_LEN),
             )
         case "chunk":
             message = Chunk(
@@ -390,6 +394,9 @@ class _Fields:
         if not isinstance(v, str) or len(v) > max_len:
             raise self._bad(key, f"a string of at most {max_len} characters")
         return v
+
+    def opt_text(self, key: str, *, max_len: int) -> Any:
+        return None if self._get(key, None) is None else self.text(key, max_len=max_len)
 
     def ident(self) -> Any:
         v = self.text("id", max_len=MAX_ID_LEN)

@@ -34,6 +34,7 @@ Param = Scalar | list[str]
 MAX_ID_LEN = 128
 MAX_NAME_LEN = 256
 MAX_HOPS = 4
+MAX_STRATEGY_LEN = 32
 
 
 class Priority(enum.IntEnum):
@@ -65,6 +66,9 @@ class Request:
     idempotent: bool = True
     # How many nodes have forwarded it already; a node refuses to forward past MAX_HOPS.
     hops: int = 0
+    # How the first node picks the peer that runs it (node.router's strategies); None:
+    # that node's default. Nodes it is forwarded to run it where it lands.
+    strategy: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,6 +123,7 @@ requests = st.builds(
     stream=st.booleans(),
     idempotent=st.booleans(),
     hops=U62,
+    strategy=st.none() | st.text(max_size=32),
 )
 chunks = st.builds(Chunk, id=ids, seq=U62, outputs=value_maps)
 results = st.builds(
