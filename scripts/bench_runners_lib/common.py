@@ -15,7 +15,7 @@ from typing import Any
 from runners.base import Runner
 
 Figures = dict[str, Any]
-Targets = list[tuple[str, str, str]]  # (figure, measured, target)
+Targets = list[tuple[str, str, str, bool]]  # (figure, measured, target, met)
 SENTENCE = (
     "the swarm node answers requests from peers over libp2p and runs models on its own "
     "cores while a scheduler decides which peer serves each request by load latency and "

@@ -166,9 +166,8 @@ def report_engines(r: Figures, targets: Targets) -> None:
                     f"{f['p90_ms']:>8.1f}ms{f['rows_per_s']:>10.1f}{extra}"
                 )
             if batch == 8:
-                targets.append(
-                    (f"{model}: OpenVINO/torch rows/s, batch 8", f"{ratio:.2f}x", ">= 2x")
-                )
+                figure = f"{model}: OpenVINO/torch rows/s, batch 8"
+                targets.append((figure, f"{ratio:.2f}x", ">= 2x", ratio >= 2))
                 r["models"][model]["ratio_batch8"] = ratio
         loads = ", ".join(
             f"{e} {rows[e]['load_s']} s{' (converted)' if rows[e]['converted'] else ''}"
@@ -244,7 +243,7 @@ def report_batching(r: Figures, targets: Targets) -> None:
     )
     print(
         f"   (inner runner concurrency {r['inner_concurrency']}; BatchConfig max_wait_ms="
-        f"{r['max_wait_ms']}; the target is max_batch={CALLERS}, the others for comparison)"
+        f"{r['max_wait_ms']}; the target is for max_batch={CALLERS})"
     )
     print(
         f"  {'batching':<20}{'req/s':>10}{'median':>10}{'p99':>10}{'mean batch':>12}{'vs off':>8}"
@@ -255,5 +254,7 @@ def report_batching(r: Figures, targets: Targets) -> None:
             f"  {name:<20}{f['req_per_s']:>10.1f}{f['median_ms']:>8.1f}ms"
             f"{f['p99_ms']:>8.1f}ms{batch:>12}{f['ratio']:>7.2f}x"
         )
-    targets.append(("MiniLM req/s, batching on / off, 32 callers", f"{r['ratio']:.2f}x", ">= 2x"))
+    ratio = r["ratio"]
+    figure = f"MiniLM req/s, batching on / off, {CALLERS} callers"
+    targets.append((figure, f"{ratio:.2f}x", ">= 2x", ratio >= 2))
     print()
