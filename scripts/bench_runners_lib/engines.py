@@ -1,0 +1,260 @@
+"""Sections 1 and 2: OpenVINO vs torch eager per model and batch, and dynamic batching."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from protocols import Tensor
+from runners.base import Runner
+
+from .common import Budget, Figures, Targets, alternated, ms, pct, texts
+
+BATCHES = (1, 8, 32)
+CALLERS = 32
+SWEEP = (CALLERS, 8)  # max_batch values measured with batching on
+
+
+class TorchMiniLM(Runner):
+    """all-MiniLM-L6-v2 in torch eager: transformers AutoModel, mean pooling, L2 norm.
+
+    Only for this benchmark: the same texts and tokenizer as the OpenVINO runner,
+    computed by the original network under torch.inference_mode in a worker thread.
+    """
+
+    concurrency = 1
+
+    def __init__(self) -> None:
+        from runners import openvino_embed
+
+        self.info = openvino_embed.OpenVINOEmbedRunner(Path(".")).info
+        self._limiter = trio.CapacityLimiter(1)
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    async def load(self) -> None:
+        def open_model() -> tuple[Any, Any]:
+            from transformers import AutoModel
+
+            from runners import convert_minilm as recipe
+
+            source = recipe.model_dir()
+            model = AutoModel.from_pretrained(str(source)).eval()
+            return model, recipe.load_tokenizer(source / recipe.TOKENIZER)
+
+        self._model, self._tokenizer = await trio.to_thread.run_sync(
+            open_model, limiter=self._limiter
+        )
+
+    def _embed(self, batch: list[str]) -> np.ndarray[Any, Any]:
+        import torch
+
+        enc = self._tokenizer.encode_batch(batch)
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)
+        types = torch.tensor([e.type_ids for e in enc], dtype=torch.int64)
+        with torch.inference_mode():
+            hidden = self._model(
+                input_ids=ids, attention_mask=mask, token_type_ids=types
+            ).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+            out: np.ndarray[Any, Any] = torch.nn.functional.normalize(pooled, dim=1).numpy()
+        return out
+
+    async def infer(self, inputs: Any, params: Any) -> dict[str, Any]:
+        batch = inputs["text"]
+        emb = await trio.to_thread.run_sync(self._embed, batch, limiter=self._limiter)
+        return {"embedding": Tensor.from_numpy(emb)}
+
+
+def torch_threads() -> int:
+    """Pin torch's intra-op threads to the CPU count (what OpenVINO's CPU plugin uses)."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    return int(torch.get_num_threads())
+
+
+def engine_pairs(data_dir: Path) -> list[tuple[str, Callable[[], Runner], Callable[[], Runner]]]:
+    """(model, OpenVINO builder, torch builder) for each model compared."""
+    from runners.openvino_embed import OpenVINOEmbedRunner
+    from runners.ov_classify import OVClassifyRunner
+    from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner
+
+    return [
+        (
+            "efficientnet-lite0",
+            lambda: OVClassifyRunner(data_dir),
+            lambda: TorchClassifyRunner(data_dir, TorchClassifyConfig(device="cpu")),
+        ),
+        ("all-minilm-l6-v2", lambda: OpenVINOEmbedRunner(data_dir), TorchMiniLM),
+    ]
+
+
+def engine_inputs(model: str, batch: int) -> dict[str, Any]:
+    if model == "efficientnet-lite0":
+        rng = np.random.default_rng(batch)
+        pixels = rng.uniform(-1, 1, (batch, 3, 224, 224)).astype(np.float32)
+        return {"pixel_values": Tensor.from_numpy(pixels)}
+    return {"text": texts(batch, seed=batch)}
+
+
+async def bench_engines(data_dir: Path, budget: Budget) -> Figures:
+    """Both engines of a model loaded at once and timed in alternating blocks."""
+    threads = await trio.to_thread.run_sync(torch_threads)
+    out: Figures = {"torch_threads": threads, "models": {}}
+    for model, make_ov, make_torch in engine_pairs(data_dir):
+        rows: Figures = {}
+        runners: dict[str, Runner] = {}
+        for engine, make in (("openvino", make_ov), ("torch", make_torch)):
+            runner = runners[engine] = make()
+            t = time.perf_counter()
+            await runner.load()
+            converted = getattr(runner, "conversion_s", None) is not None
+            load_s = round(time.perf_counter() - t, 2)
+            rows[engine] = {"load_s": load_s, "converted": converted, "batches": {}}
+        for batch in BATCHES:
+            inputs = engine_inputs(model, batch)
+            calls = {engine: _caller(runner, inputs) for engine, runner in runners.items()}
+            for engine, times in (await alternated(calls, budget)).items():
+                median = statistics.median(times)
+                rows[engine]["batches"][batch] = {
+                    "median_ms": ms(median),
+                    "p90_ms": ms(pct(times, 0.9)),
+                    # From the median: robust to other work on a shared machine.
+                    "rows_per_s": batch / median,
+                    "rows_per_s_mean": batch * len(times) / sum(times),
+                    "calls": len(times),
+                }
+        for runner in runners.values():
+            await runner.close()
+        out["models"][model] = rows
+    return out
+
+
+def _caller(runner: Runner, inputs: dict[str, Any]) -> Callable[[], Awaitable[Any]]:
+    async def call() -> None:
+        await runner.infer(inputs, {})
+
+    return call
+
+
+def report_engines(r: Figures, targets: Targets) -> None:
+    print("1. OpenVINO vs torch eager on CPU, one caller, engines timed in alternating blocks")
+    print(f"   (torch.set_num_threads({r['torch_threads']}); OpenVINO: the runners' defaults,")
+    print("   LATENCY hint, one request over all cores; rows/s = batch / median latency;")
+    print("   MiniLM's timings include tokenizing, the same tokenizer for both)")
+    head = f"  {'model':<20}{'batch':>6} {'engine':<9}{'median':>10}{'p90':>10}{'rows/s':>10}"
+    print(head + f"{'ov/torch':>10}")
+    for model, rows in r["models"].items():
+        for batch in BATCHES:
+            ov = rows["openvino"]["batches"][batch]
+            pt = rows["torch"]["batches"][batch]
+            ratio = ov["rows_per_s"] / pt["rows_per_s"]
+            for engine, f in (("openvino", ov), ("torch", pt)):
+                extra = f"{ratio:9.2f}x" if engine == "openvino" else ""
+                print(
+                    f"  {model:<20}{batch:>6} {engine:<9}{f['median_ms']:>8.1f}ms"
+                    f"{f['p90_ms']:>8.1f}ms{f['rows_per_s']:>10.1f}{extra}"
+                )
+            if batch == 8:
+                figure = f"{model}: OpenVINO/torch rows/s, batch 8"
+                targets.append((figure, f"{ratio:.2f}x", ">= 2x", ratio >= 2))
+                r["models"][model]["ratio_batch8"] = ratio
+        loads = ", ".join(
+            f"{e} {rows[e]['load_s']} s{' (converted)' if rows[e]['converted'] else ''}"
+            for e in ("openvino", "torch")
+        )
+        print(f"  {model} load: {loads}")
+    print()
+
+
+# --------------------------------------------------------------------------- 2. batching
+
+
+async def hammer(runner: Runner, seconds: float) -> Figures:
+    """CALLERS tasks sending one text each in a loop for ``seconds``."""
+    latencies: list[float] = []
+    pool = texts(256, seed=7)
+
+    async def caller(k: int, deadline: float) -> None:
+        i = k
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            await runner.infer({"text": pool[i % len(pool)]}, {})
+            latencies.append(time.perf_counter() - t)
+            i += CALLERS
+
+    async with trio.open_nursery() as nursery:  # warm-up
+        for k in range(CALLERS):
+            nursery.start_soon(caller, k, time.perf_counter() + 0.3)
+    latencies.clear()
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for k in range(CALLERS):
+            nursery.start_soon(caller, k, start + seconds)
+    took = time.perf_counter() - start
+    return {
+        "req_per_s": len(latencies) / took,
+        "median_ms": ms(statistics.median(latencies)),
+        "p99_ms": ms(pct(latencies, 0.99)),
+        "requests": len(latencies),
+    }
+
+
+async def bench_batching(data_dir: Path, budget: Budget, wait_ms: float) -> Figures:
+    from runners.batching import BatchConfig, BatchingRunner
+    from runners.openvino_embed import OpenVINOEmbedRunner
+
+    seconds = max(1.0, 2 * budget.seconds)
+    bare = OpenVINOEmbedRunner(data_dir)
+    await bare.load()
+    cases: Figures = {"off": await hammer(bare, seconds)}
+    for max_batch in SWEEP:
+        batched = BatchingRunner(bare, BatchConfig(max_batch=max_batch, max_wait_ms=wait_ms))
+        on = await hammer(batched, seconds)
+        on["mean_batch"] = batched.rows / max(1, batched.calls)
+        cases[f"on, max_batch={max_batch}"] = on
+    await bare.close()
+    off = cases["off"]["req_per_s"]
+    for f in cases.values():
+        f["ratio"] = f["req_per_s"] / off
+    return {
+        "seconds": seconds,
+        "inner_concurrency": bare.concurrency,
+        "max_wait_ms": wait_ms,
+        "cases": cases,
+        "ratio": cases[f"on, max_batch={CALLERS}"]["ratio"],
+    }
+
+
+def report_batching(r: Figures, targets: Targets) -> None:
+    print(
+        f"2. Dynamic batching, all-minilm-l6-v2 on OpenVINO, {CALLERS} callers x one text, "
+        f"{r['seconds']:.0f} s each"
+    )
+    print(
+        f"   (inner runner concurrency {r['inner_concurrency']}; BatchConfig max_wait_ms="
+        f"{r['max_wait_ms']}; the target is for max_batch={CALLERS})"
+    )
+    print(
+        f"  {'batching':<20}{'req/s':>10}{'median':>10}{'p99':>10}{'mean batch':>12}{'vs off':>8}"
+    )
+    for name, f in r["cases"].items():
+        batch = f"{f['mean_batch']:.1f}" if "mean_batch" in f else "1"
+        print(
+            f"  {name:<20}{f['req_per_s']:>10.1f}{f['median_ms']:>8.1f}ms"
+            f"{f['p99_ms']:>8.1f}ms{batch:>12}{f['ratio']:>7.2f}x"
+        )
+    ratio = r["ratio"]
+    figure = f"MiniLM req/s, batching on / off, {CALLERS} callers"
+    targets.append((figure, f"{ratio:.2f}x", ">= 2x", ratio >= 2))
+    print()

