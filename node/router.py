@@ -55,7 +55,9 @@ from bootstrap.table import PeerTable, serving
 from capabilities.record import Load
 from protocols import Priority
 from runners.base import ModelInfo
+from runners.errors import ConfigError
 from runners.remote.resilience import BreakerState
+from runners.settings import Table
 
 from .peer_health import PeerBreakers
 
@@ -87,6 +89,14 @@ class Weights:
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"router weight {name} must be a finite number >= 0")
 
+    @classmethod
+    def from_table(cls, table: Table) -> Weights:
+        """``[router.weights]``: any of the fields above, numbers >= 0."""
+        base = cls()
+        values = {n: table.number(n, getattr(base, n)) for n in cls.__dataclass_fields__}
+        table.done()
+        return cls(**values)
+
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
@@ -115,6 +125,33 @@ class RouterConfig:
         cool, top = self.peer_cooldown_s, self.peer_max_cooldown_s
         if not (math.isfinite(cool) and cool >= 0 and math.isfinite(top) and top >= cool):
             raise ValueError("router needs 0 <= peer_cooldown_s <= peer_max_cooldown_s, finite")
+
+    @classmethod
+    def from_table(cls, table: Table) -> RouterConfig:
+        """``[router]`` in config.toml; every field optional, bad ones named (ConfigError)."""
+        base = cls()
+        sub = table.table("weights")
+        strategy = table.text("strategy", str(base.strategy), choices=[str(s) for s in Strategy])
+        cool = table.number("peer_cooldown_s", base.peer_cooldown_s, high=86400.0)
+        top = table.number("peer_max_cooldown_s", max(base.peer_max_cooldown_s, cool), high=86400.0)
+        if top < cool:
+            raise ConfigError(
+                f"{table.where}.peer_max_cooldown_s: below peer_cooldown_s ({cool:g})"
+            )
+        config = cls(
+            strategy=Strategy(strategy),
+            max_attempts=table.integer("max_attempts", base.max_attempts, low=1, high=64),
+            weights=base.weights if sub is None else Weights.from_table(sub),
+            saturation=table.integer("saturation", base.saturation, low=1, high=1 << 20),
+            peer_failures=table.integer("peer_failures", base.peer_failures, low=1, high=1000),
+            peer_cooldown_s=cool,
+            peer_max_cooldown_s=top,
+            max_tracked_peers=table.integer(
+                "max_tracked_peers", base.max_tracked_peers, low=1, high=1 << 20
+            ),
+        )
+        table.done()
+        return config
 
 
 @dataclass(frozen=True, slots=True)

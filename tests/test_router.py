@@ -29,7 +29,9 @@ from node.router import (
 )
 from protocols import Priority
 from runners.base import ModelInfo, TextSpec
+from runners.errors import ConfigError
 from runners.remote.resilience import BreakerState
+from runners.settings import Table
 
 SELF = "self-node"
 
@@ -561,3 +563,26 @@ def test_plan_properties(
     ]
     if healthy:
         assert plan
+
+
+def test_router_config_from_a_config_table() -> None:
+    data = {
+        "strategy": "best-performance",
+        "max_attempts": 2,
+        "peer_cooldown_s": 2,
+        "weights": {"hop": 1.5},
+    }
+    config = RouterConfig.from_table(Table(data, "router"))
+    assert config.strategy is Strategy.BEST_PERFORMANCE and config.max_attempts == 2
+    assert config.peer_cooldown_s == 2.0 and config.weights == Weights(hop=1.5)
+    assert RouterConfig.from_table(Table({}, "router")) == RouterConfig()
+    for bad, named in [
+        ({"strategy": "fastest"}, "router.strategy"),
+        ({"max_attempts": 0}, "router.max_attempts"),
+        ({"weights": {"hop": -1}}, "router.weights.hop"),
+        ({"weights": {"hops": 1}}, "hops"),
+        ({"retries": 1}, "retries"),
+        ({"peer_cooldown_s": 10, "peer_max_cooldown_s": 5}, "router.peer_max_cooldown_s"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            RouterConfig.from_table(Table(bad, "router"))
