@@ -1,0 +1,406 @@
+"""Which node should run this request: a pure planner over the peer table.
+
+The forwarding loop (I/O, failover, streaming) asks ``Router.plan`` for an
+ordered list of candidates, the local node included, tries them in order and
+reports each outcome to ``Router.breakers``. Everything here is a decision: no
+I/O, no trio; time comes from an injected clock and every random choice from an
+injected ``random.Random``, so tests replay plans exactly.
+
+Candidates
+    The local node (when given and it serves the model) and every *linked* peer
+    (verified record, heard from lately) whose record lists the model (name
+    compared case-insensitively) with the task and precision asked (case-
+    insensitive, exact) and a device starting with the one asked (case-
+    insensitive prefix: "cuda" matches "cuda:0", "GPU" matches "GPU.0"). Left
+    out: ids in ``request.exclude`` (already tried), peers whose breaker is open
+    or whose half-open probe is already out, and nodes whose record says that
+    model's backend circuit is "open". A peer whose breaker is half-open is a
+    *probe*: at most one per plan, placed after all others.
+
+Score (lower is better), from the record's load and our own counts::
+
+    score = w.queue_ahead  * ahead        # queued at the request's priority or above
+          + w.queue_behind * behind       # queued below it (they hold slots, not the line)
+          + w.in_flight    * in_flight    # the node's own count, as last reported
+          + w.ours         * ours         # our calls to that peer now (fresher than heartbeats)
+          + w.latency_per_s * ewma_latency_ms / 1000   # 0 while unknown
+          + w.hop          * (0 if local else 1)       # a network hop costs
+          + w.half_open    * (record says the model's backend circuit is half-open)
+          - w.accelerator  * (no device asked and the model runs off CPU)
+
+Strategies (ties always broken by the rng)
+    least-loaded (default): power of two choices. Two candidates are drawn at
+        random and the better scored goes first; the rest follow by score. Many
+        routers reading the same stale loads thus do not all herd onto the one
+        peer that looked idlest, and a clearly busier peer is never first when
+        there is an idler one.
+    round-robin: candidates by id (the local node under its own id), rotated one
+        step per plan for that model.
+    best-performance: by effective latency (EWMA + ``hop_ms`` for a remote
+        node; unknown latency after known ones), then higher tokens/s, then score.
+    local-first: the local node first when it serves the model and is not
+        saturated (ahead + in_flight below ``saturation``), then least-loaded.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bootstrap.table import PeerTable, serving
+from capabilities.record import Load
+from protocols import Priority
+from runners.base import ModelInfo
+from runners.errors import ConfigError
+from runners.remote.resilience import BreakerState
+from runners.settings import Table
+
+from .peer_health import PeerBreakers
+
+
+class Strategy(enum.StrEnum):
+    LEAST_LOADED = "least-loaded"
+    ROUND_ROBIN = "round-robin"
+    BEST_PERFORMANCE = "best-performance"
+    LOCAL_FIRST = "local-first"
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """The score's weights (see the module docstring); all non-negative."""
+
+    queue_ahead: float = 1.0
+    queue_behind: float = 0.25
+    in_flight: float = 1.0
+    ours: float = 1.0
+    latency_per_s: float = 2.0
+    hop: float = 0.5
+    half_open: float = 2.0
+    accelerator: float = 0.5
+    hop_ms: float = 5.0  # best-performance: a remote node's latency plus this
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"router weight {name} must be a finite number >= 0")
+
+    @classmethod
+    def from_table(cls, table: Table) -> Weights:
+        """``[router.weights]``: any of the fields above, numbers >= 0."""
+        base = cls()
+        values = {n: table.number(n, getattr(base, n)) for n in cls.__dataclass_fields__}
+        table.done()
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    strategy: Strategy = Strategy.LEAST_LOADED
+    max_attempts: int = 3  # candidates per plan, local included
+    weights: Weights = field(default_factory=Weights)
+    saturation: int = 8  # local-first: the local node is full at ahead + in_flight >= this
+    peer_failures: int = 3  # consecutive failures that open a peer's breaker
+    peer_cooldown_s: float = 5.0
+    peer_max_cooldown_s: float = 300.0
+    max_tracked_peers: int = 1024  # breakers held at most
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "strategy", Strategy(self.strategy))  # "round-robin" works
+        except ValueError:
+            raise ValueError(
+                f"router strategy must be one of {[str(s) for s in Strategy]}"
+            ) from None
+        for name in ("max_attempts", "saturation", "peer_failures", "max_tracked_peers"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"router {name} must be an integer >= 1")
+        if not isinstance(self.weights, Weights):
+            raise ValueError("router weights must be a Weights")
+        cool, top = self.peer_cooldown_s, self.peer_max_cooldown_s
+        if not (math.isfinite(cool) and cool >= 0 and math.isfinite(top) and top >= cool):
+            raise ValueError("router needs 0 <= peer_cooldown_s <= peer_max_cooldown_s, finite")
+
+    @classmethod
+    def from_table(cls, table: Table) -> RouterConfig:
+        """``[router]`` in config.toml; every field optional, bad ones named (ConfigError)."""
+        base = cls()
+        sub = table.table("weights")
+        strategy = table.text("strategy", str(base.strategy), choices=[str(s) for s in Strategy])
+        cool = table.number("peer_cooldown_s", base.peer_cooldown_s, high=86400.0)
+        top = table.number("peer_max_cooldown_s", max(base.peer_max_cooldown_s, cool), high=86400.0)
+        if top < cool:
+            raise ConfigError(
+                f"{table.where}.peer_max_cooldown_s: below peer_cooldown_s ({cool:g})"
+            )
+        config = cls(
+            strategy=Strategy(strategy),
+            max_attempts=table.integer("max_attempts", base.max_attempts, low=1, high=64),
+            weights=base.weights if sub is None else Weights.from_table(sub),
+            saturation=table.integer("saturation", base.saturation, low=1, high=1 << 20),
+            peer_failures=table.integer("peer_failures", base.peer_failures, low=1, high=1000),
+            peer_cooldown_s=cool,
+            peer_max_cooldown_s=top,
+            max_tracked_peers=table.integer(
+                "max_tracked_peers", base.max_tracked_peers, low=1, high=1 << 20
+            ),
+        )
+        table.done()
+        return config
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    model: str
+    task: str | None = None
+    precision: str | None = None
+    device: str | None = None  # a prefix of the model's device, any case: "cuda", "GPU", "CPU"
+    strategy: Strategy | None = None  # None: the router's default
+    priority: Priority = Priority.NORMAL
+    exclude: frozenset[str] = frozenset()  # node ids already tried (the local id too)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("a route request needs a model name")
+        if self.strategy is not None:
+            object.__setattr__(self, "strategy", Strategy(self.strategy))
+        if not isinstance(self.exclude, frozenset):
+            raise ValueError("exclude must be a frozenset of node ids")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalNode:
+    """This node as a candidate: the models it serves itself and how busy it is."""
+
+    models: Sequence[ModelInfo]
+    load: Load = field(default_factory=Load)
+    circuits: Mapping[str, str] = field(default_factory=dict)  # model -> its backend breaker
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    peer_id: str  # the local node's own id when local
+    local: bool
+    model: str  # the name as that node spells it
+    device: str
+    score: float
+    probe: bool = False  # its breaker is half-open: this call is the probe
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """One eligible node, with what the strategies sort on."""
+
+    candidate: Candidate
+    latency_ms: float | None
+    tokens_per_s: float | None
+    ahead: int
+    in_flight: int
+
+
+class Router:
+    """Plans the order in which to try nodes for one request (see the module docstring)."""
+
+    def __init__(
+        self,
+        self_id: str,
+        config: RouterConfig,
+        *,
+        rng: random.Random,
+        clock: Callable[[], float],
+    ) -> None:
+        self.self_id = self_id
+        self.config = config
+        self._rng = rng
+        self.breakers = PeerBreakers(
+            config.peer_failures,
+            config.peer_cooldown_s,
+            config.peer_max_cooldown_s,
+            clock,
+            max_peers=config.max_tracked_peers,
+        )
+        self._turns: dict[str, int] = {}  # round-robin position per model (casefolded)
+
+    def plan(
+        self,
+        table: PeerTable,
+        local: LocalNode | None,
+        request: RouteRequest,
+        in_flight: Mapping[str, int],
+    ) -> list[Candidate]:
+        """The nodes to try, in order, at most ``config.max_attempts`` (maybe none)."""
+        seen: list[_Seen] = []
+        probes: list[_Seen] = []
+        if local is not None and self.self_id not in request.exclude:
+            entry = _match([m.describe() for m in local.models], request)
+            load = local.load.describe()
+            found = self._consider(self.self_id, request, entry, load, 0, local.circuits)
+            seen += [] if found is None else [found]
+        for peer in serving(table, request.model):
+            pid = peer.peer_id
+            if pid == self.self_id or pid in request.exclude or peer.body is None:
+                continue
+            state = self.breakers.state(pid)
+            if state == BreakerState.OPEN or self.breakers.probing(pid):
+                continue
+            entry = _match(peer.body.get("models"), request)
+            circuits = _map(peer.body.get("circuits"))
+            probe = state == BreakerState.HALF_OPEN
+            ours = _count(in_flight.get(pid))
+            found = self._consider(pid, request, entry, _map(peer.load), ours, circuits, probe)
+            if found is not None:
+                (probes if probe else seen).append(found)
+        ordered = self._order(request, seen)
+        if probes:  # one probe at most, and only after every healthy node
+            ordered.append(self._rng.choice(probes))
+        return [s.candidate for s in ordered[: self.config.max_attempts]]
+
+    # -- scoring -----------------------------------------------------------------
+
+    def _consider(
+        self,
+        pid: str,
+        request: RouteRequest,
+        model: Mapping[str, Any] | None,
+        load: Mapping[str, Any],
+        ours: int,
+        circuits: Mapping[str, Any],
+        probe: bool = False,
+    ) -> _Seen | None:
+        """The node as an unplaced candidate, or None when it does not qualify."""
+        if model is None:
+            return None
+        name = str(model.get("name"))
+        circuit = _circuit(circuits, name)
+        if circuit == "open":
+            return None
+        local = pid == self.self_id
+        w = self.config.weights
+        depth = _map(load.get("queue_depth"))
+        ahead = behind = 0
+        for prio in Priority:
+            n = _count(depth.get(prio.name.lower()))
+            if prio <= request.priority:
+                ahead += n
+            else:
+                behind += n
+        theirs = _count(load.get("in_flight"))
+        latency = _positive(load.get("ewma_latency_ms"))
+        device = model.get("device")
+        device = device if isinstance(device, str) else ""
+        score = (
+            w.queue_ahead * ahead
+            + w.queue_behind * behind
+            + w.in_flight * theirs
+            + w.ours * ours
+            + w.latency_per_s * (latency or 0.0) / 1000
+            + (0.0 if local else w.hop)
+            + (w.half_open if circuit == "half-open" else 0.0)
+        )
+        if request.device is None and device and not device.casefold().startswith("cpu"):
+            score -= w.accelerator
+        candidate = Candidate(pid, local, name, device, score, probe)
+        return _Seen(candidate, latency, _positive(load.get("tokens_per_s")), ahead, theirs)
+
+    # -- ordering ----------------------------------------------------------------
+
+    def _order(self, request: RouteRequest, seen: list[_Seen]) -> list[_Seen]:
+        strategy = Strategy(request.strategy or self.config.strategy)
+        tie = {s.candidate.peer_id: self._rng.random() for s in seen}
+        by_score = sorted(seen, key=lambda s: (s.candidate.score, tie[s.candidate.peer_id]))
+        if strategy == Strategy.ROUND_ROBIN:
+            ring = sorted(seen, key=lambda s: s.candidate.peer_id)
+            key = request.model.casefold()
+            turn = self._turns.get(key, 0)
+            self._turns[key] = turn + 1
+            if len(self._turns) > 4096:  # model names come from requests: keep the map small
+                self._turns = {key: turn + 1}
+            if not ring:
+                return []
+            start = turn % len(ring)
+            return ring[start:] + ring[:start]
+        if strategy == Strategy.BEST_PERFORMANCE:
+            hop = self.config.weights.hop_ms
+
+            def speed(s: _Seen) -> tuple[float, float, float, float]:
+                c = s.candidate
+                lat = math.inf if s.latency_ms is None else s.latency_ms + (0 if c.local else hop)
+                return (lat, -(s.tokens_per_s or 0.0), c.score, tie[c.peer_id])
+
+            return sorted(seen, key=speed)
+        if strategy == Strategy.LOCAL_FIRST:
+            mine = [s for s in seen if s.candidate.local]
+            if mine and mine[0].ahead + mine[0].in_flight < self.config.saturation:
+                rest = [s for s in by_score if not s.candidate.local]
+                return mine[:1] + self._two_choices(rest)
+        return self._two_choices(by_score)
+
+    def _two_choices(self, by_score: list[_Seen]) -> list[_Seen]:
+        """Power of two choices: the better of two drawn at random first, then by score."""
+        if len(by_score) < 2:
+            return list(by_score)
+        i, j = self._rng.sample(range(len(by_score)), 2)
+        first = by_score[min(i, j)]  # by_score is sorted: the lower index is the better
+        return [first] + [s for s in by_score if s is not first]
+
+
+# ---------------------------------------------------------------------------
+# reading records defensively (a verified record is signed, not necessarily sane)
+
+
+def _match(models: Any, request: RouteRequest) -> Mapping[str, Any] | None:
+    """The first of a node's model entries that fits the request, or None."""
+    if not isinstance(models, list | tuple):
+        return None
+    for m in models:
+        if isinstance(m, Mapping) and isinstance(m.get("name"), str) and _fits(m, request):
+            return m
+    return None
+
+
+def _fits(model: Mapping[str, Any], request: RouteRequest) -> bool:
+    if str(model.get("name")).casefold() != request.model.casefold():
+        return False
+    for key, want in (("task", request.task), ("precision", request.precision)):
+        have = model.get(key)
+        if want is not None and not (isinstance(have, str) and have.casefold() == want.casefold()):
+            return False
+    if request.device is not None:
+        have = model.get("device")
+        if not (isinstance(have, str) and have.casefold().startswith(request.device.casefold())):
+            return False
+    return True
+
+
+def _circuit(circuits: Mapping[str, Any], name: str) -> str | None:
+    """The record's backend circuit for ``name``; the worst when spellings disagree."""
+    want = name.casefold()
+    states = {
+        state.casefold()
+        for key, state in circuits.items()
+        if isinstance(key, str) and key.casefold() == want and isinstance(state, str)
+    }
+    return next((s for s in ("open", "half-open", "closed") if s in states), None)
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _count(value: Any) -> int:
+    """A non-negative int from a record's counter (junk and bools count as 0)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return min(max(value, 0), 1 << 30)
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None

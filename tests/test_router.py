@@ -1,0 +1,588 @@
+"""The router's decisions and the per-peer breakers, driven by hand-built peer tables.
+
+Both are pure (a seeded rng and a hand-moved clock), so every test here replays
+exactly; the property tests feed random tables, loads, breakers and requests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bootstrap.table import PeerTable, RecordVerified, Unreachable, apply, live_peers
+from capabilities.record import Load
+from node.peer_health import PeerBreakers
+from node.router import (
+    Candidate,
+    LocalNode,
+    Router,
+    RouterConfig,
+    RouteRequest,
+    Strategy,
+    Weights,
+)
+from protocols import Priority
+from runners.base import ModelInfo, TextSpec
+from runners.errors import ConfigError
+from runners.remote.resilience import BreakerState
+from runners.settings import Table
+
+SELF = "self-node"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(
+    name: str = "m", task: str = "embeddings", device: str = "CPU", precision: str = "fp32"
+) -> dict[str, Any]:
+    return {"name": name, "task": task, "device": device, "precision": precision, "max_batch": 1}
+
+
+def load(
+    high: int = 0,
+    normal: int = 0,
+    low: int = 0,
+    in_flight: int = 0,
+    ewma: float | None = None,
+    tps: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "queue_depth": {"high": high, "normal": normal, "low": low},
+        "in_flight": in_flight,
+        "ewma_latency_ms": ewma,
+        "tokens_per_s": tps,
+    }
+
+
+def table_of(peers: Mapping[str, Mapping[str, Any]]) -> PeerTable:
+    table = PeerTable()
+    for pid, body in peers.items():
+        table = apply(table, RecordVerified(pid, 1, body, at=1.0))
+    return table
+
+
+def body(
+    *models: dict[str, Any], load_: dict[str, Any] | None = None, circuits: Any = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"models": list(models or [entry()]), "load": load_ or load()}
+    if circuits is not None:
+        out["circuits"] = circuits
+    return out
+
+
+def router(clock: Clock | None = None, seed: int = 7, **config: Any) -> Router:
+    return Router(SELF, RouterConfig(**config), rng=random.Random(seed), clock=clock or Clock())
+
+
+def info(name: str = "m", device: str = "CPU") -> ModelInfo:
+    return ModelInfo(name, "embeddings", "fake", device, "fp32", 1, (TextSpec("text", 8, 1000),))
+
+
+def ids(plan: Sequence[Candidate]) -> list[str]:
+    return [c.peer_id for c in plan]
+
+
+# ---------------------------------------------------------------------------
+# who qualifies
+
+
+def test_candidates_serve_the_model_task_precision_and_device_asked() -> None:
+    table = table_of(
+        {
+            "a": body(entry("m")),
+            "b": body(entry("m", task="text-generation", device="cuda:0", precision="fp16")),
+            "c": body(entry("other")),
+            "d": body(entry("M", device="GPU.0")),
+        }
+    )
+    r = router(max_attempts=10)
+
+    def plan(**ask: Any) -> set[str]:
+        return set(ids(r.plan(table, None, RouteRequest("m", **ask), {})))
+
+    assert plan() == {"a", "b", "d"}  # the name is compared case-insensitively
+    assert plan(task="Embeddings") == {"a", "d"}
+    assert plan(precision="FP16") == {"b"}
+    assert plan(device="CUDA") == {"b"}  # a prefix of "cuda:0"
+    assert plan(device="gpu") == {"d"}
+    assert plan(device="cpu", task="embeddings") == {"a"}
+    assert plan(device="npu") == set()
+    chosen = r.plan(table, None, RouteRequest("M", device="cuda"), {})
+    assert [(c.model, c.device, c.local) for c in chosen] == [("m", "cuda:0", False)]
+
+
+def test_unlinked_excluded_and_open_circuit_peers_are_never_chosen() -> None:
+    table = table_of(
+        {
+            "a": body(),
+            "b": body(),
+            "c": body(circuits={"M": "open"}),  # its backend for that model is down
+            "d": body(),
+            "e": body(circuits={"other": "open"}),
+        }
+    )
+    table = apply(table, Unreachable("d", "dial failed", at=2.0))
+    r = router(max_attempts=10)
+    for _ in range(50):
+        got = ids(r.plan(table, None, RouteRequest("m", exclude=frozenset({"b"})), {}))
+        assert sorted(got) == ["a", "e"]
+
+
+def test_a_half_open_backend_circuit_counts_against_a_peer() -> None:
+    table = table_of({"a": body(circuits={"m": "half-open"}), "b": body()})
+    r = router()
+    for _ in range(20):
+        assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["b", "a"]
+
+
+def test_peer_breaker_open_then_one_probe_placed_last() -> None:
+    clock = Clock()
+    r = router(clock, peer_failures=2, peer_cooldown_s=10.0, max_attempts=5)
+    table = table_of({"a": body(), "b": body(), "c": body()})
+    r.breakers.failure("a")
+    assert "a" in ids(r.plan(table, None, RouteRequest("m"), {}))  # one failure: still closed
+    r.breakers.failure("a")
+    for _ in range(20):
+        assert sorted(ids(r.plan(table, None, RouteRequest("m"), {}))) == ["b", "c"]
+    clock.now += 10.0
+    plan = r.plan(table, None, RouteRequest("m"), {})
+    assert ids(plan)[-1] == "a" and plan[-1].probe and not any(c.probe for c in plan[:-1])
+    # Nothing else left: the probe is the whole plan.
+    alone = r.plan(table, None, RouteRequest("m", exclude=frozenset({"b", "c"})), {})
+    assert ids(alone) == ["a"] and alone[0].probe
+    # The probe is out: no second one until its verdict.
+    assert r.breakers.admit("a") is None
+    assert r.plan(table, None, RouteRequest("m", exclude=frozenset({"b", "c"})), {}) == []
+    r.breakers.success("a")
+    assert ids(r.plan(table, None, RouteRequest("m", exclude=frozenset({"b", "c"})), {})) == ["a"]
+
+
+def test_a_probe_falls_off_when_healthy_peers_fill_the_attempts() -> None:
+    clock = Clock()
+    r = router(clock, peer_failures=1, peer_cooldown_s=1.0, max_attempts=2)
+    table = table_of({"a": body(), "b": body(), "c": body()})
+    r.breakers.failure("a")
+    clock.now += 1.0
+    assert sorted(ids(r.plan(table, None, RouteRequest("m"), {}))) == ["b", "c"]
+
+
+def test_at_most_max_attempts_and_no_duplicates() -> None:
+    table = table_of({p: body() for p in "abcdefgh"})
+    r = router(max_attempts=3)
+    local = LocalNode([info()])
+    for _ in range(30):
+        got = ids(r.plan(table, local, RouteRequest("m"), {}))
+        assert len(got) == 3 and len(set(got)) == 3
+
+
+# ---------------------------------------------------------------------------
+# the local node
+
+
+def test_local_node_is_a_candidate_and_first_with_local_first() -> None:
+    table = table_of({p: body() for p in "abc"})
+    r = router(max_attempts=4)
+    local = LocalNode([info("m", "CPU")], Load(in_flight=1))
+    plan = r.plan(table, local, RouteRequest("M"), {})
+    mine = [c for c in plan if c.local]
+    assert len(mine) == 1 and mine[0].peer_id == SELF and mine[0].model == "m"
+    for _ in range(30):
+        first = r.plan(table, local, RouteRequest("m", strategy=Strategy.LOCAL_FIRST), {})[0]
+        assert first.local
+    # Not when it does not serve the model, nor once tried.
+    assert not any(c.local for c in r.plan(table, LocalNode([info("x")]), RouteRequest("m"), {}))
+    tried = RouteRequest("m", strategy=Strategy.LOCAL_FIRST, exclude=frozenset({SELF}))
+    assert not any(c.local for c in r.plan(table, local, tried, {}))
+
+
+def test_local_first_gives_way_when_the_local_node_is_saturated() -> None:
+    table = table_of({"a": body()})
+    r = router(strategy="local-first", saturation=4)
+    busy = LocalNode([info()], Load(queue_depth={"high": 0, "normal": 3, "low": 0}, in_flight=1))
+    assert ids(r.plan(table, busy, RouteRequest("m"), {})) == ["a", SELF]
+    calm = LocalNode([info()], Load(in_flight=3))
+    assert ids(r.plan(table, calm, RouteRequest("m"), {})) == [SELF, "a"]
+
+
+def test_local_node_wins_a_tie_by_having_no_hop() -> None:
+    table = table_of({"a": body()})
+    r = router()
+    for _ in range(20):
+        assert ids(r.plan(table, LocalNode([info()]), RouteRequest("m"), {}))[0] == SELF
+
+
+def test_local_backend_circuit_open_leaves_it_out() -> None:
+    r = router()
+    table = table_of({"a": body()})
+    assert ids(
+        r.plan(table, LocalNode([info()], circuits={"M": "open"}), RouteRequest("m"), {})
+    ) == ["a"]
+    half = LocalNode([info()], circuits={"m": "half-open"})
+    assert ids(r.plan(table, half, RouteRequest("m"), {})) == ["a", SELF]
+
+
+# ---------------------------------------------------------------------------
+# strategies
+
+
+def test_two_choices_spreads_the_first_pick_over_identical_peers() -> None:
+    peers = [f"p{i:02d}" for i in range(10)]
+    table = table_of({p: body() for p in peers})
+    r = router(seed=1)
+    firsts = Counter(r.plan(table, None, RouteRequest("m"), {})[0].peer_id for _ in range(1000))
+    assert set(firsts) == set(peers)
+    assert max(firsts.values()) <= 150  # 10% expected; herding would put ~100% on one
+
+
+def test_least_loaded_never_puts_a_clearly_busier_peer_first() -> None:
+    peers = {f"p{i}": body() for i in range(6)}
+    peers["busy"] = body(load_=load(normal=5, in_flight=2))
+    table = table_of(peers)
+    r = router(seed=2, max_attempts=10)
+    for _ in range(300):
+        plan = r.plan(table, None, RouteRequest("m"), {})
+        assert plan[0].peer_id != "busy" and plan[-1].peer_id == "busy"
+    two = table_of({"idle": body(), "busy": body(load_=load(normal=1))})
+    assert all(ids(r.plan(two, None, RouteRequest("m"), {})) == ["idle", "busy"] for _ in range(50))
+
+
+def test_our_own_in_flight_calls_count_before_heartbeats_catch_up() -> None:
+    table = table_of({"a": body(), "b": body()})
+    r = router()
+    for _ in range(20):
+        assert ids(r.plan(table, None, RouteRequest("m"), {"a": 2})) == ["b", "a"]
+
+
+def test_queue_depth_is_weighed_by_the_request_priority() -> None:
+    table = table_of({"lowq": body(load_=load(low=4)), "highq": body(load_=load(high=2))})
+    r = router()
+    high = RouteRequest("m", priority=Priority.HIGH)
+    low = RouteRequest("m", priority=Priority.LOW)
+    assert ids(r.plan(table, None, high, {})) == ["lowq", "highq"]  # low work waits behind it
+    assert ids(r.plan(table, None, low, {})) == ["highq", "lowq"]  # all four are ahead of it
+
+
+def test_an_accelerator_is_preferred_when_no_device_is_asked() -> None:
+    table = table_of({"cpu": body(entry(device="CPU")), "gpu": body(entry(device="cuda:0"))})
+    r = router()
+    assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["gpu", "cpu"]
+
+
+def test_round_robin_cycles_per_model() -> None:
+    table = table_of({"a": body(entry("m"), entry("n")), "b": body(entry("m")), "c": body()})
+    r = router(strategy=Strategy.ROUND_ROBIN, max_attempts=3)
+    firsts = [r.plan(table, None, RouteRequest("m"), {})[0].peer_id for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["a", "b", "c"]
+    assert ids(r.plan(table, None, RouteRequest("n"), {})) == ["a"]  # its own turn counter
+    assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["b", "c", "a"]
+
+
+def test_best_performance_prefers_the_lower_latency_then_the_faster() -> None:
+    table = table_of(
+        {
+            "slow": body(load_=load(ewma=100.0)),
+            "fast": body(load_=load(ewma=20.0, normal=3)),
+            "new": body(load_=load()),  # no latency yet: after the known ones
+            "twin": body(load_=load(ewma=20.0, normal=3, tps=50.0)),
+        }
+    )
+    r = router(strategy="best-performance", max_attempts=4)
+    assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["twin", "fast", "slow", "new"]
+    # Same latency: the local node has no hop to pay.
+    local = LocalNode([info()], Load(ewma_latency_ms=20.0, tokens_per_s=50.0))
+    assert ids(r.plan(table, local, RouteRequest("m"), {}))[0] == SELF
+
+
+def test_a_request_strategy_overrides_the_default() -> None:
+    table = table_of({"a": body(load_=load(ewma=50.0)), "b": body(load_=load(ewma=10.0, normal=9))})
+    r = router()
+    assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["a", "b"]
+    best = RouteRequest("m", strategy=Strategy.BEST_PERFORMANCE)
+    assert ids(r.plan(table, None, best, {})) == ["b", "a"]
+
+
+def test_junk_loads_and_models_in_a_record_do_not_break_planning() -> None:
+    junk_load = {"queue_depth": {"high": "x", "normal": -5, "low": True}, "in_flight": None}
+    table = table_of(
+        {
+            "a": {"models": [entry(), 3, {"name": 7}], "load": junk_load, "circuits": [1]},
+            "b": {"models": "m", "load": 4},
+            "c": {"models": [{"name": "m"}], "load": {"ewma_latency_ms": float("nan")}},
+        }
+    )
+    r = router(max_attempts=5, strategy="best-performance")
+    assert sorted(ids(r.plan(table, None, RouteRequest("m"), {}))) == ["a", "c"]
+    assert ids(r.plan(table, None, RouteRequest("m", device="cpu"), {})) == ["a"]
+
+
+# ---------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"strategy": "fastest"},
+        {"max_attempts": 0},
+        {"max_attempts": True},
+        {"saturation": 0},
+        {"peer_failures": 0},
+        {"peer_cooldown_s": -1.0},
+        {"peer_cooldown_s": 10.0, "peer_max_cooldown_s": 5.0},
+        {"peer_max_cooldown_s": float("inf")},
+    ],
+)
+def test_router_config_refuses_bad_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="router"):
+        RouterConfig(**bad)
+
+
+def test_weights_and_requests_are_validated() -> None:
+    with pytest.raises(ValueError, match="hop"):
+        Weights(hop=-1.0)
+    with pytest.raises(ValueError, match="latency_per_s"):
+        Weights(latency_per_s=float("nan"))
+    with pytest.raises(ValueError, match="model"):
+        RouteRequest("")
+    with pytest.raises(ValueError):
+        RouteRequest("m", strategy="fastest")  # type: ignore[arg-type]
+    assert RouteRequest("m", strategy="round-robin").strategy is Strategy.ROUND_ROBIN  # type: ignore[arg-type]
+    assert RouterConfig(strategy="local-first").strategy is Strategy.LOCAL_FIRST  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# peer breakers
+
+
+def test_peer_breaker_opens_half_opens_backs_off_and_closes() -> None:
+    clock = Clock()
+    b = PeerBreakers(failures=3, cooldown_s=10.0, max_cooldown_s=35.0, clock=clock)
+    assert b.state("p") == BreakerState.CLOSED and b.admit("p") is None
+    b.failure("p")
+    b.failure("p")
+    assert b.state("p") == BreakerState.CLOSED and b.admit("p") is None
+    b.failure("p")
+    assert b.state("p") == BreakerState.OPEN
+    assert b.admit("p") == pytest.approx(10.0)
+    clock.now += 10.0
+    assert b.state("p") == BreakerState.HALF_OPEN
+    assert b.admit("p") is None and b.probing("p")  # the one probe
+    assert b.admit("p") is not None  # a second one waits for its verdict
+    b.failure("p")  # the probe failed: twice the cooldown
+    assert b.cooldown("p") == 20.0 and b.state("p") == BreakerState.OPEN
+    clock.now += 19.0
+    assert b.state("p") == BreakerState.OPEN
+    clock.now += 1.0
+    assert b.admit("p") is None
+    b.failure("p")
+    assert b.cooldown("p") == 35.0  # capped
+    clock.now += 35.0
+    assert b.admit("p") is None
+    b.abandon("p")  # cancelled: no verdict, the slot is free again
+    assert not b.probing("p") and b.admit("p") is None
+    b.success("p")
+    assert b.state("p") == BreakerState.CLOSED and b.cooldown("p") == 10.0 and len(b) == 0
+
+
+def test_peer_breakers_describe_for_status() -> None:
+    clock = Clock()
+    b = PeerBreakers(failures=1, cooldown_s=4.0, max_cooldown_s=60.0, clock=clock)
+    b.failure("q")
+    clock.now += 1.5
+    assert b.describe() == {
+        "q": {
+            "state": "open",
+            "failures": 1,
+            "cooldown_s": 4.0,
+            "retry_in_s": 2.5,
+            "probing": False,
+        }
+    }
+    assert b.state("q") == BreakerState.OPEN  # describing changed nothing
+
+
+def test_peer_breakers_memory_is_bounded() -> None:
+    clock = Clock()
+    b = PeerBreakers(1, 1.0, 8.0, clock, max_peers=4, forget_after_s=100.0)
+    for i in range(50):
+        clock.now += 1.0
+        b.failure(f"p{i}")
+        assert len(b) <= 4
+    assert b.state("p49") == BreakerState.OPEN  # the newest are kept
+    clock.now += 101.0
+    b.failure("fresh")
+    assert len(b) == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(0, 1.0, 2.0), (1, -1.0, 2.0), (1, 3.0, 2.0)],
+)
+def test_peer_breakers_refuse_bad_settings(bad: tuple[int, float, float]) -> None:
+    with pytest.raises(ValueError):
+        PeerBreakers(*bad, clock=Clock())
+
+
+# ---------------------------------------------------------------------------
+# properties
+
+NAMES = ["m", "M", "n"]
+PEERS = [f"p{i}" for i in range(8)]
+junk = st.one_of(st.none(), st.text(max_size=2), st.floats(), st.booleans(), st.integers(-3, 9))
+model_entries = st.builds(
+    entry,
+    name=st.sampled_from(NAMES),
+    task=st.sampled_from(["embeddings", "text-generation"]),
+    device=st.sampled_from(["CPU", "cuda:0", "GPU.1"]),
+    precision=st.sampled_from(["fp32", "fp16"]),
+)
+loads = st.one_of(
+    st.builds(
+        load,
+        high=st.integers(0, 5),
+        normal=st.integers(0, 5),
+        low=st.integers(0, 5),
+        in_flight=st.integers(0, 5),
+        ewma=st.none() | st.floats(0, 500),
+        tps=st.none() | st.floats(0, 100),
+    ),
+    st.dictionaries(st.sampled_from(["queue_depth", "in_flight", "ewma_latency_ms"]), junk),
+)
+bodies = st.fixed_dictionaries(
+    {"models": st.lists(model_entries, max_size=3), "load": loads},
+    optional={
+        "circuits": st.dictionaries(
+            st.sampled_from(NAMES), st.sampled_from(["open", "closed", "half-open"])
+        )
+    },
+)
+requests = st.builds(
+    RouteRequest,
+    model=st.sampled_from(NAMES),
+    task=st.none() | st.sampled_from(["embeddings", "EMBEDDINGS", "text-generation"]),
+    precision=st.none() | st.sampled_from(["fp32", "FP16"]),
+    device=st.none() | st.sampled_from(["cpu", "CUDA", "gpu", "GPU.1"]),
+    strategy=st.none() | st.sampled_from(list(Strategy)),
+    priority=st.sampled_from(list(Priority)),
+    exclude=st.frozensets(st.sampled_from([*PEERS, SELF]), max_size=4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    peers=st.dictionaries(st.sampled_from(PEERS), bodies, max_size=8),
+    down=st.frozensets(st.sampled_from(PEERS)),
+    failures=st.dictionaries(st.sampled_from(PEERS), st.integers(0, 4)),
+    elapsed=st.floats(0, 30),
+    local_models=st.none() | st.lists(st.sampled_from(NAMES), max_size=2),
+    request=requests,
+    ours=st.dictionaries(st.sampled_from(PEERS), st.integers(-2, 5)),
+    max_attempts=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_plan_properties(
+    peers: dict[str, dict[str, Any]],
+    down: frozenset[str],
+    failures: dict[str, int],
+    elapsed: float,
+    local_models: list[str] | None,
+    request: RouteRequest,
+    ours: dict[str, int],
+    max_attempts: int,
+    seed: int,
+) -> None:
+    clock = Clock()
+    table = table_of(peers)
+    for pid in down:
+        table = apply(table, Unreachable(pid, "gone", at=2.0))
+    r = router(clock, seed=seed, max_attempts=max_attempts, peer_failures=2, peer_cooldown_s=10.0)
+    for pid, n in failures.items():
+        for _ in range(n):
+            r.breakers.failure(pid)
+    clock.now += elapsed
+    local = None if local_models is None else LocalNode([info(n) for n in local_models])
+
+    plan = r.plan(table, local, request, ours)
+
+    assert len(plan) <= max_attempts
+    assert len(set(ids(plan))) == len(plan)
+    assert not any(c.probe for c in plan[:-1])  # one probe at most, last
+    live = {p.peer_id: p for p in live_peers(table)}
+    for c in plan:
+        assert c.peer_id not in request.exclude
+        assert c.model.casefold() == request.model.casefold()
+        if request.device is not None:
+            assert c.device.casefold().startswith(request.device.casefold())
+        if c.local:
+            assert c.peer_id == SELF and local is not None
+            continue
+        assert c.peer_id in live and c.peer_id not in down
+        assert r.breakers.state(c.peer_id) != BreakerState.OPEN
+        assert c.probe == (r.breakers.state(c.peer_id) == BreakerState.HALF_OPEN)
+        body_ = live[c.peer_id].body
+        assert body_ is not None
+        circuits = body_.get("circuits") or {}
+        assert all(s != "open" for k, s in circuits.items() if k.casefold() == c.model.casefold())
+    # Someone healthy qualifies: the plan is not empty.
+    healthy = [
+        pid
+        for pid in live
+        if pid not in request.exclude
+        and r.breakers.state(pid) == BreakerState.CLOSED
+        and any(
+            m["name"].casefold() == request.model.casefold()
+            and (request.task is None or m["task"].casefold() == request.task.casefold())
+            and (
+                request.precision is None
+                or m["precision"].casefold() == request.precision.casefold()
+            )
+            and (
+                request.device is None
+                or m["device"].casefold().startswith(request.device.casefold())
+            )
+            for m in peers[pid]["models"]
+        )
+        and all(
+            s != "open"
+            for k, s in (peers[pid].get("circuits") or {}).items()
+            if k.casefold() == request.model.casefold()
+        )
+    ]
+    if healthy:
+        assert plan
+
+
+def test_router_config_from_a_config_table() -> None:
+    data = {
+        "strategy": "best-performance",
+        "max_attempts": 2,
+        "peer_cooldown_s": 2,
+        "weights": {"hop": 1.5},
+    }
+    config = RouterConfig.from_table(Table(data, "router"))
+    assert config.strategy is Strategy.BEST_PERFORMANCE and config.max_attempts == 2
+    assert config.peer_cooldown_s == 2.0 and config.weights == Weights(hop=1.5)
+    assert RouterConfig.from_table(Table({}, "router")) == RouterConfig()
+    for bad, named in [
+        ({"strategy": "fastest"}, "router.strategy"),
+        ({"max_attempts": 0}, "router.max_attempts"),
+        ({"weights": {"hop": -1}}, "router.weights.hop"),
+        ({"weights": {"hops": 1}}, "hops"),
+        ({"retries": 1}, "retries"),
+        ({"peer_cooldown_s": 10, "peer_max_cooldown_s": 5}, "router.peer_max_cooldown_s"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            RouterConfig.from_table(Table(bad, "router"))
