@@ -15,6 +15,7 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from .errors import ConfigError, sole_error
 from .host import build_host, load_or_create_identity
 from .membership import MembershipConfig
 from .render import jsonable, peers_text, result_json, result_text, status_text
+from .router import RouterConfig, Strategy
 
 log = logging.getLogger("swarm")
 CONFIG_FILE = "config.toml"  # in the data dir: read when present, or named by --config
@@ -104,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"[[models]] and [backends.NAME] tables (default DATA_DIR/{CONFIG_FILE} if present)",
     )
     d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
+    d.add_argument(
+        "--strategy",
+        choices=[str(x) for x in Strategy],
+        default=str(Strategy.LEAST_LOADED),
+        help="how this node picks where a job runs, unless the job says (default least-loaded)",
+    )
     d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
     d.add_argument("--grace", type=float, default=10.0, help="seconds to finish work at shutdown")
     d.add_argument(
@@ -170,7 +178,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a model parameter; VALUE is parsed as JSON when it can be",
     )
+    s.add_argument(
+        "--input-name",
+        default="text",
+        metavar="NAME",
+        help="the input the INPUT texts go to (default text; prompt for text generation)",
+    )
     s.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
+    s.add_argument(
+        "--strategy",
+        choices=[str(x) for x in Strategy],
+        help="how the node picks the peer that runs it (default: the node's)",
+    )
     s.add_argument("--deadline", type=float, metavar="SECONDS", help="give up after this long")
     s.add_argument("--stream", action="store_true", help="print chunks as they arrive")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -258,6 +277,7 @@ async def _daemon(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         dht=not args.no_dht,
         membership=_membership(args),
+        router=RouterConfig(strategy=Strategy(args.strategy)),
         allow=load_allow_list(args.allow, args.allow_file),
     )
     node = Node(config)
@@ -330,6 +350,7 @@ async def _submit(args: argparse.Namespace) -> int:
     params = dict(_param(p) for p in args.param)
     on_chunk = _print_chunk(args.json) if args.stream else None
     async with _connect(args, _target(args)) as client:
+        started = trio.current_time()
         try:
             result = await client.infer(
                 args.model,
@@ -338,6 +359,7 @@ async def _submit(args: argparse.Namespace) -> int:
                 priority=Priority.parse(args.priority),
                 deadline_s=args.deadline,
                 on_chunk=on_chunk,
+                strategy=args.strategy,
             )
         except RemoteError as exc:
             if args.json:
@@ -358,6 +380,8 @@ async def _submit(args: argparse.Namespace) -> int:
                     f"error {exc.code}: {exc.message} (retry: {exc.retry.value})", file=sys.stderr
                 )
             return 1
+    took_ms = round(1000 * (trio.current_time() - started), 3)
+    result = replace(result, meta={**result.meta, "took_ms": took_ms})
     print(result_json(result) if args.json else result_text(result), flush=True)
     return 0
 
@@ -365,7 +389,8 @@ async def _submit(args: argparse.Namespace) -> int:
 def _inputs(args: argparse.Namespace) -> dict[str, Value | np.ndarray[Any, Any]]:
     inputs: dict[str, Value | np.ndarray[Any, Any]] = {}
     if args.texts:
-        inputs["text"] = args.texts[0] if len(args.texts) == 1 else list(args.texts)
+        texts = args.texts[0] if len(args.texts) == 1 else list(args.texts)
+        inputs[args.input_name] = texts
     for spec in args.tensor:
         name, sep, path = spec.partition("=")
         if not sep or not name:

@@ -95,11 +95,14 @@ class SwarmClient:
         deadline_s: float | None = None,
         on_chunk: OnChunk | None = None,
         request_id: str | None = None,
+        strategy: str | None = None,
     ) -> Result:
         """Run ``model`` on ``inputs`` somewhere in the swarm, through this node.
 
         With ``on_chunk`` the request streams: chunks arrive as produced and the
-        Result carries only metadata. Raises RemoteError (with its ``code`` and
+        Result carries only metadata. ``strategy`` (a ``node.router.Strategy``
+        value) picks how the node chooses the peer; the Result's meta says who
+        served it and after how many attempts. Raises RemoteError (with its ``code`` and
         ``retry``) when the node answers with an error.
         """
         request = Request(
@@ -110,6 +113,7 @@ class SwarmClient:
             priority=priority,
             deadline_ms=None if deadline_s is None else max(1, int(deadline_s * 1000)),
             stream=on_chunk is not None,
+            strategy=strategy,
         )
         if deadline_s is None:
             return await self._caller.call(self.peer, request, on_chunk)

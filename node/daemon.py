@@ -45,10 +45,12 @@ from runners.catalog import DEFAULT_MODEL, ModelSpec, build_runner
 from .access import AccessPolicy
 from .caller import Caller
 from .caps import CapsHandler, Received, RecordSigner
+from .dispatch import Dispatcher, RouterPlanner
 from .errors import ConfigError
 from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
 from .infer_handler import InferHandler
 from .membership import Membership, MembershipConfig
+from .router import LocalNode, Router, RouterConfig
 from .service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class NodeConfig:
     mdns: bool = True
     dht: bool = True
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
 
@@ -103,6 +106,8 @@ class Node:
         self.addrs: list[str] = []
         self.service: InferenceService | None = None
         self.membership: Membership | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.router: Router | None = None
         self._nursery: trio.Nursery | None = None
         self._key_pair: Any = None
         self.failed_models: dict[str, str] = {}  # name -> why it did not load
@@ -164,12 +169,25 @@ class Node:
         self.peer_id = host.get_id().to_base58()
         caller = Caller(host, limits=cfg.limits)
         signer = RecordSigner(self._key_pair, self.describe)
-        membership = Membership(
-            host, signer, caller, self._load, cfg.membership, access=self.access
-        )
+        membership = Membership(host, signer, self._load, cfg.membership, access=self.access)
         self.membership = membership
+        router = Router(self.peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
+        dispatcher = Dispatcher(
+            self.peer_id,
+            membership,
+            caller,
+            RouterPlanner(
+                router,
+                lambda: membership.table,
+                self._local_node,
+                lambda: dispatcher.in_flight,
+            ),
+            max_attempts=cfg.router.max_attempts,
+        )
+        self.dispatcher = dispatcher
+        self.router = router
         service = InferenceService(
-            self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=membership
+            self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=dispatcher
         )
         self.service = service
         handler = InferHandler(service, limits=cfg.limits, access=self.access)
@@ -275,6 +293,7 @@ class Node:
                     "records_refused_on_arrival": self._caps.refused_records,
                     "caps": {"streams_in": self._caps.streams, "records_in": self._caps.exchanges},
                     "runners": self.runner_status(),
+                    "routing": self._routing_view(),
                     "models_failed": dict(self.failed_models),
                     "access": {
                         "private_swarm": self.config.swarm_key is not None,
@@ -304,6 +323,27 @@ class Node:
         }
         extra = {"circuits": circuits} if circuits else {}
         return {**body, **extra, "peers": self.membership.peer_sample()}
+
+    def _routing_view(self) -> dict[str, Any]:
+        assert self.router is not None and self.dispatcher is not None  # set before serving
+        return {
+            "strategy": str(self.router.config.strategy),
+            "failovers": self.dispatcher.failovers,
+            "peer_breakers": self.router.breakers.describe(),
+        }
+
+    def _local_node(self) -> LocalNode:
+        assert self.service is not None  # set before serving
+        circuits = {
+            name: breaker
+            for name, state in self.runner_status().items()
+            if isinstance(breaker := _find(state, "breaker"), str)
+        }
+        return LocalNode(
+            models=[r.info for r in self._runners.values()],
+            load=self.service.load(),
+            circuits=circuits,
+        )
 
     def runner_status(self) -> dict[str, dict[str, Any]]:
         """Each runner's live state (circuit breaker, batching), for status and records.

@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -51,14 +51,10 @@ from bootstrap.table import (
     serving,
 )
 from capabilities.signing import RecordBook, RecordRejected, RecordReplayed
-from protocols import CapabilityRecord, ProtocolError, Request, Result, SwarmError
-from runners.errors import ModelNotFound
+from protocols import CapabilityRecord, ProtocolError, SwarmError
 
 from .access import AccessPolicy
-from .caller import Caller
 from .caps import CapsStreams, Received, RecordSigner
-from .errors import PeerUnavailable
-from .service import Emit
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +95,12 @@ class Membership:
         self,
         host: Any,
         signer: RecordSigner,
-        caller: Caller,
         load: Callable[[], Mapping[str, Any]],
         config: MembershipConfig = MembershipConfig(),
         access: AccessPolicy | None = None,
     ) -> None:
         self._host = host
         self._signer = signer
-        self._caller = caller
         self._streams = CapsStreams(host)
         self._load = load
         self.config = config
@@ -119,7 +113,6 @@ class Membership:
         )
         self._linking: set[str] = set()
         self._last_try: dict[str, float] = {}
-        self._in_flight: dict[str, int] = {}
         self._sampled: dict[str, float] = {}  # peer -> when we last pulled its sample
         self._limiter = trio.CapacityLimiter(config.max_linking)
         self._changed = trio.Event()
@@ -347,7 +340,7 @@ class Membership:
         """Whether forwarding could work: a linked peer serves it, or the DHT may know one."""
         return bool(serving(self.table, model)) or self.finder is not None
 
-    async def _providers(self, model: str) -> list[Peer]:
+    async def providers(self, model: str) -> list[Peer]:
         """Linked peers serving ``model``; asks the DHT and links what it finds if none."""
         found = serving(self.table, model)
         if found or self.finder is None:
@@ -361,55 +354,15 @@ class Membership:
                 await self.wait_changed()
         return found
 
-    async def forward(self, request: Request, emit: Emit) -> Result:
-        """Send ``request`` to a linked peer serving its model, least busy first.
-
-        A peer that cannot be reached is marked and the next one tried; any
-        answer (or a loss after sending) is final here: retries of work that may
-        have run are the router's business.
-        """
-        candidates = await self._providers(request.model)
-        if not candidates:
-            raise ModelNotFound(f"no peer in the swarm is known to serve {request.model!r}")
-        random.shuffle(candidates)  # spread ties
-        candidates.sort(key=lambda p: self._in_flight.get(p.peer_id, 0) + _queued(p.load))
-        left = trio.current_effective_deadline() - trio.current_time()
-        deadline_ms = None if left == float("inf") else max(1, int(left * 1000))
-        forwarded = replace(request, hops=request.hops + 1, deadline_ms=deadline_ms)
-
-        async def relay(chunk: Any) -> None:
-            await emit(chunk.outputs)
-
-        last: SwarmError | None = None
-        for peer in candidates:
-            self._in_flight[peer.peer_id] = self._in_flight.get(peer.peer_id, 0) + 1
-            try:
-                result = await self._caller.call(ID.from_base58(peer.peer_id), forwarded, relay)
-            except PeerUnavailable as exc:
-                self._apply(Unreachable(peer.peer_id, _reason(exc), trio.current_time()))
-                last = exc
-                continue
-            finally:
-                self._in_flight[peer.peer_id] -= 1
-            return replace(
-                result, id=request.id, meta={**result.meta, "forwarded_by": self.self_id}
-            )
-        raise last or PeerUnavailable(f"no linked peer serves {request.model!r}")
+    def mark_unreachable(self, peer_id: str, reason: str) -> None:
+        """A dial or stream to ``peer_id`` failed (silence will drop it if it lasts)."""
+        self._apply(Unreachable(peer_id, reason, trio.current_time()))
 
 
 def _version(body: Mapping[str, Any] | None) -> int:
     """The content version of a peer's full record we hold (0: none)."""
     version = (body or {}).get("version")
     return version if isinstance(version, int) else 0
-
-
-def _queued(load: Mapping[str, Any] | None) -> int:
-    depth = (load or {}).get("queue_depth")
-    in_flight = (load or {}).get("in_flight")
-    total = (
-        sum(v for v in depth.values() if isinstance(v, int)) if isinstance(depth, Mapping) else 0
-    )
-    return total + (in_flight if isinstance(in_flight, int) else 0)
 
 
 def _reason(exc: BaseException) -> str:

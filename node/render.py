@@ -45,6 +45,11 @@ def result_text(result: Result) -> str:
     line += f" in {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
     if meta.get("forwarded_by"):
         line += f", forwarded by {meta['forwarded_by']}"
+    attempts = meta.get("attempts")
+    if isinstance(attempts, int) and attempts > 1:
+        line += f", after {attempts} attempts"
+    if meta.get("took_ms") is not None:
+        line += f"; {meta['took_ms']} ms in all"
     lines.append(line)
     return "\n".join(lines)
 

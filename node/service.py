@@ -9,6 +9,7 @@ started or OUTCOME_UNKNOWN if it had.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,9 +31,14 @@ Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 
 
 class Forwarder(Protocol):
-    """Sends a request this node cannot run to a peer that can."""
+    """Chooses where a request runs (``local`` runs it here) and fails over."""
 
-    async def forward(self, request: Request, emit: Emit) -> Result: ...
+    async def forward(
+        self,
+        request: Request,
+        emit: Emit,
+        local: Callable[[], Awaitable[Result]] | None = None,
+    ) -> Result: ...
 
     def serves(self, model: str) -> bool: ...
 
@@ -135,13 +141,25 @@ class InferenceService:
         raise DeadlineExceeded(f"deadline of {request.deadline_ms} ms passed")
 
     async def _route(self, request: Request, emit: Emit, job: _Active) -> Result:
+        """A client's request is routed here (this node or a peer, with failover);
+        a request a peer routed to us runs here if we serve its model."""
         name = request.model.lower()
         runner = self.runners.get(name)
-        if runner is not None:
+        forwarder = self.forwarder
+        if runner is not None and (forwarder is None or request.hops > 0):
             return await self._run_local(name, runner, request, emit, job)
-        if self.forwarder is not None and request.hops < MAX_HOPS and self.forwarder.serves(name):
-            self.stats.forwarded += 1
-            return await self.forwarder.forward(request, emit)
+        if (
+            forwarder is not None
+            and request.hops < MAX_HOPS
+            and (runner is not None or forwarder.serves(name))
+        ):
+            local = None
+            if runner is not None:
+                local = functools.partial(self._run_local, name, runner, request, emit, job)
+            result = await forwarder.forward(request, emit, local)
+            if result.meta.get("served_by") != self.node_id:
+                self.stats.forwarded += 1
+            return result
         raise ModelNotFound(
             f"no peer known to this node serves {request.model!r}; "
             f"this node serves {sorted(self.runners) or 'no models'}"

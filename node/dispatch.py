@@ -1,0 +1,267 @@
+"""Where a job runs, and what happens when that fails: routing with failover.
+
+The node a client talks to routes: it asks the router for the candidates that
+serve the model (itself included, when it does), tries the first, and on a
+failure decides from the failure alone whether the next may be tried:
+
+- nothing was sent (``PeerUnavailable``), or the peer answered an error whose
+  retry policy is ELSEWHERE (``OVERLOADED``, ``NOT_EXECUTED``,
+  ``MODEL_NOT_FOUND``...): the next candidate, at once;
+- the peer may have run it (the stream broke after the request left, garbage
+  came back, or ``OUTCOME_UNKNOWN`` / ``INTERNAL``): the next candidate only if
+  the request is idempotent (inference is, by default), else that error;
+- the request itself is at fault (``BAD_REQUEST``...) or the deadline passed:
+  that error, at once.
+
+A stream that already relayed chunks is never retried (the caller has part of
+one answer; a second would be a different one): it fails with ``StreamBroken``,
+which says how many chunks arrived. Attempts are bounded, and the request's
+deadline bounds them all. Only one answer ever reaches the caller: an attempt
+is abandoned (and the peer told ``Cancel``) before the next starts, and every
+attempt carries the caller's request id.
+
+Peers that fail are reported to the peer breakers, which keep them out of plans
+for a while (doubling on each failed probe); peers that answer close them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import trio
+from libp2p.peer.id import ID
+
+from bootstrap.table import PeerTable
+from protocols import (
+    ErrorCode,
+    RemoteError,
+    RemoteProtocolError,
+    Request,
+    Result,
+    Retry,
+    SwarmError,
+    retry_policy,
+)
+from runners.errors import ModelNotFound
+
+from .caller import Caller
+from .errors import ConnectionLost, NodeError, PeerUnavailable
+from .router import LocalNode, Router, RouteRequest, Strategy
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Mapping[str, Any]], Awaitable[None]]
+RunLocal = Callable[[], Awaitable[Result]]
+# Codes after which a peer counts as failing (not the request's fault, not busy).
+PEER_FAULTS = frozenset({ErrorCode.INTERNAL, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.MALFORMED})
+
+
+class StreamBroken(NodeError):
+    """The peer producing a stream failed after some chunks were relayed."""
+
+    code = ErrorCode.OUTCOME_UNKNOWN
+
+    def __init__(self, message: str, *, chunks: int) -> None:
+        super().__init__(message)
+        self.chunks = chunks
+
+
+class BadStrategy(NodeError):
+    code = ErrorCode.BAD_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One candidate of a plan: a peer, or this node itself."""
+
+    peer_id: str
+    local: bool = False
+
+
+class Planner(Protocol):
+    """Orders the candidates for ``request``, leaving out ``exclude``."""
+
+    def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]: ...
+
+    def admit(self, peer_id: str) -> bool: ...
+
+    def success(self, peer_id: str) -> None: ...
+
+    def failure(self, peer_id: str) -> None: ...
+
+    def abandon(self, peer_id: str) -> None: ...
+
+
+class Providers(Protocol):
+    """What the dispatcher needs of membership."""
+
+    def serves(self, model: str) -> bool: ...
+
+    async def providers(self, model: str) -> list[Any]: ...
+
+    def mark_unreachable(self, peer_id: str, reason: str) -> None: ...
+
+
+class Dispatcher:
+    """Routes a request to a candidate and fails over (see the module docstring)."""
+
+    def __init__(
+        self,
+        self_id: str,
+        providers: Providers,
+        caller: Caller,
+        planner: Planner,
+        *,
+        max_attempts: int = 3,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.self_id = self_id
+        self._providers = providers
+        self._caller = caller
+        self._planner = planner
+        self.max_attempts = max_attempts
+        self.in_flight: dict[str, int] = {}  # our requests at each peer, now
+        self.failovers = 0  # attempts after the first, for status
+
+    def serves(self, model: str) -> bool:
+        return self._providers.serves(model)
+
+    async def forward(self, request: Request, emit: Emit, local: RunLocal | None = None) -> Result:
+        """Run ``request`` on the best candidate, failing over as the module says.
+
+        ``local`` runs it on this node (when this node serves the model): the
+        planner may choose it like any peer. Raises the last attempt's error,
+        ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
+        """
+        tried: set[str] = set()
+        relayed = 0
+        last: SwarmError | None = None
+
+        async def relay(chunk: Any) -> None:
+            nonlocal relayed
+            relayed += 1
+            await emit(chunk.outputs)
+
+        attempts = 0
+        while attempts < self.max_attempts:
+            plan = self._planner.plan(request, frozenset(tried), local is not None)
+            if not plan and not tried and local is None:
+                await self._providers.providers(request.model)  # the DHT, when it runs
+                plan = self._planner.plan(request, frozenset(tried), False)
+            if not plan:
+                break
+            choice = plan[0]
+            tried.add(choice.peer_id)
+            if not choice.local and not self._planner.admit(choice.peer_id):
+                continue  # its breaker's one probe is out already: not an attempt
+            attempts += 1
+            if attempts > 1:
+                self.failovers += 1
+            try:
+                if choice.local:
+                    assert local is not None
+                    result = await local()
+                else:
+                    result = await self._remote(choice.peer_id, request, relay)
+            except SwarmError as exc:
+                if relayed:
+                    raise StreamBroken(
+                        f"{choice.peer_id} failed after {relayed} chunk(s) of the stream: {exc}",
+                        chunks=relayed,
+                    ) from exc
+                if not _may_retry(exc, request):
+                    raise
+                log.info("attempt %d at %s failed, trying another: %s", attempts, choice, exc)
+                last = exc
+                continue
+            meta: dict[str, Any] = {**result.meta, "attempts": attempts}
+            if not choice.local:
+                meta["forwarded_by"] = self.self_id
+            return replace(result, id=request.id, meta=meta)
+        if last is not None:
+            raise last
+        raise ModelNotFound(f"no peer in the swarm is known to serve {request.model!r}")
+
+    async def _remote(self, peer_id: str, request: Request, relay: Any) -> Result:
+        left = trio.current_effective_deadline() - trio.current_time()
+        deadline_ms = None if left == float("inf") else max(1, int(left * 1000))
+        forwarded = replace(request, hops=request.hops + 1, deadline_ms=deadline_ms)
+        self.in_flight[peer_id] = self.in_flight.get(peer_id, 0) + 1
+        verdict: str | None = None
+        try:
+            result = await self._caller.call(ID.from_base58(peer_id), forwarded, relay)
+            verdict = "success"
+            return result
+        except PeerUnavailable as exc:
+            verdict = "failure"
+            self._providers.mark_unreachable(peer_id, str(exc))
+            raise
+        except RemoteError as exc:
+            verdict = "failure" if exc.code in PEER_FAULTS else "success"
+            raise
+        except (ConnectionLost, RemoteProtocolError) as exc:
+            verdict = "failure"
+            raise ConnectionLost(f"{peer_id} broke off after the request left: {exc}") from exc
+        finally:
+            left_over = self.in_flight[peer_id] - 1
+            if left_over:
+                self.in_flight[peer_id] = left_over
+            else:
+                del self.in_flight[peer_id]
+            if verdict == "success":
+                self._planner.success(peer_id)
+            elif verdict == "failure":
+                self._planner.failure(peer_id)
+            else:  # cancelled: no verdict on the peer
+                self._planner.abandon(peer_id)
+
+
+def _may_retry(exc: SwarmError, request: Request) -> bool:
+    policy = retry_policy(exc.code)
+    return policy is Retry.ELSEWHERE or (policy is Retry.IF_IDEMPOTENT and request.idempotent)
+
+
+class RouterPlanner:
+    """The dispatcher's planner: ``node.router.Router`` over the membership table."""
+
+    def __init__(
+        self,
+        router: Router,
+        table: Callable[[], PeerTable],
+        local: Callable[[], LocalNode],
+        in_flight: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self.router = router
+        self._table = table
+        self._local = local
+        self._in_flight = in_flight
+
+    def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
+        try:
+            strategy = None if request.strategy is None else Strategy(request.strategy)
+        except ValueError:
+            known = ", ".join(s.value for s in Strategy)
+            raise BadStrategy(f"unknown strategy {request.strategy!r}; one of {known}") from None
+        query = RouteRequest(
+            model=request.model, strategy=strategy, priority=request.priority, exclude=exclude
+        )
+        found = self.router.plan(
+            self._table(), self._local() if local else None, query, self._in_flight()
+        )
+        return [Choice(c.peer_id, c.local) for c in found]
+
+    def admit(self, peer_id: str) -> bool:
+        return self.router.breakers.admit(peer_id) is None
+
+    def success(self, peer_id: str) -> None:
+        self.router.breakers.success(peer_id)
+
+    def failure(self, peer_id: str) -> None:
+        self.router.breakers.failure(peer_id)
+
+    def abandon(self, peer_id: str) -> None:
+        self.router.breakers.abandon(peer_id)
