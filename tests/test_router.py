@@ -576,13 +576,47 @@ def test_router_config_from_a_config_table() -> None:
     assert config.strategy is Strategy.BEST_PERFORMANCE and config.max_attempts == 2
     assert config.peer_cooldown_s == 2.0 and config.weights == Weights(hop=1.5)
     assert RouterConfig.from_table(Table({}, "router")) == RouterConfig()
-    for bad, named in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"strategy": "fastest"}, "router.strategy"),
         ({"max_attempts": 0}, "router.max_attempts"),
         ({"weights": {"hop": -1}}, "router.weights.hop"),
         ({"weights": {"hops": 1}}, "hops"),
         ({"retries": 1}, "retries"),
         ({"peer_cooldown_s": 10, "peer_max_cooldown_s": 5}, "router.peer_max_cooldown_s"),
-    ]:
+    ]
+    for bad, named in cases:
         with pytest.raises(ConfigError, match=named):
             RouterConfig.from_table(Table(bad, "router"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "success", "failure", "abandon", "wait"]),
+            st.sampled_from(["a", "b"]),
+            st.floats(0, 20),
+        ),
+        max_size=60,
+    )
+)
+def test_peer_breaker_properties(steps: list[tuple[str, str, float]]) -> None:
+    """Cooldowns stay in [base, cap]; never two probes out; open means refused."""
+    clock = Clock()
+    b = PeerBreakers(2, 3.0, 40.0, clock, max_peers=8)
+    out: set[str] = set()  # peers with an admitted call and no verdict yet
+    for op, peer, dt in steps:
+        if op == "wait":
+            clock.now += dt
+        elif op == "admit":
+            before, probing = b.state(peer), b.probing(peer)
+            wait = b.admit(peer)
+            if before == BreakerState.OPEN or probing:
+                assert wait is not None and wait > 0
+            if wait is None:
+                out.add(peer)
+        elif peer in out:
+            out.discard(peer)
+            getattr(b, op)(peer)
+        assert 3.0 <= b.cooldown(peer) <= 40.0
+        assert b.state(peer) != BreakerState.CLOSED or not b.probing(peer)
