@@ -226,6 +226,14 @@ class Router:
         )
         self._turns: dict[str, int] = {}  # round-robin position per model (casefolded)
 
+    def describe(self) -> dict[str, Any]:
+        """Plain data for ``swarm status``: the default strategy and peers held against."""
+        return {
+            "strategy": str(self.config.strategy),
+            "max_attempts": self.config.max_attempts,
+            "peers": self.breakers.describe(),
+        }
+
     def plan(
         self,
         table: PeerTable,
