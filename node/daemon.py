@@ -326,10 +326,12 @@ class Node:
 
     def _routing_view(self) -> dict[str, Any]:
         assert self.router is not None and self.dispatcher is not None  # set before serving
+        described = self.router.describe()
         return {
-            "strategy": str(self.router.config.strategy),
+            "strategy": described["strategy"],
+            "max_attempts": described["max_attempts"],
             "failovers": self.dispatcher.failovers,
-            "peer_breakers": self.router.breakers.describe(),
+            "peer_breakers": described["peers"],
         }
 
     def _local_node(self) -> LocalNode:
