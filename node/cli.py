@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -30,6 +31,8 @@ from runners.catalog import (
     parse_model_spec,
     specs_from_config,
 )
+from runners.errors import ConfigError as RunnerConfigError
+from runners.settings import Table
 
 from . import logs
 from .access import load_allow_list, load_swarm_key, new_swarm_key_text
@@ -103,13 +106,15 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="FILE",
-        help=f"[[models]] and [backends.NAME] tables (default DATA_DIR/{CONFIG_FILE} if present)",
+        help=(
+            f"[[models]], [backends.NAME] and [router] tables "
+            f"(default DATA_DIR/{CONFIG_FILE} if present)"
+        ),
     )
     d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
     d.add_argument(
         "--strategy",
         choices=[str(x) for x in Strategy],
-        default=str(Strategy.LEAST_LOADED),
         help="how this node picks where a job runs, unless the job says (default least-loaded)",
     )
     d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
@@ -233,21 +238,25 @@ def _data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
+def _config_file(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """config.toml as data (empty when there is none), and where it was read."""
+    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
+    if args.config is None and not path.exists():
+        return {}, str(path)
+    try:
+        return tomllib.loads(path.read_text()), str(path)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+
+def _models(args: argparse.Namespace, config: dict[str, Any], source: str) -> tuple[ModelSpec, ...]:
     """The models of config.toml, then those of --model; the default if none.
 
     Every declaration is validated here, before anything starts: a typo is bad
     usage, said at once with the field it is in.
     """
-    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
-    specs: list[ModelSpec] = []
     try:
-        if args.config is not None or path.exists():
-            try:
-                data = tomllib.loads(path.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"cannot read {path}: {exc}") from exc
-            specs += specs_from_config(data, str(path))
+        specs = specs_from_config(config, source) if config else []
         specs += [parse_model_spec(text) for text in args.model or ()]
         if not specs:
             specs.append(parse_model_spec(DEFAULT_MODEL))
@@ -260,10 +269,30 @@ def _models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
     return tuple(specs)
 
 
+def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> RouterConfig:
+    """config.toml's [router] table; --strategy overrides its strategy."""
+    try:
+        table = config.get("router")
+        router = (
+            RouterConfig()
+            if table is None
+            else RouterConfig.from_table(Table(table, f"{source}: router"))
+        )
+    except (RunnerConfigError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.strategy is not None:
+        router = dataclasses.replace(router, strategy=Strategy(args.strategy))
+    return router
+
+
 async def _daemon(args: argparse.Namespace) -> int:
     if args.no_models and args.model:
         raise ConfigError("--no-models and --model exclude each other")
-    models = () if args.no_models else _models(args)
+    file, source = _config_file(args)
+    unknown = sorted(set(file) - {"models", "backends", "router"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {', '.join(unknown)}")
+    models = () if args.no_models else _models(args, file, source)
     config = NodeConfig(
         data_dir=args.data_dir.expanduser(),
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
@@ -277,7 +306,7 @@ async def _daemon(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         dht=not args.no_dht,
         membership=_membership(args),
-        router=RouterConfig(strategy=Strategy(args.strategy)),
+        router=_router(args, file, source),
         allow=load_allow_list(args.allow, args.allow_file),
     )
     node = Node(config)

@@ -531,3 +531,24 @@ def test_bad_cli_input_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     assert f"available: {MODEL_NAME}" in bad_model.stderr and "fake:NAME" in bad_model.stderr
     assert "Traceback" not in bad_model.stderr
     assert not (data_dir / STATE_FILE).exists()
+
+
+def test_bad_config_files_are_refused_naming_the_field(tmp_path: Path) -> None:
+    files = {
+        "router.toml": '[router]\nstrategy = "fastest"\n',
+        "model.toml": '[[models]]\nkind = "openvino-classify"\nprecison = "int8"\n',
+        "table.toml": "[routers]\nstrategy = 1\n",
+        "syntax.toml": "[[models]\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    daemon = ["daemon", "--listen", LOOPBACK, "--no-cuda-probe", "--data-dir", str(tmp_path)]
+    done = cli(*([*daemon, "--config", str(tmp_path / name)] for name in files))
+    messages = {name: d.stderr for name, d in zip(files, done, strict=True)}
+    assert all(d.returncode == 2 and d.stdout == "" for d in done), messages
+    assert "router.toml: router" in messages["router.toml"]
+    assert "fastest" in messages["router.toml"]
+    assert "models[0]: unknown field(s) precison" in messages["model.toml"]
+    assert "unknown table(s) routers" in messages["table.toml"]
+    assert "cannot read" in messages["syntax.toml"]
+    assert not any("Traceback" in m for m in messages.values())
