@@ -54,7 +54,7 @@ from .router import LocalNode, Router, RouteRequest, Strategy
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Mapping[str, Any]], Awaitable[None]]
-RunLocal = Callable[[], Awaitable[Result]]
+RunLocal = Callable[[Emit], Awaitable[Result]]  # runs it here, chunks to the Emit given
 # Codes after which a peer counts as failing (not the request's fault, not busy).
 PEER_FAULTS = frozenset({ErrorCode.INTERNAL, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.MALFORMED})
 
@@ -141,10 +141,13 @@ class Dispatcher:
         relayed = 0
         last: SwarmError | None = None
 
-        async def relay(chunk: Any) -> None:
+        async def counted(outputs: Mapping[str, Any]) -> None:
             nonlocal relayed
             relayed += 1
-            await emit(chunk.outputs)
+            await emit(outputs)
+
+        async def relay(chunk: Any) -> None:
+            await counted(chunk.outputs)
 
         attempts = 0
         while attempts < self.max_attempts:
@@ -164,7 +167,7 @@ class Dispatcher:
             try:
                 if choice.local:
                     assert local is not None
-                    result = await local()
+                    result = await local(counted)
                 else:
                     result = await self._remote(choice.peer_id, request, relay)
             except SwarmError as exc:

@@ -37,7 +37,7 @@ class Forwarder(Protocol):
         self,
         request: Request,
         emit: Emit,
-        local: Callable[[], Awaitable[Result]] | None = None,
+        local: Callable[[Emit], Awaitable[Result]] | None = None,
     ) -> Result: ...
 
     def serves(self, model: str) -> bool: ...
@@ -155,7 +155,7 @@ class InferenceService:
         ):
             local = None
             if runner is not None:
-                local = functools.partial(self._run_local, name, runner, request, emit, job)
+                local = functools.partial(self._run_local_to, name, runner, request, job)
             result = await forwarder.forward(request, emit, local)
             if result.meta.get("served_by") != self.node_id:
                 self.stats.forwarded += 1
@@ -164,6 +164,11 @@ class InferenceService:
             f"no peer known to this node serves {request.model!r}; "
             f"this node serves {sorted(self.runners) or 'no models'}"
         )
+
+    async def _run_local_to(
+        self, name: str, runner: Runner, request: Request, job: _Active, emit: Emit
+    ) -> Result:
+        return await self._run_local(name, runner, request, emit, job)
 
     async def _run_local(
         self, name: str, runner: Runner, request: Request, emit: Emit, job: _Active
