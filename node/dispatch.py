@@ -176,7 +176,7 @@ class Dispatcher:
                         f"{choice.peer_id} failed after {relayed} chunk(s) of the stream: {exc}",
                         chunks=relayed,
                     ) from exc
-                if not _may_retry(exc, request):
+                if not may_fail_over(exc, request):
                     raise
                 log.info("attempt %d at %s failed, trying another: %s", attempts, choice, exc)
                 last = exc
@@ -223,7 +223,8 @@ class Dispatcher:
                 self._planner.abandon(peer_id)
 
 
-def _may_retry(exc: SwarmError, request: Request) -> bool:
+def may_fail_over(exc: SwarmError, request: Request) -> bool:
+    """Whether a job that failed with ``exc`` may go to the next candidate."""
     policy = retry_policy(exc.code)
     return policy is Retry.ELSEWHERE or (policy is Retry.IF_IDEMPOTENT and request.idempotent)
 
