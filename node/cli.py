@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,15 @@ from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_sta
 from .errors import ConfigError, sole_error
 from .host import build_host, load_or_create_identity
 from .membership import MembershipConfig
-from .render import jsonable, peers_text, result_json, result_text, status_text
+from .render import (
+    jsonable,
+    model_rows,
+    models_text,
+    peers_text,
+    result_json,
+    result_text,
+    status_text,
+)
 from .router import RouterConfig, Strategy
 
 log = logging.getLogger("swarm")
@@ -214,6 +223,17 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
 
+    mo = sub.add_parser("models", help="list the models a node and its peers serve")
+    _data_dir(mo)
+    mo.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
+    mo.add_argument("--json", action="store_true", help="machine-readable output")
+    mo.set_defaults(func=_models_cmd)
+
+    ini = sub.add_parser("init", help="write a commented config.toml into the data dir")
+    _data_dir(ini)
+    ini.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    ini.set_defaults(func=_init)
+
     pe = sub.add_parser("peers", help="list the peers a node knows")
     _data_dir(pe)
     pe.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
@@ -351,6 +371,28 @@ def _keygen(args: argparse.Namespace) -> int:
     path.touch(mode=0o600)
     path.write_text(new_swarm_key_text())
     print(f"wrote a new swarm key to {path}; give it to every node of the swarm (--swarm-key)")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = args.data_dir.expanduser() / CONFIG_FILE
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} exists; not overwriting it (--force to replace)")
+    template = resources.files("node").joinpath("default_config.toml").read_text()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(template)
+    print(f"wrote {path}; edit it, then start `swarm daemon --data-dir {args.data_dir}`")
+    return 0
+
+
+async def _models_cmd(args: argparse.Namespace) -> int:
+    async with _connect(args, _target(args)) as client:
+        record = await client.record()
+    rows = model_rows(record.body)
+    if args.json:
+        print(json.dumps({"peer_id": record.peer_id, "models": rows}, indent=2))
+    else:
+        print(models_text(rows))
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,3 +180,36 @@ def peers_text(rows: list[Mapping[str, Any]], problems: Mapping[str, str]) -> st
         ]
     lines += [f"discovery {source}: {problem}" for source, problem in problems.items()]
     return "\n".join(lines)
+
+
+def model_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every model the node and its linked peers serve: who serves it, and how."""
+    found: dict[str, dict[str, Any]] = {}
+    for model in body.get("models", []):
+        name = str(model.get("name", "?"))
+        row = found.setdefault(name.lower(), {"model": name, "local": None, "peers": []})
+        row["local"] = {k: model.get(k) for k in ("task", "runner", "device", "precision")}
+    for peer in body.get("view", {}).get("peers", []):
+        if peer.get("status") != "linked":
+            continue
+        for name in peer.get("models", []):
+            row = found.setdefault(name.lower(), {"model": name, "local": None, "peers": []})
+            row["peers"].append(peer.get("peer_id"))
+    return [found[k] for k in sorted(found)]
+
+
+def models_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The models table: name, how this node runs it, and which peers serve it."""
+    if not rows:
+        return "no models served by this node or its linked peers"
+    table = [("MODEL", "HERE", "PEERS")]
+    for r in rows:
+        local = r.get("local")
+        here = f"{local.get('task')} {local.get('runner')}/{local.get('device')}" if local else "-"
+        peers = r.get("peers") or []
+        shown = ", ".join(str(p)[-8:] for p in peers[:4]) + (" ..." if len(peers) > 4 else "")
+        table.append((str(r.get("model")), here, f"{len(peers)}: {shown}" if peers else "0"))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )

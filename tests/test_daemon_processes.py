@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from conftest import LOOPBACK
 
 from node.client import SwarmClient
 from runners import convert_minilm
+from runners.catalog import specs_from_config
 from runners.openvino_embed import DIM, MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -552,3 +554,22 @@ def test_bad_config_files_are_refused_naming_the_field(tmp_path: Path) -> None:
     assert "unknown table(s) routers" in messages["table.toml"]
     assert "cannot read" in messages["syntax.toml"]
     assert not any("Traceback" in m for m in messages.values())
+
+
+def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
+    (first,) = cli(["init", "--data-dir", str(tmp_path)])
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "config.toml"
+    specs = specs_from_config(tomllib.loads(path.read_text()), str(path))
+    assert [s.kind for s in specs] == ["openvino-embed"]
+    (again,) = cli(["init", "--data-dir", str(tmp_path)])
+    assert again.returncode == 2 and "exists" in again.stderr
+    (forced,) = cli(["init", "--data-dir", str(tmp_path), "--force"])
+    assert forced.returncode == 0
+
+
+def test_models_lists_what_the_swarm_serves(swarm: Swarm) -> None:
+    (done,) = cli(["models", "--json", "--peer", swarm.a.addr])
+    rows = {r["model"]: r for r in ok_json(done)["models"]}
+    assert rows["echo"]["local"] is None and rows["echo"]["peers"] == [swarm.b.peer_id]
+    assert rows["other"]["peers"] == [swarm.c.peer_id]

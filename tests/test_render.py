@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.render import result_text, status_text
+from node.render import model_rows, models_text, result_text, status_text
 from protocols import Result
 
 
@@ -40,3 +40,22 @@ def test_result_says_who_served_after_how_many_attempts() -> None:
     meta = {"served_by": "B", "forwarded_by": "A", "attempts": 2, "took_ms": 12.5}
     text = result_text(Result("r1", {}, meta))
     assert "forwarded by A, after 2 attempts; 12.5 ms in all" in text
+
+
+def test_models_table_joins_this_node_and_its_peers() -> None:
+    body = {
+        "models": [{"name": "echo", "task": "fake", "runner": "fake", "device": "none"}],
+        "view": {
+            "peers": [
+                {"peer_id": "12D3KooWpeerAAAAAAAA", "status": "linked", "models": ["Echo", "big"]},
+                {"peer_id": "12D3KooWpeerBBBBBBBB", "status": "unreachable", "models": ["big"]},
+            ]
+        },
+    }
+    rows = model_rows(body)
+    assert [(r["model"], len(r["peers"]), r["local"] is not None) for r in rows] == [
+        ("big", 1, False),
+        ("echo", 1, True),
+    ]
+    text = models_text(rows)
+    assert "echo   fake fake/none  1: AAAAAAAA" in text and "big    -" in text
