@@ -13,12 +13,12 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from capabilities.record import Load
-from protocols import MAX_HOPS, Priority, Request, Result, Value
+from protocols import MAX_HOPS, Priority, Request, Result, SwarmError, Value
 from runners.base import Runner, opened_stream
 from runners.errors import ModelNotFound
 
@@ -82,6 +82,9 @@ class InferenceService:
             for name, r in self.runners.items()
         }
         self.forwarder = forwarder
+        # Told of every finished request (metrics): request, outcome ("ok" or an error
+        # code), seconds taken, and the node that ran it when it ran.
+        self.observer: Callable[[Request, str, float, str | None], None] | None = None
         self.draining = False
         self.stats = Stats()
         self._active: set[_Active] = set()
@@ -109,19 +112,29 @@ class InferenceService:
             raise ShuttingDown("the node is shutting down and takes no new work")
         job = _Active()
         self._active.add(job)
+        started = trio.current_time()
         try:
             with job.scope:
-                return await self._within_deadline(request, emit, job)
+                result = await self._within_deadline(request, emit, job)
+                self._observe(request, "ok", started, result.meta.get("served_by"))
+                return result
             if job.started:
                 raise Interrupted("the node shut down while running the request")
             raise ShuttingDown("the node shut down before running the request")
-        except BaseException:
+        except BaseException as exc:
             self.stats.failed += 1
+            outcome = str(exc.code) if isinstance(exc, SwarmError) else "CANCELLED"
+            self._observe(request, outcome, started, None)
             raise
         finally:
             self._active.discard(job)
             if not self._active and self._drained is not None:
                 self._drained.set()
+
+    def _observe(self, request: Request, outcome: str, started: float, by: Any) -> None:
+        if self.observer is not None:
+            served_by = by if isinstance(by, str) else None
+            self.observer(request, outcome, trio.current_time() - started, served_by)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work; let work in flight finish for ``grace_s``, then cut it off."""
