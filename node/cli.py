@@ -61,7 +61,10 @@ CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logs.configure(args.log_level or ("INFO" if args.func is _daemon else "WARNING"))
+    logs.configure(
+        args.log_level or ("INFO" if args.func is _daemon else "WARNING"),
+        json_lines=args.log_format == "json",
+    )
     try:
         # Commands that touch no network (keygen, id) are plain functions.
         run = trio.run if inspect.iscoroutinefunction(args.func) else (lambda f, a: f(a))
@@ -84,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer inference node.")
     p.add_argument(
         "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for daemon, else WARNING)"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines, or one JSON object per line (with request_id) for log collectors",
     )
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 

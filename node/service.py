@@ -22,6 +22,7 @@ from protocols import MAX_HOPS, Priority, Request, Result, SwarmError, Value
 from runners.base import Runner, opened_stream
 from runners.errors import ModelNotFound
 
+from . import logs
 from .admission import PriorityGate
 from .errors import DeadlineExceeded, Interrupted, ShuttingDown
 
@@ -113,6 +114,7 @@ class InferenceService:
         job = _Active()
         self._active.add(job)
         started = trio.current_time()
+        logs.request_id.set(request.id)  # each request runs in a task of its own
         try:
             with job.scope:
                 result = await self._within_deadline(request, emit, job)
@@ -132,9 +134,11 @@ class InferenceService:
                 self._drained.set()
 
     def _observe(self, request: Request, outcome: str, started: float, by: Any) -> None:
+        took = trio.current_time() - started
+        served_by = by if isinstance(by, str) else None
+        log.debug("%s %s in %.1f ms, ran on %s", request.model, outcome, 1000 * took, served_by)
         if self.observer is not None:
-            served_by = by if isinstance(by, str) else None
-            self.observer(request, outcome, trio.current_time() - started, served_by)
+            self.observer(request, outcome, took, served_by)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work; let work in flight finish for ``grace_s``, then cut it off."""
