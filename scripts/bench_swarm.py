@@ -392,7 +392,8 @@ async def failover(swarm: Swarm, kills: int, warm_s: float, service_ms: float) -
     for k, at in enumerate(killed_at):
         following = killed_at[k + 1] if k + 1 < len(killed_at) else float("inf")
         moved = [j for j in jobs if j.start < at < j.end < following and j.attempts > 1]
-        late = [j for j in jobs if at <= j.start < following and j.attempts > 1]
+        # Submitted after this kill, retried, done before the next: sent to the dead worker.
+        late = [j for j in jobs if at <= j.start and j.end < following and j.attempts > 1]
         before = [j for j in jobs if at - 1 < j.end <= at]
         recover = [j.end - at - service_ms / 1000 for j in moved]
         recover_all += recover
@@ -542,7 +543,7 @@ def report(r: dict[str, Any], service_ms: float) -> Summary:
     last = rows[-1]
     summary.add(
         f"scaling efficiency at {last['n']} nodes",
-        f"{last['efficiency']:.2f}",
+        f"{last['efficiency']:.3f}",
         f">= {TARGET_EFFICIENCY}",
         last["efficiency"] >= TARGET_EFFICIENCY,
     )
