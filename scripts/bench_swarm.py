@@ -15,7 +15,9 @@ libp2p connection to the entry node, pooled streams) shared by the callers.
    back to back at the entry node; jobs finished in the window per second,
    p50/p99 latency of the jobs started in it, how evenly the workers were
    used, and the CPU each role spent per job (from /proc). Scaling efficiency:
-   throughput at N / (N x throughput at 1), both from this run.
+   throughput at N / (N x throughput at 1), both from this run. Then N = 8
+   again with the jobs asking for round-robin, to compare with the default
+   least-loaded.
 2. The routed hop: one caller alternates between worker 0 directly (the job
    runs there, locally) and the entry node (routed one hop to worker 0), same
    model, same worker; the difference of the medians is what the hop adds.
