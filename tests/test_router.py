@@ -38,10 +38,13 @@ SELF = "self-node"
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = NOW
 
     def __call__(self) -> float:
         return self.now
+
+
+NOW = 1.0  # the clock's start, and when the test tables' reports came
 
 
 def entry(
@@ -69,7 +72,7 @@ def load(
 def table_of(peers: Mapping[str, Mapping[str, Any]]) -> PeerTable:
     table = PeerTable()
     for pid, body in peers.items():
-        table = apply(table, RecordVerified(pid, 1, body, at=1.0))
+        table = apply(table, RecordVerified(pid, 1, body, at=NOW))
     return table
 
 
@@ -633,3 +636,18 @@ def test_peer_breaker_properties(steps: list[tuple[str, str, float]]) -> None:
             getattr(b, op)(peer)
         assert 3.0 <= b.cooldown(peer) <= 40.0
         assert b.state(peer) != BreakerState.CLOSED or not b.probing(peer)
+
+
+def test_an_old_load_report_fades_before_our_fresh_count() -> None:
+    clock = Clock()
+    table = table_of({"old": body(load_=load(in_flight=8)), "new": body(load_=load(in_flight=3))})
+    r = router(clock)
+    fresh = {c.peer_id: c.score for c in r.plan(table, None, RouteRequest("m"), {})}
+    assert fresh["new"] < fresh["old"]  # 3 in flight beats 8
+    # Ten seconds later (four half-lives) "old"'s report says little, while we know of
+    # 2 calls of ours at "new" right now: our fresh count wins over stale reports.
+    clock.now += 10.0
+    later = r.plan(table, None, RouteRequest("m"), {"new": 2})
+    assert later[0].peer_id == "old"
+    scores = {c.peer_id: c.score for c in later}
+    assert scores["old"] < scores["new"]
