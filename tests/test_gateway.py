@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,10 +18,13 @@ import pytest
 import trio
 from conftest import NodeFactory
 
+from node.client import SwarmClient
 from node.daemon import Node
 from node.errors import ConfigError
 from node.gateway import GatewayConfig
+from protocols import Tensor
 from runners.fake import WORDS
+from runners.openvino_embed import DIM, MODEL_NAME
 
 TOKEN = "s3cret-token"
 
@@ -28,7 +33,7 @@ TOKEN = "s3cret-token"
 async def swarm(node_factory: NodeFactory, **http: Any) -> AsyncIterator[tuple[Node, Node, str]]:
     """(gateway node, serving node, gateway URL); the gateway node serves no models."""
     async with (
-        node_factory("serving", models=("fake:echo", "fake:slow:300")) as serving,
+        node_factory("serving", models=("fake:echo", "fake:slow:300", "fake:lazy:3000")) as serving,
         node_factory(
             "gateway", models=(), peers=(serving.addrs[0],), http=GatewayConfig(**http)
         ) as gateway,
@@ -71,7 +76,7 @@ async def test_openai_client_lists_models_and_embeds_across_the_swarm(
                 "/v1/embeddings",
                 json={"model": "echo", "input": "hello", "encoding_format": "base64"},
             )
-    assert sorted(m.id for m in models.data) == ["echo", "slow"]
+    assert sorted(m.id for m in models.data) == ["echo", "lazy", "slow"]
     assert len(one.data) == 1 and len(one.data[0].embedding) == 8  # FakeRunner's dim
     vectors = [d.embedding for d in many.data]
     assert [d.index for d in many.data] == [0, 1, 2]
@@ -237,8 +242,8 @@ async def test_token_guards_every_route_but_health(node_factory: NodeFactory) ->
     view = status.json()
     assert status.status_code == 200 and view["peer_id"] and "hardware" in view
     [peer] = view["view"]["peers"]
-    assert peer["models"] == ["echo", "slow"]
-    assert {m.id for m in models.data} == {"echo", "slow"}
+    assert sorted(peer["models"]) == ["echo", "lazy", "slow"]
+    assert {m.id for m in models.data} == {"echo", "lazy", "slow"}
 
 
 def test_binding_beyond_loopback_needs_a_token_or_insecure(
@@ -256,3 +261,54 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(
     assert GatewayConfig.parse("localhost:9").token is None
     with pytest.raises(ConfigError, match="HOST:PORT"):
         GatewayConfig.parse("8080")
+
+
+async def test_a_client_that_leaves_a_stream_cancels_its_work(node_factory: NodeFactory) -> None:
+    """lazy streams 3 chunks 1 s apart: leaving after the first frees both nodes at once."""
+    async with swarm(node_factory) as (gateway, serving, url):
+        assert gateway.service is not None and serving.service is not None
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+            http.stream(
+                "POST",
+                "/v1/completions",
+                json={"model": "lazy", "prompt": "p", "stream": True},
+            ) as response,
+        ):
+            lines = response.aiter_lines()
+            first = await anext(lines)
+            await lines.aclose()
+        assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["text"]
+        left_at = trio.current_time()
+        for _ in range(75):  # polled for 1.5 s at most; the stream's natural end is ~2 s away
+            if not (gateway.service.in_flight or serving.service.in_flight):
+                break
+            await trio.sleep(0.02)
+        assert not (gateway.service.in_flight or serving.service.in_flight)
+        assert trio.current_time() - left_at < 1.5
+
+
+@pytest.mark.slow
+async def test_real_embeddings_through_the_gateway_match_the_swarm(
+    node_factory: NodeFactory, models_dir: Any, tmp_path: Any
+) -> None:
+    """all-MiniLM-L6-v2 (OpenVINO) on a peer, asked with the official openai client."""
+    target = tmp_path / "real" / "models" / MODEL_NAME
+    target.parent.mkdir(parents=True)
+    shutil.copytree(models_dir / MODEL_NAME, target, copy_function=os.link)
+    texts = ["a cat sits on the mat", "a kitten sits on a rug", "stock markets fell today"]
+    async with (
+        node_factory("real", models=(MODEL_NAME,)) as real,
+        node_factory("gateway", models=(), peers=(real.addrs[0],), http=GatewayConfig()) as gateway,
+        SwarmClient.connect(real.addrs[0]) as client,
+    ):
+        assert gateway.gateway is not None
+        url = gateway.gateway.url
+        answer = await official(url, lambda c: c.embeddings.create(model=MODEL_NAME, input=texts))
+        direct = await client.infer(MODEL_NAME, {"text": texts})
+    got = np.array([d.embedding for d in answer.data], dtype=np.float32)
+    want = direct.outputs["embedding"]
+    assert isinstance(want, Tensor) and got.shape == (3, DIM)
+    np.testing.assert_array_equal(got, want.numpy())  # base64 float32: bit for bit
+    cos = got @ got.T / np.outer(np.linalg.norm(got, axis=1), np.linalg.norm(got, axis=1))
+    assert cos[0, 1] > cos[0, 2] + 0.2
