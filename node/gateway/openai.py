@@ -170,7 +170,7 @@ def _messages(raw: Any) -> list[dict[str, str]]:
     return out
 
 
-def _params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
+def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
     """The body's sampling fields as the params the model's runner takes."""
     if _task(model, GENERATION_TASKS, "text generation") == "fake":
         return {}
@@ -213,7 +213,7 @@ async def _generate(
     *,
     chat: bool,
 ) -> Response:
-    params = _params(body, model)
+    params = sampling_params(body, model)
     if model.get("task") == "fake":
         inputs = {"text": next(iter(inputs.values()))}
     stream = body.get("stream", False)
