@@ -66,8 +66,9 @@ def test_wide_bind_without_token_is_refused(tmp_path: Path) -> None:
 
 def test_max_tokens_goes_to_the_param_each_runner_declares() -> None:
     body = {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stop": "\n"}
-    local = sampling_params(body, {"name": "m", "task": "text-generation", "runner": "openvino-genai"})
-    remote = sampling_params(body, {"name": "m", "task": "text-generation", "runner": OPENAI_RUNNER})
+    model = {"name": "m", "task": "text-generation"}
+    local = sampling_params(body, {**model, "runner": "openvino-genai"})
+    remote = sampling_params(body, {**model, "runner": OPENAI_RUNNER})
     assert local["max_new_tokens"] == 7 and "max_tokens" not in local
     assert remote["max_tokens"] == 7 and "max_new_tokens" not in remote
     assert set(local) <= generation.PARAMS
