@@ -20,6 +20,8 @@ built on them work against any node. Mapping onto swarm's conventions:
   params.
 - ``stream: true`` answers Server-Sent Events in OpenAI's chunk format, ending
   with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage chunk.
+- usage: the token counts the model reported, 0 where it reported none
+  (embedders, and streams of backends that do not count them).
 """
 
 from __future__ import annotations
