@@ -205,6 +205,22 @@ async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) ->
             for code in ("OVERLOADED", "NOT_EXECUTED", "DEADLINE_EXCEEDED", "INTERNAL")
         }
         no_route = await http.get("/v1/nothing-here")
+        wrong_method = await http.get("/v1/embeddings")
+        late = await http.post(
+            "/v1/embeddings",
+            json={"model": "lazy", "input": "x"},
+            headers={"X-Swarm-Deadline-Ms": "200", "X-Swarm-Priority": "high"},
+        )
+        bad_deadline = await http.post(
+            "/v1/embeddings",
+            json={"model": "echo", "input": "x"},
+            headers={"X-Swarm-Deadline-Ms": "soon"},
+        )
+        bad_priority = await http.post(
+            "/v2/models/echo/infer",
+            json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
+            headers={"X-Swarm-Priority": "urgent"},
+        )
     for response, status, code in (
         (unknown, 404, "model_not_found"),
         (bad_json, 400, "invalid_json"),
@@ -212,6 +228,10 @@ async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) ->
         (bad_input, 400, "invalid_input"),
         (bad_msgs, 400, "invalid_input"),
         (no_route, 404, "not_found"),
+        (wrong_method, 405, "method_not_allowed"),
+        (late, 504, "deadline_exceeded"),
+        (bad_deadline, 400, "invalid_header"),
+        (bad_priority, 400, "invalid_header"),
     ):
         assert response.status_code == status, response.text
         error = response.json()["error"]

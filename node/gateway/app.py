@@ -4,7 +4,10 @@ Routes (``openai.py``, ``kserve.py``, ``health``) see the node only through
 ``Backend``: run a Request, list the models the swarm serves with their
 descriptions, and this node's status. So the HTTP side holds no routing of its
 own: every request becomes a swarm ``Request`` run by ``InferenceService``,
-routed and failed over like one that came over libp2p.
+routed and failed over like one that came over libp2p. Two optional headers
+carry what swarm requests have and OpenAI's API lacks: ``X-Swarm-Deadline-Ms``
+(the request's time budget; past it, 504) and ``X-Swarm-Priority`` (high,
+normal or low: the admission order on the node that runs it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from bootstrap.table import PeerTable, live_peers
-from protocols import Request, Result, SwarmError, Value
+from protocols import Priority, Request, Result, SwarmError, Value
 from runners.base import ModelInfo
 
 from .config import GatewayConfig
@@ -30,6 +33,9 @@ from .errors import HTTPFailure, error_response, swarm_error_response
 
 log = logging.getLogger(__name__)
 
+DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in milliseconds
+PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
+MAX_DEADLINE_MS = 24 * 3600 * 1000
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 Handler = Callable[[HTTPRequest], Awaitable[Response]]
 
@@ -71,6 +77,32 @@ def find_model(backend: Backend, name: Any) -> Mapping[str, Any]:
             404, f"no node of this swarm serves the model {name!r}", "model_not_found"
         )
     return described
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What a client may say about any request in headers (swarm's own, optional)."""
+
+    deadline_ms: int | None = None
+    priority: Priority = Priority.NORMAL
+
+
+def options(request: HTTPRequest) -> Options:
+    """``X-Swarm-Deadline-Ms`` and ``X-Swarm-Priority``, checked (400 if malformed)."""
+    deadline = request.headers.get(DEADLINE_HEADER)
+    deadline_ms = None
+    if deadline is not None:
+        if not deadline.strip().isdigit() or not 0 < int(deadline) <= MAX_DEADLINE_MS:
+            message = f"{DEADLINE_HEADER} must be milliseconds from 1 to {MAX_DEADLINE_MS}"
+            raise HTTPFailure(400, message, "invalid_header")
+        deadline_ms = int(deadline)
+    priority = Priority.NORMAL
+    if (text := request.headers.get(PRIORITY_HEADER)) is not None:
+        try:
+            priority = Priority.parse(text.strip())
+        except ValueError as exc:
+            raise HTTPFailure(400, f"{PRIORITY_HEADER}: {exc}", "invalid_header") from exc
+    return Options(deadline_ms, priority)
 
 
 def new_id(prefix: str) -> str:

@@ -24,7 +24,7 @@ from protocols import Param, Request, Tensor, Value
 from runners.remote.errors import BackendGarbage
 from runners.remote.kserve_v2 import BYTES, DTYPE_TO_V2, decode_tensor, encode_tensor
 
-from .app import Backend, find_model, guarded, json_object, new_id, read_json
+from .app import Backend, find_model, guarded, json_object, new_id, options, read_json
 from .config import GatewayConfig
 from .errors import HTTPFailure
 
@@ -68,9 +68,16 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         params = _parameters(body.get("parameters"))
         rid = body.get("id")
         ident = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else new_id("v2")
-        result = await backend.execute(
-            Request(id=ident, model=model["name"], inputs=inputs, params=params), _no_chunks
+        how = options(request)
+        job = Request(
+            id=ident,
+            model=model["name"],
+            inputs=inputs,
+            params=params,
+            deadline_ms=how.deadline_ms,
+            priority=how.priority,
         )
+        result = await backend.execute(job, _no_chunks)
         wanted = _wanted(body.get("outputs"))
         outputs = [
             _output(name, value)

@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from protocols import Param, Request, Tensor, Value
 
-from .app import Backend, find_model, guarded, json_object, new_id, read_json
+from .app import Backend, Options, find_model, guarded, json_object, new_id, options, read_json
 from .config import GatewayConfig
 from .errors import HTTPFailure
 from .sse import EventStream, Write
@@ -77,9 +77,15 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             raise HTTPFailure(400, "'encoding_format' must be float or base64", "invalid_input")
         if body.get("dimensions") is not None:
             raise HTTPFailure(400, "'dimensions' is not supported", "unsupported_parameter")
-        result = await backend.execute(
-            Request(id=new_id("emb"), model=model["name"], inputs={"text": texts}), _no_chunks
+        how = options(request)
+        job = Request(
+            id=new_id("emb"),
+            model=model["name"],
+            inputs={"text": texts},
+            deadline_ms=how.deadline_ms,
+            priority=how.priority,
         )
+        result = await backend.execute(job, _no_chunks)
         vectors = result.outputs.get("embedding")
         if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
             raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
@@ -101,14 +107,16 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise HTTPFailure(400, "'prompt' must be one string", "invalid_input")
-        return await _generate(backend, body, model, {"prompt": prompt}, chat=False)
+        inputs: dict[str, Value] = {"prompt": prompt}
+        return await _generate(backend, body, model, inputs, options(request), chat=False)
 
     @guard
     async def chat(request: HTTPRequest) -> Response:
         body = json_object(await read_json(request, config.max_body))
         model = find_model(backend, body.get("model"))
         messages = json.dumps(_messages(body.get("messages")))
-        return await _generate(backend, body, model, {"messages": messages}, chat=True)
+        inputs: dict[str, Value] = {"messages": messages}
+        return await _generate(backend, body, model, inputs, options(request), chat=True)
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
@@ -212,6 +220,7 @@ async def _generate(
     body: Mapping[str, Any],
     model: Mapping[str, Any],
     inputs: dict[str, Value],
+    how: Options,
     *,
     chat: bool,
 ) -> Response:
@@ -224,7 +233,15 @@ async def _generate(
     name = str(model["name"])
     prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     ident, created = new_id(prefix), int(time.time())
-    request = Request(id=ident, model=name, inputs=inputs, params=params, stream=stream)
+    request = Request(
+        id=ident,
+        model=name,
+        inputs=inputs,
+        params=params,
+        stream=stream,
+        deadline_ms=how.deadline_ms,
+        priority=how.priority,
+    )
     if not stream:
         outputs = (await backend.execute(request, _no_chunks)).outputs
         text = _first(outputs.get("text"), "")

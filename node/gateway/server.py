@@ -44,7 +44,8 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
 
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only
-        return error_response(exc.status_code, str(exc.detail), "not_found")
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, str(exc.detail), code)
 
     return Starlette(
         routes=[
