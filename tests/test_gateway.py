@@ -25,6 +25,7 @@ from node.gateway import GatewayConfig
 from protocols import Tensor
 from runners.fake import WORDS
 from runners.openvino_embed import DIM, MODEL_NAME
+from runners.remote import kserve_v2
 
 TOKEN = "s3cret-token"
 
@@ -161,6 +162,19 @@ async def test_kserve_v2_metadata_and_infer(node_factory: NodeFactory) -> None:
             "/v2/models/echo/infer",
             json={"inputs": [{"name": "x", "shape": [6], "datatype": "FP32", "data": [0] * 6}]},
         )
+        content, length = kserve_v2.encode_binary_request(
+            {"x": Tensor.from_numpy(np.array(x, dtype=np.float32))}, request_id="bin-1"
+        )
+        binary = await http.post(
+            "/v2/models/echo/infer",
+            content=content,
+            headers={kserve_v2.HEADER_LENGTH: str(length)},
+        )
+        short = await http.post(
+            "/v2/models/echo/infer",
+            content=content[:-4],
+            headers={kserve_v2.HEADER_LENGTH: str(length)},
+        )
         bad_count = await http.post(
             "/v2/models/echo/infer",
             json={"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1]}]},
@@ -179,6 +193,12 @@ async def test_kserve_v2_metadata_and_infer(node_factory: NodeFactory) -> None:
     assert rows[:, 0].tolist() == [12.0, 2.0]  # FakeRunner: 2 * sum of each row of x
     names = {o["name"]: o for o in text.json()["outputs"]}
     assert names["embedding"]["shape"] == [2, 8] and names["text"]["datatype"] == "BYTES"
+    assert binary.status_code == 200 and kserve_v2.HEADER_LENGTH in binary.headers
+    decoded = kserve_v2.decode_binary_response(binary.content, "answer", request_id="bin-1")
+    embedding = decoded["embedding"]
+    assert isinstance(embedding, Tensor)
+    np.testing.assert_array_equal(embedding.numpy(), rows)
+    assert short.status_code == 400 and "binary_data_size" in short.json()["error"]["message"]
     assert bad_shape.status_code == 400 and "x" in bad_shape.json()["error"]["message"]
     assert bad_count.status_code == 400 and "shape" in bad_count.json()["error"]["message"]
     assert serving.service is not None

@@ -26,12 +26,25 @@ def kserve_calls(url: str) -> dict[str, Any]:
             x.set_data_from_numpy(X, binary_data=False)
             request = InferRequest("echo", [x], request_id="k-1")
             answer = await client.infer(url, request, model_name="echo")
+            # The client's default: raw bytes after the JSON header, and binary outputs.
+            raw = InferInput("x", list(X.shape), "FP32")
+            raw.set_data_from_numpy(X)
+            text = InferInput("text", [2], "BYTES")
+            text.set_data_from_numpy(np.array(["a", "bé"], dtype=object))
+            binary = await client.infer(
+                url,
+                InferRequest("echo", [raw], parameters={"binary_data_output": True}),
+                model_name="echo",
+            )
+            texts = await client.infer(url, InferRequest("echo", [text]), model_name="echo")
             return {
                 "live": await client.is_server_live(url),
                 "ready": await client.is_model_ready(url, "echo"),
                 "missing": await client.is_model_ready(url, "nobody"),
                 "id": answer.id,
                 "outputs": {o.name: o.as_numpy() for o in answer.outputs},
+                "binary": {o.name: o.as_numpy() for o in binary.outputs},
+                "texts": {o.name: o.as_numpy() for o in texts.outputs},
             }
 
     return asyncio.run(calls())
@@ -52,3 +65,7 @@ async def test_kserve_client_infers_through_the_gateway(node_factory: NodeFactor
     assert embedding.dtype == np.float32 and embedding.shape == (2, 8)
     np.testing.assert_array_equal(embedding[:, 0], 2 * X.sum(axis=1))  # FakeRunner's rule
     assert got["outputs"]["text"].dtype == object  # BYTES come back as strings
+    np.testing.assert_array_equal(got["binary"]["embedding"], embedding)
+    assert got["binary"]["text"].tolist() == got["outputs"]["text"].tolist()
+    rows = got["texts"]["embedding"]
+    assert rows.shape == (2, 8) and not np.array_equal(rows[0], rows[1])

@@ -109,8 +109,8 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def read_json(request: HTTPRequest, limit: int) -> Any:
-    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON."""
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The request body; 413 past ``limit`` bytes (read no further than that)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise HTTPFailure(413, f"the body is over {limit} bytes", "request_too_large")
@@ -119,10 +119,19 @@ async def read_json(request: HTTPRequest, limit: int) -> Any:
         body += part
         if len(body) > limit:
             raise HTTPFailure(413, f"the body is over {limit} bytes", "request_too_large")
+    return bytes(body)
+
+
+def parse_json(data: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPFailure(400, f"the body is not JSON: {exc}", "invalid_json") from exc
+
+
+async def read_json(request: HTTPRequest, limit: int) -> Any:
+    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON."""
+    return parse_json(await read_body(request, limit))
 
 
 def json_object(body: Any) -> dict[str, Any]:
