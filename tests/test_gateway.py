@@ -21,7 +21,7 @@ from conftest import NodeFactory
 from node.client import SwarmClient
 from node.daemon import Node
 from node.errors import ConfigError
-from node.gateway import GatewayConfig
+from node.gateway import Backend, Gateway, GatewayConfig
 from protocols import Tensor
 from runners.fake import WORDS
 from runners.openvino_embed import DIM, MODEL_NAME
@@ -352,3 +352,27 @@ async def test_real_embeddings_through_the_gateway_match_the_swarm(
     np.testing.assert_array_equal(got, want.numpy())  # base64 float32: bit for bit
     cos = got @ got.T / np.outer(np.linalg.norm(got, axis=1), np.linalg.norm(got, axis=1))
     assert cos[0, 1] > cos[0, 2] + 0.2
+
+
+async def test_metrics_route_serves_what_the_backend_exports() -> None:
+    """A Gateway on its own, with a Backend whose metrics are a fixed exposition."""
+    exposition = b"# TYPE swarm_up gauge\nswarm_up 1.0\n"
+
+    async def execute(request: Any, emit: Any) -> Any:
+        raise AssertionError("no request is run here")
+
+    stop = trio.Event()
+    with_metrics = Backend(execute, dict, dict, metrics=lambda: exposition)
+    without = Backend(execute, dict, dict)
+    async with trio.open_nursery() as nursery:
+        urls = []
+        for backend in (with_metrics, without):
+            gateway = Gateway(backend, GatewayConfig(), shutdown=stop.wait, grace_s=1)
+            urls.append(await nursery.start(gateway.run))
+        async with httpx.AsyncClient() as http:
+            served = await http.get(f"{urls[0]}/metrics")
+            absent = await http.get(f"{urls[1]}/metrics")
+        stop.set()
+    assert served.status_code == 200 and served.content == exposition
+    assert served.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert absent.status_code == 404 and absent.json()["error"]["code"] == "not_found"

@@ -47,6 +47,8 @@ class Backend:
     execute: Callable[[Request, Emit], Awaitable[Result]]
     models: Callable[[], dict[str, Mapping[str, Any]]]  # casefolded name -> description
     status: Callable[[], Mapping[str, Any]]
+    # The Prometheus text exposition of this node's metrics; None: no /metrics.
+    metrics: Callable[[], bytes] | None = None
 
 
 def swarm_models(

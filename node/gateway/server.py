@@ -30,6 +30,8 @@ from .errors import error_response
 
 log = logging.getLogger(__name__)
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
+
 
 def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
     public, guard = guarded(config, public=True), guarded(config)
@@ -42,6 +44,12 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
     async def status(request: HTTPRequest) -> Response:
         return JSONResponse(backend.status())
 
+    @guard
+    async def metrics(request: HTTPRequest) -> Response:
+        if backend.metrics is None:
+            return error_response(404, "this node exports no metrics", "not_found")
+        return Response(backend.metrics(), media_type=METRICS_TYPE)
+
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -51,6 +59,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/status", status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             *openai.routes(backend, config),
             *kserve.routes(backend, config),
         ],
