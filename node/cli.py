@@ -40,6 +40,7 @@ from .access import load_allow_list, load_swarm_key, new_swarm_key_text
 from .client import SwarmClient
 from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
 from .errors import ConfigError, sole_error
+from .gateway import GatewayConfig
 from .host import build_host, load_or_create_identity
 from .membership import MembershipConfig
 from .render import (
@@ -175,6 +176,21 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="allowed peer ids, one per line (repeatable)",
+    )
+    d.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the OpenAI-compatible and KServe v2 HTTP gateway here (e.g. 127.0.0.1:8080)",
+    )
+    d.add_argument(
+        "--http-token-env",
+        metavar="VAR",
+        help="the environment variable holding the gateway's bearer token",
+    )
+    d.add_argument(
+        "--http-insecure",
+        action="store_true",
+        help="allow the gateway beyond loopback without a token",
     )
     d.set_defaults(func=_daemon)
 
@@ -337,6 +353,7 @@ async def _daemon(args: argparse.Namespace) -> int:
         membership=_membership(args),
         router=_router(args, file, source),
         allow=load_allow_list(args.allow, args.allow_file),
+        http=_http(args),
     )
     node = Node(config)
     async with trio.open_nursery() as nursery:
@@ -348,11 +365,23 @@ async def _daemon(args: argparse.Namespace) -> int:
                 print(f"  listening on {addr}", flush=True)
             serving = ", ".join(map(str, config.models)) or "no models (forwarding only)"
             print(f"  serving {serving}", flush=True)
+            if node.gateway is not None:
+                print(f"  HTTP gateway on {node.gateway.url}", flush=True)
             async for signum in signals:
                 log.info("got %s", signal.Signals(signum).name)
                 node.stop()
                 break
     return 0
+
+
+def _http(args: argparse.Namespace) -> GatewayConfig | None:
+    if args.http is None:
+        if args.http_token_env or args.http_insecure:
+            raise ConfigError("--http-token-env and --http-insecure need --http HOST:PORT")
+        return None
+    return GatewayConfig.parse(
+        args.http, token_env=args.http_token_env, insecure=args.http_insecure
+    )
 
 
 def _swarm_key(args: argparse.Namespace) -> str | None:

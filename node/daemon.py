@@ -47,10 +47,12 @@ from .caller import Caller
 from .caps import CapsHandler, Received, RecordSigner
 from .dispatch import Dispatcher, RouterPlanner
 from .errors import ConfigError
+from .gateway import Backend, Gateway, GatewayConfig, swarm_models
 from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
 from .infer_handler import InferHandler
 from .membership import Membership, MembershipConfig
 from .metrics import NodeMetrics
+from .render import jsonable
 from .router import LocalNode, Router, RouterConfig
 from .service import InferenceService
 
@@ -86,6 +88,7 @@ class NodeConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
+    http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -114,6 +117,8 @@ class Node:
         self._key_pair: Any = None
         self.failed_models: dict[str, str] = {}  # name -> why it did not load
         self._caps: CapsHandler | None = None
+        self._signer: RecordSigner | None = None
+        self.gateway: Gateway | None = None
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
         self._stop = trio.Event()
@@ -170,7 +175,7 @@ class Node:
         cfg = self.config
         self.peer_id = host.get_id().to_base58()
         caller = Caller(host, limits=cfg.limits)
-        signer = RecordSigner(self._key_pair, self.describe)
+        signer = self._signer = RecordSigner(self._key_pair, self.describe)
         membership = Membership(host, signer, self._load, cfg.membership, access=self.access)
         self.membership = membership
         router = Router(self.peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
@@ -208,6 +213,8 @@ class Node:
                 await nursery.start(membership.run)
                 await self._start_discovery(nursery, host, membership, store)
                 await self._wait_for_configured_peers(membership)
+                if cfg.http is not None:
+                    await nursery.start(self._gateway(cfg.http).run)
                 self._write_state()
                 log.info("node %s ready on %s", self.peer_id, ", ".join(self.addrs))
                 task_status.started(self)
@@ -290,25 +297,49 @@ class Node:
         def answer(received: Received) -> CapabilityRecord:
             assert self.membership and self.service and self._caps  # set before serving
             if received.is_client:
-                view = {
-                    **self.membership.view(),
-                    "stats": self.service.stats.describe(),
-                    # Records that failed verification on arrival, before any table saw them.
-                    "records_refused_on_arrival": self._caps.refused_records,
-                    "caps": {"streams_in": self._caps.streams, "records_in": self._caps.exchanges},
-                    "runners": self.runner_status(),
-                    "routing": self._routing_view(),
-                    "models_failed": dict(self.failed_models),
-                    "access": {
-                        "private_swarm": self.config.swarm_key is not None,
-                        "allow_list": self.access.allowed is not None,
-                        "refused": self.access.refused,
-                    },
-                }
-                return signer.view(view)
+                return signer.view(self._client_view())
             return self.membership.answer(received)
 
         return answer
+
+    def _client_view(self) -> dict[str, Any]:
+        """This node's own view, which clients (``swarm status``) get in its record."""
+        assert self.membership and self.service and self._caps  # set before serving
+        return {
+            **self.membership.view(),
+            "stats": self.service.stats.describe(),
+            # Records that failed verification on arrival, before any table saw them.
+            "records_refused_on_arrival": self._caps.refused_records,
+            "caps": {"streams_in": self._caps.streams, "records_in": self._caps.exchanges},
+            "runners": self.runner_status(),
+            "routing": self._routing_view(),
+            "models_failed": dict(self.failed_models),
+            "access": {
+                "private_swarm": self.config.swarm_key is not None,
+                "allow_list": self.access.allowed is not None,
+                "refused": self.access.refused,
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        """What ``swarm status --json`` shows of this node, as plain JSON data."""
+        assert self._signer is not None  # set before serving
+        record = self._signer.view(self._client_view())
+        return {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}
+
+    def _gateway(self, config: GatewayConfig) -> Gateway:
+        """The HTTP gateway: its requests run through ``service`` like any client's."""
+        assert self.service is not None and self.membership is not None  # set before serving
+        service, membership = self.service, self.membership
+        backend = Backend(
+            execute=service.execute,
+            models=lambda: swarm_models((r.info for r in self._runners.values()), membership.table),
+            status=self.status,
+            metrics=self.metrics.render if self.metrics is not None else None,
+        )
+        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
+        self.gateway = Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)
+        return self.gateway
 
     def describe(self) -> dict[str, Any]:
         """The body of this node's full capability record (load travels in heartbeats)."""

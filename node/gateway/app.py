@@ -1,0 +1,172 @@
+"""The gateway's shared plumbing: what it asks of the node, body reading, auth.
+
+Routes (``openai.py``, ``kserve.py``, ``health``) see the node only through
+``Backend``: run a Request, list the models the swarm serves with their
+descriptions, and this node's status. So the HTTP side holds no routing of its
+own: every request becomes a swarm ``Request`` run by ``InferenceService``,
+routed and failed over like one that came over libp2p. Two optional headers
+carry what swarm requests have and OpenAI's API lacks: ``X-Swarm-Deadline-Ms``
+(the request's time budget; past it, 504) and ``X-Swarm-Priority`` (high,
+normal or low: the admission order on the node that runs it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response
+
+from bootstrap.table import PeerTable, live_peers
+from protocols import Priority, Request, Result, SwarmError, Value
+from runners.base import ModelInfo
+
+from .config import GatewayConfig
+from .errors import HTTPFailure, error_response, swarm_error_response
+
+log = logging.getLogger(__name__)
+
+DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in milliseconds
+PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
+MAX_DEADLINE_MS = 24 * 3600 * 1000
+Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
+Handler = Callable[[HTTPRequest], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """What the gateway needs of its node."""
+
+    execute: Callable[[Request, Emit], Awaitable[Result]]
+    models: Callable[[], dict[str, Mapping[str, Any]]]  # casefolded name -> description
+    status: Callable[[], Mapping[str, Any]]
+    # The Prometheus text exposition of this node's metrics; None: no /metrics.
+    metrics: Callable[[], bytes] | None = None
+
+
+def swarm_models(
+    local: Iterable[ModelInfo], table: PeerTable | None
+) -> dict[str, Mapping[str, Any]]:
+    """Every model served here or by a linked peer, by casefolded name; ours win.
+
+    A description is ``ModelInfo.describe()`` as capability records carry it.
+    """
+    found: dict[str, Mapping[str, Any]] = {}
+    for info in local:
+        found.setdefault(info.name.casefold(), info.describe())
+    for peer in live_peers(table) if table is not None else ():
+        described = (peer.body or {}).get("models") or []
+        for item in described:
+            if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+                found.setdefault(item["name"].casefold(), item)
+    return found
+
+
+def find_model(backend: Backend, name: Any) -> Mapping[str, Any]:
+    """The description of the model ``name``, or 404."""
+    if not isinstance(name, str) or not name:
+        raise HTTPFailure(400, "give the model's name in 'model'", "missing_model")
+    described = backend.models().get(name.casefold())
+    if described is None:
+        raise HTTPFailure(
+            404, f"no node of this swarm serves the model {name!r}", "model_not_found"
+        )
+    return described
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What a client may say about any request in headers (swarm's own, optional)."""
+
+    deadline_ms: int | None = None
+    priority: Priority = Priority.NORMAL
+
+
+def options(request: HTTPRequest) -> Options:
+    """``X-Swarm-Deadline-Ms`` and ``X-Swarm-Priority``, checked (400 if malformed)."""
+    deadline = request.headers.get(DEADLINE_HEADER)
+    deadline_ms = None
+    if deadline is not None:
+        if not deadline.strip().isdigit() or not 0 < int(deadline) <= MAX_DEADLINE_MS:
+            message = f"{DEADLINE_HEADER} must be milliseconds from 1 to {MAX_DEADLINE_MS}"
+            raise HTTPFailure(400, message, "invalid_header")
+        deadline_ms = int(deadline)
+    priority = Priority.NORMAL
+    if (text := request.headers.get(PRIORITY_HEADER)) is not None:
+        try:
+            priority = Priority.parse(text.strip())
+        except ValueError as exc:
+            raise HTTPFailure(400, f"{PRIORITY_HEADER}: {exc}", "invalid_header") from exc
+    return Options(deadline_ms, priority)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The request body; 413 past ``limit`` bytes (read no further than that)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPFailure(413, f"the body is over {limit} bytes", "request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise HTTPFailure(413, f"the body is over {limit} bytes", "request_too_large")
+    return bytes(body)
+
+
+def parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPFailure(400, f"the body is not JSON: {exc}", "invalid_json") from exc
+
+
+async def read_json(request: HTTPRequest, limit: int) -> Any:
+    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON."""
+    return parse_json(await read_body(request, limit))
+
+
+def json_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HTTPFailure(400, "the body must be a JSON object", "invalid_request")
+    return body
+
+
+def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler], Handler]:
+    """A route with bearer-token checking (unless ``public``) and errors as answers."""
+
+    def wrap(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def route(request: HTTPRequest) -> Response:
+            try:
+                if not public and config.token is not None:
+                    _authorize(request, config.token)
+                return await handler(request)
+            except HTTPFailure as exc:
+                return error_response(exc.status, exc.message, exc.code)
+            except SwarmError as exc:
+                return swarm_error_response(exc)
+            except Exception:
+                log.exception("the gateway failed on %s %s", request.method, request.url.path)
+                return error_response(500, "the gateway failed; see the node's log", "internal")
+
+        return route
+
+    return wrap
+
+
+def _authorize(request: HTTPRequest, token: str) -> None:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not matches:
+        raise HTTPFailure(401, "this gateway needs 'Authorization: Bearer <token>'", "unauthorized")

@@ -1,0 +1,69 @@
+"""Swarm errors as HTTP answers: one status per wire code, OpenAI's error body.
+
+Every route answers failures the same way, ``{"error": {"message", "type",
+"code"}}`` (the shape OpenAI clients parse and KServe clients print), so a
+client learns from the status whether to retry: 429 and 503 are worth another
+try (429 says when, in Retry-After), 4xx otherwise are the request's fault,
+504 means its time ran out and 500 that something broke while it ran.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from protocols import ErrorCode, SwarmError
+
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.MALFORMED: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.OVERLOADED: 429,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.OUTCOME_UNKNOWN: 502,
+    ErrorCode.NOT_EXECUTED: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+}
+TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class HTTPFailure(Exception):
+    """A request the gateway refuses before it becomes swarm work."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def error_body(status: int, message: str, code: str) -> dict[str, Any]:
+    kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+
+
+def error_response(status: int, message: str, code: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+
+
+def swarm_error_response(exc: SwarmError) -> JSONResponse:
+    status = STATUS.get(exc.code, 500)
+    response = error_response(status, str(exc), str(exc.code).lower())
+    retry_ms = getattr(exc, "retry_after_ms", None)
+    if status in (429, 503) and isinstance(retry_ms, int):
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
+    elif status == 429:
+        response.headers["Retry-After"] = "1"
+    return response

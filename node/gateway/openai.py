@@ -1,0 +1,304 @@
+"""OpenAI-compatible routes: models, embeddings, completions, chat completions.
+
+Each turns the HTTP body into one swarm Request for the model it names and
+answers in OpenAI's shapes, so the ``openai`` package, curl scripts and tools
+built on them work against any node. Mapping onto swarm's conventions:
+
+- embeddings: ``input`` (a string or a list of strings) is the ``text`` input;
+  the ``embedding`` output (float32 [n, d]) gives ``data[i].embedding``, as
+  floats or, with ``encoding_format: base64`` (the ``openai`` client's
+  default), as base64 of little-endian float32.
+- completions: ``prompt`` (one string) is the ``prompt`` input; chat:
+  ``messages`` become the ``messages`` input, a JSON string of ``{role,
+  content}`` (content parts of type ``text`` are joined).
+- ``max_tokens`` (or ``max_completion_tokens``) goes to the param the model's
+  runner takes: ``max_tokens`` for OpenAI-compatible backends, else
+  ``max_new_tokens`` (generation runners); ``temperature``, ``top_p``,
+  ``top_k``, ``seed``, ``stop`` pass as they are.
+- models of task ``fake`` (swarm's stand-in for tests, runners/fake.py) take
+  the prompt, or the messages' JSON, as their ``text`` input, and no sampling
+  params.
+- ``stream: true`` answers Server-Sent Events in OpenAI's chunk format, ending
+  with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage chunk.
+- usage: the token counts the model reported, 0 where it reported none
+  (embedders, and streams of backends that do not count them).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocols import Param, Request, Tensor, Value
+
+from .app import Backend, Options, find_model, guarded, json_object, new_id, options, read_json
+from .config import GatewayConfig
+from .errors import HTTPFailure
+from .sse import EventStream, Write
+
+GENERATION_TASKS = frozenset({"text-generation", "fake"})
+EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
+OPENAI_RUNNER = "openai-compat"  # runners/remote/openai_compat.py: takes max_tokens
+
+
+def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
+    guard = guarded(config)
+
+    @guard
+    async def list_models(request: HTTPRequest) -> Response:
+        data = [_model_entry(d) for d in backend.models().values()]
+        data.sort(key=lambda m: m["id"])
+        return JSONResponse({"object": "list", "data": data})
+
+    @guard
+    async def get_model(request: HTTPRequest) -> Response:
+        return JSONResponse(_model_entry(find_model(backend, request.path_params["model"])))
+
+    @guard
+    async def embeddings(request: HTTPRequest) -> Response:
+        body = json_object(await read_json(request, config.max_body))
+        model = find_model(backend, body.get("model"))
+        _task(model, EMBEDDING_TASKS, "embeddings")
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise HTTPFailure(400, "'input' must be a string or a list of strings", "invalid_input")
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise HTTPFailure(400, "'encoding_format' must be float or base64", "invalid_input")
+        if body.get("dimensions") is not None:
+            raise HTTPFailure(400, "'dimensions' is not supported", "unsupported_parameter")
+        how = options(request)
+        job = Request(
+            id=new_id("emb"),
+            model=model["name"],
+            inputs={"text": texts},
+            deadline_ms=how.deadline_ms,
+            priority=how.priority,
+        )
+        result = await backend.execute(job, _no_chunks)
+        vectors = result.outputs.get("embedding")
+        if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
+            raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
+        rows = vectors.numpy().astype("<f4")
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector(row, encoding)}
+            for i, row in enumerate(rows)
+        ]
+        usage = {"prompt_tokens": 0, "total_tokens": 0}  # swarm's embedders count no tokens
+        answer = {"object": "list", "data": data, "model": model["name"], "usage": usage}
+        return JSONResponse(answer)
+
+    @guard
+    async def completions(request: HTTPRequest) -> Response:
+        body = json_object(await read_json(request, config.max_body))
+        model = find_model(backend, body.get("model"))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise HTTPFailure(400, "'prompt' must be one string", "invalid_input")
+        inputs: dict[str, Value] = {"prompt": prompt}
+        return await _generate(backend, body, model, inputs, options(request), chat=False)
+
+    @guard
+    async def chat(request: HTTPRequest) -> Response:
+        body = json_object(await read_json(request, config.max_body))
+        model = find_model(backend, body.get("model"))
+        messages = json.dumps(_messages(body.get("messages")))
+        inputs: dict[str, Value] = {"messages": messages}
+        return await _generate(backend, body, model, inputs, options(request), chat=True)
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ]
+
+
+async def _no_chunks(chunk: Mapping[str, Value]) -> None:
+    """Non-streaming requests get no chunks."""
+
+
+def _model_entry(described: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": described["name"],
+        "object": "model",
+        "created": 0,
+        "owned_by": "swarm",
+        "task": described.get("task"),
+    }
+
+
+def _task(model: Mapping[str, Any], tasks: frozenset[str], what: str) -> str:
+    task = str(model.get("task"))
+    if task not in tasks:
+        raise HTTPFailure(
+            400, f"{model['name']} is a {task} model; {what} needs another", "wrong_model_task"
+        )
+    return task
+
+
+def _vector(row: np.ndarray[Any, Any], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(row.tobytes()).decode()
+    return [float(v) for v in row]
+
+
+def _messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise HTTPFailure(400, "'messages' must be a non-empty list", "invalid_input")
+    out = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise HTTPFailure(400, f"messages[{i}] needs a 'role'", "invalid_input")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    message = f"messages[{i}]: only text content parts are supported"
+                    raise HTTPFailure(400, message, "invalid_input")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise HTTPFailure(400, f"messages[{i}].content must be text", "invalid_input")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
+    """The body's sampling fields as the params the model's runner takes."""
+    if _task(model, GENERATION_TASKS, "text generation") == "fake":
+        return {}
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise HTTPFailure(400, "only n = 1 is supported", "unsupported_parameter")
+    params: dict[str, Param] = {}
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        if type(limit) is not int or limit < 1:
+            raise HTTPFailure(400, "'max_tokens' must be a positive integer", "invalid_input")
+        params["max_tokens" if model.get("runner") == OPENAI_RUNNER else "max_new_tokens"] = limit
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None:
+            if type(value) not in (int, float):
+                raise HTTPFailure(400, f"'{name}' must be a number", "invalid_input")
+            params[name] = float(value)
+    for name in ("top_k", "seed"):
+        value = body.get(name)
+        if value is not None:
+            if type(value) is not int:
+                raise HTTPFailure(400, f"'{name}' must be an integer", "invalid_input")
+            params[name] = value
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        params["stop"] = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        params["stop"] = list(stop)
+    elif stop is not None:
+        raise HTTPFailure(400, "'stop' must be a string or a list of strings", "invalid_input")
+    return params
+
+
+async def _generate(
+    backend: Backend,
+    body: Mapping[str, Any],
+    model: Mapping[str, Any],
+    inputs: dict[str, Value],
+    how: Options,
+    *,
+    chat: bool,
+) -> Response:
+    params = sampling_params(body, model)
+    if model.get("task") == "fake":
+        inputs = {"text": next(iter(inputs.values()))}
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise HTTPFailure(400, "'stream' must be true or false", "invalid_input")
+    name = str(model["name"])
+    prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+    ident, created = new_id(prefix), int(time.time())
+    request = Request(
+        id=ident,
+        model=name,
+        inputs=inputs,
+        params=params,
+        stream=stream,
+        deadline_ms=how.deadline_ms,
+        priority=how.priority,
+    )
+    if not stream:
+        outputs = (await backend.execute(request, _no_chunks)).outputs
+        text = _first(outputs.get("text"), "")
+        finish = _first(outputs.get("finish_reason"), "stop")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": name,
+                "choices": [choice],
+                "usage": _usage(outputs),
+            }
+        )
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    object_kind = f"{kind}.chunk" if chat else kind
+    head = {"id": ident, "object": object_kind, "created": created, "model": name}
+
+    def chunk(piece: str | None, finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["delta"] = {} if piece is None else {"role": "assistant", "content": piece}
+        else:
+            choice["text"] = piece or ""
+        return {**head, "choices": [choice]}
+
+    async def produce(write: Write) -> None:
+        last: dict[str, Value] = {}
+
+        async def emit(outputs: Mapping[str, Value]) -> None:
+            piece = outputs.get("text")
+            if isinstance(piece, str) and piece:
+                await write(chunk(piece, None))
+            last.update({k: v for k, v in outputs.items() if k != "text"})
+
+        await backend.execute(request, emit)
+        await write(chunk(None, _first(last.get("finish_reason"), "stop")))
+        if include_usage:
+            await write({**head, "choices": [], "usage": _usage(last)})
+
+    return EventStream(produce)
+
+
+def _first(value: Value | None, default: str) -> str:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, str) else default
+
+
+def _usage(outputs: Mapping[str, Value]) -> dict[str, int]:
+    prompt, completion = outputs.get("prompt_tokens"), outputs.get("completion_tokens")
+    p = prompt if type(prompt) is int else 0
+    c = completion if type(completion) is int else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

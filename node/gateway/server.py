@@ -1,0 +1,107 @@
+"""The gateway's HTTP server: hypercorn's trio worker serving a Starlette app.
+
+Both run on the node's own trio loop (Starlette through anyio), so routes call
+``InferenceService`` directly: no thread, no second event loop. The server
+lives in the daemon's nursery; when the node begins to stop it stops accepting
+(hypercorn's shutdown trigger), lets requests in flight finish while the
+service drains, and the nursery's cancellation ends whatever is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from trio_typing import TaskStatus
+
+from . import kserve, openai
+from .app import Backend, guarded
+from .config import GatewayConfig, is_loopback
+from .errors import error_response
+
+log = logging.getLogger(__name__)
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
+
+
+def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
+    public, guard = guarded(config, public=True), guarded(config)
+
+    @public
+    async def health(request: HTTPRequest) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @guard
+    async def status(request: HTTPRequest) -> Response:
+        return JSONResponse(backend.status())
+
+    @guard
+    async def metrics(request: HTTPRequest) -> Response:
+        if backend.metrics is None:
+            return error_response(404, "this node exports no metrics", "not_found")
+        return Response(backend.metrics(), media_type=METRICS_TYPE)
+
+    async def http_error(request: HTTPRequest, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)  # registered for HTTPException only
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, str(exc.detail), code)
+
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/status", status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *openai.routes(backend, config),
+            *kserve.routes(backend, config),
+        ],
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+class Gateway:
+    """One HTTP gateway; ``url`` is set once it listens."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: GatewayConfig,
+        *,
+        shutdown: Callable[[], Awaitable[Any]],
+        grace_s: float = 10.0,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.shutdown = shutdown
+        self.grace_s = grace_s
+        self.url = ""
+
+    async def run(self, *, task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        hyper = Config()
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        hyper.bind = [f"{host}:{cfg.port}"]
+        hyper.graceful_timeout = self.grace_s
+        hyper.accesslog = None
+        # Starlette is an ASGI app; hypercorn's typing spells ASGI's callables more narrowly.
+        app: Any = build_app(self.backend, cfg)
+
+        async def serving(*, task_status: TaskStatus[list[str]]) -> None:
+            await serve(app, hyper, shutdown_trigger=self.shutdown, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(serving)
+            self.url = binds[0]
+            if not is_loopback(cfg.host):
+                guard = "a bearer token" if cfg.token else "NO token (--http-insecure)"
+                log.warning("HTTP gateway on %s beyond loopback, guarded by %s", self.url, guard)
+            log.info("HTTP gateway on %s", self.url)
+            task_status.started(self.url)

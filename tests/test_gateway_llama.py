@@ -1,0 +1,72 @@
+"""Real text generation through the gateway: the official openai client asks a node
+that serves nothing; the peer serving the model forwards to a real OpenAI-compatible
+server (llama-cpp-python with SmolLM2-135M, the session fixture of
+test_runner_openai). Greedy answers must equal what the server itself answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import NodeFactory
+from test_gateway import official
+from test_runner_openai import FRANCE, MODEL, llama_url  # noqa: F401 (a fixture)
+
+from node.gateway import GatewayConfig
+from runners.catalog import parse_model_spec
+
+pytestmark = pytest.mark.slow  # a real model server in a child process
+
+GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 8}
+
+
+async def test_generation_through_the_gateway_matches_the_server(
+    node_factory: NodeFactory,
+    llama_url: str,  # noqa: F811 (the imported fixture)
+) -> None:
+    spec = parse_model_spec(f"openai:name={MODEL},base_url={llama_url},flavor=llama-cpp-python")
+    messages = [{"role": "user", "content": "Count to five."}]
+    async with (
+        node_factory("llm", models=(spec,)) as serving,
+        node_factory(
+            "gateway", models=(), peers=(serving.addrs[0],), http=GatewayConfig()
+        ) as gateway,
+    ):
+        assert gateway.gateway is not None
+        url = gateway.gateway.url
+        ours = await official(
+            url, lambda c: c.completions.create(model=MODEL, prompt=FRANCE, **GREEDY)
+        )
+        chat = await official(
+            url, lambda c: c.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+        )
+
+        def stream(client: Any) -> list[Any]:
+            return list(
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **GREEDY,
+                )
+            )
+
+        chunks = await official(url, stream)
+    theirs = await official(
+        llama_url, lambda c: c.completions.create(model=MODEL, prompt=FRANCE, **GREEDY)
+    )
+    direct = await official(
+        llama_url, lambda c: c.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    )
+    assert ours.choices[0].text == theirs.choices[0].text and ours.choices[0].text
+    assert ours.choices[0].finish_reason == theirs.choices[0].finish_reason
+    assert ours.usage.completion_tokens == theirs.usage.completion_tokens
+    assert chat.choices[0].message.content == direct.choices[0].message.content
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices]
+    assert "".join(p for p in pieces if p) == chat.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == direct.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    # llama-cpp-python reports no token counts in streams (the runner does not ask for
+    # them), so the usage chunk is there but holds zeros.
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
