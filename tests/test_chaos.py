@@ -94,9 +94,11 @@ class Tally:
     answers: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     untyped: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # the typed errors'
     ids: Counter[str] = field(default_factory=Counter)  # answers per request id
     served_by: Counter[str] = field(default_factory=Counter)
     failed_over: int = 0  # answers that took more than one attempt
+    streams: int = 0  # answers that streamed
 
     @property
     def total(self) -> int:
@@ -130,10 +132,12 @@ def test_killing_two_serving_peers_under_load_loses_no_job(tmp_path: Path) -> No
         print(
             f"\nchaos: {tally.total} jobs in {took:.1f} s, {tally.answers} answers, "
             f"typed errors {dict(tally.errors)}, untyped {len(tally.untyped)}, "
-            f"{tally.failed_over} answers after a failover; "
+            f"{tally.failed_over} answers after a failover, {tally.streams} streamed; "
             f"killed {[n.data_dir.name for n in victims]}; served by "
             f"{ {n.data_dir.name: tally.served_by[n.peer_id] for n in nodes} }"
         )
+        for message in tally.messages[:10]:
+            print(f"  {message}")
         assert all(tally.served_by[v.peer_id] for v in victims), "a victim never served"
         assert all(v.proc.poll() is not None for v in victims)
         assert all(n.proc.poll() is None for n in nodes[:2]), "an entry node died"
@@ -159,6 +163,12 @@ async def load_and_kill(
             while trio.current_time() < stop_at:
                 rid = f"chaos-{k}-{n}"
                 n += 1
+                chunks: list[Chunk] = []
+
+                async def on_chunk(chunk: Chunk, chunks: list[Chunk] = chunks) -> None:
+                    chunks.append(chunk)
+
+                stream = n % 4 == 0  # a quarter of the jobs stream
                 try:
                     # The node's deadline ends every job; this bound only catches a hang.
                     with trio.fail_after(JOB_DEADLINE_S + 10):
@@ -167,13 +177,18 @@ async def load_and_kill(
                             {"text": rid},
                             request_id=rid,
                             deadline_s=JOB_DEADLINE_S,
+                            on_chunk=on_chunk if stream else None,
                         )
                 except RemoteError as exc:
-                    tally.errors[exc.code.name] += 1
+                    tally.errors[exc.code.name + (" (stream)" if stream else "")] += 1
+                    tally.messages.append(f"{rid}: {exc}")
                 except Exception as exc:  # a hang or an untyped failure: what must not happen
                     tally.untyped.append(f"{rid}: {type(exc).__name__}: {exc}")
                 else:
                     assert result.id == rid
+                    if stream:
+                        assert result.meta["chunks"] == len(chunks) == 3, (result.meta, chunks)
+                        tally.streams += 1
                     tally.answers += 1
                     tally.ids[result.id] += 1
                     tally.served_by[str(result.meta["served_by"])] += 1
