@@ -54,7 +54,7 @@ from .router import LocalNode, Router, RouteRequest, Strategy
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Mapping[str, Any]], Awaitable[None]]
-RunLocal = Callable[[], Awaitable[Result]]
+RunLocal = Callable[[Emit], Awaitable[Result]]  # runs it here, its chunks to the Emit given
 # Codes after which a peer counts as failing (not the request's fault, not busy).
 PEER_FAULTS = frozenset({ErrorCode.INTERNAL, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.MALFORMED})
 
@@ -134,17 +134,21 @@ class Dispatcher:
         """Run ``request`` on the best candidate, failing over as the module says.
 
         ``local`` runs it on this node (when this node serves the model): the
-        planner may choose it like any peer. Raises the last attempt's error,
-        ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
+        planner may choose it like any peer. Its chunks go to the Emit it is given,
+        so that they count as relayed like a peer's. Raises the last attempt's
+        error, ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
         """
         tried: set[str] = set()
         relayed = 0
         last: SwarmError | None = None
 
-        async def relay(chunk: Any) -> None:
+        async def counted(outputs: Mapping[str, Any]) -> None:
             nonlocal relayed
             relayed += 1
-            await emit(chunk.outputs)
+            await emit(outputs)
+
+        async def relay(chunk: Any) -> None:
+            await counted(chunk.outputs)
 
         attempts = 0
         while attempts < self.max_attempts:
@@ -164,7 +168,7 @@ class Dispatcher:
             try:
                 if choice.local:
                     assert local is not None
-                    result = await local()
+                    result = await local(counted)
                 else:
                     result = await self._remote(choice.peer_id, request, relay)
             except SwarmError as exc:

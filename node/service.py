@@ -37,7 +37,7 @@ class Forwarder(Protocol):
         self,
         request: Request,
         emit: Emit,
-        local: Callable[[], Awaitable[Result]] | None = None,
+        local: Callable[[Emit], Awaitable[Result]] | None = None,
     ) -> Result: ...
 
     def serves(self, model: str) -> bool: ...
@@ -154,8 +154,8 @@ class InferenceService:
             and (runner is not None or forwarder.serves(name))
         ):
             local = None
-            if runner is not None:
-                local = functools.partial(self._run_local, name, runner, request, emit, job)
+            if runner is not None:  # its chunks go to the emit the forwarder gives it
+                local = functools.partial(self._run_local, name, runner, request, job=job)
             result = await forwarder.forward(request, emit, local)
             if result.meta.get("served_by") != self.node_id:
                 self.stats.forwarded += 1

@@ -8,7 +8,7 @@ against the request it belongs to, whoever computed it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,9 @@ from bootstrap.table import serving
 from node.client import SwarmClient
 from node.daemon import Node
 from node.router import Strategy
-from protocols import INFER_PROTOCOL, Chunk, ErrorCode, RemoteError, Result, Tensor
+from protocols import INFER_PROTOCOL, Chunk, ErrorCode, Param, RemoteError, Result, Tensor, Value
+from runners.base import Outputs, Runner
+from runners.errors import RunnerError
 from runners.fake import FakeRunner
 
 LINK_WAIT_S = 30.0
@@ -293,3 +295,65 @@ async def test_garbage_answers_fail_over_and_open_the_peer_breaker(
     assert breakers[junk.peer_id]["state"] in ("open", "half-open"), breakers
     assert breakers[junk.peer_id]["failures"] >= 3, breakers
     assert view["routing"]["failovers"] >= 3
+
+
+# --- 5. a local stream that breaks after its first chunks ----------------------------
+
+
+class MidStreamFailureFake(FakeRunner):
+    """Stands in for a runner whose backend dies mid-generation (the OpenAI runner when
+    its server goes away while streaming): ``after`` chunks, then an INTERNAL error."""
+
+    def __init__(self, name: str, after: int) -> None:
+        super().__init__(name)
+        self.after = after
+
+    async def stream(
+        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
+    ) -> AsyncIterator[Outputs]:
+        self._validate(inputs, params)
+        for i in range(self.after):
+            await trio.sleep(0.01)
+            yield {"text": f"word{i} "}
+        raise RunnerError(f"{self.info.name}: the backend went away mid-stream")
+
+
+def node_serving(runner: Runner) -> type[Node]:
+    """A Node class that serves ``runner`` (built by the test) instead of its config's."""
+
+    class Serving(Node):
+        async def _load_runners(self) -> None:
+            await runner.load()
+            self._runners = {runner.info.name: runner}
+
+    return Serving
+
+
+async def test_a_local_stream_broken_mid_way_is_not_retried_elsewhere(
+    node_factory: NodeFactory,
+) -> None:
+    broken = MidStreamFailureFake("gen", after=2)
+    async with (
+        node_factory("other", models=("fake:gen",)) as other,
+        node_factory("local", node_type=node_serving(broken), peers=(other.addrs[0],)) as local,
+        SwarmClient.connect(local.addrs[0]) as client,
+    ):
+        await wait_linked([local], {"gen": {other.peer_id}})
+        words: list[Chunk] = []
+
+        async def on_chunk(chunk: Chunk) -> None:
+            words.append(chunk)
+
+        with trio.fail_after(JOB_WAIT_S), pytest.raises(RemoteError) as broke:
+            await client.infer(
+                "gen",
+                {"text": "x"},
+                params={"chunks": 5},
+                strategy="local-first",
+                on_chunk=on_chunk,
+            )
+    # Two chunks came from this node's runner; a retry at the other node would have
+    # added a second, different answer after them.
+    assert broke.value.code is ErrorCode.OUTCOME_UNKNOWN, broke.value
+    assert "after 2 chunk" in str(broke.value)
+    assert len(words) == 2
