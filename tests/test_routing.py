@@ -154,12 +154,14 @@ async def test_a_busy_peer_says_overloaded_and_the_job_goes_to_the_other(
     node_factory: NodeFactory,
 ) -> None:
     async with (
-        node_factory("busy", models=("fake:job:8000",), max_queue=0) as busy,
         node_factory("free", models=("fake:job:20",)) as free,
+        node_factory(
+            "busy", models=("fake:job:8000",), max_queue=0, peers=(free.addrs[0],)
+        ) as busy,
         node_factory("entry", models=(), peers=(busy.addrs[0], free.addrs[0])) as entry,
     ):
         servers = {"job": {busy.peer_id, free.peer_id}}
-        await wait_linked([entry], servers)
+        await wait_linked([entry, busy], servers)
         assert busy.service is not None
         busy_service = busy.service
         async with trio.open_nursery() as nursery:
@@ -183,6 +185,16 @@ async def test_a_busy_peer_says_overloaded_and_the_job_goes_to_the_other(
                         )
                     await assert_answers(result, text, rid)
                     results.append(result)
+            # The busy node itself, asked to run it locally first, is overloaded too.
+            async with SwarmClient.connect(busy.addrs[0]) as client:
+                text, rid = "local job", "overloaded-local"
+                with trio.fail_after(JOB_WAIT_S):
+                    mine = await client.infer(
+                        "job", {"text": text}, strategy="local-first", request_id=rid
+                    )
+                await assert_answers(mine, text, rid)
+            assert mine.meta["served_by"] == free.peer_id
+            assert mine.meta["forwarded_by"] == busy.peer_id and mine.meta["attempts"] == 2
             assert busy_service.in_flight == 1  # still busy with the one it held all along
             hold.cancel()
 
