@@ -94,7 +94,9 @@ class Tally:
     answers: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     untyped: list[str] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)  # the typed errors'
+    messages: list[str] = field(default_factory=list)  # the typed errors' messages
+    miscounted: list[str] = field(default_factory=list)  # broken streams, wrong count said
+    failovers: dict[str, int] = field(default_factory=dict)  # each entry's, from its status
     ids: Counter[str] = field(default_factory=Counter)  # answers per request id
     served_by: Counter[str] = field(default_factory=Counter)
     failed_over: int = 0  # answers that took more than one attempt
@@ -133,6 +135,7 @@ def test_killing_two_serving_peers_under_load_loses_no_job(tmp_path: Path) -> No
             f"\nchaos: {tally.total} jobs in {took:.1f} s, {tally.answers} answers, "
             f"typed errors {dict(tally.errors)}, untyped {len(tally.untyped)}, "
             f"{tally.failed_over} answers after a failover, {tally.streams} streamed; "
+            f"entries' failovers {tally.failovers}; "
             f"killed {[n.data_dir.name for n in victims]}; served by "
             f"{ {n.data_dir.name: tally.served_by[n.peer_id] for n in nodes} }"
         )
@@ -142,6 +145,7 @@ def test_killing_two_serving_peers_under_load_loses_no_job(tmp_path: Path) -> No
         assert all(v.proc.poll() is not None for v in victims)
         assert all(n.proc.poll() is None for n in nodes[:2]), "an entry node died"
     assert not tally.untyped, tally.untyped[:5]
+    assert not tally.miscounted, tally.miscounted[:5]
     assert max(tally.ids.values()) == 1, "a job got two answers"
     assert tally.answers == sum(tally.ids.values())
     assert tally.total >= 100, "too few jobs to judge"
@@ -182,6 +186,9 @@ async def load_and_kill(
                 except RemoteError as exc:
                     tally.errors[exc.code.name + (" (stream)" if stream else "")] += 1
                     tally.messages.append(f"{rid}: {exc}")
+                    said = CHUNKS_SAID.search(str(exc))
+                    if stream and said and int(said[1]) != len(chunks):
+                        tally.miscounted.append(f"{rid}: got {len(chunks)}: {exc}")
                 except Exception as exc:  # a hang or an untyped failure: what must not happen
                     tally.untyped.append(f"{rid}: {type(exc).__name__}: {exc}")
                 else:
@@ -203,4 +210,9 @@ async def load_and_kill(
         nursery.start_soon(killer)
         for k in range(SUBMITTERS):
             nursery.start_soon(submitter, k)
+    for entry in entries:
+        with trio.fail_after(30):
+            async with SwarmClient.connect(entry.addr) as client:
+                view = (await client.record()).body["view"]
+        tally.failovers[entry.data_dir.name] = int(view["routing"]["failovers"])
     return tally
