@@ -7,6 +7,7 @@ one typed error, no job hangs, and jobs that can be run elsewhere are.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_daemon_processes import Daemon, daemons_under
+from test_daemon_processes import Daemon, cli, daemons_under
 
 from node.client import SwarmClient
 from protocols import Chunk, ErrorCode, RemoteError
@@ -24,6 +25,7 @@ from protocols import Chunk, ErrorCode, RemoteError
 pytestmark = pytest.mark.slow
 
 FAST = ("--heartbeat", "0.5", "--dead-after", "2", "--no-dht")
+ROUND_ROBIN = ("--strategy", "round-robin")
 CHUNKS_SAID = re.compile(r"after (\d+) chunk")
 
 
@@ -52,6 +54,15 @@ def test_a_stream_cut_off_by_a_killed_producer_ends_in_one_typed_error(tmp_path:
         producer = daemons.start("producer", "--model", "fake:gen:60000", *FAST).wait_ready()
         entry = daemons.start("entry", "--no-models", "--peer", producer.addr, *FAST)
         entry.wait_ready()
+        # Through the CLI first: a job past its deadline ends typed; an unknown strategy
+        # is refused before anything is sent.
+        late, unknown = cli(
+            ["submit", "--peer", entry.addr, "--json", "--deadline", "1", *ROUND_ROBIN, "gen", "x"],
+            ["submit", "--peer", entry.addr, "--json", "--strategy", "fastest", "gen", "x"],
+        )
+        assert late.returncode == 1, late.stderr
+        assert json.loads(late.stdout)["error"]["code"] == "DEADLINE_EXCEEDED"
+        assert unknown.returncode == 2 and "invalid choice: 'fastest'" in unknown.stderr
         trio.run(stream_then_kill, entry, producer)
 
 

@@ -224,6 +224,11 @@ async def test_a_stalled_peer_gives_deadline_exceeded_and_is_cancelled(
         assert stall.service is not None and entry.service is not None
         stalled, entered = stall.service, entry.service
 
+        with trio.fail_after(JOB_WAIT_S), pytest.raises(RemoteError) as unknown:
+            await client.infer("stuck", {"text": "x"}, strategy="fastest")
+        assert unknown.value.code is ErrorCode.BAD_REQUEST and "fastest" in str(unknown.value)
+        assert stalled.in_flight == 0  # refused by the entry; nothing was forwarded
+
         started = trio.current_time()
         with trio.fail_after(15), pytest.raises(RemoteError) as late:
             await client.infer("stuck", {"text": "x"}, deadline_s=1)
