@@ -133,7 +133,11 @@ def test_killing_two_serving_peers_under_load_loses_no_job(tmp_path: Path) -> No
         for i, models in enumerate(SPREAD):
             specs = [a for m in models for a in ("--model", f"fake:{m}:30")]
             peers = [a for n in nodes[:2] for a in ("--peer", n.addr)]
-            nodes.append(daemons.start(f"n{i}", *specs, *peers, *FAST).wait_ready())
+            nodes.append(daemons.start(f"n{i}", *specs, *peers, *FAST))
+            if i < 2:  # the entries, whose addresses the others dial
+                nodes[-1].wait_ready()
+        for node in nodes[2:]:  # these three start side by side
+            node.wait_ready()
         servers: dict[str, set[str]] = {}
         for node, models in zip(nodes, SPREAD, strict=True):
             for model in models:
