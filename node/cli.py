@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -16,6 +17,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ from runners.catalog import (
     parse_model_spec,
     specs_from_config,
 )
+from runners.errors import ConfigError as RunnerConfigError
+from runners.settings import Table
 
 from . import logs
 from .access import load_allow_list, load_swarm_key, new_swarm_key_text
@@ -38,7 +42,15 @@ from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_sta
 from .errors import ConfigError, sole_error
 from .host import build_host, load_or_create_identity
 from .membership import MembershipConfig
-from .render import jsonable, peers_text, result_json, result_text, status_text
+from .render import (
+    jsonable,
+    model_rows,
+    models_text,
+    peers_text,
+    result_json,
+    result_text,
+    status_text,
+)
 from .router import RouterConfig, Strategy
 
 log = logging.getLogger("swarm")
@@ -49,7 +61,10 @@ CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logs.configure(args.log_level or ("INFO" if args.func is _daemon else "WARNING"))
+    logs.configure(
+        args.log_level or ("INFO" if args.func is _daemon else "WARNING"),
+        json_lines=args.log_format == "json",
+    )
     try:
         # Commands that touch no network (keygen, id) are plain functions.
         run = trio.run if inspect.iscoroutinefunction(args.func) else (lambda f, a: f(a))
@@ -72,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer inference node.")
     p.add_argument(
         "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for daemon, else WARNING)"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text lines, or one JSON object per line (with request_id) for log collectors",
     )
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
@@ -103,13 +124,15 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         metavar="FILE",
-        help=f"[[models]] and [backends.NAME] tables (default DATA_DIR/{CONFIG_FILE} if present)",
+        help=(
+            f"[[models]], [backends.NAME] and [router] tables "
+            f"(default DATA_DIR/{CONFIG_FILE} if present)"
+        ),
     )
     d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
     d.add_argument(
         "--strategy",
         choices=[str(x) for x in Strategy],
-        default=str(Strategy.LEAST_LOADED),
         help="how this node picks where a job runs, unless the job says (default least-loaded)",
     )
     d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
@@ -209,6 +232,17 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
 
+    mo = sub.add_parser("models", help="list the models a node and its peers serve")
+    _data_dir(mo)
+    mo.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
+    mo.add_argument("--json", action="store_true", help="machine-readable output")
+    mo.set_defaults(func=_models_cmd)
+
+    ini = sub.add_parser("init", help="write a commented config.toml into the data dir")
+    _data_dir(ini)
+    ini.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    ini.set_defaults(func=_init)
+
     pe = sub.add_parser("peers", help="list the peers a node knows")
     _data_dir(pe)
     pe.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
@@ -233,21 +267,25 @@ def _data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
+def _config_file(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """config.toml as data (empty when there is none), and where it was read."""
+    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
+    if args.config is None and not path.exists():
+        return {}, str(path)
+    try:
+        return tomllib.loads(path.read_text()), str(path)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+
+
+def _models(args: argparse.Namespace, config: dict[str, Any], source: str) -> tuple[ModelSpec, ...]:
     """The models of config.toml, then those of --model; the default if none.
 
     Every declaration is validated here, before anything starts: a typo is bad
     usage, said at once with the field it is in.
     """
-    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
-    specs: list[ModelSpec] = []
     try:
-        if args.config is not None or path.exists():
-            try:
-                data = tomllib.loads(path.read_text())
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"cannot read {path}: {exc}") from exc
-            specs += specs_from_config(data, str(path))
+        specs = specs_from_config(config, source) if config else []
         specs += [parse_model_spec(text) for text in args.model or ()]
         if not specs:
             specs.append(parse_model_spec(DEFAULT_MODEL))
@@ -260,10 +298,30 @@ def _models(args: argparse.Namespace) -> tuple[ModelSpec, ...]:
     return tuple(specs)
 
 
+def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> RouterConfig:
+    """config.toml's [router] table; --strategy overrides its strategy."""
+    try:
+        table = config.get("router")
+        router = (
+            RouterConfig()
+            if table is None
+            else RouterConfig.from_table(Table(table, f"{source}: router"))
+        )
+    except (RunnerConfigError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.strategy is not None:
+        router = dataclasses.replace(router, strategy=Strategy(args.strategy))
+    return router
+
+
 async def _daemon(args: argparse.Namespace) -> int:
     if args.no_models and args.model:
         raise ConfigError("--no-models and --model exclude each other")
-    models = () if args.no_models else _models(args)
+    file, source = _config_file(args)
+    unknown = sorted(set(file) - {"models", "backends", "router"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {', '.join(unknown)}")
+    models = () if args.no_models else _models(args, file, source)
     config = NodeConfig(
         data_dir=args.data_dir.expanduser(),
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
@@ -277,7 +335,7 @@ async def _daemon(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         dht=not args.no_dht,
         membership=_membership(args),
-        router=RouterConfig(strategy=Strategy(args.strategy)),
+        router=_router(args, file, source),
         allow=load_allow_list(args.allow, args.allow_file),
     )
     node = Node(config)
@@ -322,6 +380,28 @@ def _keygen(args: argparse.Namespace) -> int:
     path.touch(mode=0o600)
     path.write_text(new_swarm_key_text())
     print(f"wrote a new swarm key to {path}; give it to every node of the swarm (--swarm-key)")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = args.data_dir.expanduser() / CONFIG_FILE
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} exists; not overwriting it (--force to replace)")
+    template = resources.files("node").joinpath("default_config.toml").read_text()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(template)
+    print(f"wrote {path}; edit it, then start `swarm daemon --data-dir {args.data_dir}`")
+    return 0
+
+
+async def _models_cmd(args: argparse.Namespace) -> int:
+    async with _connect(args, _target(args)) as client:
+        record = await client.record()
+    rows = model_rows(record.body)
+    if args.json:
+        print(json.dumps({"peer_id": record.peer_id, "models": rows}, indent=2))
+    else:
+        print(models_text(rows))
     return 0
 
 

@@ -50,6 +50,7 @@ from .errors import ConfigError
 from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
 from .infer_handler import InferHandler
 from .membership import Membership, MembershipConfig
+from .metrics import NodeMetrics
 from .router import LocalNode, Router, RouterConfig
 from .service import InferenceService
 
@@ -108,6 +109,7 @@ class Node:
         self.membership: Membership | None = None
         self.dispatcher: Dispatcher | None = None
         self.router: Router | None = None
+        self.metrics: NodeMetrics | None = None
         self._nursery: trio.Nursery | None = None
         self._key_pair: Any = None
         self.failed_models: dict[str, str] = {}  # name -> why it did not load
@@ -190,6 +192,8 @@ class Node:
             self._runners, node_id=self.peer_id, max_queue=cfg.max_queue, forwarder=dispatcher
         )
         self.service = service
+        self.metrics = NodeMetrics(self)
+        service.observer = self.metrics.observe
         handler = InferHandler(service, limits=cfg.limits, access=self.access)
         host.set_stream_handler(TProtocol(INFER_PROTOCOL), handler)
         caps = CapsHandler(membership.on_inbound, self._answer(signer), self.access)
@@ -326,10 +330,12 @@ class Node:
 
     def _routing_view(self) -> dict[str, Any]:
         assert self.router is not None and self.dispatcher is not None  # set before serving
+        described = self.router.describe()
         return {
-            "strategy": str(self.router.config.strategy),
+            "strategy": described["strategy"],
+            "max_attempts": described["max_attempts"],
             "failovers": self.dispatcher.failovers,
-            "peer_breakers": self.router.breakers.describe(),
+            "peer_breakers": described["peers"],
         }
 
     def _local_node(self) -> LocalNode:

@@ -54,7 +54,7 @@ from .router import LocalNode, Router, RouteRequest, Strategy
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Mapping[str, Any]], Awaitable[None]]
-RunLocal = Callable[[Emit], Awaitable[Result]]  # runs it here, its chunks to the Emit given
+RunLocal = Callable[[Emit], Awaitable[Result]]  # runs it here, chunks to the Emit given
 # Codes after which a peer counts as failing (not the request's fault, not busy).
 PEER_FAULTS = frozenset({ErrorCode.INTERNAL, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.MALFORMED})
 
@@ -134,9 +134,8 @@ class Dispatcher:
         """Run ``request`` on the best candidate, failing over as the module says.
 
         ``local`` runs it on this node (when this node serves the model): the
-        planner may choose it like any peer. Its chunks go to the Emit it is given,
-        so that they count as relayed like a peer's. Raises the last attempt's
-        error, ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
+        planner may choose it like any peer. Raises the last attempt's error,
+        ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
         """
         tried: set[str] = set()
         relayed = 0
@@ -177,7 +176,7 @@ class Dispatcher:
                         f"{choice.peer_id} failed after {relayed} chunk(s) of the stream: {exc}",
                         chunks=relayed,
                     ) from exc
-                if not _may_retry(exc, request):
+                if not may_fail_over(exc, request):
                     raise
                 log.info("attempt %d at %s failed, trying another: %s", attempts, choice, exc)
                 last = exc
@@ -224,7 +223,8 @@ class Dispatcher:
                 self._planner.abandon(peer_id)
 
 
-def _may_retry(exc: SwarmError, request: Request) -> bool:
+def may_fail_over(exc: SwarmError, request: Request) -> bool:
+    """Whether a job that failed with ``exc`` may go to the next candidate."""
     policy = retry_policy(exc.code)
     return policy is Retry.ELSEWHERE or (policy is Retry.IF_IDEMPOTENT and request.idempotent)
 

@@ -73,6 +73,11 @@ PEER_SAMPLE = 64
 # (and sample) pulled, at most this often: one we cannot reach must not cost a
 # full record per beat.
 SAMPLE_EVERY_S = 30.0
+# For a few seconds after a peer is linked, beat it every second: nodes that join
+# together learn each other's link counts (and pull samples) at once, not after
+# a whole interval.
+JOIN_WINDOW_S = 4.0
+JOIN_BEAT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,7 @@ class Membership:
         self._linking: set[str] = set()
         self._last_try: dict[str, float] = {}
         self._sampled: dict[str, float] = {}  # peer -> when we last pulled its sample
+        self._joined: dict[str, float] = {}  # peer -> when it was last linked
         self._limiter = trio.CapacityLimiter(config.max_linking)
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -171,11 +177,19 @@ class Membership:
     async def _heartbeats(self) -> None:
         interval = self.config.heartbeat_s
         while True:
-            await trio.sleep(interval * random.uniform(0.4, 0.6))  # twice per interval
+            pause = interval * random.uniform(0.4, 0.6)  # twice per interval
+            if self._joined:
+                pause = min(pause, JOIN_BEAT_S / 2)
+            await trio.sleep(pause)
             now = trio.current_time()
             assert self._nursery is not None
+            for pid, since in list(self._joined.items()):
+                if now - since > JOIN_WINDOW_S:
+                    del self._joined[pid]
             for peer in live_peers(self.table):
                 due = interval if self.self_id < peer.peer_id else interval * LAGGARD_FACTOR
+                if peer.peer_id in self._joined:
+                    due = min(due, JOIN_BEAT_S)
                 if now - peer.last_seen >= due and peer.peer_id not in self._linking:
                     self._linking.add(peer.peer_id)
                     self._nursery.start_soon(self._beat, peer.peer_id, _version(peer.body))
@@ -257,7 +271,11 @@ class Membership:
         beat = received.heartbeat
         if beat is None:
             left_s = (record.expires_ms - time.time_ns() // 1_000_000) / 1000
+            before = self.table.peers.get(record.peer_id)
+            was_linked = before is not None and before.status == Status.LINKED
             self._apply(RecordVerified(record.peer_id, record.seq, record.body, now, now + left_s))
+            if not was_linked:
+                self._joined[record.peer_id] = now
             self._link_sample(record.body.get("peers"))
             if self.on_verified is not None:
                 self.on_verified(record.peer_id, tuple(self.table.peers[record.peer_id].addrs))

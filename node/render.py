@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,11 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
         )
     if not body.get("models"):
         lines.append("model     (none)")
+    view = body.get("view", {})
+    for name, reason in view.get("models_failed", {}).items():
+        lines.append(f"model     {name}  NOT LOADED: {reason}")
+    for name, state in view.get("runners", {}).items():
+        lines.append(f"backend   {name}: {_runner_state(state)}")
     load, stats = body.get("load"), body.get("view", {}).get("stats", {})
     if load:
         q = load.get("queue_depth", {})
@@ -100,7 +105,14 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
             f"served    {stats.get('served')} ok, {stats.get('failed')} failed, "
             f"{stats.get('forwarded')} forwarded"
         )
-    view = body.get("view", {})
+    routing = view.get("routing", {})
+    if routing:
+        broken = routing.get("peer_breakers", {})
+        held = ", ".join(f"{p[-8:]} {b.get('state')}" for p, b in broken.items()) or "none"
+        lines.append(
+            f"routing   {routing.get('strategy')}, {routing.get('failovers', 0)} failovers, "
+            f"peers held back: {held}"
+        )
     for source, problem in view.get("discovery", {}).items():
         lines.append(f"discovery {source}: {problem}")
     access = view.get("access", {})
@@ -112,6 +124,26 @@ def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
     linked = sum(1 for p in peers if p.get("status") == "linked")
     lines.append(f"peers     {len(peers)} known, {linked} linked ('swarm peers' lists them)")
     return "\n".join(lines)
+
+
+def _runner_state(state: Mapping[str, Any]) -> str:
+    """One line for a runner's live state: circuit, mode, batching, key use; no secrets."""
+    parts = []
+    nested = state.get("endpoint")
+    endpoint: Mapping[str, Any] = nested if isinstance(nested, Mapping) else state
+    if endpoint.get("breaker"):
+        parts.append(f"circuit {endpoint['breaker']}")
+        parts.append(f"in flight {endpoint.get('in_flight', 0)}/{endpoint.get('max_concurrency')}")
+        keys = endpoint.get("keys") or []
+        if keys:
+            parts.append("keys " + " ".join(f"{k.get('label')}:{k.get('uses')}" for k in keys))
+    if state.get("mode"):
+        parts.append(f"{state['mode']} mode")
+    batching = state.get("batching")
+    if isinstance(batching, Mapping) and batching.get("calls"):
+        mean = batching.get("rows", 0) / batching["calls"]
+        parts.append(f"batched {batching['calls']} calls, mean {mean:.1f} rows")
+    return ", ".join(parts) or "-"
 
 
 def _ms(value: Any) -> str:
@@ -148,3 +180,36 @@ def peers_text(rows: list[Mapping[str, Any]], problems: Mapping[str, str]) -> st
         ]
     lines += [f"discovery {source}: {problem}" for source, problem in problems.items()]
     return "\n".join(lines)
+
+
+def model_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every model the node and its linked peers serve: who serves it, and how."""
+    found: dict[str, dict[str, Any]] = {}
+    for model in body.get("models", []):
+        name = str(model.get("name", "?"))
+        row = found.setdefault(name.lower(), {"model": name, "local": None, "peers": []})
+        row["local"] = {k: model.get(k) for k in ("task", "runner", "device", "precision")}
+    for peer in body.get("view", {}).get("peers", []):
+        if peer.get("status") != "linked":
+            continue
+        for name in peer.get("models", []):
+            row = found.setdefault(name.lower(), {"model": name, "local": None, "peers": []})
+            row["peers"].append(peer.get("peer_id"))
+    return [found[k] for k in sorted(found)]
+
+
+def models_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The models table: name, how this node runs it, and which peers serve it."""
+    if not rows:
+        return "no models served by this node or its linked peers"
+    table = [("MODEL", "HERE", "PEERS")]
+    for r in rows:
+        local = r.get("local")
+        here = f"{local.get('task')} {local.get('runner')}/{local.get('device')}" if local else "-"
+        peers = r.get("peers") or []
+        shown = ", ".join(str(p)[-8:] for p in peers[:4]) + (" ..." if len(peers) > 4 else "")
+        table.append((str(r.get("model")), here, f"{len(peers)}: {shown}" if peers else "0"))
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )

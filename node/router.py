@@ -19,10 +19,12 @@ Candidates
 
 Score (lower is better), from the record's load and our own counts::
 
-    score = w.queue_ahead  * ahead        # queued at the request's priority or above
-          + w.queue_behind * behind       # queued below it (they hold slots, not the line)
-          + w.in_flight    * in_flight    # the node's own count, as last reported
-          + w.ours         * ours         # our calls to that peer now (fresher than heartbeats)
+    score = max(fade * (w.queue_ahead  * ahead       # queued at the request's priority or above
+                      + w.queue_behind * behind      # queued below it (they hold slots)
+                      + w.in_flight    * in_flight), # the node's own count, as last reported
+                w.ours * ours)                       # our calls to that peer now (fresher: a
+                                                     # report already counts our calls of then)
+          # fade = 0.5 ** (report age / load_half_life_s): old reports count less
           + w.latency_per_s * ewma_latency_ms / 1000   # 0 while unknown
           + w.hop          * (0 if local else 1)       # a network hop costs
           + w.half_open    * (record says the model's backend circuit is half-open)
@@ -104,6 +106,7 @@ class RouterConfig:
     max_attempts: int = 3  # candidates per plan, local included
     weights: Weights = field(default_factory=Weights)
     saturation: int = 8  # local-first: the local node is full at ahead + in_flight >= this
+    load_half_life_s: float = 2.5  # a peer's reported load counts half after this long
     peer_failures: int = 3  # consecutive failures that open a peer's breaker
     peer_cooldown_s: float = 5.0
     peer_max_cooldown_s: float = 300.0
@@ -122,6 +125,8 @@ class RouterConfig:
                 raise ValueError(f"router {name} must be an integer >= 1")
         if not isinstance(self.weights, Weights):
             raise ValueError("router weights must be a Weights")
+        if not (math.isfinite(self.load_half_life_s) and self.load_half_life_s > 0):
+            raise ValueError("router load_half_life_s must be a positive number")
         cool, top = self.peer_cooldown_s, self.peer_max_cooldown_s
         if not (math.isfinite(cool) and cool >= 0 and math.isfinite(top) and top >= cool):
             raise ValueError("router needs 0 <= peer_cooldown_s <= peer_max_cooldown_s, finite")
@@ -148,6 +153,9 @@ class RouterConfig:
             peer_max_cooldown_s=top,
             max_tracked_peers=table.integer(
                 "max_tracked_peers", base.max_tracked_peers, low=1, high=1 << 20
+            ),
+            load_half_life_s=table.number(
+                "load_half_life_s", base.load_half_life_s, low=0.01, high=3600.0
             ),
         )
         table.done()
@@ -217,6 +225,7 @@ class Router:
         self.self_id = self_id
         self.config = config
         self._rng = rng
+        self._clock = clock
         self.breakers = PeerBreakers(
             config.peer_failures,
             config.peer_cooldown_s,
@@ -225,6 +234,14 @@ class Router:
             max_peers=config.max_tracked_peers,
         )
         self._turns: dict[str, int] = {}  # round-robin position per model (casefolded)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for ``swarm status``: the default strategy and peers held against."""
+        return {
+            "strategy": str(self.config.strategy),
+            "max_attempts": self.config.max_attempts,
+            "peers": self.breakers.describe(),
+        }
 
     def plan(
         self,
@@ -252,7 +269,12 @@ class Router:
             circuits = _map(peer.body.get("circuits"))
             probe = state == BreakerState.HALF_OPEN
             ours = _count(in_flight.get(pid))
-            found = self._consider(pid, request, entry, _map(peer.load), ours, circuits, probe)
+            # A report fades as it ages (see _consider); last_seen is when it came.
+            age = max(0.0, self._clock() - peer.last_seen)
+            fade = 0.5 ** (age / self.config.load_half_life_s)
+            found = self._consider(
+                pid, request, entry, _map(peer.load), ours, circuits, probe, fade
+            )
             if found is not None:
                 (probes if probe else seen).append(found)
         ordered = self._order(request, seen)
@@ -271,6 +293,7 @@ class Router:
         ours: int,
         circuits: Mapping[str, Any],
         probe: bool = False,
+        fade: float = 1.0,
     ) -> _Seen | None:
         """The node as an unplaced candidate, or None when it does not qualify."""
         if model is None:
@@ -293,11 +316,15 @@ class Router:
         latency = _positive(load.get("ewma_latency_ms"))
         device = model.get("device")
         device = device if isinstance(device, str) else ""
+        # What the node reported (its last heartbeat, up to an interval old) already
+        # counts our calls of then; ours now is fresh. Adding both made every router
+        # shun a peer for a whole interval after each report and herd onto the others
+        # (bench_swarm: 2 workers alternating idle for 2-3 s); the larger of the two
+        # is a lower bound on its load that moves at once with our own calls.
+        reported = w.queue_ahead * ahead + w.queue_behind * behind + w.in_flight * theirs
+        reported *= fade  # an old report says less about now than our own fresh count
         score = (
-            w.queue_ahead * ahead
-            + w.queue_behind * behind
-            + w.in_flight * theirs
-            + w.ours * ours
+            max(reported, w.ours * ours)
             + w.latency_per_s * (latency or 0.0) / 1000
             + (0.0 if local else w.hop)
             + (w.half_open if circuit == "half-open" else 0.0)

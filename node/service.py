@@ -13,15 +13,16 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from capabilities.record import Load
-from protocols import MAX_HOPS, Priority, Request, Result, Value
+from protocols import MAX_HOPS, Priority, Request, Result, SwarmError, Value
 from runners.base import Runner, opened_stream
 from runners.errors import ModelNotFound
 
+from . import logs
 from .admission import PriorityGate
 from .errors import DeadlineExceeded, Interrupted, ShuttingDown
 
@@ -82,6 +83,9 @@ class InferenceService:
             for name, r in self.runners.items()
         }
         self.forwarder = forwarder
+        # Told of every finished request (metrics): request, outcome ("ok" or an error
+        # code), seconds taken, and the node that ran it when it ran.
+        self.observer: Callable[[Request, str, float, str | None], None] | None = None
         self.draining = False
         self.stats = Stats()
         self._active: set[_Active] = set()
@@ -109,19 +113,32 @@ class InferenceService:
             raise ShuttingDown("the node is shutting down and takes no new work")
         job = _Active()
         self._active.add(job)
+        started = trio.current_time()
+        logs.request_id.set(request.id)  # each request runs in a task of its own
         try:
             with job.scope:
-                return await self._within_deadline(request, emit, job)
+                result = await self._within_deadline(request, emit, job)
+                self._observe(request, "ok", started, result.meta.get("served_by"))
+                return result
             if job.started:
                 raise Interrupted("the node shut down while running the request")
             raise ShuttingDown("the node shut down before running the request")
-        except BaseException:
+        except BaseException as exc:
             self.stats.failed += 1
+            outcome = str(exc.code) if isinstance(exc, SwarmError) else "CANCELLED"
+            self._observe(request, outcome, started, None)
             raise
         finally:
             self._active.discard(job)
             if not self._active and self._drained is not None:
                 self._drained.set()
+
+    def _observe(self, request: Request, outcome: str, started: float, by: Any) -> None:
+        took = trio.current_time() - started
+        served_by = by if isinstance(by, str) else None
+        log.debug("%s %s in %.1f ms, ran on %s", request.model, outcome, 1000 * took, served_by)
+        if self.observer is not None:
+            self.observer(request, outcome, took, served_by)
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new work; let work in flight finish for ``grace_s``, then cut it off."""
@@ -154,8 +171,8 @@ class InferenceService:
             and (runner is not None or forwarder.serves(name))
         ):
             local = None
-            if runner is not None:  # its chunks go to the emit the forwarder gives it
-                local = functools.partial(self._run_local, name, runner, request, job=job)
+            if runner is not None:
+                local = functools.partial(self._run_local_to, name, runner, request, job)
             result = await forwarder.forward(request, emit, local)
             if result.meta.get("served_by") != self.node_id:
                 self.stats.forwarded += 1
@@ -164,6 +181,11 @@ class InferenceService:
             f"no peer known to this node serves {request.model!r}; "
             f"this node serves {sorted(self.runners) or 'no models'}"
         )
+
+    async def _run_local_to(
+        self, name: str, runner: Runner, request: Request, job: _Active, emit: Emit
+    ) -> Result:
+        return await self._run_local(name, runner, request, emit, job)
 
     async def _run_local(
         self, name: str, runner: Runner, request: Request, emit: Emit, job: _Active

@@ -49,7 +49,8 @@ from .batching import BatchConfig, BatchingRunner
 from .errors import ConfigError
 from .fake import FakeRunner
 from .openvino_embed import MODEL_NAME as MINILM
-from .openvino_embed import PERFORMANCE_HINTS, EmbedConfig, OpenVINOEmbedRunner
+from .openvino_embed import EmbedConfig, OpenVINOEmbedRunner
+from .ov_device import OVOptions
 from .settings import Table
 
 DEFAULT_MODEL = MINILM
@@ -81,11 +82,19 @@ class Kind:
 
 def _read_embed(table: Table) -> EmbedConfig:
     table.text("name", MINILM, choices=(MINILM,))
+    # The compile options every OpenVINO runner takes, checked the same way; the
+    # weights stay fp32 (their precision is not a setting of this runner yet).
+    options = OVOptions.from_table(table)
+    if options.precision != "fp32":
+        raise ModelSpecError(f"{table.where}.precision: {MINILM} runs with fp32 weights only")
+    if options.infer_requests:
+        raise ModelSpecError(f"{table.where}.infer_requests: use concurrency for {MINILM}")
     return EmbedConfig(
-        device=table.text("device", "CPU"),
-        performance_hint=table.text("performance_hint", "LATENCY", choices=PERFORMANCE_HINTS),
+        device=options.device,
+        performance_hint=options.performance_hint,
         concurrency=table.integer("concurrency", 2, low=1, high=64),
         convert_timeout_s=table.number("convert_timeout_s", 300.0, low=1.0, high=86400.0),
+        inference_precision=options.inference_precision,
     )
 
 

@@ -67,6 +67,7 @@ class EmbedConfig:
     performance_hint: str = "LATENCY"
     concurrency: int = 2  # worker threads, each with its own infer request
     convert_timeout_s: float = 300.0
+    inference_precision: str = "f32"  # what the device computes in (see ov_device)
 
     def __post_init__(self) -> None:
         if self.performance_hint not in PERFORMANCE_HINTS:
@@ -237,7 +238,11 @@ class _Session:
             raise _CorruptEntry(f"{path.name} does not load: {exc}") from exc
         # An absent device (GPU without OpenCL) is a DeviceUnavailable naming what is here.
         try:
-            options = OVOptions(device=config.device, performance_hint=config.performance_hint)
+            options = OVOptions(
+                device=config.device,
+                performance_hint=config.performance_hint,
+                inference_precision=config.inference_precision,
+            )
         except ValueError as exc:
             raise ModelLoadError(f"{MODEL_NAME}: {exc}") from exc
         compiled = compile_for(core, model, options, MODEL_NAME)

@@ -186,3 +186,19 @@ def test_the_readme_config_example_is_valid(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("LLAMA_KEY_2", "k2")
     specs = specs_from_config(tomllib.loads(block), "README.md")
     assert [s.kind for s in specs] == ["openai", "openvino-classify", "ovms"]
+
+
+def test_the_default_model_takes_the_openvino_compile_options() -> None:
+    spec = parse_model_spec(
+        "openvino-embed:device=AUTO,performance_hint=throughput,inference_precision=bf16"
+    )
+    config = spec.config
+    assert (config.device, config.performance_hint, config.inference_precision) == (
+        "AUTO",
+        "THROUGHPUT",
+        "bf16",
+    )
+    with pytest.raises(ModelSpecError, match="fp32 weights only"):
+        parse_model_spec("openvino-embed:precision=int8")
+    with pytest.raises(ModelSpecError, match="device: expected an OpenVINO device"):
+        parse_model_spec("openvino-embed:device=gpu-1!")

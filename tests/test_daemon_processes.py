@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from conftest import LOOPBACK
 
 from node.client import SwarmClient
 from runners import convert_minilm
+from runners.catalog import specs_from_config
 from runners.openvino_embed import DIM, MODEL_NAME
 
 pytestmark = pytest.mark.slow
@@ -531,3 +533,43 @@ def test_bad_cli_input_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     assert f"available: {MODEL_NAME}" in bad_model.stderr and "fake:NAME" in bad_model.stderr
     assert "Traceback" not in bad_model.stderr
     assert not (data_dir / STATE_FILE).exists()
+
+
+def test_bad_config_files_are_refused_naming_the_field(tmp_path: Path) -> None:
+    files = {
+        "router.toml": '[router]\nstrategy = "fastest"\n',
+        "model.toml": '[[models]]\nkind = "openvino-classify"\nprecison = "int8"\n',
+        "table.toml": "[routers]\nstrategy = 1\n",
+        "syntax.toml": "[[models]\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    daemon = ["daemon", "--listen", LOOPBACK, "--no-cuda-probe", "--data-dir", str(tmp_path)]
+    done = cli(*([*daemon, "--config", str(tmp_path / name)] for name in files))
+    messages = {name: d.stderr for name, d in zip(files, done, strict=True)}
+    assert all(d.returncode == 2 and d.stdout == "" for d in done), messages
+    assert "router.toml: router" in messages["router.toml"]
+    assert "fastest" in messages["router.toml"]
+    assert "models[0]: unknown field(s) precison" in messages["model.toml"]
+    assert "unknown table(s) routers" in messages["table.toml"]
+    assert "cannot read" in messages["syntax.toml"]
+    assert not any("Traceback" in m for m in messages.values())
+
+
+def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
+    (first,) = cli(["init", "--data-dir", str(tmp_path)])
+    assert first.returncode == 0, first.stderr
+    path = tmp_path / "config.toml"
+    specs = specs_from_config(tomllib.loads(path.read_text()), str(path))
+    assert [s.kind for s in specs] == ["openvino-embed"]
+    (again,) = cli(["init", "--data-dir", str(tmp_path)])
+    assert again.returncode == 2 and "exists" in again.stderr
+    (forced,) = cli(["init", "--data-dir", str(tmp_path), "--force"])
+    assert forced.returncode == 0
+
+
+def test_models_lists_what_the_swarm_serves(swarm: Swarm) -> None:
+    (done,) = cli(["models", "--json", "--peer", swarm.a.addr])
+    rows = {r["model"]: r for r in ok_json(done)["models"]}
+    assert rows["echo"]["local"] is None and rows["echo"]["peers"] == [swarm.b.peer_id]
+    assert rows["other"]["peers"] == [swarm.c.peer_id]

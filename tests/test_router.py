@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from bootstrap.table import PeerTable, RecordVerified, Unreachable, apply, live_peers
@@ -38,10 +38,13 @@ SELF = "self-node"
 
 class Clock:
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = NOW
 
     def __call__(self) -> float:
         return self.now
+
+
+NOW = 1.0  # the clock's start, and when the test tables' reports came
 
 
 def entry(
@@ -69,7 +72,7 @@ def load(
 def table_of(peers: Mapping[str, Mapping[str, Any]]) -> PeerTable:
     table = PeerTable()
     for pid, body in peers.items():
-        table = apply(table, RecordVerified(pid, 1, body, at=1.0))
+        table = apply(table, RecordVerified(pid, 1, body, at=NOW))
     return table
 
 
@@ -421,6 +424,11 @@ def test_peer_breakers_describe_for_status() -> None:
         }
     }
     assert b.state("q") == BreakerState.OPEN  # describing changed nothing
+    r = router(clock, strategy="round-robin", peer_failures=1)
+    r.breakers.failure("z")
+    status = r.describe()
+    assert status["strategy"] == "round-robin" and status["max_attempts"] == 3
+    assert status["peers"]["z"]["state"] == "open"
 
 
 def test_peer_breakers_memory_is_bounded() -> None:
@@ -453,8 +461,8 @@ PEERS = [f"p{i}" for i in range(8)]
 junk = st.one_of(st.none(), st.text(max_size=2), st.floats(), st.booleans(), st.integers(-3, 9))
 model_entries = st.builds(
     entry,
-    name=st.sampled_from(NAMES),
-    task=st.sampled_from(["embeddings", "text-generation"]),
+    name=st.sampled_from(["m", "M", "m", "n"]),
+    task=st.sampled_from(["embeddings", "embeddings", "text-generation"]),
     device=st.sampled_from(["CPU", "cuda:0", "GPU.1"]),
     precision=st.sampled_from(["fp32", "fp16"]),
 )
@@ -471,30 +479,37 @@ loads = st.one_of(
     st.dictionaries(st.sampled_from(["queue_depth", "in_flight", "ewma_latency_ms"]), junk),
 )
 bodies = st.fixed_dictionaries(
-    {"models": st.lists(model_entries, max_size=3), "load": loads},
+    {"models": st.lists(model_entries, min_size=1, max_size=3), "load": loads},
     optional={
         "circuits": st.dictionaries(
             st.sampled_from(NAMES), st.sampled_from(["open", "closed", "half-open"])
         )
     },
 )
+
+
+def maybe(values: list[str]) -> st.SearchStrategy[str | None]:
+    """None more often than not: most requests do not narrow by that field."""
+    return st.sampled_from([None] * (len(values) + 1) + values)
+
+
 requests = st.builds(
     RouteRequest,
-    model=st.sampled_from(NAMES),
-    task=st.none() | st.sampled_from(["embeddings", "EMBEDDINGS", "text-generation"]),
-    precision=st.none() | st.sampled_from(["fp32", "FP16"]),
-    device=st.none() | st.sampled_from(["cpu", "CUDA", "gpu", "GPU.1"]),
+    model=st.sampled_from(["m", "m", "M", "n"]),
+    task=maybe(["embeddings", "EMBEDDINGS", "text-generation"]),
+    precision=maybe(["fp32", "FP16"]),
+    device=maybe(["cpu", "CUDA", "gpu", "GPU.1"]),
     strategy=st.none() | st.sampled_from(list(Strategy)),
     priority=st.sampled_from(list(Priority)),
-    exclude=st.frozensets(st.sampled_from([*PEERS, SELF]), max_size=4),
+    exclude=st.frozensets(st.sampled_from([*PEERS, SELF]), max_size=2),
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    peers=st.dictionaries(st.sampled_from(PEERS), bodies, max_size=8),
-    down=st.frozensets(st.sampled_from(PEERS)),
-    failures=st.dictionaries(st.sampled_from(PEERS), st.integers(0, 4)),
+    peers=st.dictionaries(st.sampled_from(PEERS), bodies, min_size=1, max_size=8),
+    down=st.frozensets(st.sampled_from(PEERS), max_size=2),
+    failures=st.dictionaries(st.sampled_from(PEERS), st.integers(0, 4), max_size=3),
     elapsed=st.floats(0, 30),
     local_models=st.none() | st.lists(st.sampled_from(NAMES), max_size=2),
     request=requests,
@@ -525,6 +540,7 @@ def test_plan_properties(
     local = None if local_models is None else LocalNode([info(n) for n in local_models])
 
     plan = r.plan(table, local, request, ours)
+    event(f"plan of {len(plan)}, probe: {any(c.probe for c in plan)}")
 
     assert len(plan) <= max_attempts
     assert len(set(ids(plan))) == len(plan)
@@ -585,13 +601,62 @@ def test_router_config_from_a_config_table() -> None:
     assert config.strategy is Strategy.BEST_PERFORMANCE and config.max_attempts == 2
     assert config.peer_cooldown_s == 2.0 and config.weights == Weights(hop=1.5)
     assert RouterConfig.from_table(Table({}, "router")) == RouterConfig()
-    for bad, named in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"strategy": "fastest"}, "router.strategy"),
         ({"max_attempts": 0}, "router.max_attempts"),
         ({"weights": {"hop": -1}}, "router.weights.hop"),
         ({"weights": {"hops": 1}}, "hops"),
         ({"retries": 1}, "retries"),
         ({"peer_cooldown_s": 10, "peer_max_cooldown_s": 5}, "router.peer_max_cooldown_s"),
-    ]:
+    ]
+    for bad, named in cases:
         with pytest.raises(ConfigError, match=named):
             RouterConfig.from_table(Table(bad, "router"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "success", "failure", "abandon", "wait"]),
+            st.sampled_from(["a", "b"]),
+            st.floats(0, 20),
+        ),
+        max_size=60,
+    )
+)
+def test_peer_breaker_properties(steps: list[tuple[str, str, float]]) -> None:
+    """Cooldowns stay in [base, cap]; never two probes out; open means refused."""
+    clock = Clock()
+    b = PeerBreakers(2, 3.0, 40.0, clock, max_peers=8)
+    out: set[str] = set()  # peers with an admitted call and no verdict yet
+    for op, peer, dt in steps:
+        if op == "wait":
+            clock.now += dt
+        elif op == "admit":
+            before, probing = b.state(peer), b.probing(peer)
+            wait = b.admit(peer)
+            if before == BreakerState.OPEN or probing:
+                assert wait is not None and wait > 0
+            if wait is None:
+                out.add(peer)
+        elif peer in out:
+            out.discard(peer)
+            getattr(b, op)(peer)
+        assert 3.0 <= b.cooldown(peer) <= 40.0
+        assert b.state(peer) != BreakerState.CLOSED or not b.probing(peer)
+
+
+def test_an_old_load_report_fades_before_our_fresh_count() -> None:
+    clock = Clock()
+    table = table_of({"old": body(load_=load(in_flight=8)), "new": body(load_=load(in_flight=3))})
+    r = router(clock)
+    fresh = {c.peer_id: c.score for c in r.plan(table, None, RouteRequest("m"), {})}
+    assert fresh["new"] < fresh["old"]  # 3 in flight beats 8
+    # Ten seconds later (four half-lives) "old"'s report says little, while we know of
+    # 2 calls of ours at "new" right now: our fresh count wins over stale reports.
+    clock.now += 10.0
+    later = r.plan(table, None, RouteRequest("m"), {"new": 2})
+    assert later[0].peer_id == "old"
+    scores = {c.peer_id: c.score for c in later}
+    assert scores["old"] < scores["new"]

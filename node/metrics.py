@@ -1,0 +1,139 @@
+"""Prometheus metrics of one node, in the text format any scraper reads.
+
+Each node has a registry of its own (several nodes may share a process, in tests
+and benchmarks), with two kinds of series:
+
+- counted as requests finish (``InferenceService.observer``): requests by model,
+  priority, outcome (``ok`` or the error code) and where they ran (``local``,
+  ``peer``, or ``none`` when they did not run); their latency as a histogram by
+  model and where they ran;
+- read from the node at scrape time (a collector, so they are never stale):
+  queue depth per model and priority, requests in flight, peers known by status,
+  each local backend's circuit state, each peer breaker's state, failovers.
+
+Circuit states are exported as one gauge per state with value 1 for the current
+one (the Prometheus idiom for an enum), so a dashboard can count open circuits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from protocols import Request
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BREAKER_STATES = ("closed", "open", "half-open")
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class NodeMetrics:
+    """The node's registry; ``observe`` is given to the inference service."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = PromCounter(
+            "swarm_requests",
+            "Requests this node finished, by model, priority, outcome and where they ran.",
+            ["model", "priority", "outcome", "ran"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "swarm_request_seconds",
+            "Time from a request's arrival to its answer, by model and where it ran.",
+            ["model", "ran"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.registry.register(_Live(node))
+
+    def observe(self, request: Request, outcome: str, seconds: float, by: str | None) -> None:
+        ran = "none" if by is None else ("local" if by == self.node.peer_id else "peer")
+        model = request.model.lower()
+        self.requests.labels(model, request.priority.name.lower(), outcome, ran).inc()
+        if outcome == "ok":
+            self.latency.labels(model, ran).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Live(Collector):
+    """Series read from the node when scraped."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed set up front: series come and go with models and peers
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        service, membership = node.service, node.membership
+        if service is None or membership is None:
+            return
+        depth = GaugeMetricFamily(
+            "swarm_queue_depth",
+            "Requests waiting, by model and priority.",
+            labels=["model", "priority"],
+        )
+        for model, gate in service.gates.items():
+            for priority, n in gate.depth().items():
+                depth.add_metric([model, priority], n)
+        yield depth
+        yield GaugeMetricFamily(
+            "swarm_in_flight", "Requests this node is handling now.", value=service.in_flight
+        )
+        peers = GaugeMetricFamily(
+            "swarm_peers", "Peers in the table, by status.", labels=["status"]
+        )
+        statuses = Counter(str(p.status) for p in membership.table.peers.values())
+        for status in ("linked", "discovered", "unreachable", "refused"):
+            peers.add_metric([status], statuses.get(status, 0))
+        yield peers
+        yield _states(
+            "swarm_backend_circuit",
+            "Each local model's backend circuit breaker, 1 for its current state.",
+            "model",
+            {name: _breaker(s) for name, s in node.runner_status().items()},
+        )
+        router, dispatcher = node.router, node.dispatcher
+        if router is not None:
+            held: dict[str, str | None] = {
+                peer: str(b.get("state")) for peer, b in router.breakers.describe().items()
+            }
+            yield _states(
+                "swarm_peer_circuit",
+                "Peers held back by their circuit breaker, 1 for the current state.",
+                "peer",
+                held,
+            )
+        if dispatcher is not None:
+            yield CounterMetricFamily(
+                "swarm_failovers",
+                "Attempts after the first, over all jobs routed here.",
+                value=dispatcher.failovers,
+            )
+
+
+def _breaker(state: dict[str, Any]) -> str | None:
+    endpoint = state.get("endpoint")
+    found = (endpoint if isinstance(endpoint, dict) else state).get("breaker")
+    return found if isinstance(found, str) else None
+
+
+def _states(name: str, doc: str, key: str, current: dict[str, str | None]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=[key, "state"])
+    for subject, state in current.items():
+        if state is None:
+            continue
+        for candidate in BREAKER_STATES:
+            family.add_metric([subject, candidate], 1.0 if state == candidate else 0.0)
+    return family

@@ -1,0 +1,64 @@
+"""A node's Prometheus metrics, scraped and parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import NodeFactory
+from prometheus_client.parser import text_string_to_metric_families
+from support import eventually
+
+from node.client import SwarmClient
+from protocols import Priority, RemoteError
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_requests_outcomes_latency_and_live_state(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory("b", models=("fake:echo",)) as b,
+        node_factory("a", models=("fake:local",), peers=(b.addrs[0],)) as a,
+    ):
+        assert a.membership is not None
+        async with SwarmClient.connect(a.addrs[0]) as client:
+            await eventually(lambda: b.peer_id in {p for p in a.membership.table.peers})
+            await client.infer("echo", {"text": "one"})
+            await client.infer("local", {"text": "two"}, priority=Priority.HIGH)
+            with pytest.raises(RemoteError):
+                await client.infer("nobody-serves-this", {"text": "three"})
+        assert a.metrics is not None
+        samples = _samples(a.metrics.render())
+    ok = dict(outcome="ok")
+    assert (
+        _value(samples, "swarm_requests_total", model="echo", priority="normal", ran="peer", **ok)
+        == 1
+    )
+    assert (
+        _value(samples, "swarm_requests_total", model="local", priority="high", ran="local", **ok)
+        == 1
+    )
+    missing = _value(
+        samples,
+        "swarm_requests_total",
+        model="nobody-serves-this",
+        priority="normal",
+        outcome="MODEL_NOT_FOUND",
+        ran="none",
+    )
+    assert missing == 1
+    assert _value(samples, "swarm_request_seconds_count", model="echo", ran="peer") == 1
+    assert _value(samples, "swarm_peers", status="linked") == 1
+    assert _value(samples, "swarm_in_flight") == 0
+    assert ("swarm_queue_depth", (("model", "local"), ("priority", "high"))) in samples
+    assert _value(samples, "swarm_failovers_total") == 0

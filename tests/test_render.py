@@ -1,0 +1,61 @@
+"""swarm status as text: failed models, backend circuits and routing are shown, keys never."""
+
+from __future__ import annotations
+
+from node.render import model_rows, models_text, result_text, status_text
+from protocols import Result
+
+
+def test_status_shows_failed_models_backends_and_routing() -> None:
+    body = {
+        "hardware": {},
+        "models": [{"name": "llm", "task": "text-generation", "runner": "openai-compat"}],
+        "view": {
+            "models_failed": {"gone": "cannot connect to the backend"},
+            "runners": {
+                "llm": {
+                    "breaker": "open",
+                    "in_flight": 1,
+                    "max_concurrency": 8,
+                    "keys": [{"label": "key#1", "uses": 3}, {"label": "key#2", "uses": 2}],
+                    "mode": "api",
+                },
+                "emb": {"batching": {"calls": 4, "rows": 10}},
+            },
+            "routing": {
+                "strategy": "least-loaded",
+                "failovers": 2,
+                "peer_breakers": {"12D3KooWabcdefgh12345678": {"state": "open"}},
+            },
+        },
+    }
+    text = status_text("me", body)
+    assert "gone  NOT LOADED: cannot connect to the backend" in text
+    assert "backend   llm: circuit open, in flight 1/8, keys key#1:3 key#2:2, api mode" in text
+    assert "backend   emb: batched 4 calls, mean 2.5 rows" in text
+    assert "routing   least-loaded, 2 failovers, peers held back: 12345678 open" in text
+
+
+def test_result_says_who_served_after_how_many_attempts() -> None:
+    meta = {"served_by": "B", "forwarded_by": "A", "attempts": 2, "took_ms": 12.5}
+    text = result_text(Result("r1", {}, meta))
+    assert "forwarded by A, after 2 attempts; 12.5 ms in all" in text
+
+
+def test_models_table_joins_this_node_and_its_peers() -> None:
+    body = {
+        "models": [{"name": "echo", "task": "fake", "runner": "fake", "device": "none"}],
+        "view": {
+            "peers": [
+                {"peer_id": "12D3KooWpeerAAAAAAAA", "status": "linked", "models": ["Echo", "big"]},
+                {"peer_id": "12D3KooWpeerBBBBBBBB", "status": "unreachable", "models": ["big"]},
+            ]
+        },
+    }
+    rows = model_rows(body)
+    assert [(r["model"], len(r["peers"]), r["local"] is not None) for r in rows] == [
+        ("big", 1, False),
+        ("echo", 1, True),
+    ]
+    text = models_text(rows)
+    assert "echo   fake fake/none  1: AAAAAAAA" in text and "big    -" in text
