@@ -344,7 +344,8 @@ class Router:
             ring = sorted(seen, key=lambda s: s.candidate.peer_id)
             key = request.model.casefold()
             turn = self._turns.get(key, 0)
-            self._turns[key] = turn + 1
+            if not request.exclude:  # a job's first plan takes a turn; its failovers do not
+                self._turns[key] = turn + 1
             if len(self._turns) > 4096:  # model names come from requests: keep the map small
                 self._turns = {key: turn + 1}
             if not ring:

@@ -27,11 +27,16 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[Node]]
 
 @pytest.fixture
 def node_factory(tmp_path: Path) -> NodeFactory:
-    """``async with node_factory("a", models=("fake:echo",)) as node:`` runs a real node."""
+    """``async with node_factory("a", models=("fake:echo",)) as node:`` runs a real node.
+
+    ``node_type`` runs a subclass of ``Node`` instead (a test that reaches into it).
+    """
     counter = iter(range(1000))
 
     @asynccontextmanager
-    async def start(name: str | None = None, **overrides: Any) -> AsyncIterator[Node]:
+    async def start(
+        name: str | None = None, *, node_type: type[Node] = Node, **overrides: Any
+    ) -> AsyncIterator[Node]:
         name = name or f"node{next(counter)}"
         settings: dict[str, Any] = {
             "data_dir": tmp_path / name,
@@ -44,7 +49,7 @@ def node_factory(tmp_path: Path) -> NodeFactory:
             "dht": False,
         }
         settings.update(overrides)
-        node = Node(NodeConfig(**settings))
+        node = node_type(NodeConfig(**settings))
         async with trio.open_nursery() as nursery:
             with trio.fail_after(60):
                 await nursery.start(node.run)

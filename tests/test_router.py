@@ -293,6 +293,15 @@ def test_round_robin_cycles_per_model() -> None:
     assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["b", "c", "a"]
 
 
+def test_round_robin_failover_replans_do_not_take_a_turn() -> None:
+    table = table_of({"a": body(), "b": body()})
+    r = router(strategy=Strategy.ROUND_ROBIN)
+    for _ in range(3):  # each job tries a first, a fails, the re-plan without it gives b
+        assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["a", "b"]
+        assert ids(r.plan(table, None, RouteRequest("m", exclude=frozenset({"a"})), {})) == ["b"]
+        assert ids(r.plan(table, None, RouteRequest("m"), {}))[0] == "b"  # the next job's turn
+
+
 def test_best_performance_prefers_the_lower_latency_then_the_faster() -> None:
     table = table_of(
         {
