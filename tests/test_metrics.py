@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from conftest import NodeFactory
 from prometheus_client.parser import text_string_to_metric_families
 from support import eventually
 
 from node.client import SwarmClient
+from node.gateway import GatewayConfig
 from protocols import Priority, RemoteError
 
 
@@ -62,3 +64,16 @@ async def test_requests_outcomes_latency_and_live_state(node_factory: NodeFactor
     assert _value(samples, "swarm_in_flight") == 0
     assert ("swarm_queue_depth", (("model", "local"), ("priority", "high"))) in samples
     assert _value(samples, "swarm_failovers_total") == 0
+
+
+async def test_the_gateway_serves_the_nodes_metrics(node_factory: NodeFactory) -> None:
+    async with node_factory("g", models=("fake:echo",), http=GatewayConfig()) as node:
+        assert node.gateway is not None
+        async with SwarmClient.connect(node.addrs[0]) as client:
+            await client.infer("echo", {"text": "counted"})
+        async with httpx.AsyncClient(base_url=node.gateway.url) as http:
+            answer = await http.get("/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    samples = _samples(answer.content)
+    ok = dict(model="echo", priority="normal", outcome="ok", ran="local")
+    assert _value(samples, "swarm_requests_total", **ok) == 1

@@ -60,11 +60,18 @@ async def test_swarm_key_keeps_outsiders_from_the_handshake(
         outsider = generate_new_ed25519_identity()
         hello = RecordSigner(outsider, dict).heartbeat(0, {}, client=True)
         async with running_host(outsider, ()) as host:
+            # The handshake either hangs (the PSK stream is noise to a keyless host) or
+            # fails at once (the node drops the connection first): both keep it out.
+            refused = False
             with trio.move_on_after(3) as scope:
-                await host.connect(peer_info(address))
-                await exchange_records(host, peer_info(address).peer_id, hello)
-                pytest.fail("an outsider read the capability record")
-            assert scope.cancelled_caught
+                try:
+                    await host.connect(peer_info(address))
+                    await exchange_records(host, peer_info(address).peer_id, hello)
+                except Exception:  # libp2p's dial errors (SwarmDialAllFailedError, ...)
+                    refused = True
+                else:
+                    pytest.fail("an outsider read the capability record")
+            assert scope.cancelled_caught or refused
         async with SwarmClient.connect(address, swarm_key=key) as client:
             result = await client.infer("echo", {"text": "member"})
             record = await client.record()
