@@ -40,7 +40,8 @@ from protocols import (
     SwarmError,
 )
 from runners.base import Runner
-from runners.catalog import DEFAULT_MODEL, ModelSpec, build_runner
+from runners.catalog import DEFAULT_MODEL, ModelSpec, build_runner, parse_model_spec
+from runners.errors import ModelNotFound
 
 from .access import AccessPolicy
 from .caller import Caller
@@ -143,6 +144,54 @@ class Node:
                     await runner.close()
                 (cfg.data_dir / STATE_FILE).unlink(missing_ok=True)
             log.info("node stopped")
+
+    async def load_model(self, name: str) -> dict[str, Any]:
+        """Load a model this node's config declares but does not serve now.
+
+        Only declared models: a peer or an HTTP client can never make a node load
+        an arbitrary path. Raises ModelNotFound for an undeclared name, and the
+        runner's error when it does not load (also kept for ``swarm status``).
+        """
+        spec = self._declared().get(name.lower())
+        if spec is None:
+            declared = sorted(s.name for s in self._declared().values())
+            raise ModelNotFound(
+                f"{name!r} is not declared in this node's config; declared: {declared}"
+            )
+        if spec.name in self._runners:
+            return {"model": spec.name, "state": "loaded", "changed": False}
+        assert self.service is not None  # set before serving
+        runner = build_runner(spec, self.config.models_dir)
+        try:
+            await runner.load()
+        except SwarmError as exc:
+            self.failed_models[spec.name] = str(exc)
+            raise
+        self.failed_models.pop(spec.name, None)
+        self._runners[runner.info.name] = runner
+        self.service.add_runner(runner, self.config.max_queue)
+        log.info("model %s loaded on request", runner.info.name)
+        return {"model": runner.info.name, "state": "loaded", "changed": True}
+
+    async def unload_model(self, name: str) -> dict[str, Any]:
+        """Stop serving a model: new jobs for it go to peers; admitted ones finish
+        (within the shutdown grace); then its runner is closed."""
+        found = next((n for n in self._runners if n.lower() == name.lower()), None)
+        if found is None:
+            if name.lower() in self._declared():
+                return {"model": name, "state": "unloaded", "changed": False}
+            raise ModelNotFound(f"this node does not serve {name!r}")
+        assert self.service is not None  # set before serving
+        runner = self._runners.pop(found)
+        await self.service.remove_runner(found, self.config.shutdown_grace_s)
+        with trio.CancelScope(shield=True):
+            await runner.close()
+        log.info("model %s unloaded on request", found)
+        return {"model": found, "state": "unloaded", "changed": True}
+
+    def _declared(self) -> dict[str, ModelSpec]:
+        specs = (s if isinstance(s, ModelSpec) else parse_model_spec(s) for s in self.config.models)
+        return {s.name.lower(): s for s in specs}
 
     async def _load_runners(self) -> None:
         """Build and load every declared model, at once.
@@ -336,6 +385,8 @@ class Node:
             models=lambda: swarm_models((r.info for r in self._runners.values()), membership.table),
             status=self.status,
             metrics=self.metrics.render if self.metrics is not None else None,
+            load_model=self.load_model,
+            unload_model=self.unload_model,
         )
         grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
         self.gateway = Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)

@@ -91,6 +91,25 @@ class InferenceService:
         self._active: set[_Active] = set()
         self._drained: trio.Event | None = None  # exists only while drain() waits
 
+    def add_runner(self, runner: Runner, max_queue: int) -> None:
+        """Serve one more model (loaded already)."""
+        name = runner.info.name.lower()
+        self.gates[name] = PriorityGate(concurrency=runner.concurrency, max_waiting=max_queue)
+        self.runners[name] = runner
+
+    async def remove_runner(self, name: str, grace_s: float) -> Runner | None:
+        """Stop serving ``name``: new requests no longer find it (they go to peers);
+        those already admitted finish, waited for up to ``grace_s``. The runner is
+        returned for its owner to close."""
+        key = name.lower()
+        runner = self.runners.pop(key, None)
+        gate = self.gates.pop(key, None)
+        if gate is not None:
+            with trio.move_on_after(grace_s):
+                while gate.running or gate.waiting:  # noqa: ASYNC110 (no event to wait on)
+                    await trio.sleep(0.05)
+        return runner
+
     @property
     def in_flight(self) -> int:
         return len(self._active)

@@ -7,11 +7,15 @@ import logging
 import socket
 import tomllib
 
+import httpx
 import pytest
+import trio
 from conftest import NodeFactory
 from fake_inference_servers import FakeVLLM
 
 from node.client import SwarmClient
+from node.gateway import GatewayConfig
+from protocols import ErrorCode, RemoteError
 from runners.catalog import ModelSpecError, parse_model_spec, specs_from_config
 
 
@@ -111,3 +115,52 @@ def test_a_container_table_gives_the_default_url() -> None:
             {"models": [{**{"kind": "ovms", "name": "r", "model": "r"}, "container": {}}]},
             "config.toml",
         )
+
+
+async def test_declared_models_unload_and_load_again_over_http(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory("b", models=("fake:echo",)) as b,
+        node_factory(
+            "a", models=("fake:echo", "fake:solo"), peers=(b.addrs[0],), http=GatewayConfig()
+        ) as a,
+    ):
+        assert a.gateway is not None and a.service is not None
+        async with httpx.AsyncClient(base_url=a.gateway.url) as http:
+            gone = await http.post("/models/unload", json={"model": "solo"})
+            assert gone.status_code == 200 and gone.json()["changed"] is True
+            assert "solo" not in a.service.runners
+            async with SwarmClient.connect(a.addrs[0]) as client:
+                with pytest.raises(RemoteError) as raised:
+                    await client.infer("solo", {"text": "nobody has it now"})
+                assert raised.value.code is ErrorCode.MODEL_NOT_FOUND
+                # echo is unloaded here too, but b serves it: jobs go there.
+                await http.post("/models/unload", json={"model": "echo"})
+                moved = await client.infer("echo", {"text": "to the peer"})
+                assert moved.meta["served_by"] == b.peer_id
+                back = await http.post("/models/load", json={"model": "solo"})
+                assert back.status_code == 200 and back.json()["changed"] is True
+                again = await client.infer("solo", {"text": "back"})
+                assert again.meta["served_by"] == a.peer_id
+            # Only what the config declares: never a path, never another model.
+            for body in ({"model": "/etc/passwd"}, {"model": "openvino:path=/tmp/x.xml"}):
+                refused = await http.post("/models/load", json=body)
+                assert refused.status_code == 404, refused.text
+                assert "not declared in this node's config" in refused.json()["error"]["message"]
+            bad = await http.post("/models/load", json={"name": "solo"})
+            assert bad.status_code == 400
+
+
+async def test_a_model_unloaded_while_busy_finishes_its_jobs(node_factory: NodeFactory) -> None:
+    async with node_factory("a", models=("fake:slow:300",)) as a:
+        async with SwarmClient.connect(a.addrs[0]) as client:
+            results = []
+
+            async def job() -> None:
+                results.append(await client.infer("slow", {"text": "in flight"}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(job)
+                await trio.sleep(0.1)  # admitted and running
+                done = await a.unload_model("slow")
+        assert done["changed"] is True and len(results) == 1
+        assert results[0].meta["served_by"] == a.peer_id

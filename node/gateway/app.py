@@ -49,6 +49,9 @@ class Backend:
     status: Callable[[], Mapping[str, Any]]
     # The Prometheus text exposition of this node's metrics; None: no /metrics.
     metrics: Callable[[], bytes] | None = None
+    # Load / unload a model this node's config declares (None: the routes answer 404).
+    load_model: Callable[[str], Awaitable[Mapping[str, Any]]] | None = None
+    unload_model: Callable[[str], Awaitable[Mapping[str, Any]]] | None = None
 
 
 def swarm_models(

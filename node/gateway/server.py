@@ -24,9 +24,9 @@ from starlette.routing import Route
 from trio_typing import TaskStatus
 
 from . import kserve, openai
-from .app import Backend, guarded
+from .app import Backend, guarded, json_object, read_json
 from .config import GatewayConfig, is_loopback
-from .errors import error_response
+from .errors import HTTPFailure, error_response
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,25 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             return error_response(404, "this node exports no metrics", "not_found")
         return Response(backend.metrics(), media_type=METRICS_TYPE)
 
+    async def _manage(request: HTTPRequest, action: Any) -> Response:
+        if action is None:
+            return error_response(
+                404, "this node does not manage its models over HTTP", "not_found"
+            )
+        body = json_object(await read_json(request, config.max_body))
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise HTTPFailure(400, "give the model's name as 'model'", "invalid_request")
+        return JSONResponse(dict(await action(name)))
+
+    @guard
+    async def load(request: HTTPRequest) -> Response:
+        return await _manage(request, backend.load_model)
+
+    @guard
+    async def unload(request: HTTPRequest) -> Response:
+        return await _manage(request, backend.unload_model)
+
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -60,6 +79,8 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/models/load", load, methods=["POST"]),
+            Route("/models/unload", unload, methods=["POST"]),
             *openai.routes(backend, config),
             *kserve.routes(backend, config),
         ],
