@@ -18,13 +18,10 @@ raises while serving becomes a ``RunnerError``.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import queue
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,7 @@ import trio
 from protocols import Param, Tensor, Value
 
 from . import convert_minilm as recipe
-from . import ir_cache
+from . import ir_cache, ov_cache
 from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs, run_blocking
 from .errors import BadInput, ModelLoadError, RunnerError
 from .ov_device import OVOptions, compile_for
@@ -85,7 +82,7 @@ class _Tokens:
     token_type_ids: Int64Array
 
 
-class _CorruptEntry(Exception):
+class _CorruptEntry(ov_cache.CorruptEntry):
     """A cache entry that looks whole but does not load or does not match its probe."""
 
 
@@ -126,28 +123,14 @@ class OpenVINOEmbedRunner(Runner):
             if self._session is not None:
                 return
             parts = await self._blocking(_fingerprint_parts)
-            key = ir_cache.fingerprint(parts)
-            session: _Session | None = None
-            path = await self._blocking(ir_cache.find, self.cache_root, key)
-            if path is not None:
-                try:
-                    session = await self._open(path)
-                except _CorruptEntry as exc:
-                    # Whole-looking but damaged in place: drop it and convert afresh.
-                    log.warning("discarding damaged cache entry %s: %s", path, exc)
-                    await self._blocking(ir_cache.discard, path)
-            if session is None:
-                log.info("converting %s to OpenVINO IR in %s (once)", MODEL_NAME, self.cache_root)
-                path = await self._convert(key, parts)
-                try:
-                    session = await self._open(path)
-                except _CorruptEntry as exc:
-                    raise ModelLoadError(
-                        f"{MODEL_NAME}: the fresh conversion is bad: {exc}"
-                    ) from exc
-            self._session = session
-            with contextlib.suppress(ModelLoadError):  # tidying up is best effort
-                await self._blocking(ir_cache.prune, self.cache_root, key)
+            self._session, _ = await ov_cache.open_or_convert(
+                self.cache_root,
+                parts,
+                lambda out: ["-m", "runners.convert_minilm", str(out)],
+                self._open,
+                name=MODEL_NAME,
+                timeout_s=self.config.convert_timeout_s,
+            )
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
         _parse(self.info, inputs)
@@ -166,38 +149,6 @@ class OpenVINOEmbedRunner(Runner):
     async def close(self) -> None:
         # Work already in a thread holds its own reference and finishes normally.
         self._session = None
-
-    async def _convert(self, key: str, parts: dict[str, str]) -> Path:
-        """Run the converter in a child process into staging, then publish the entry."""
-        staged = await self._blocking(ir_cache.new_staging, self.cache_root)
-        published = False
-        try:
-            with trio.fail_after(self.config.convert_timeout_s):
-                done = await trio.run_process(
-                    [sys.executable, "-m", "runners.convert_minilm", str(staged)],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                    env=_converter_env(),
-                )
-            if done.returncode != 0:
-                tail = done.stderr.decode(errors="replace").strip()[-2000:]
-                raise ModelLoadError(
-                    f"{MODEL_NAME}: converter exited with {done.returncode}: {tail}"
-                )
-            path = await self._blocking(ir_cache.publish, self.cache_root, key, staged, parts)
-            published = True
-            return path
-        except trio.TooSlowError as exc:
-            raise ModelLoadError(
-                f"{MODEL_NAME}: conversion took over {self.config.convert_timeout_s} s"
-            ) from exc
-        except OSError as exc:  # the interpreter could not be started
-            raise ModelLoadError(f"{MODEL_NAME}: cannot run the converter: {exc}") from exc
-        finally:
-            if not published:
-                with trio.CancelScope(shield=True), contextlib.suppress(ModelLoadError):
-                    await self._blocking(ir_cache.discard, staged)
 
     async def _open(self, path: Path) -> _Session:
         return await run_blocking(_Session.open, path, self.config, limiter=self._limiter)
@@ -371,12 +322,3 @@ def _fingerprint_parts() -> dict[str, str]:
         "openvino": importlib.metadata.version("openvino"),
         "recipe": recipe.RECIPE,
     }
-
-
-def _converter_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    # The child imports ``runners`` the way we did, installed or from a checkout.
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env

@@ -20,13 +20,10 @@ a time, so ``concurrency`` is 1.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import logging
-import os
 import secrets
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +32,7 @@ from typing import Any, TypeVar
 import trio
 
 from . import convert_smollm2 as recipe
-from . import ir_cache
+from . import ir_cache, ov_cache
 from .base import ModelInfo, run_blocking
 from .errors import BadInput, ConfigError, ModelLoadError
 from .generation import (
@@ -95,7 +92,7 @@ class GenAIConfig:
         )
 
 
-class _CorruptEntry(Exception):
+class _CorruptEntry(ov_cache.CorruptEntry):
     """A cache entry that looks whole but does not load or does not match its probe."""
 
 
@@ -127,59 +124,14 @@ class OpenVINOGenAIRunner(GenerationRunner):
             if self._engine is not None:
                 return
             parts = await self._blocking(_fingerprint_parts)
-            key = ir_cache.fingerprint(parts)
-            engine: _GenAIEngine | None = None
-            path = await self._blocking(ir_cache.find, self.cache_root, key)
-            if path is not None:
-                try:
-                    engine = await self._open(path)
-                except _CorruptEntry as exc:
-                    log.warning("discarding damaged cache entry %s: %s", path, exc)
-                    await self._blocking(ir_cache.discard, path)
-            if engine is None:
-                log.info("converting %s to OpenVINO IR in %s (once)", MODEL_NAME, self.cache_root)
-                path = await self._convert(key, parts)
-                try:
-                    engine = await self._open(path)
-                except _CorruptEntry as exc:
-                    raise ModelLoadError(
-                        f"{MODEL_NAME}: the fresh conversion is bad: {exc}"
-                    ) from exc
-            self._engine = engine
-            with contextlib.suppress(ModelLoadError):  # tidying up is best effort
-                await self._blocking(ir_cache.prune, self.cache_root, key)
-
-    async def _convert(self, key: str, parts: dict[str, str]) -> Path:
-        """Run the converter in a child process into staging, then publish the entry."""
-        staged = await self._blocking(ir_cache.new_staging, self.cache_root)
-        published = False
-        try:
-            with trio.fail_after(self.config.convert_timeout_s):
-                done = await trio.run_process(
-                    [sys.executable, "-m", "runners.convert_smollm2", str(staged)],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                    env=_converter_env(),
-                )
-            if done.returncode != 0:
-                tail = done.stderr.decode(errors="replace").strip()[-2000:]
-                raise ModelLoadError(
-                    f"{MODEL_NAME}: converter exited with {done.returncode}: {tail}"
-                )
-            path = await self._blocking(ir_cache.publish, self.cache_root, key, staged, parts)
-            published = True
-            return path
-        except trio.TooSlowError as exc:
-            raise ModelLoadError(
-                f"{MODEL_NAME}: conversion took over {self.config.convert_timeout_s} s"
-            ) from exc
-        except OSError as exc:
-            raise ModelLoadError(f"{MODEL_NAME}: cannot run the converter: {exc}") from exc
-        finally:
-            if not published:
-                with trio.CancelScope(shield=True), contextlib.suppress(ModelLoadError):
-                    await self._blocking(ir_cache.discard, staged)
+            self._engine, _ = await ov_cache.open_or_convert(
+                self.cache_root,
+                parts,
+                lambda out: ["-m", "runners.convert_smollm2", str(out)],
+                self._open,
+                name=MODEL_NAME,
+                timeout_s=self.config.convert_timeout_s,
+            )
 
     async def _open(self, path: Path) -> _GenAIEngine:
         return await run_blocking(_GenAIEngine.open, path, self.config, limiter=self._limiter)
@@ -316,10 +268,3 @@ def _fingerprint_parts() -> dict[str, str]:
         "openvino-genai": importlib.metadata.version("openvino-genai"),
         "recipe": recipe.RECIPE,
     }
-
-
-def _converter_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,6 +77,43 @@ async def find_or_convert(
     with contextlib.suppress(ModelLoadError):  # tidying up is best effort
         await _blocking(name, ir_cache.prune, root, key)
     return path, time.monotonic() - started
+
+
+class CorruptEntry(Exception):
+    """A cache entry that looks whole but does not load, or fails its probe."""
+
+
+async def open_or_convert(
+    root: Path,
+    parts: Mapping[str, str],
+    command: Callable[[Path], Sequence[str]],
+    opener: Callable[[Path], Awaitable[T]],
+    *,
+    name: str,
+    timeout_s: float,
+) -> tuple[T, float | None]:
+    """``opener(entry)`` for the cached entry, converting it first if there is none.
+
+    An entry ``opener`` finds damaged (it raises ``CorruptEntry``) is discarded
+    and converted once more; a fresh conversion that is damaged too is a
+    ModelLoadError. Returns what ``opener`` gave and the seconds spent
+    converting (None: it came from the cache). Other entries under ``root``
+    are pruned once one opens.
+    """
+    for _ in range(2):
+        path, took = await find_or_convert(root, parts, command, name=name, timeout_s=timeout_s)
+        try:
+            opened = await opener(path)
+        except CorruptEntry as exc:
+            if took is not None:
+                raise ModelLoadError(f"{name}: the fresh conversion is bad: {exc}") from exc
+            log.warning("discarding damaged cache entry %s: %s", path, exc)
+            await discard(path, name)
+            continue
+        with contextlib.suppress(ModelLoadError):  # stale entries, crash leftovers: best effort
+            await _blocking(name, ir_cache.prune, root, ir_cache.fingerprint(parts))
+        return opened, took
+    raise ModelLoadError(f"{name}: the cache entry was damaged twice")  # a race: another writer
 
 
 async def discard(path: Path, name: str) -> None:
