@@ -25,7 +25,7 @@ import queue
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import openvino as ov
@@ -86,18 +86,23 @@ class _CorruptEntry(ov_cache.CorruptEntry):
     """A cache entry that looks whole but does not load or does not match its probe."""
 
 
-class OpenVINOEmbedRunner(Runner):
-    """all-MiniLM-L6-v2: ``text`` or token tensors in, ``embedding`` float32 [n, 384] out."""
+class _Embedder(Protocol):
+    def embed(self, request: _Tokens) -> FloatArray: ...
 
-    def __init__(self, models_dir: Path, config: EmbedConfig | None = None) -> None:
-        self.config = config or EmbedConfig()
-        self.cache_root = Path(models_dir) / MODEL_NAME
+
+class MiniLMRunner(Runner):
+    """all-MiniLM-L6-v2 on some engine: ``text`` or token tensors in, ``embedding``
+    float32 [n, 384] out. Subclasses load ``_session`` (anything with a blocking
+    ``embed``); checking, running and closing are the same for every engine, so
+    every engine refuses exactly the same inputs."""
+
+    def __init__(self, runner: str, device: str, precision: str, concurrency: int) -> None:
         self.info = ModelInfo(
             name=MODEL_NAME,
             task="embeddings",
-            runner="openvino",
-            device=self.config.device,
-            precision="fp32",
+            runner=runner,
+            device=device,
+            precision=precision,
             max_batch=MAX_BATCH,
             context_length=MAX_TOKENS,
             inputs=(
@@ -108,29 +113,14 @@ class OpenVINOEmbedRunner(Runner):
             ),
             extra={"dim": DIM, "pooling": "mean", "normalized": True},
         )
-        self.concurrency = self.config.concurrency
-        self._limiter = trio.CapacityLimiter(self.config.concurrency)
+        self.concurrency = concurrency
+        self._limiter = trio.CapacityLimiter(concurrency)
         self._load_lock = trio.Lock()
-        self._session: _Session | None = None
+        self._session: _Embedder | None = None
 
     @property
     def loaded(self) -> bool:
         return self._session is not None
-
-    async def load(self) -> None:
-        """Find or make the IR, compile it and check it against its probe. Idempotent."""
-        async with self._load_lock:
-            if self._session is not None:
-                return
-            parts = await self._blocking(_fingerprint_parts)
-            self._session, _ = await ov_cache.open_or_convert(
-                self.cache_root,
-                parts,
-                lambda out: ["-m", "runners.convert_minilm", str(out)],
-                self._open,
-                name=MODEL_NAME,
-                timeout_s=self.config.convert_timeout_s,
-            )
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
         _parse(self.info, inputs)
@@ -149,6 +139,30 @@ class OpenVINOEmbedRunner(Runner):
     async def close(self) -> None:
         # Work already in a thread holds its own reference and finishes normally.
         self._session = None
+
+
+class OpenVINOEmbedRunner(MiniLMRunner):
+    """all-MiniLM-L6-v2 on OpenVINO (see ``MiniLMRunner`` for inputs and outputs)."""
+
+    def __init__(self, models_dir: Path, config: EmbedConfig | None = None) -> None:
+        self.config = config or EmbedConfig()
+        self.cache_root = Path(models_dir) / MODEL_NAME
+        super().__init__("openvino", self.config.device, "fp32", self.config.concurrency)
+
+    async def load(self) -> None:
+        """Find or make the IR, compile it and check it against its probe. Idempotent."""
+        async with self._load_lock:
+            if self._session is not None:
+                return
+            parts = await self._blocking(_fingerprint_parts)
+            self._session, _ = await ov_cache.open_or_convert(
+                self.cache_root,
+                parts,
+                lambda out: ["-m", "runners.convert_minilm", str(out)],
+                self._open,
+                name=MODEL_NAME,
+                timeout_s=self.config.convert_timeout_s,
+            )
 
     async def _open(self, path: Path) -> _Session:
         return await run_blocking(_Session.open, path, self.config, limiter=self._limiter)

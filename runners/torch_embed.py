@@ -15,19 +15,15 @@ from several threads for inference).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import trio
-
-from protocols import Param, Tensor, Value
 
 from . import convert_minilm as recipe
-from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, run_blocking
-from .errors import ConfigError, ModelLoadError, RunnerError
-from .openvino_embed import MAX_BATCH, MAX_CHARS, _parse, _Tokens
+from .base import run_blocking
+from .errors import ConfigError, ModelLoadError
+from .openvino_embed import MiniLMRunner, _Tokens
 from .settings import Table
 from .torch_device import Resolved, TorchPlacement, resolve
 
@@ -52,35 +48,14 @@ class TorchEmbedConfig:
         return cls(TorchPlacement.from_table(table), concurrency)
 
 
-class TorchEmbedRunner(Runner):
-    """all-MiniLM-L6-v2 on torch; see ``OpenVINOEmbedRunner`` for the request shape."""
+class TorchEmbedRunner(MiniLMRunner):
+    """all-MiniLM-L6-v2 on torch (see ``MiniLMRunner`` for inputs and outputs)."""
 
     def __init__(self, config: TorchEmbedConfig | None = None) -> None:
         self.config = config or TorchEmbedConfig()
-        self.info = ModelInfo(
-            name=MODEL_NAME,
-            task="embeddings",
-            runner="torch",
-            device=self.config.placement.device,  # "auto" until loaded
-            precision=self.config.placement.dtype,
-            max_batch=MAX_BATCH,
-            context_length=recipe.MAX_TOKENS,
-            inputs=(
-                TextSpec("text", max_items=MAX_BATCH, max_chars=MAX_CHARS, required=False),
-                TensorSpec("input_ids", _INT_DTYPES, (None, None), required=False),
-                TensorSpec("attention_mask", _INT_DTYPES, (None, None), required=False),
-                TensorSpec("token_type_ids", _INT_DTYPES, (None, None), required=False),
-            ),
-            extra={"dim": recipe.DIM, "pooling": "mean", "normalized": True},
-        )
-        self.concurrency = self.config.concurrency
-        self._limiter = trio.CapacityLimiter(self.config.concurrency)
-        self._load_lock = trio.Lock()
-        self._session: _Session | None = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._session is not None
+        placement = self.config.placement
+        # Device and dtype say "auto" until loaded.
+        super().__init__("torch", placement.device, placement.dtype, self.config.concurrency)
 
     async def load(self) -> None:
         async with self._load_lock:
@@ -90,23 +65,6 @@ class TorchEmbedRunner(Runner):
             where = session.resolved
             self.info = replace(self.info, device=where.device_name, precision=where.precision)
             self._session = session
-
-    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
-        _parse(self.info, inputs)
-
-    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
-        request = _parse(self.info, inputs)
-        session = self._session
-        if session is None:
-            raise RunnerError(f"{MODEL_NAME}: not loaded")
-        try:
-            embedding = await run_blocking(session.embed, request, limiter=self._limiter)
-        except Exception as exc:
-            raise RunnerError(f"{MODEL_NAME}: inference failed: {exc}") from exc
-        return {recipe.OUTPUT: Tensor.from_numpy(embedding)}
-
-    async def close(self) -> None:
-        self._session = None
 
 
 class _Session:
