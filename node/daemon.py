@@ -37,6 +37,7 @@ from protocols import (
     INFER_PROTOCOL,
     CapabilityRecord,
     Limits,
+    Request,
     SwarmError,
 )
 from runners.base import Runner
@@ -48,6 +49,7 @@ from .caller import Caller
 from .caps import CapsHandler, Received, RecordSigner
 from .dispatch import Dispatcher, RouterPlanner
 from .errors import ConfigError
+from .feed import Feed, report_load, watch_peers
 from .gateway import Backend, Gateway, GatewayConfig, swarm_models
 from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
 from .infer_handler import InferHandler
@@ -120,6 +122,7 @@ class Node:
         self._caps: CapsHandler | None = None
         self._signer: RecordSigner | None = None
         self.gateway: Gateway | None = None
+        self.feed = Feed()  # live events: peers, jobs, load (WebSocket subscribers, the page)
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
         self._stop = trio.Event()
@@ -247,7 +250,14 @@ class Node:
         )
         self.service = service
         self.metrics = NodeMetrics(self)
-        service.observer = self.metrics.observe
+        feed, metrics = self.feed, self.metrics
+
+        def observe(request: Request, outcome: str, seconds: float, by: str | None) -> None:
+            metrics.observe(request, outcome, seconds, by)
+            feed.job_finished(request, outcome, seconds, by)
+
+        service.observer = observe
+        service.on_start = feed.job_started
         handler = InferHandler(service, limits=cfg.limits, access=self.access)
         host.set_stream_handler(TProtocol(INFER_PROTOCOL), handler)
         caps = CapsHandler(membership.on_inbound, self._answer(signer), self.access)
@@ -260,6 +270,10 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(membership.run)
+                table = lambda: membership.table  # noqa: E731 (read at each use: it is replaced)
+                nursery.start_soon(watch_peers, feed, table, membership.wait_changed)
+                own_load = lambda: service.load().describe()  # noqa: E731
+                nursery.start_soon(report_load, feed, self.peer_id, own_load, table)
                 await self._start_discovery(nursery, host, membership, store)
                 await self._wait_for_configured_peers(membership)
                 if cfg.http is not None:
@@ -387,6 +401,8 @@ class Node:
             metrics=self.metrics.render if self.metrics is not None else None,
             load_model=self.load_model,
             unload_model=self.unload_model,
+            feed=self.feed,
+            table=lambda: membership.table,
         )
         grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
         self.gateway = Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)

@@ -86,6 +86,8 @@ class InferenceService:
         # Told of every finished request (metrics): request, outcome ("ok" or an error
         # code), seconds taken, and the node that ran it when it ran.
         self.observer: Callable[[Request, str, float, str | None], None] | None = None
+        # Told of every request as it is accepted (the live feed's job events).
+        self.on_start: Callable[[Request], None] | None = None
         self.draining = False
         self.stats = Stats()
         self._active: set[_Active] = set()
@@ -134,6 +136,8 @@ class InferenceService:
         self._active.add(job)
         started = trio.current_time()
         logs.request_id.set(request.id)  # each request runs in a task of its own
+        if self.on_start is not None:
+            self.on_start(request)
         try:
             with job.scope:
                 result = await self._within_deadline(request, emit, job)

@@ -28,6 +28,7 @@ from bootstrap.table import PeerTable, live_peers
 from protocols import Priority, Request, Result, SwarmError, Value
 from runners.base import ModelInfo
 
+from ..feed import Feed
 from .config import GatewayConfig
 from .errors import HTTPFailure, error_response, swarm_error_response
 
@@ -52,6 +53,10 @@ class Backend:
     # Load / unload a model this node's config declares (None: the routes answer 404).
     load_model: Callable[[str], Awaitable[Mapping[str, Any]]] | None = None
     unload_model: Callable[[str], Awaitable[Mapping[str, Any]]] | None = None
+    # The node's live events (peers, jobs, load) and recent jobs; None: no /ws topics.
+    feed: Feed | None = None
+    # Live peers' records as the membership table holds them (the page's swarm graph).
+    table: Callable[[], PeerTable | None] = lambda: None
 
 
 def swarm_models(
