@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from trio_typing import TaskStatus
 
-from . import kserve, openai
+from . import kserve, openai, ws
 from .app import Backend, guarded, json_object, read_json
 from .config import GatewayConfig, is_loopback
 from .errors import HTTPFailure, error_response
@@ -83,6 +83,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             Route("/models/unload", unload, methods=["POST"]),
             *openai.routes(backend, config),
             *kserve.routes(backend, config),
+            *ws.routes(backend, config),
         ],
         exception_handlers={HTTPException: http_error},
     )
@@ -112,6 +113,9 @@ class Gateway:
         hyper.bind = [f"{host}:{cfg.port}"]
         hyper.graceful_timeout = self.grace_s
         hyper.accesslog = None
+        # Past this a WebSocket is closed (1009); up to it, ws.py answers an oversized
+        # message with a TOO_LARGE error frame and the connection stays open.
+        hyper.websocket_max_message_size = 2 * cfg.max_body
         # Starlette is an ASGI app; hypercorn's typing spells ASGI's callables more narrowly.
         app: Any = build_app(self.backend, cfg)
 
