@@ -376,3 +376,51 @@ async def test_metrics_route_serves_what_the_backend_exports() -> None:
     assert served.status_code == 200 and served.content == exposition
     assert served.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert absent.status_code == 404 and absent.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/embeddings", {"model": "lazy", "input": "a"}),
+        ("/v1/completions", {"model": "lazy", "prompt": "p"}),
+        (
+            "/v2/models/lazy/infer",
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]},
+        ),
+    ],
+)
+async def test_a_client_that_leaves_a_plain_request_cancels_its_work(
+    node_factory: NodeFactory, path: str, body: dict[str, Any]
+) -> None:
+    """lazy takes 3 s: a client that gives up after 0.5 s frees both nodes at once."""
+    async with swarm(node_factory) as (gateway, serving, url):
+        assert gateway.service is not None and serving.service is not None
+        async with httpx.AsyncClient(base_url=url, timeout=0.5) as http:
+            with pytest.raises(httpx.ReadTimeout):
+                await http.post(path, json=body)
+        assert serving.service.in_flight == 1 or gateway.service.in_flight == 1
+        left_at = trio.current_time()
+        for _ in range(75):  # polled for 1.5 s at most; the job's natural end is ~2.5 s away
+            if not (gateway.service.in_flight or serving.service.in_flight):
+                break
+            await trio.sleep(0.02)
+        assert not (gateway.service.in_flight or serving.service.in_flight)
+        assert trio.current_time() - left_at < 1.5
+
+
+async def test_kserve_v2_versioned_paths(node_factory: NodeFactory) -> None:
+    tensor = {"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}
+    async with swarm(node_factory) as (_, _s, url), httpx.AsyncClient(base_url=url) as http:
+        meta = await http.get("/v2/models/echo/versions/1")
+        ready = await http.get("/v2/models/echo/versions/1/ready")
+        answer = await http.post("/v2/models/echo/versions/1/infer", json={"inputs": [tensor]})
+        other = await http.post("/v2/models/echo/versions/7/infer", json={"inputs": [tensor]})
+        other_meta = await http.get("/v2/models/echo/versions/7")
+    assert meta.status_code == 200 and meta.json()["versions"] == ["1"]
+    assert ready.json() == {"name": "echo", "ready": True}
+    assert answer.status_code == 200 and answer.json()["model_version"] == "1"
+    [emb] = [o for o in answer.json()["outputs"] if o["name"] == "embedding"]
+    assert emb["data"][0] == 6.0  # FakeRunner: 2 * (1 + 2)
+    for missing in (other, other_meta):
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_version_not_found"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
+import trio
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
@@ -28,6 +29,7 @@ from bootstrap.table import PeerTable, live_peers
 from protocols import Priority, Request, Result, SwarmError, Value
 from runners.base import ModelInfo
 
+from ..errors import sole_error
 from ..feed import Feed
 from .config import GatewayConfig
 from .errors import HTTPFailure, error_response, swarm_error_response
@@ -113,6 +115,34 @@ def options(request: HTTPRequest) -> Options:
         except ValueError as exc:
             raise HTTPFailure(400, f"{PRIORITY_HEADER}: {exc}", "invalid_header") from exc
     return Options(deadline_ms, priority)
+
+
+async def _no_chunks(chunk: Mapping[str, Value]) -> None:
+    """A job that does not stream emits nothing."""
+
+
+async def run_while_connected(backend: Backend, http: HTTPRequest, job: Request) -> Result:
+    """Run ``job`` (not streamed) while its HTTP client waits; if the client goes
+    away first, the job is cancelled, on this node and on the peer running it,
+    instead of running to an answer nobody reads. Call after the body is read:
+    the next ASGI message is then the disconnect, if any."""
+    result: Result | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                while (await http.receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            result = await backend.execute(job, _no_chunks)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise sole_error(group) from None  # the job's own error, as if no nursery were here
+    if result is None:
+        raise HTTPFailure(499, "the client closed the connection", "client_closed")
+    return result
 
 
 def new_id(prefix: str) -> str:

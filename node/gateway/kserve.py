@@ -41,7 +41,17 @@ from runners.remote.kserve_v2 import (
     encode_tensor,
 )
 
-from .app import Backend, find_model, guarded, json_object, new_id, options, parse_json, read_body
+from .app import (
+    Backend,
+    find_model,
+    guarded,
+    json_object,
+    new_id,
+    options,
+    parse_json,
+    read_body,
+    run_while_connected,
+)
 from .config import GatewayConfig
 from .errors import HTTPFailure
 
@@ -62,7 +72,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
 
     @guard
     async def metadata(request: HTTPRequest) -> Response:
-        model = find_model(backend, request.path_params["model"])
+        model = _model(backend, request)
         return JSONResponse(
             {
                 "name": model["name"],
@@ -75,14 +85,14 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
 
     @guard
     async def model_ready(request: HTTPRequest) -> Response:
-        model = find_model(backend, request.path_params["model"])
+        model = _model(backend, request)
         return JSONResponse({"name": model["name"], "ready": True})
 
     @guard
     async def infer(request: HTTPRequest) -> Response:
         data = await read_body(request, config.max_body)
         body, blob = _split(data, request.headers.get(HEADER_LENGTH))
-        model = find_model(backend, request.path_params["model"])
+        model = _model(backend, request)
         inputs = _inputs(body.get("inputs"), blob)
         params = _parameters(body.get("parameters"))
         rid = body.get("id")
@@ -96,7 +106,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             deadline_ms=how.deadline_ms,
             priority=how.priority,
         )
-        result = await backend.execute(job, _no_chunks)
+        result = await run_while_connected(backend, request, job)
         wanted = _wanted(body.get("outputs"))
         binary = _binary_outputs(body)
         outputs, blobs = [], []
@@ -128,11 +138,21 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         Route("/v2/models/{model}", metadata, methods=["GET"]),
         Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        # The same, pinned to a version: swarm serves one version of each model.
+        Route("/v2/models/{model}/versions/{version}", metadata, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
     ]
 
 
-async def _no_chunks(chunk: Mapping[str, Value]) -> None:
-    """v2 inference does not stream."""
+def _model(backend: Backend, request: HTTPRequest) -> Mapping[str, Any]:
+    """The model the path names; 404 for a version other than the one served."""
+    model = find_model(backend, request.path_params["model"])
+    version = request.path_params.get("version")
+    if version is not None and version != VERSION:
+        message = f"{model['name']} is served as version {VERSION} only, not {version!r}"
+        raise HTTPFailure(404, message, "model_version_not_found")
+    return model
 
 
 def _input_meta(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,16 @@ from starlette.routing import Route
 
 from protocols import Param, Request, Tensor, Value
 
-from .app import Backend, Options, find_model, guarded, json_object, new_id, options, read_json
+from .app import (
+    Backend,
+    find_model,
+    guarded,
+    json_object,
+    new_id,
+    options,
+    read_json,
+    run_while_connected,
+)
 from .config import GatewayConfig
 from .errors import HTTPFailure
 from .sse import EventStream, Write
@@ -85,7 +94,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             deadline_ms=how.deadline_ms,
             priority=how.priority,
         )
-        result = await backend.execute(job, _no_chunks)
+        result = await run_while_connected(backend, request, job)
         vectors = result.outputs.get("embedding")
         if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
             raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
@@ -108,7 +117,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         if not isinstance(prompt, str):
             raise HTTPFailure(400, "'prompt' must be one string", "invalid_input")
         inputs: dict[str, Value] = {"prompt": prompt}
-        return await _generate(backend, body, model, inputs, options(request), chat=False)
+        return await _generate(backend, request, body, model, inputs, chat=False)
 
     @guard
     async def chat(request: HTTPRequest) -> Response:
@@ -116,7 +125,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         model = find_model(backend, body.get("model"))
         messages = json.dumps(_messages(body.get("messages")))
         inputs: dict[str, Value] = {"messages": messages}
-        return await _generate(backend, body, model, inputs, options(request), chat=True)
+        return await _generate(backend, request, body, model, inputs, chat=True)
 
     return [
         Route("/v1/models", list_models, methods=["GET"]),
@@ -125,10 +134,6 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
     ]
-
-
-async def _no_chunks(chunk: Mapping[str, Value]) -> None:
-    """Non-streaming requests get no chunks."""
 
 
 def _model_entry(described: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,13 +222,14 @@ def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[s
 
 async def _generate(
     backend: Backend,
+    http: HTTPRequest,
     body: Mapping[str, Any],
     model: Mapping[str, Any],
     inputs: dict[str, Value],
-    how: Options,
     *,
     chat: bool,
 ) -> Response:
+    how = options(http)
     params = sampling_params(body, model)
     if model.get("task") == "fake":
         inputs = {"text": next(iter(inputs.values()))}
@@ -243,7 +249,7 @@ async def _generate(
         priority=how.priority,
     )
     if not stream:
-        outputs = (await backend.execute(request, _no_chunks)).outputs
+        outputs = (await run_while_connected(backend, http, request)).outputs
         text = _first(outputs.get("text"), "")
         finish = _first(outputs.get("finish_reason"), "stop")
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -261,8 +267,8 @@ async def _generate(
                 "usage": _usage(outputs),
             }
         )
-    options = body.get("stream_options")
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     object_kind = f"{kind}.chunk" if chat else kind
     head = {"id": ident, "object": object_kind, "created": created, "model": name}
 
