@@ -424,3 +424,40 @@ async def test_kserve_v2_versioned_paths(node_factory: NodeFactory) -> None:
     for missing in (other, other_meta):
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "model_version_not_found"
+
+
+async def test_n_choices_run_as_separate_jobs(node_factory: NodeFactory) -> None:
+    async with swarm(node_factory) as (gateway, _, url):
+        three = await official(url, lambda c: c.completions.create(model="echo", prompt="p", n=3))
+
+        def stream(client: Any) -> list[Any]:
+            return list(
+                client.chat.completions.create(
+                    model="echo", messages=[{"role": "user", "content": "x"}], n=2, stream=True
+                )
+            )
+
+        chunks = await official(url, stream)
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = [
+                await http.post("/v1/completions", json={"model": "echo", "prompt": "p", **extra})
+                for extra in ({"n": 0}, {"n": 9}, {"n": "2"}, {"tools": [{"type": "function"}]})
+            ]
+            logprobs = await http.post(
+                "/v1/completions", json={"model": "echo", "prompt": "p", "logprobs": 2}
+            )
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert all(c.text == words("p", 3) for c in three.choices)
+    per_choice: dict[int, str] = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            per_choice[choice.index] += choice.delta.content or ""
+    expected = words(json.dumps([{"role": "user", "content": "x"}]), 3)
+    assert per_choice == {0: expected, 1: expected}
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+    assert [r.status_code for r in refused] == [400, 400, 400, 400]
+    assert refused[3].json()["error"]["code"] == "unsupported_parameter"
+    assert "tools" in refused[3].json()["error"]["message"]
+    assert logprobs.status_code == 400 and "logprobs" in logprobs.json()["error"]["message"]
+    assert gateway.service is not None and gateway.service.stats.forwarded == 5

@@ -16,10 +16,10 @@ import hmac
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from starlette.requests import Request as HTTPRequest
@@ -40,6 +40,8 @@ DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in millise
 PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
+EmitFor = Callable[[int, Mapping[str, Value]], Awaitable[None]]  # job index, its chunk
+T = TypeVar("T")
 Handler = Callable[[HTTPRequest], Awaitable[Response]]
 
 
@@ -117,16 +119,21 @@ def options(request: HTTPRequest) -> Options:
     return Options(deadline_ms, priority)
 
 
-async def _no_chunks(chunk: Mapping[str, Value]) -> None:
+async def no_chunks(chunk: Mapping[str, Value]) -> None:
     """A job that does not stream emits nothing."""
 
 
 async def run_while_connected(backend: Backend, http: HTTPRequest, job: Request) -> Result:
-    """Run ``job`` (not streamed) while its HTTP client waits; if the client goes
-    away first, the job is cancelled, on this node and on the peer running it,
-    instead of running to an answer nobody reads. Call after the body is read:
-    the next ASGI message is then the disconnect, if any."""
-    result: Result | None = None
+    """Run ``job`` (not streamed) while its HTTP client waits: see ``while_connected``."""
+    return await while_connected(http, lambda: backend.execute(job, no_chunks))
+
+
+async def while_connected(http: HTTPRequest, work: Callable[[], Awaitable[T]]) -> T:
+    """``work()``, cancelled if the HTTP client goes away first: a job is then
+    stopped on this node and on the peer running it, instead of running to an
+    answer nobody reads. Call after the body is read: the next ASGI message is
+    then the disconnect, if any."""
+    done: list[T] = []
     try:
         async with trio.open_nursery() as nursery:
 
@@ -136,13 +143,37 @@ async def run_while_connected(backend: Backend, http: HTTPRequest, job: Request)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            result = await backend.execute(job, _no_chunks)
+            done.append(await work())
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise sole_error(group) from None  # the job's own error, as if no nursery were here
-    if result is None:
+    if not done:
         raise HTTPFailure(499, "the client closed the connection", "client_closed")
-    return result
+    return done[0]
+
+
+async def execute_all(backend: Backend, jobs: Sequence[Request], emit: EmitFor) -> list[Result]:
+    """Run ``jobs`` at once (the swarm may spread them over peers), ``emit(i, chunk)``
+    for job i's chunks; the first job to fail cancels the rest and is raised."""
+    results: list[Result | None] = [None] * len(jobs)
+    failed: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+
+        async def one(i: int) -> None:
+            async def chunk(outputs: Mapping[str, Value]) -> None:
+                await emit(i, outputs)
+
+            try:
+                results[i] = await backend.execute(jobs[i], chunk)
+            except SwarmError as exc:
+                failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+        for i in range(len(jobs)):
+            nursery.start_soon(one, i)
+    if failed:
+        raise failed[0]
+    return [r for r in results if r is not None]
 
 
 def new_id(prefix: str) -> str:

@@ -20,6 +20,10 @@ built on them work against any node. Mapping onto swarm's conventions:
   params.
 - ``stream: true`` answers Server-Sent Events in OpenAI's chunk format, ending
   with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage chunk.
+- ``n`` (1 to 8) choices are n swarm jobs run at once, which the router may
+  spread over peers; streamed, their chunks carry each choice's ``index``.
+- ``tools``, ``tool_choice``, ``functions``, ``logprobs`` and ``top_logprobs``
+  are refused by name (400 ``unsupported_parameter``), never silently ignored.
 - usage: the token counts the model reported, 0 where it reported none
   (embedders, and streams of backends that do not count them).
 """
@@ -29,10 +33,11 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import trio
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -41,6 +46,7 @@ from protocols import Param, Request, Tensor, Value
 
 from .app import (
     Backend,
+    execute_all,
     find_model,
     guarded,
     json_object,
@@ -48,12 +54,18 @@ from .app import (
     options,
     read_json,
     run_while_connected,
+    while_connected,
 )
 from .config import GatewayConfig
 from .errors import HTTPFailure
 from .sse import EventStream, Write
 
 GENERATION_TASKS = frozenset({"text-generation", "fake"})
+MAX_CHOICES = 8  # n: each choice is a job of its own
+# Fields a client may rely on that swarm's generation jobs cannot honour yet: refused
+# by name rather than ignored, so nobody gets an answer without the tool calls or
+# log probabilities they asked for.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
 EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
 OPENAI_RUNNER = "openai-compat"  # runners/remote/openai_compat.py: takes max_tokens
 
@@ -187,11 +199,12 @@ def _messages(raw: Any) -> list[dict[str, str]]:
 
 def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
     """The body's sampling fields as the params the model's runner takes."""
+    unsupported = sorted(k for k in UNSUPPORTED if body.get(k) not in (None, False, [], "none"))
+    if unsupported:
+        message = f"not supported by this gateway: {', '.join(unsupported)}"
+        raise HTTPFailure(400, message, "unsupported_parameter")
     if _task(model, GENERATION_TASKS, "text generation") == "fake":
         return {}
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise HTTPFailure(400, "only n = 1 is supported", "unsupported_parameter")
     params: dict[str, Param] = {}
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:
@@ -231,6 +244,7 @@ async def _generate(
 ) -> Response:
     how = options(http)
     params = sampling_params(body, model)
+    n = _choices(body)
     if model.get("task") == "fake":
         inputs = {"text": next(iter(inputs.values()))}
     stream = body.get("stream", False)
@@ -239,32 +253,39 @@ async def _generate(
     name = str(model["name"])
     prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     ident, created = new_id(prefix), int(time.time())
-    request = Request(
-        id=ident,
-        model=name,
-        inputs=inputs,
-        params=params,
-        stream=stream,
-        deadline_ms=how.deadline_ms,
-        priority=how.priority,
-    )
+    # n choices are n swarm jobs, run at once: the router may spread them over peers.
+    jobs = [
+        Request(
+            id=ident if n == 1 else f"{ident}-{i}",
+            model=name,
+            inputs=inputs,
+            params=params,
+            stream=stream,
+            deadline_ms=how.deadline_ms,
+            priority=how.priority,
+        )
+        for i in range(n)
+    ]
     if not stream:
-        outputs = (await run_while_connected(backend, http, request)).outputs
-        text = _first(outputs.get("text"), "")
-        finish = _first(outputs.get("finish_reason"), "stop")
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+        results = await while_connected(http, lambda: execute_all(backend, jobs, _ignore))
+        choices = []
+        for i, result in enumerate(results):
+            text = _first(result.outputs.get("text"), "")
+            finish = _first(result.outputs.get("finish_reason"), "stop")
+            choice: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
         return JSONResponse(
             {
                 "id": ident,
                 "object": kind,
                 "created": created,
                 "model": name,
-                "choices": [choice],
-                "usage": _usage(outputs),
+                "choices": choices,
+                "usage": _usage([r.outputs for r in results]),
             }
         )
     stream_options = body.get("stream_options")
@@ -272,8 +293,8 @@ async def _generate(
     object_kind = f"{kind}.chunk" if chat else kind
     head = {"id": ident, "object": object_kind, "created": created, "model": name}
 
-    def chunk(piece: str | None, finish: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    def chunk(index: int, piece: str | None, finish: str | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
         if chat:
             choice["delta"] = {} if piece is None else {"role": "assistant", "content": piece}
         else:
@@ -281,20 +302,37 @@ async def _generate(
         return {**head, "choices": [choice]}
 
     async def produce(write: Write) -> None:
-        last: dict[str, Value] = {}
+        last: list[dict[str, Value]] = [{} for _ in range(n)]
+        one_at_a_time = trio.Lock()  # n jobs stream at once; their SSE events must not interleave
 
-        async def emit(outputs: Mapping[str, Value]) -> None:
+        async def emit(i: int, outputs: Mapping[str, Value]) -> None:
             piece = outputs.get("text")
             if isinstance(piece, str) and piece:
-                await write(chunk(piece, None))
-            last.update({k: v for k, v in outputs.items() if k != "text"})
+                async with one_at_a_time:
+                    await write(chunk(i, piece, None))
+            last[i].update({k: v for k, v in outputs.items() if k != "text"})
 
-        await backend.execute(request, emit)
-        await write(chunk(None, _first(last.get("finish_reason"), "stop")))
+        await execute_all(backend, jobs, emit)
+        for i in range(n):
+            await write(chunk(i, None, _first(last[i].get("finish_reason"), "stop")))
         if include_usage:
             await write({**head, "choices": [], "usage": _usage(last)})
 
     return EventStream(produce)
+
+
+async def _ignore(index: int, outputs: Mapping[str, Value]) -> None:
+    """Choices that do not stream emit nothing."""
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    """``n``: how many choices to generate (1 to MAX_CHOICES)."""
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if type(n) is not int or not 1 <= n <= MAX_CHOICES:
+        raise HTTPFailure(400, f"'n' must be an integer from 1 to {MAX_CHOICES}", "invalid_input")
+    return n
 
 
 def _first(value: Value | None, default: str) -> str:
@@ -303,8 +341,13 @@ def _first(value: Value | None, default: str) -> str:
     return value if isinstance(value, str) else default
 
 
-def _usage(outputs: Mapping[str, Value]) -> dict[str, int]:
-    prompt, completion = outputs.get("prompt_tokens"), outputs.get("completion_tokens")
-    p = prompt if type(prompt) is int else 0
-    c = completion if type(completion) is int else 0
+def _usage(each: Sequence[Mapping[str, Value]]) -> dict[str, int]:
+    """Token counts over the choices: the prompt is counted once, completions summed."""
+
+    def count(outputs: Mapping[str, Value], key: str) -> int:
+        value = outputs.get(key)
+        return value if type(value) is int else 0
+
+    p = count(each[0], "prompt_tokens") if each else 0
+    c = sum(count(outputs, "completion_tokens") for outputs in each)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
