@@ -4,8 +4,8 @@ Each node has a registry of its own (several nodes may share a process, in tests
 and benchmarks), with two kinds of series:
 
 - counted as requests finish (``InferenceService.observer``): requests by model,
-  priority, outcome (``ok`` or the error code) and where they ran (``local``,
-  ``peer``, or ``none`` when they did not run); their latency as a histogram by
+  priority, outcome (``ok`` or the error code), where they ran (``local``,
+  ``peer``, or ``none`` when they did not run) and the id of the node that ran them; their latency as a histogram by
   model and where they ran;
 - read from the node at scrape time (a collector, so they are never stale):
   queue depth per model and priority, requests in flight, peers known by status,
@@ -40,8 +40,9 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = PromCounter(
             "swarm_requests",
-            "Requests this node finished, by model, priority, outcome and where they ran.",
-            ["model", "priority", "outcome", "ran"],
+            "Requests this node finished, by model, priority, outcome, where they ran "
+            "(local, peer, none) and the peer id of the node that ran them ('' if none).",
+            ["model", "priority", "outcome", "ran", "peer"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -56,7 +57,9 @@ class NodeMetrics:
     def observe(self, request: Request, outcome: str, seconds: float, by: str | None) -> None:
         ran = "none" if by is None else ("local" if by == self.node.peer_id else "peer")
         model = request.model.lower()
-        self.requests.labels(model, request.priority.name.lower(), outcome, ran).inc()
+        # The peer label is bounded by the swarm's size (a node links at most max_peers).
+        peer = by or ""
+        self.requests.labels(model, request.priority.name.lower(), outcome, ran, peer).inc()
         if outcome == "ok":
             self.latency.labels(model, ran).observe(seconds)
 

@@ -43,11 +43,27 @@ async def test_requests_outcomes_latency_and_live_state(node_factory: NodeFactor
         samples = _samples(a.metrics.render())
     ok = dict(outcome="ok")
     assert (
-        _value(samples, "swarm_requests_total", model="echo", priority="normal", ran="peer", **ok)
+        _value(
+            samples,
+            "swarm_requests_total",
+            model="echo",
+            priority="normal",
+            ran="peer",
+            peer=b.peer_id,
+            **ok,
+        )
         == 1
     )
     assert (
-        _value(samples, "swarm_requests_total", model="local", priority="high", ran="local", **ok)
+        _value(
+            samples,
+            "swarm_requests_total",
+            model="local",
+            priority="high",
+            ran="local",
+            peer=a.peer_id,
+            **ok,
+        )
         == 1
     )
     missing = _value(
@@ -57,6 +73,7 @@ async def test_requests_outcomes_latency_and_live_state(node_factory: NodeFactor
         priority="normal",
         outcome="MODEL_NOT_FOUND",
         ran="none",
+        peer="",
     )
     assert missing == 1
     assert _value(samples, "swarm_request_seconds_count", model="echo", ran="peer") == 1
@@ -75,5 +92,5 @@ async def test_the_gateway_serves_the_nodes_metrics(node_factory: NodeFactory) -
             answer = await http.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
     samples = _samples(answer.content)
-    ok = dict(model="echo", priority="normal", outcome="ok", ran="local")
+    ok = dict(model="echo", priority="normal", outcome="ok", ran="local", peer=node.peer_id)
     assert _value(samples, "swarm_requests_total", **ok) == 1
