@@ -122,6 +122,7 @@ class Node:
         self._caps: CapsHandler | None = None
         self._signer: RecordSigner | None = None
         self.gateway: Gateway | None = None
+        self.dht: ModelDHT | None = None  # set while the DHT runs
         self.feed = Feed()  # live events: peers, jobs, load (WebSocket subscribers, the page)
         self.hardware: Hardware | None = None
         self._runners: dict[str, Runner] = {}
@@ -173,6 +174,10 @@ class Node:
         self.failed_models.pop(spec.name, None)
         self._runners[runner.info.name] = runner
         self.service.add_runner(runner, self.config.max_queue)
+        if self.dht is not None and self._nursery is not None:
+            # Announce it now, not at the next reprovide: peers that look it up
+            # in the DHT should find this node from now on.
+            self._nursery.start_soon(self.dht.provide, runner.info.name)
         log.info("model %s loaded on request", runner.info.name)
         return {"model": runner.info.name, "state": "loaded", "changed": True}
 
@@ -186,6 +191,8 @@ class Node:
             raise ModelNotFound(f"this node does not serve {name!r}")
         assert self.service is not None  # set before serving
         runner = self._runners.pop(found)
+        if self.dht is not None:
+            self.dht.stop_providing(found)
         await self.service.remove_runner(found, self.config.shutdown_grace_s)
         with trio.CancelScope(shield=True):
             await runner.close()
@@ -310,6 +317,7 @@ class Node:
         if cfg.dht:
             dht = ModelDHT(host, membership.events.clone())
             await nursery.start(dht.run)
+            self.dht = dht
             membership.finder = dht.find_providers
             for name in (*self._runners, ROSTER_KEY):
                 nursery.start_soon(dht.provide, name)

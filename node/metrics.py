@@ -5,8 +5,8 @@ and benchmarks), with two kinds of series:
 
 - counted as requests finish (``InferenceService.observer``): requests by model,
   priority, outcome (``ok`` or the error code), where they ran (``local``,
-  ``peer``, or ``none`` when they did not run) and the id of the node that ran them; their latency as a histogram by
-  model and where they ran;
+  ``peer``, or ``none`` when they did not run) and the id of the node that ran
+  them; their latency as a histogram by model and where they ran;
 - read from the node at scrape time (a collector, so they are never stale):
   queue depth per model and priority, requests in flight, peers known by status,
   each local backend's circuit state, each peer breaker's state, failovers.

@@ -164,3 +164,24 @@ async def test_a_model_unloaded_while_busy_finishes_its_jobs(node_factory: NodeF
                 done = await a.unload_model("slow")
         assert done["changed"] is True and len(results) == 1
         assert results[0].meta["served_by"] == a.peer_id
+
+
+async def test_a_model_loaded_on_request_is_announced_in_the_dht(
+    node_factory: NodeFactory,
+) -> None:
+    async with (
+        node_factory("boot", models=(), dht=True) as boot,
+        node_factory("a", models=("fake:solo",), dht=True, bootstrap=(boot.addrs[0],)) as a,
+    ):
+        assert a.dht is not None and boot.dht is not None
+        await a.unload_model("solo")
+        assert "solo" not in a.dht.providing
+        await a.load_model("solo")
+        with trio.fail_after(20):
+            while "solo" not in a.dht.providing:  # noqa: ASYNC110 (no event to wait on)
+                await trio.sleep(0.05)
+            while True:  # and the boot node finds it as a provider
+                found = await boot.dht.find_providers("solo", 5.0)
+                if any(p.peer_id == a.peer_id for p in found):
+                    break
+                await trio.sleep(0.2)
