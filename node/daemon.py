@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,8 +107,12 @@ class NodeConfig:
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, runners: Sequence[Runner] = ()) -> None:
+        """``runners``: models built in code (a Runner subclass of one's own), served
+        beside those the config declares; the node loads and closes them."""
         self.config = config
+        self._extra_runners = tuple(runners)
+        self.host: Any = None  # the libp2p host, while the node runs
         self.peer_id = ""
         self.addrs: list[str] = []
         self.service: InferenceService | None = None
@@ -211,6 +215,7 @@ class Node:
         shown in ``swarm status``; the node serves the others.
         """
         runners = [build_runner(spec, self.config.models_dir) for spec in self.config.models]
+        runners += self._extra_runners
         names = [r.info.name.lower() for r in runners]
         if len(set(names)) != len(names):
             raise ConfigError(f"a model is configured twice: {names}")
@@ -232,6 +237,7 @@ class Node:
 
     async def _serve(self, host: Any, task_status: TaskStatus[Node]) -> None:
         cfg = self.config
+        self.host = host
         self.peer_id = host.get_id().to_base58()
         caller = Caller(host, limits=cfg.limits)
         signer = self._signer = RecordSigner(self._key_pair, self.describe)

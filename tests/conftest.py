@@ -4,7 +4,7 @@ default model converted to OpenVINO IR once per session."""
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from node.daemon import Node, NodeConfig
 # scripts/ holds helpers shared by tests and benchmarks (netns.py).
 sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))
 from runners import convert_minilm, ir_cache
+from runners.base import Runner
 from runners.openvino_embed import MODEL_NAME, OpenVINOEmbedRunner, cache_key
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -29,13 +30,13 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[Node]]
 def node_factory(tmp_path: Path) -> NodeFactory:
     """``async with node_factory("a", models=("fake:echo",)) as node:`` runs a real node.
 
-    ``node_type`` runs a subclass of ``Node`` instead (a test that reaches into it).
+    ``runners`` are Runner objects built by the test, served beside the config's models.
     """
     counter = iter(range(1000))
 
     @asynccontextmanager
     async def start(
-        name: str | None = None, *, node_type: type[Node] = Node, **overrides: Any
+        name: str | None = None, *, runners: Sequence[Runner] = (), **overrides: Any
     ) -> AsyncIterator[Node]:
         name = name or f"node{next(counter)}"
         settings: dict[str, Any] = {
@@ -49,7 +50,7 @@ def node_factory(tmp_path: Path) -> NodeFactory:
             "dht": False,
         }
         settings.update(overrides)
-        node = node_type(NodeConfig(**settings))
+        node = Node(NodeConfig(**settings), runners=runners)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(60):
                 await nursery.start(node.run)

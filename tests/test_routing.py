@@ -24,7 +24,7 @@ from node.client import SwarmClient
 from node.daemon import Node
 from node.router import Strategy
 from protocols import INFER_PROTOCOL, Chunk, ErrorCode, Param, RemoteError, Result, Tensor, Value
-from runners.base import Outputs, Runner
+from runners.base import Outputs
 from runners.errors import RunnerError
 from runners.fake import FakeRunner
 
@@ -250,16 +250,6 @@ async def test_a_stalled_peer_gives_deadline_exceeded_and_is_cancelled(
 # --- 4. a peer that answers garbage ----------------------------------------------------
 
 
-class HostNode(Node):
-    """A node that keeps its libp2p host where a test can reach it."""
-
-    host: Any = None
-
-    async def _serve(self, host: Any, task_status: Any) -> None:
-        self.host = host
-        await super()._serve(host, task_status)
-
-
 async def answer_garbage(stream: Any) -> None:
     """Reads the request, answers bytes that are no message at all, hangs up."""
     try:
@@ -274,12 +264,12 @@ async def test_garbage_answers_fail_over_and_open_the_peer_breaker(
     node_factory: NodeFactory,
 ) -> None:
     async with (
-        node_factory("junk", models=("fake:emb",), node_type=HostNode) as junk,
+        node_factory("junk", models=("fake:emb",)) as junk,
         node_factory("good", models=("fake:emb",)) as good,
         node_factory("entry", models=(), peers=(junk.addrs[0], good.addrs[0])) as entry,
         SwarmClient.connect(entry.addrs[0]) as client,
     ):
-        assert isinstance(junk, HostNode) and junk.host is not None
+        assert junk.host is not None
         junk.host.set_stream_handler(TProtocol(INFER_PROTOCOL), answer_garbage)
         await wait_linked([entry], {"emb": {junk.peer_id, good.peer_id}})
 
@@ -337,24 +327,13 @@ class MidStreamFailureFake(FakeRunner):
         raise RunnerError(f"{self.info.name}: the backend went away mid-stream")
 
 
-def node_serving(runner: Runner) -> type[Node]:
-    """A Node class that serves ``runner`` (built by the test) instead of its config's."""
-
-    class Serving(Node):
-        async def _load_runners(self) -> None:
-            await runner.load()
-            self._runners = {runner.info.name: runner}
-
-    return Serving
-
-
 async def test_a_local_stream_broken_mid_way_is_not_retried_elsewhere(
     node_factory: NodeFactory,
 ) -> None:
     broken = MidStreamFailureFake("gen", after=2)
     async with (
         node_factory("other", models=("fake:gen",)) as other,
-        node_factory("local", node_type=node_serving(broken), peers=(other.addrs[0],)) as local,
+        node_factory("local", models=(), runners=(broken,), peers=(other.addrs[0],)) as local,
         SwarmClient.connect(local.addrs[0]) as client,
     ):
         await wait_linked([local], {"gen": {other.peer_id}})
