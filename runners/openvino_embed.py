@@ -87,12 +87,24 @@ class _CorruptEntry(ov_cache.CorruptEntry):
 
 
 class _Embedder(Protocol):
-    def embed(self, request: _Tokens) -> FloatArray: ...
+    def tokenize(self, texts: list[str]) -> _Tokens: ...
+    def embed(self, request: list[str] | _Tokens) -> FloatArray: ...
+
+
+def tokenize(tokenizer: Any, texts: list[str]) -> _Tokens:
+    """The model's token arrays for ``texts`` (padded to the longest), either engine."""
+    encodings = tokenizer.encode_batch(texts)
+    return _Tokens(
+        np.array([e.ids for e in encodings], dtype=np.int64),
+        np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        np.array([e.type_ids for e in encodings], dtype=np.int64),
+    )
 
 
 class MiniLMRunner(Runner):
     """all-MiniLM-L6-v2 on some engine: ``text`` or token tensors in, ``embedding``
-    float32 [n, 384] out. Subclasses load ``_session`` (anything with a blocking
+    float32 [n, 384] and ``tokens`` int64 [n] (tokens per row, padding excluded)
+    out. Subclasses load ``_session`` (anything with blocking ``tokenize`` and
     ``embed``); checking, running and closing are the same for every engine, so
     every engine refuses exactly the same inputs."""
 
@@ -130,11 +142,17 @@ class MiniLMRunner(Runner):
         session = self._session
         if session is None:
             raise RunnerError(f"{MODEL_NAME}: not loaded")
+
+        def run() -> tuple[FloatArray, Int64Array]:
+            tokens = session.tokenize(request) if isinstance(request, list) else request
+            return session.embed(tokens), tokens.attention_mask.sum(axis=1)
+
         try:
-            embedding = await run_blocking(session.embed, request, limiter=self._limiter)
+            embedding, counts = await run_blocking(run, limiter=self._limiter)
         except Exception as exc:
             raise RunnerError(f"{MODEL_NAME}: inference failed: {exc}") from exc
-        return {recipe.OUTPUT: Tensor.from_numpy(embedding)}
+        # Tokens per row (padding excluded): what OpenAI's usage counts for embeddings.
+        return {recipe.OUTPUT: Tensor.from_numpy(embedding), "tokens": Tensor.from_numpy(counts)}
 
     async def close(self) -> None:
         # Work already in a thread holds its own reference and finishes normally.
@@ -224,7 +242,7 @@ class _Session:
         return session
 
     def embed(self, request: list[str] | _Tokens) -> FloatArray:
-        tokens = self._tokenize(request) if isinstance(request, list) else request
+        tokens = self.tokenize(request) if isinstance(request, list) else request
         infer_request = self._requests.get()
         try:
             result = infer_request.infer(
@@ -239,13 +257,8 @@ class _Session:
             self._requests.put(infer_request)
         return embedding
 
-    def _tokenize(self, texts: list[str]) -> _Tokens:
-        encodings = self._tokenizer.encode_batch(texts)
-        return _Tokens(
-            np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            np.array([e.type_ids for e in encodings], dtype=np.int64),
-        )
+    def tokenize(self, texts: list[str]) -> _Tokens:
+        return tokenize(self._tokenizer, texts)
 
 
 def _parse(info: ModelInfo, inputs: Mapping[str, Value]) -> list[str] | _Tokens:

@@ -23,7 +23,7 @@ import numpy as np
 from . import convert_minilm as recipe
 from .base import run_blocking
 from .errors import ConfigError, ModelLoadError
-from .openvino_embed import MiniLMRunner, _Tokens
+from .openvino_embed import MiniLMRunner, _Tokens, tokenize
 from .settings import Table
 from .torch_device import Resolved, TorchPlacement, resolve
 
@@ -94,7 +94,7 @@ class _Session:
 
     def embed(self, request: list[str] | _Tokens) -> FloatArray:
         torch = self._torch
-        tokens = self._tokenize(request) if isinstance(request, list) else request
+        tokens = self.tokenize(request) if isinstance(request, list) else request
         device = self.resolved.device
         with torch.inference_mode():
             ids = torch.from_numpy(tokens.input_ids).to(device)
@@ -109,10 +109,5 @@ class _Session:
             result: FloatArray = normalized.cpu().numpy().astype(np.float32, copy=False)
         return result
 
-    def _tokenize(self, texts: list[str]) -> _Tokens:
-        encodings = self._tokenizer.encode_batch(texts)
-        return _Tokens(
-            np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            np.array([e.type_ids for e in encodings], dtype=np.int64),
-        )
+    def tokenize(self, texts: list[str]) -> _Tokens:
+        return tokenize(self._tokenizer, texts)

@@ -350,6 +350,10 @@ async def test_real_embeddings_through_the_gateway_match_the_swarm(
     want = direct.outputs["embedding"]
     assert isinstance(want, Tensor) and got.shape == (3, DIM)
     np.testing.assert_array_equal(got, want.numpy())  # base64 float32: bit for bit
+    # Word pieces plus [CLS] and [SEP]: every word here is one piece of BERT's vocabulary.
+    counts = direct.outputs["tokens"]
+    assert isinstance(counts, Tensor) and counts.numpy().tolist() == [8, 8, 6]
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens == 22
     cos = got @ got.T / np.outer(np.linalg.norm(got, axis=1), np.linalg.norm(got, axis=1))
     assert cos[0, 1] > cos[0, 2] + 0.2
 

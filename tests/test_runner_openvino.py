@@ -93,9 +93,11 @@ def tokens(texts: list[str], dtype: str = "int64") -> dict[str, Value]:
 
 async def embed(runner: OpenVINOEmbedRunner, inputs: Mapping[str, Value]) -> np.ndarray:
     out = await runner.infer(inputs, {})
-    assert set(out) == {"embedding"}
-    tensor = out["embedding"]
+    assert set(out) == {"embedding", "tokens"}
+    tensor, tokens = out["embedding"], out["tokens"]
     assert isinstance(tensor, Tensor) and tensor.dtype == "float32"
+    assert isinstance(tokens, Tensor) and tokens.dtype == "int64"
+    assert tokens.shape == tensor.shape[:1] and min(tokens.numpy()) >= 2  # [CLS] ... [SEP]
     return tensor.numpy()
 
 

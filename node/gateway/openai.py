@@ -24,8 +24,9 @@ built on them work against any node. Mapping onto swarm's conventions:
   spread over peers; streamed, their chunks carry each choice's ``index``.
 - ``tools``, ``tool_choice``, ``functions``, ``logprobs`` and ``top_logprobs``
   are refused by name (400 ``unsupported_parameter``), never silently ignored.
-- usage: the token counts the model reported, 0 where it reported none
-  (embedders, and streams of backends that do not count them).
+- usage: the token counts the model reported (an embedder's ``tokens`` per
+  row, summed), 0 where it reported none (remote embedders, and streams of
+  backends that do not count them).
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             {"object": "embedding", "index": i, "embedding": _vector(row, encoding)}
             for i, row in enumerate(rows)
         ]
-        usage = {"prompt_tokens": 0, "total_tokens": 0}  # swarm's embedders count no tokens
+        tokens = _token_count(result.outputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         answer = {"object": "list", "data": data, "model": model["name"], "usage": usage}
         return JSONResponse(answer)
 
@@ -319,6 +321,16 @@ async def _generate(
             await write({**head, "choices": [], "usage": _usage(last)})
 
     return EventStream(produce)
+
+
+def _token_count(outputs: Mapping[str, Value]) -> int:
+    """Input tokens an embedder reported: ``tokens`` per row, or a ``prompt_tokens``
+    total; 0 when it counted none (a backend that does not say)."""
+    per_row = outputs.get("tokens")
+    if isinstance(per_row, Tensor) and per_row.dtype.startswith(("int", "uint")):
+        return int(per_row.numpy().sum())
+    total = outputs.get("prompt_tokens")
+    return total if type(total) is int else 0
 
 
 async def _ignore(index: int, outputs: Mapping[str, Value]) -> None:
