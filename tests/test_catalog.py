@@ -198,7 +198,10 @@ def test_the_default_model_takes_the_openvino_compile_options() -> None:
         "THROUGHPUT",
         "bf16",
     )
-    with pytest.raises(ModelSpecError, match="fp32 weights only"):
-        parse_model_spec("openvino-embed:precision=int8")
+    assert parse_model_spec("openvino-embed:precision=int8").config.precision == "int8"
+    with pytest.raises(ModelSpecError, match="precision"):
+        parse_model_spec("openvino-embed:precision=int3")
+    with pytest.raises(ModelSpecError, match="int4 moves its embeddings too far"):
+        parse_model_spec("openvino-embed:precision=int4")
     with pytest.raises(ModelSpecError, match="device: expected an OpenVINO device"):
         parse_model_spec("openvino-embed:device=gpu-1!")

@@ -368,3 +368,23 @@ def test_config_is_validated() -> None:
         EmbedConfig(performance_hint="FAST")
     with pytest.raises(ValueError, match="concurrency"):
         EmbedConfig(concurrency=0)
+
+
+@pytest.mark.parametrize("precision", ["int8"])
+async def test_compressed_weights_stay_close_to_the_reference(
+    tmp_path: Path, reference: np.ndarray, precision: str
+) -> None:
+    """int8 weights (nncf, in the converter's child process): a cache entry of its
+    own, and embeddings within cosine 0.99 of sentence-transformers' fp32 ones."""
+    runner = OpenVINOEmbedRunner(tmp_path, EmbedConfig(precision=precision))
+    await runner.load()
+    try:
+        got = await embed(runner, {"text": TEXTS})
+    finally:
+        await runner.close()
+    assert runner.info.precision == precision
+    assert cache_key(precision) != cache_key()
+    assert ir_cache.find(tmp_path / MODEL_NAME, cache_key(precision)) is not None
+    cosine = np.sum(got * reference, axis=1) / np.linalg.norm(reference, axis=1)
+    print(f"{precision}: cosine to fp32 min {cosine.min():.5f}")
+    assert cosine.min() > 0.99, cosine
