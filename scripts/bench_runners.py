@@ -33,7 +33,14 @@ from pathlib import Path
 
 import trio
 from bench_runners_lib.common import FULL, QUICK, Budget, Figures, Targets, machine, met
-from bench_runners_lib.engines import bench_batching, bench_engines, report_batching, report_engines
+from bench_runners_lib.engines import (
+    bench_batching,
+    bench_engines,
+    bench_precision,
+    report_batching,
+    report_engines,
+    report_precision,
+)
 from bench_runners_lib.llm import (
     Env,
     bench_forwarding,
@@ -43,7 +50,7 @@ from bench_runners_lib.llm import (
     report_generation,
 )
 
-SECTIONS = ("engines", "batching", "generation", "forwarding")
+SECTIONS = ("engines", "batching", "precision", "generation", "forwarding")
 
 
 def report_targets(targets: Targets, results: Figures) -> None:
@@ -68,6 +75,9 @@ async def run(
     if "batching" in sections:
         results["batching"] = await bench_batching(data_dir, budget, args.wait_ms)
         report_batching(results["batching"], targets)
+    if "precision" in sections:
+        results["precision"] = await bench_precision(data_dir, budget)
+        report_precision(results["precision"])
     if url is not None:
         env = Env(url, data_dir)
         if "generation" in sections:

@@ -258,3 +258,52 @@ def report_batching(r: Figures, targets: Targets) -> None:
     figure = f"MiniLM req/s, batching on / off, {CALLERS} callers"
     targets.append((figure, f"{ratio:.2f}x", ">= 2x", ratio >= 2))
     print()
+
+
+# --------------------------------------------------------------------------- precision
+
+
+async def bench_precision(data_dir: Path, budget: Budget) -> Figures:
+    """all-MiniLM-L6-v2 on OpenVINO with fp32 and int8 weights, timed in alternating
+    blocks, and how far int8 moves the embeddings (cosine to fp32, per text)."""
+    from runners.openvino_embed import EmbedConfig, OpenVINOEmbedRunner
+
+    runners = {p: OpenVINOEmbedRunner(data_dir, EmbedConfig(precision=p)) for p in ("fp32", "int8")}
+    out: Figures = {"batches": {}}
+    for precision, runner in runners.items():
+        started = time.perf_counter()
+        await runner.load()
+        out[f"{precision}_load_s"] = round(time.perf_counter() - started, 2)
+    probe = {"text": texts(32, seed=99)}
+    vectors = {}
+    for precision, runner in runners.items():
+        embedding = (await runner.infer(probe, {}))["embedding"]
+        assert isinstance(embedding, Tensor)
+        vectors[precision] = embedding.numpy()
+    cosine = np.sum(vectors["fp32"] * vectors["int8"], axis=1)  # unit vectors
+    out["cosine_min"], out["cosine_mean"] = float(cosine.min()), float(cosine.mean())
+    for batch in BATCHES:
+        inputs = engine_inputs("all-minilm-l6-v2", batch)
+        calls = {p: _caller(runner, inputs) for p, runner in runners.items()}
+        out["batches"][batch] = {
+            p: {"median_ms": ms(statistics.median(t)), "rows_per_s": batch / statistics.median(t)}
+            for p, t in (await alternated(calls, budget)).items()
+        }
+    for runner in runners.values():
+        await runner.close()
+    return out
+
+
+def report_precision(r: Figures) -> None:
+    print("3. all-MiniLM-L6-v2 on OpenVINO: fp32 vs int8 weights (nncf), alternating blocks")
+    print(f"  {'batch':>6}{'fp32 ms':>10}{'int8 ms':>10}{'int8/fp32 rows/s':>18}")
+    for batch, f in r["batches"].items():
+        ratio = f["int8"]["rows_per_s"] / f["fp32"]["rows_per_s"]
+        r["batches"][batch]["ratio"] = ratio
+        fp32, int8 = f["fp32"]["median_ms"], f["int8"]["median_ms"]
+        print(f"  {batch:>6}{fp32:>10.1f}{int8:>10.1f}{ratio:>17.2f}x")
+    print(
+        f"  int8 embeddings vs fp32: cosine min {r['cosine_min']:.5f}, mean {r['cosine_mean']:.5f}"
+        f" (32 texts); load fp32 {r['fp32_load_s']} s, int8 {r['int8_load_s']} s"
+    )
+    print()
