@@ -12,10 +12,11 @@ difference is the gateway alone:
 2. The gateway's cost: one caller, interleaved pairs of the same embedding job
    over HTTP (`/v1/embeddings`) and over libp2p (`SwarmClient.infer`), both to
    the entry node; the median difference. Target (issue 6): under 2 ms.
-3. Streaming: a chat completion streamed as SSE through the gateway vs the same
-   job streamed over libp2p (chunks as they come): time to first chunk and
-   chunks per second. The model is the fake streamer (3 chunks over 200 ms),
-   so what differs is transport, not generation.
+3. Streaming: a chat completion streamed as SSE through the gateway, the same
+   job streamed over the gateway's WebSocket (one connection for all runs), and
+   over libp2p (chunks as they come): time to first chunk and chunks per second.
+   The model is the fake streamer (3 chunks over 200 ms), so what differs is
+   transport, not generation.
 
 Converted models are cached in ``--data-dir`` (default ~/.cache/swarm-bench)
 across runs. Every wait is bounded and both processes are stopped on the way
@@ -38,6 +39,7 @@ from typing import Any
 import httpx
 import trio
 from bench_swarm_lib.swarm import NodeProc, start_node, stop_all
+from trio_websocket import open_websocket_url
 
 from node.client import SwarmClient
 
@@ -116,12 +118,17 @@ async def added(url: str, swarm: SwarmClient, pairs: int) -> dict[str, Any]:
 
 
 async def streamed(url: str, swarm: SwarmClient, runs: int) -> dict[str, Any]:
-    """Time to first chunk and chunks/s, SSE through the gateway vs libp2p."""
+    """Time to first chunk and chunks/s: SSE and WebSocket through the gateway, libp2p."""
     sse: list[tuple[float, float]] = []
     p2p: list[tuple[float, float]] = []
+    ws: list[tuple[float, float]] = []
     body = {"model": STREAMER, "messages": [{"role": "user", "content": TEXT}], "stream": True}
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        for _ in range(runs):
+    ws_url = url.replace("http://", "ws://") + "/ws/bench"
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        open_websocket_url(ws_url) as socket,
+    ):
+        for i in range(runs):
             t, first, n = time.perf_counter(), 0.0, 0
             async with http.stream("POST", "/v1/chat/completions", json=body) as answer:
                 async for line in answer.aiter_lines():
@@ -135,6 +142,15 @@ async def streamed(url: str, swarm: SwarmClient, runs: int) -> dict[str, Any]:
             seen = _Seen(time.perf_counter())
             await swarm.infer(STREAMER, {"text": TEXT}, on_chunk=seen.chunk)
             p2p.append(seen.figures())
+            seen = _Seen(time.perf_counter())
+            job = {"type": "inference", "id": f"r{i}", "model": STREAMER, "inputs": TEXT}
+            await socket.send_message(json.dumps({**job, "stream": True}))
+            with trio.fail_after(30):
+                while (frame := json.loads(await socket.get_message()))["type"] == "chunk":
+                    await seen.chunk(frame)
+            if frame["type"] != "result":
+                raise RuntimeError(f"the WebSocket answered {frame}")
+            ws.append(seen.figures())
 
     def summary(rows: list[tuple[float, float]]) -> dict[str, float]:
         return {
@@ -142,7 +158,7 @@ async def streamed(url: str, swarm: SwarmClient, runs: int) -> dict[str, Any]:
             "chunks_per_s": statistics.median(r[1] for r in rows),
         }
 
-    return {"runs": runs, "sse": summary(sse), "libp2p": summary(p2p)}
+    return {"runs": runs, "sse": summary(sse), "websocket": summary(ws), "libp2p": summary(p2p)}
 
 
 class _Seen:
@@ -222,7 +238,11 @@ def report(r: dict[str, Any]) -> None:
     print(f"   added by the gateway                  {a['added_ms']:8.3f} ms")
     s = r["streaming"]
     print(f"3. Streaming ({STREAM_CHUNKS} chunks over 200 ms, fake streamer), {s['runs']} runs")
-    for path, label in (("sse", "SSE through the gateway"), ("libp2p", "libp2p, chunks")):
+    for path, label in (
+        ("sse", "SSE through the gateway"),
+        ("websocket", "WebSocket, the gateway"),
+        ("libp2p", "libp2p, chunks"),
+    ):
         f = s[path]
         print(
             f"   {label:<26} first chunk {f['first_chunk_ms']:7.2f} ms, "
