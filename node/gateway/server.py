@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from trio_typing import TaskStatus
 
-from . import kserve, openai, ws
+from . import kserve, openai, page, ws
 from .app import Backend, guarded, json_object, read_json
 from .config import GatewayConfig, is_loopback
 from .errors import HTTPFailure, error_response
@@ -84,6 +84,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             *openai.routes(backend, config),
             *kserve.routes(backend, config),
             *ws.routes(backend, config),
+            *page.routes(backend, config),
         ],
         exception_handlers={HTTPException: http_error},
     )

@@ -1,0 +1,80 @@
+"""The status page: ``GET /`` (the page) and ``GET /swarm/view`` (what it draws).
+
+The page is one HTML file (``status.html`` beside this module: inline CSS and
+plain JavaScript, nothing fetched from elsewhere). It holds no swarm data, so
+it is served without a token; everything it shows comes from ``/swarm/view``
+and the WebSocket, both guarded. With a token configured, open ``/?token=…``:
+the script keeps the token for the tab, takes it out of the address bar, and
+sends it as a bearer header (and as ``?token=`` to the WebSocket, which
+browsers cannot give headers).
+
+The page's Content-Security-Policy allows its own inline script and style (by
+hash) and connections to this origin only: even if a peer's record got markup
+past the page's escaping, no other script could run or send data elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from functools import cache
+from importlib import resources
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from .app import Backend, guarded
+from .config import GatewayConfig
+from .view import swarm_view
+
+PAGE_FILE = "status.html"
+
+
+@cache
+def page() -> tuple[str, str]:
+    """The page's HTML and its Content-Security-Policy (read once)."""
+    html = resources.files(__package__).joinpath(PAGE_FILE).read_text(encoding="utf-8")
+    return html, _policy(html)
+
+
+def _policy(html: str) -> str:
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+        digests = (hashlib.sha256(text.encode()).digest() for text in found)
+        return " ".join(f"'sha256-{base64.b64encode(d).decode()}'" for d in digests)
+
+    return (
+        "default-src 'none'; "
+        f"script-src {hashes('script')}; style-src {hashes('style')}; "
+        "connect-src 'self'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def routes(backend: Backend, config: GatewayConfig) -> list[BaseRoute]:
+    public, guard = guarded(config, public=True), guarded(config)
+
+    @public
+    async def status_page(request: HTTPRequest) -> Response:
+        html, policy = page()
+        headers = {
+            "content-security-policy": policy,
+            "cache-control": "no-store",
+            "referrer-policy": "no-referrer",  # the URL may carry ?token=
+            "x-content-type-options": "nosniff",
+        }
+        return HTMLResponse(html, headers=headers)
+
+    @guard
+    async def view(request: HTTPRequest) -> Response:
+        jobs = backend.feed.recent_jobs() if backend.feed is not None else []
+        gateway = str(request.base_url).rstrip("/")
+        snapshot = swarm_view(backend.status(), backend.table(), jobs, gateway=gateway)
+        return JSONResponse(snapshot, headers={"cache-control": "no-store"})
+
+    return [
+        Route("/", status_page, methods=["GET"]),
+        Route("/swarm/view", view, methods=["GET"]),
+    ]
