@@ -50,14 +50,29 @@ CHROMIUM_FLAGS = (
 )
 
 
+# What a peer might put in its record to run script in the page: it must show as text.
+MARKUP = '<img src=x onerror="document.title=1">'
+
+
+class MarkupNode(Node):
+    """A node whose signed record names its CPU with markup (peers verify the signature,
+    not the contents' harmlessness)."""
+
+    def describe(self) -> dict[str, Any]:
+        body = super().describe()
+        hardware = body["hardware"]
+        return {**body, "hardware": {**hardware, "cpu": {**hardware["cpu"], "model": MARKUP}}}
+
+
 @asynccontextmanager
 async def three_nodes(node_factory: NodeFactory) -> AsyncIterator[tuple[Node, Node, Node, str]]:
     """(gateway node, a, b, gateway URL): a and b serve echo, the gateway node nothing,
     so every job it takes runs elsewhere. It is linked to both before this yields.
-    b also serves a slow model and sends heartbeats (with its load) twice a second."""
+    b also serves a slow model and sends heartbeats (with its load) twice a second;
+    a's record carries markup."""
     fast = {"membership": MembershipConfig(heartbeat_s=0.5)}
     async with (
-        node_factory("a", models=("fake:echo",)) as a,
+        node_factory("a", models=("fake:echo",), node_type=MarkupNode) as a,
         node_factory("b", models=("fake:echo", "fake:slow:1200"), peers=(a.addrs[0],), **fast) as b,
         node_factory(
             "gw", models=(), peers=(a.addrs[0], b.addrs[0]), http=GatewayConfig(token=TOKEN)
@@ -206,6 +221,8 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
                 seen["rows"] = [r["text"] for r in rows]
                 seen["served_by"] = [r["servedBy"] for r in rows]
                 seen["self"] = driver.find_element(By.ID, "self-id").get_attribute("title")
+                seen["cpu"] = [e["text"] for e in read(driver, "#peers tbody tr")]
+                seen["markup"] = [*read(driver, "img"), {"title": driver.title}]
                 # Slow jobs on b: its load in the graph, and the jobs running (started
                 # events) before they finish.
                 busy = f'#nodes [data-peer="{b.peer_id}"] text.busy'
@@ -224,6 +241,19 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
                     driver.save_screenshot(str(shot))
                     seen["slow"] = [job.result() for job in slow]
                 seen["log"] = driver.get_log("browser")
+
+                # Without the token, the page says how to give it.
+                driver.execute_script("sessionStorage.clear()")
+                driver.get(f"{url}/")
+                seen["no_token"] = wait_for(
+                    driver,
+                    "the token asked for",
+                    lambda: driver.find_element(By.ID, "problem").text,
+                )
+                # The browser logs the refusals (401, and 403 for the socket): expected.
+                seen["refusals"] = driver.get_log("browser")
+                driver.get(f"{url}/?token={TOKEN}")
+                wait_for_nodes(driver, ids)
 
                 # Without WebSocket, the page polls; the token is kept for the tab.
                 driver.execute_cdp_cmd(
@@ -251,6 +281,12 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
     assert len(seen["rows"]) == 2 and set(seen["served_by"]) <= servers
     for row, by in zip(seen["rows"], seen["served_by"], strict=True):
         assert "echo" in row and "ok" in row and by[-6:] in row  # model, outcome, where
+    # a's record's markup is shown as the text it is, and nothing of it ran.
+    assert sum(MARKUP in row for row in seen["cpu"]) == 1
+    assert seen["markup"] == [{"title": "swarm"}]
+    assert "open this page as /?token=" in seen["no_token"]
+    refused = ("status of 401", "response code: 403")
+    assert all(any(r in e["message"] for r in refused) for e in seen["refusals"])
     assert seen["busy"] >= 1 and seen["slow"] == [200] * 4
     assert len(seen["polled"]) == 1 and seen["polled"][0] in servers
     assert seen["polling"] == "polling every 2 s"
