@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from bootstrap.table import live_peers
 from node.daemon import Node
 from node.gateway import GatewayConfig
 from node.membership import MembershipConfig
+from runners.fake import FakeRunner
 
 TOKEN = "page-s3cret"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
@@ -54,14 +56,12 @@ CHROMIUM_FLAGS = (
 MARKUP = '<img src=x onerror="document.title=1">'
 
 
-class MarkupNode(Node):
-    """A node whose signed record names its CPU with markup (peers verify the signature,
-    not the contents' harmlessness)."""
-
-    def describe(self) -> dict[str, Any]:
-        body = super().describe()
-        hardware = body["hardware"]
-        return {**body, "hardware": {**hardware, "cpu": {**hardware["cpu"], "model": MARKUP}}}
+def markup_echo() -> FakeRunner:
+    """echo, announced as running on a device named with markup: peers verify a record's
+    signature, not that its contents are harmless."""
+    runner = FakeRunner("echo")
+    runner.info = replace(runner.info, device=MARKUP)
+    return runner
 
 
 @asynccontextmanager
@@ -72,7 +72,7 @@ async def three_nodes(node_factory: NodeFactory) -> AsyncIterator[tuple[Node, No
     a's record carries markup."""
     fast = {"membership": MembershipConfig(heartbeat_s=0.5)}
     async with (
-        node_factory("a", models=("fake:echo",), node_type=MarkupNode) as a,
+        node_factory("a", models=(), runners=[markup_echo()]) as a,
         node_factory("b", models=("fake:echo", "fake:slow:1200"), peers=(a.addrs[0],), **fast) as b,
         node_factory(
             "gw", models=(), peers=(a.addrs[0], b.addrs[0]), http=GatewayConfig(token=TOKEN)
@@ -221,7 +221,7 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
                 seen["rows"] = [r["text"] for r in rows]
                 seen["served_by"] = [r["servedBy"] for r in rows]
                 seen["self"] = driver.find_element(By.ID, "self-id").get_attribute("title")
-                seen["cpu"] = [e["text"] for e in read(driver, "#peers tbody tr")]
+                seen["table"] = [e["text"] for e in read(driver, "#peers tbody tr")]
                 seen["markup"] = [*read(driver, "img"), {"title": driver.title}]
                 # Slow jobs on b: its load in the graph, and the jobs running (started
                 # events) before they finish.
@@ -282,7 +282,7 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
     for row, by in zip(seen["rows"], seen["served_by"], strict=True):
         assert "echo" in row and "ok" in row and by[-6:] in row  # model, outcome, where
     # a's record's markup is shown as the text it is, and nothing of it ran.
-    assert sum(MARKUP in row for row in seen["cpu"]) == 1
+    assert sum(MARKUP in row for row in seen["table"]) == 1
     assert seen["markup"] == [{"title": "swarm"}]
     assert "open this page as /?token=" in seen["no_token"]
     refused = ("status of 401", "response code: 403")
