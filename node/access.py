@@ -11,6 +11,7 @@ our handlers.)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -30,6 +31,11 @@ MAX_TRACKED_REFUSALS = 1024
 def new_swarm_key_text() -> str:
     """A fresh swarm key file's text (share it with every member of the swarm)."""
     return "\n".join([*_KEY_HEADER, secrets.token_hex(32)]) + "\n"
+
+
+def key_fingerprint(key: str) -> str:
+    """16 hex digits naming a swarm key without revealing it (a hash of it)."""
+    return hashlib.sha256(f"swarm key fingerprint:{key.lower()}".encode()).hexdigest()[:16]
 
 
 def load_swarm_key(path: Path) -> str:

@@ -7,22 +7,23 @@ Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
 import logging
 import signal
 import sys
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
+from rich.console import Console, RenderableType
 
 from protocols import Chunk, Priority, RemoteError, SwarmError, Value
 from runners.catalog import (
@@ -35,8 +36,8 @@ from runners.catalog import (
 from runners.errors import ConfigError as RunnerConfigError
 from runners.settings import Table
 
-from . import logs
-from .access import load_allow_list, load_swarm_key, new_swarm_key_text
+from . import config_file, logs
+from .access import key_fingerprint, load_allow_list, load_swarm_key, new_swarm_key_text
 from .client import SwarmClient
 from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
 from .errors import ConfigError, sole_error
@@ -46,15 +47,16 @@ from .membership import MembershipConfig
 from .render import (
     jsonable,
     model_rows,
-    models_text,
-    peers_text,
+    models_table,
+    peers_table,
     result_json,
     result_text,
-    status_text,
+    status_table,
 )
 from .router import RouterConfig, Strategy
 
 log = logging.getLogger("swarm")
+T = TypeVar("T")
 CONFIG_FILE = "config.toml"  # in the data dir: read when present, or named by --config
 CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 
@@ -62,11 +64,13 @@ CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logs.configure(
-        args.log_level or ("INFO" if args.func is _daemon else "WARNING"),
-        json_lines=args.log_format == "json",
-    )
     try:
+        if args.func is _daemon:
+            # The daemon's config file may set the log level and format: read it first.
+            args.node_config, level, log_format = _daemon_config(args)
+        else:
+            level, log_format = args.log_level or "WARNING", args.log_format or "text"
+        logs.configure(level, json_lines=log_format == "json")
         # Commands that touch no network (keygen, id) are plain functions.
         run = trio.run if inspect.iscoroutinefunction(args.func) else (lambda f, a: f(a))
         code: int = run(args.func, args)
@@ -92,18 +96,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default="text",
-        help="text lines, or one JSON object per line (with request_id) for log collectors",
+        help="text lines (the default), or one JSON object per line (with request_id) for "
+        "log collectors",
     )
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
-    d = sub.add_parser("daemon", help="run a node")
+    d = sub.add_parser(
+        "daemon",
+        help="run a node",
+        description=(
+            f"Run a node. Every flag can be set in DATA_DIR/{CONFIG_FILE} ('swarm init' writes "
+            "one listing them all); a flag given here wins, and the repeatable ones add to "
+            "the file's lists."
+        ),
+    )
     _data_dir(d)
     d.add_argument(
         "--listen",
         action="append",
         metavar="MULTIADDR",
-        help=f"address to listen on (repeatable; default {DEFAULT_LISTEN})",
+        help=f"address to listen on (repeatable; replaces the file's; default {DEFAULT_LISTEN})",
     )
     d.add_argument(
         "--peer",
@@ -126,18 +138,20 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help=(
-            f"[[models]], [backends.NAME] and [router] tables "
+            f"[node], [http], [[models]], [backends.NAME] and [router] tables "
             f"(default DATA_DIR/{CONFIG_FILE} if present)"
         ),
     )
-    d.add_argument("--no-models", action="store_true", help="serve nothing; only forward")
+    d.add_argument(
+        "--no-models", action="store_true", default=None, help="serve nothing; only forward"
+    )
     d.add_argument(
         "--strategy",
         choices=[str(x) for x in Strategy],
         help="how this node picks where a job runs, unless the job says (default least-loaded)",
     )
-    d.add_argument("--max-queue", type=int, default=64, help="waiting requests per model")
-    d.add_argument("--grace", type=float, default=10.0, help="seconds to finish work at shutdown")
+    d.add_argument("--max-queue", type=int, help="waiting requests per model (default 64)")
+    d.add_argument("--grace", type=float, help="seconds to finish work at shutdown (default 10)")
     d.add_argument(
         "--bootstrap",
         action="append",
@@ -145,23 +159,31 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MULTIADDR",
         help="join the swarm through this peer; also a DHT seed (repeatable)",
     )
-    d.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN")
-    d.add_argument("--no-dht", action="store_true", help="do not run the Kademlia DHT")
+    d.add_argument(
+        "--mdns",
+        action=argparse.BooleanOptionalAction,
+        help="look for peers on the LAN (default on)",
+    )
+    d.add_argument(
+        "--dht", action=argparse.BooleanOptionalAction, help="run the Kademlia DHT (default on)"
+    )
     d.add_argument(
         "--heartbeat",
         type=float,
-        default=5.0,
         metavar="SECONDS",
         help="how often linked peers prove they are alive (default 5)",
     )
     d.add_argument(
         "--dead-after",
         type=float,
-        default=15.0,
         metavar="SECONDS",
         help="drop a peer silent for this long (default 15)",
     )
-    d.add_argument("--no-cuda-probe", action="store_true", help="skip importing torch for CUDA")
+    d.add_argument(
+        "--cuda-probe",
+        action=argparse.BooleanOptionalAction,
+        help="import torch at start to find CUDA devices (default on)",
+    )
     d.add_argument(
         "--allow",
         action="append",
@@ -179,8 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--http",
-        metavar="HOST:PORT",
-        help="serve the OpenAI-compatible and KServe v2 HTTP gateway here (e.g. 127.0.0.1:8080)",
+        metavar="HOST:PORT|off",
+        help=(
+            "serve the OpenAI-compatible and KServe v2 HTTP gateway here (default "
+            f"{config_file.DEFAULT_HTTP}, or a free port on 127.0.0.1 when that one is "
+            "busy; off: none)"
+        ),
     )
     d.add_argument(
         "--http-token-env",
@@ -190,6 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--http-insecure",
         action="store_true",
+        default=None,
         help="allow the gateway beyond loopback without a token",
     )
     d.set_defaults(func=_daemon)
@@ -231,41 +258,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--deadline", type=float, metavar="SECONDS", help="give up after this long")
     s.add_argument("--stream", action="store_true", help="print chunks as they arrive")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(s)
     s.set_defaults(func=_submit)
 
     k = sub.add_parser("keygen", help="write a new swarm key for a private swarm")
     k.add_argument("path", type=Path, metavar="FILE", help="where to write it (e.g. swarm.key)")
+    _json_flag(k)
     k.set_defaults(func=_keygen)
 
     i = sub.add_parser("id", help="print this data dir's node and client peer ids")
     _data_dir(i)
+    _json_flag(i)
     i.set_defaults(func=_id)
 
     st = sub.add_parser("status", help="show a node's hardware, models and load")
     _data_dir(st)
     st.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(st)
     st.set_defaults(func=_status)
 
     mo = sub.add_parser("models", help="list the models a node and its peers serve")
     _data_dir(mo)
     mo.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
-    mo.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(mo)
     mo.set_defaults(func=_models_cmd)
 
     ini = sub.add_parser("init", help="write a commented config.toml into the data dir")
     _data_dir(ini)
     ini.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    _json_flag(ini)
     ini.set_defaults(func=_init)
 
     pe = sub.add_parser("peers", help="list the peers a node knows")
     _data_dir(pe)
     pe.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
     pe.add_argument("--model", metavar="NAME", help="only peers that serve this model")
-    pe.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(pe)
     pe.set_defaults(func=_peers)
     return p
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout, for scripts")
 
 
 def _data_dir(p: argparse.ArgumentParser) -> None:
@@ -281,17 +315,6 @@ def _data_dir(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_DATA_DIR,
         help=f"identity, models and state (default {DEFAULT_DATA_DIR})",
     )
-
-
-def _config_file(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """config.toml as data (empty when there is none), and where it was read."""
-    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
-    if args.config is None and not path.exists():
-        return {}, str(path)
-    try:
-        return tomllib.loads(path.read_text()), str(path)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
 
 
 def _models(args: argparse.Namespace, config: dict[str, Any], source: str) -> tuple[ModelSpec, ...]:
@@ -330,34 +353,56 @@ def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> Ro
     return router
 
 
-async def _daemon(args: argparse.Namespace) -> int:
-    if args.no_models and args.model:
-        raise ConfigError("--no-models and --model exclude each other")
-    file, source = _config_file(args)
-    unknown = sorted(set(file) - {"models", "backends", "router"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown table(s) {', '.join(unknown)}")
-    models = () if args.no_models else _models(args, file, source)
+def _daemon_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
+    """The node's config: config.toml's values, with the flags given laid over them.
+
+    Also the log level and format, which the file may set too.
+    """
+    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
+    file, source = config_file.read(path, required=args.config is not None)
+    f = config_file.settings(file, source)
+    forward_only = f.forward_only if args.no_models is None else args.no_models
+    if forward_only and args.model:
+        raise ConfigError("--no-models (or forward_only) and --model exclude each other")
+    models = () if forward_only else _models(args, file, source)
+    swarm_key = args.swarm_key or (Path(f.swarm_key).expanduser() if f.swarm_key else None)
     config = NodeConfig(
         data_dir=args.data_dir.expanduser(),
-        listen=tuple(args.listen or [DEFAULT_LISTEN]),
-        peers=tuple(args.peer),
+        listen=tuple(args.listen or f.listen),
+        peers=(*f.peers, *args.peer),
         models=models,
-        max_queue=args.max_queue,
-        shutdown_grace_s=args.grace,
-        probe_cuda=not args.no_cuda_probe,
-        swarm_key=_swarm_key(args),
-        bootstrap=tuple(args.bootstrap),
-        mdns=not args.no_mdns,
-        dht=not args.no_dht,
-        membership=_membership(args),
+        max_queue=_given(args.max_queue, f.max_queue),
+        shutdown_grace_s=_given(args.grace, f.grace),
+        probe_cuda=_given(args.cuda_probe, f.cuda_probe),
+        swarm_key=_load_swarm_key(swarm_key, args.data_dir),
+        bootstrap=(*f.bootstrap, *args.bootstrap),
+        mdns=_given(args.mdns, f.mdns),
+        dht=_given(args.dht, f.dht),
+        membership=_membership(
+            _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
+        ),
         router=_router(args, file, source),
-        allow=load_allow_list(args.allow, args.allow_file),
-        http=_http(args),
+        allow=load_allow_list(
+            [*f.allow, *args.allow], [*map(Path, f.allow_file), *args.allow_file]
+        ),
+        http=_http(args, f),
+        http_fallback=args.http is None and f.http_listen is None,
     )
+    level = args.log_level or f.log_level or "INFO"
+    return config, level, args.log_format or f.log_format
+
+
+def _given(flag: T | None, file_value: T) -> T:
+    """The flag's value when it was given, else the file's (or its default)."""
+    return file_value if flag is None else flag
+
+
+async def _daemon(args: argparse.Namespace) -> int:
+    config: NodeConfig = args.node_config
     node = Node(config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
+        with _progress(f"starting the node in {config.data_dir} (first run converts models)"):
+            await nursery.start(node.run)
         # Catch signals before saying "ready": a supervisor may send SIGTERM at once.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             print(f"swarm node {node.peer_id} ready", flush=True)
@@ -374,20 +419,27 @@ async def _daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http(args: argparse.Namespace) -> GatewayConfig | None:
-    if args.http is None:
+def _http(args: argparse.Namespace, f: config_file.FileSettings) -> GatewayConfig | None:
+    listen = args.http or f.http_listen or config_file.DEFAULT_HTTP
+    token_env = args.http_token_env or f.http_token_env
+    insecure = _given(args.http_insecure, f.http_insecure)
+    if listen == config_file.HTTP_OFF:
         if args.http_token_env or args.http_insecure:
-            raise ConfigError("--http-token-env and --http-insecure need --http HOST:PORT")
+            raise ConfigError("--http-token-env and --http-insecure need the gateway on")
         return None
-    return GatewayConfig.parse(
-        args.http, token_env=args.http_token_env, insecure=args.http_insecure
-    )
+    return GatewayConfig.parse(listen, token_env=token_env, insecure=insecure)
 
 
 def _swarm_key(args: argparse.Namespace) -> str | None:
-    path = args.swarm_key or args.data_dir.expanduser() / "swarm.key"
-    if args.swarm_key is None and not path.exists():
-        return None
+    return _load_swarm_key(args.swarm_key, args.data_dir)
+
+
+def _load_swarm_key(path: Path | None, data_dir: Path) -> str | None:
+    """The key at ``path``; with none given, DATA_DIR/swarm.key if it exists."""
+    if path is None:
+        path = data_dir.expanduser() / "swarm.key"
+        if not path.exists():
+            return None
     return load_swarm_key(path)
 
 
@@ -408,7 +460,15 @@ def _keygen(args: argparse.Namespace) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(new_swarm_key_text())
-    print(f"wrote a new swarm key to {path}; give it to every node of the swarm (--swarm-key)")
+    # The fingerprint tells two keys apart without showing either; the key stays in the file.
+    fingerprint = key_fingerprint(load_swarm_key(path))
+    if args.json:
+        _print_json({"path": str(path.resolve()), "fingerprint": fingerprint})
+    else:
+        print(
+            f"wrote a new swarm key to {path} (fingerprint {fingerprint}); "
+            "give it to every node of the swarm (--swarm-key)"
+        )
     return 0
 
 
@@ -417,10 +477,38 @@ def _init(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         raise ConfigError(f"{path} exists; not overwriting it (--force to replace)")
     template = resources.files("node").joinpath("default_config.toml").read_text()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(template)
-    print(f"wrote {path}; edit it, then start `swarm daemon --data-dir {args.data_dir}`")
+    if args.json:
+        _print_json({"path": str(path.resolve()), "bytes": len(template.encode())})
+    else:
+        print(f"wrote {path}; edit it, then start `swarm daemon --data-dir {args.data_dir}`")
     return 0
+
+
+def _print_json(data: Any) -> None:
+    """One indented JSON document; keys in the order the command built them."""
+    print(json.dumps(jsonable(data), indent=2), flush=True)
+
+
+def _show(renderable: RenderableType) -> None:
+    """Print a table: coloured on a terminal, plain text (80 columns) when piped."""
+    Console(highlight=False).print(renderable)
+
+
+@contextlib.contextmanager
+def _progress(message: str) -> Iterator[None]:
+    """A spinner on stderr while ``message`` is under way, when stderr is a terminal.
+
+    Logs still say what happens (conversions, with their times); the spinner
+    only shows that the command has not hung.
+    """
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield
 
 
 async def _models_cmd(args: argparse.Namespace) -> int:
@@ -428,17 +516,23 @@ async def _models_cmd(args: argparse.Namespace) -> int:
         record = await client.record()
     rows = model_rows(record.body)
     if args.json:
-        print(json.dumps({"peer_id": record.peer_id, "models": rows}, indent=2))
+        _print_json({"peer_id": record.peer_id, "models": rows})
     else:
-        print(models_text(rows))
+        _show(models_table(rows))
     return 0
 
 
 def _id(args: argparse.Namespace) -> int:
     data_dir = args.data_dir.expanduser()
+    ids = {}
     for what, name in (("node", "identity.key"), ("client", CLIENT_KEY)):
         key_pair = load_or_create_identity(data_dir / name)
-        print(f"{build_host(key_pair).get_id().to_base58()}  {what}")
+        ids[what] = build_host(key_pair).get_id().to_base58()
+    if args.json:
+        _print_json(ids)
+    else:
+        for what, peer_id in ids.items():
+            print(f"{peer_id}  {what}")
     return 0
 
 
@@ -542,16 +636,17 @@ async def _status(args: argparse.Namespace) -> int:
         if args.peer:
             raise
         return await _local_status(args)
+    # The gateway's URL is this machine's business: known for the local daemon only.
+    state = None if args.peer else read_state(args.data_dir.expanduser())
+    gateway = state.get("http") if state else None
     async with _connect(args, target) as client:
         record = await client.record()
     if args.json:
-        print(
-            json.dumps(
-                {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}, indent=2
-            )
+        _print_json(
+            {"peer_id": record.peer_id, "seq": record.seq, "gateway": gateway, **record.body}
         )
     else:
-        print(status_text(record.peer_id, record.body))
+        _show(status_table(record.peer_id, record.body, gateway))
     return 0
 
 
@@ -564,17 +659,17 @@ async def _peers(args: argparse.Namespace) -> int:
         wanted = args.model.lower()
         rows = [r for r in rows if wanted in [m.lower() for m in r.get("models", [])]]
     if args.json:
-        print(json.dumps({"peer_id": record.peer_id, "peers": jsonable(rows)}, indent=2))
+        _print_json({"peer_id": record.peer_id, "peers": rows})
     else:
-        print(peers_text(rows, view.get("discovery", {})))
+        _show(peers_table(rows, view.get("discovery", {})))
     return 0
 
 
-def _membership(args: argparse.Namespace) -> MembershipConfig:
+def _membership(heartbeat_s: float, dead_after_s: float) -> MembershipConfig:
     try:
-        return MembershipConfig(heartbeat_s=args.heartbeat, dead_after_s=args.dead_after)
+        return MembershipConfig(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
     except ValueError as exc:
-        raise ConfigError(f"--heartbeat/--dead-after: {exc}") from exc
+        raise ConfigError(f"heartbeat/dead_after: {exc}") from exc
 
 
 async def _local_status(args: argparse.Namespace) -> int:
@@ -585,10 +680,10 @@ async def _local_status(args: argparse.Namespace) -> int:
     body: Mapping[str, Any] = {"hardware": hardware.describe(), "models": []}
     note = f"no daemon running with data dir {args.data_dir}; this machine:"
     if args.json:
-        print(json.dumps({"daemon": None, **jsonable(body)}, indent=2))
+        _print_json({"daemon": None, "gateway": None, **body})
     else:
         print(note)
-        print(status_text("(not running)", body))
+        _show(status_table("(not running)", body))
     return 0
 
 

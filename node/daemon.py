@@ -11,6 +11,8 @@ closed with its listener. Every task lives in this nursery and ends with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
@@ -48,7 +50,7 @@ from .access import AccessPolicy
 from .caller import Caller
 from .caps import CapsHandler, Received, RecordSigner
 from .dispatch import Dispatcher, RouterPlanner
-from .errors import ConfigError
+from .errors import ConfigError, sole_error
 from .feed import Feed, report_load, watch_peers
 from .gateway import Backend, Gateway, GatewayConfig, swarm_models
 from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
@@ -92,6 +94,9 @@ class NodeConfig:
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
     http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off
+    # The gateway's port is the default one, not the user's: if another node on this
+    # machine holds it, serve on a free port instead (an explicit busy port is an error).
+    http_fallback: bool = False
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -290,7 +295,7 @@ class Node:
                 await self._start_discovery(nursery, host, membership, store)
                 await self._wait_for_configured_peers(membership)
                 if cfg.http is not None:
-                    await nursery.start(self._gateway(cfg.http).run)
+                    await self._start_gateway(nursery, cfg.http)
                 self._write_state()
                 log.info("node %s ready on %s", self.peer_id, ", ".join(self.addrs))
                 task_status.started(self)
@@ -404,6 +409,21 @@ class Node:
         record = self._signer.view(self._client_view())
         return {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}
 
+    async def _start_gateway(self, nursery: trio.Nursery, config: GatewayConfig) -> None:
+        """Serve the gateway; a busy port is a ConfigError unless the fallback applies."""
+        try:
+            await nursery.start(self._gateway(config).run)
+            return
+        except BaseException as raised:  # a group from the gateway's nursery
+            exc = sole_error(raised)
+            if not (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE):
+                raise
+        where = f"{config.host}:{config.port}"
+        if not self.config.http_fallback:
+            raise ConfigError(f"HTTP gateway: {where} is in use (--http HOST:PORT or off)")
+        log.warning("HTTP gateway: %s is in use (another node?); taking a free port", where)
+        await nursery.start(self._gateway(dataclasses.replace(config, port=0)).run)
+
     def _gateway(self, config: GatewayConfig) -> Gateway:
         """The HTTP gateway: its requests run through ``service`` like any client's."""
         assert self.service is not None and self.membership is not None  # set before serving
@@ -478,7 +498,12 @@ class Node:
 
     def _write_state(self) -> None:
         """Where the CLI finds the running daemon of this data dir."""
-        state = {"pid": os.getpid(), "peer_id": self.peer_id, "addrs": self.addrs}
+        state = {
+            "pid": os.getpid(),
+            "peer_id": self.peer_id,
+            "addrs": self.addrs,
+            "http": self.gateway.url if self.gateway is not None else None,
+        }
         path = self.config.data_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -503,7 +528,8 @@ def _find(data: Mapping[str, Any], key: str) -> Any:
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:
-    """The running daemon's pid, peer id and addresses, if one is running there."""
+    """The running daemon's pid, peer id, addresses and gateway URL (``http``, None
+    when off), if one is running there."""
     path = data_dir / STATE_FILE
     try:
         state: dict[str, Any] = json.loads(path.read_text())

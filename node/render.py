@@ -1,12 +1,23 @@
-"""How results and status read on a terminal, and as JSON for scripts."""
+"""How results and status read on a terminal, and as JSON for scripts.
+
+The ``*_table`` functions build rich renderables from plain data (a record
+body, rows); ``to_text`` shows what they print as on a plain terminal, which
+is what the tests read. The CLI prints them through a Console that drops
+colour when stdout is not a terminal.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
 
 from protocols import Result, Tensor, Value
 
@@ -54,76 +65,120 @@ def result_text(result: Result) -> str:
     return "\n".join(lines)
 
 
-def status_text(peer_id: str, body: Mapping[str, Any]) -> str:
+def to_text(renderable: RenderableType, width: int = 80) -> str:
+    """What ``renderable`` prints as on a plain ``width``-column terminal (no colour)."""
+    console = Console(
+        file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False
+    )
+    with console.capture() as captured:
+        console.print(renderable)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
+
+
+def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = None) -> Group:
+    """A node's status: a key/value grid of the node, then its models as a table."""
     hw = body.get("hardware", {})
     cpu, ram = hw.get("cpu", {}), hw.get("ram", {})
-    lines = [f"node      {peer_id}"]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    row = grid.add_row
+    row("node", peer_id)
     if body.get("software"):
-        lines.append(f"version   {body['software'].get('version', '?')}")
-    lines += [f"address   {a}" for a in body.get("addrs", [])]
-    lines.append(
-        f"cpu       {cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores, "
-        f"{cpu.get('logical_cores', '?')} threads, {cpu.get('usable_cores', '?')} usable)"
+        row("version", str(body["software"].get("version", "?")))
+    if gateway is not None:
+        row("gateway", gateway)
+    for addr in body.get("addrs", []):
+        row("address", str(addr))
+    row(
+        "cpu",
+        f"{cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores, "
+        f"{cpu.get('logical_cores', '?')} threads, {cpu.get('usable_cores', '?')} usable)",
     )
     if ram:
-        lines.append(
-            f"memory    {ram.get('total', 0) / 2**30:.1f} GiB total, "
-            f"{ram.get('available', 0) / 2**30:.1f} GiB available"
+        row(
+            "memory",
+            f"{ram.get('total', 0) / 2**30:.1f} GiB total, "
+            f"{ram.get('available', 0) / 2**30:.1f} GiB available",
         )
     for dev in hw.get("openvino", []):
         state = dev.get("full_name") if dev.get("available") else f"absent ({dev.get('reason')})"
-        lines.append(f"openvino  {dev.get('name')}: {state}")
+        row("openvino", f"{dev.get('name')}: {state}")
     for dev in hw.get("cuda", []):
-        lines.append(
-            f"cuda      {dev.get('index')}: {dev.get('name')} "
-            f"({dev.get('total_memory', 0) / 2**30:.1f} GiB)"
+        row(
+            "cuda",
+            f"{dev.get('index')}: {dev.get('name')} ({dev.get('total_memory', 0) / 2**30:.1f} GiB)",
         )
     if not hw.get("cuda"):
-        lines.append(f"cuda      none ({hw.get('cuda_status', 'not probed')})")
-    for model in body.get("models", []):
-        lines.append(
-            f"model     {model.get('name')}  {model.get('task')}  {model.get('runner')}"
-            f"/{model.get('device')}  {model.get('precision')}  max batch {model.get('max_batch')}"
-        )
-    if not body.get("models"):
-        lines.append("model     (none)")
+        row("cuda", f"none ({hw.get('cuda_status', 'not probed')})")
     view = body.get("view", {})
     for name, reason in view.get("models_failed", {}).items():
-        lines.append(f"model     {name}  NOT LOADED: {reason}")
+        row("not loaded", f"{name}: {reason}")
     for name, state in view.get("runners", {}).items():
-        lines.append(f"backend   {name}: {_runner_state(state)}")
-    load, stats = body.get("load"), body.get("view", {}).get("stats", {})
+        row("backend", f"{name}: {_runner_state(state)}")
+    load, stats = body.get("load"), view.get("stats", {})
     if load:
         q = load.get("queue_depth", {})
-        lines.append(
-            f"load      in flight {load.get('in_flight')}, queued high/normal/low "
+        row(
+            "load",
+            f"in flight {load.get('in_flight')}, queued high/normal/low "
             f"{q.get('high')}/{q.get('normal')}/{q.get('low')}, "
-            f"ewma latency {_ms(load.get('ewma_latency_ms'))}"
+            f"ewma latency {_ms(load.get('ewma_latency_ms'))}",
         )
     if stats:
-        lines.append(
-            f"served    {stats.get('served')} ok, {stats.get('failed')} failed, "
-            f"{stats.get('forwarded')} forwarded"
+        row(
+            "served",
+            f"{stats.get('served')} ok, {stats.get('failed')} failed, "
+            f"{stats.get('forwarded')} forwarded",
         )
     routing = view.get("routing", {})
     if routing:
         broken = routing.get("peer_breakers", {})
         held = ", ".join(f"{p[-8:]} {b.get('state')}" for p, b in broken.items()) or "none"
-        lines.append(
-            f"routing   {routing.get('strategy')}, {routing.get('failovers', 0)} failovers, "
-            f"peers held back: {held}"
+        row(
+            "routing",
+            f"{routing.get('strategy')}, {routing.get('failovers', 0)} failovers, "
+            f"peers held back: {held}",
         )
     for source, problem in view.get("discovery", {}).items():
-        lines.append(f"discovery {source}: {problem}")
+        row("discovery", f"{source}: {problem}")
     access = view.get("access", {})
     if access:
         private = "private swarm" if access.get("private_swarm") else "open swarm"
         allow = ", allow-list" if access.get("allow_list") else ""
-        lines.append(f"access    {private}{allow}, {access.get('refused', 0)} refused")
+        row("access", f"{private}{allow}, {access.get('refused', 0)} refused")
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
-    lines.append(f"peers     {len(peers)} known, {linked} linked ('swarm peers' lists them)")
-    return "\n".join(lines)
+    row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
+    return Group(grid, _models_here(body.get("models", [])))
+
+
+def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:
+    table = _table("MODEL", "TASK", "RUNNER", "DEVICE", "PRECISION", "BATCH", title="models")
+    for m in models:
+        table.add_row(
+            str(m.get("name")),
+            str(m.get("task")),
+            str(m.get("runner")),
+            str(m.get("device")),
+            str(m.get("precision")),
+            str(m.get("max_batch")),
+        )
+    if not models:
+        table.add_row("(none)", "", "", "", "", "")
+    return table
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    """A table of the house style: a header, no lines between rows, plain when piped."""
+    table = Table(*columns, title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in table.columns:
+        column.overflow = "fold"  # ids and addresses wrap rather than lose their ends
+    return table
+
+
+def status_text(peer_id: str, body: Mapping[str, Any], gateway: str | None = None) -> str:
+    return to_text(status_table(peer_id, body, gateway))
 
 
 def _runner_state(state: Mapping[str, Any]) -> str:
@@ -150,36 +205,34 @@ def _ms(value: Any) -> str:
     return "-" if value is None else f"{value} ms"
 
 
-def peers_text(rows: list[Mapping[str, Any]], problems: Mapping[str, str]) -> str:
-    """The peer table as a terminal table."""
-    if not rows:
-        lines = ["no peers known"]
-    else:
-        header = ("PEER", "STATUS", "FOUND BY", "SEEN", "MODELS", "LOAD", "HARDWARE", "ADDRESSES")
-        table = [header]
-        for r in rows:
-            load = r.get("load") or {}
-            depth = load.get("queue_depth") or {}
-            queued = sum(v for v in depth.values() if isinstance(v, int))
-            table.append(
-                (
-                    str(r.get("peer_id", ""))[-12:],
-                    str(r.get("status", "")) + (f" ({r['reason']})" if r.get("reason") else ""),
-                    ",".join(r.get("found_by", [])),
-                    f"{r.get('seen_ago_s', 0):.0f}s ago",
-                    ",".join(r.get("models", [])) or "-",
-                    f"{load.get('in_flight', 0)} run, {queued} queued" if load else "-",
-                    str(r.get("hardware", "")),
-                    " ".join(r.get("addrs", [])),
-                )
-            )
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in table
-        ]
-    lines += [f"discovery {source}: {problem}" for source, problem in problems.items()]
-    return "\n".join(lines)
+def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) -> Group:
+    """The peers a node knows: status, how found, when last heard, models, load, where.
+
+    Fits 80 columns: the peer id is cut to its last 12 characters and only the
+    first address is shown, without the id (``--json`` has every field whole).
+    """
+    table = _table("PEER", "STATUS", "FOUND BY", "SEEN", "MODELS", "RUN/Q", "ADDRESS")
+    for r in rows:
+        load = r.get("load") or {}
+        depth = load.get("queue_depth") or {}
+        queued = sum(v for v in depth.values() if isinstance(v, int))
+        addrs = [str(a).partition("/p2p/")[0] for a in r.get("addrs", [])]
+        table.add_row(
+            str(r.get("peer_id", ""))[-12:],
+            str(r.get("status", "")) + (f" ({r['reason']})" if r.get("reason") else ""),
+            ",".join(r.get("found_by", [])),
+            f"{r.get('seen_ago_s', 0):.0f}s ago",
+            ", ".join(r.get("models", [])) or "-",
+            f"{load.get('in_flight', 0)}/{queued}" if load else "-",
+            (addrs[0] + (f" +{len(addrs) - 1}" if len(addrs) > 1 else "")) if addrs else "-",
+        )
+    parts: list[RenderableType] = [table if rows else Text("no peers known")]
+    parts += [Text(f"discovery {source}: {problem}") for source, problem in problems.items()]
+    return Group(*parts)
+
+
+def peers_text(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) -> str:
+    return to_text(peers_table(rows, problems))
 
 
 def model_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -198,18 +251,19 @@ def model_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [found[k] for k in sorted(found)]
 
 
-def models_text(rows: Sequence[Mapping[str, Any]]) -> str:
+def models_table(rows: Sequence[Mapping[str, Any]]) -> RenderableType:
     """The models table: name, how this node runs it, and which peers serve it."""
     if not rows:
-        return "no models served by this node or its linked peers"
-    table = [("MODEL", "HERE", "PEERS")]
+        return Text("no models served by this node or its linked peers")
+    table = _table("MODEL", "HERE", "PEERS")
     for r in rows:
         local = r.get("local")
         here = f"{local.get('task')} {local.get('runner')}/{local.get('device')}" if local else "-"
         peers = r.get("peers") or []
         shown = ", ".join(str(p)[-8:] for p in peers[:4]) + (" ..." if len(peers) > 4 else "")
-        table.append((str(r.get("model")), here, f"{len(peers)}: {shown}" if peers else "0"))
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
-    )
+        table.add_row(str(r.get("model")), here, f"{len(peers)}: {shown}" if peers else "0")
+    return table
+
+
+def models_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    return to_text(models_table(rows))

@@ -29,6 +29,7 @@ from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PROGRESS_EVERY_S = 10.0
 
 
 async def find_or_convert(
@@ -48,19 +49,22 @@ async def find_or_convert(
     path = await _blocking(name, ir_cache.find, root, key)
     if path is not None:
         return path, None
-    log.info("converting %s to OpenVINO IR in %s (once)", name, root)
+    log.info("converting %s to OpenVINO IR (first run; cached in %s)...", name, root)
     started = time.monotonic()
     staged = await _blocking(name, ir_cache.new_staging, root)
     published = False
     try:
         with trio.fail_after(timeout_s):
-            done = await trio.run_process(
-                [sys.executable, *command(staged)],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=converter_env(),
-            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_still_converting, name, started)
+                done = await trio.run_process(
+                    [sys.executable, *command(staged)],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=converter_env(),
+                )
+                nursery.cancel_scope.cancel()
         if done.returncode != 0:
             tail = done.stderr.decode(errors="replace").strip()[-2000:]
             raise ModelLoadError(f"{name}: converter exited with {done.returncode}: {tail}")
@@ -76,7 +80,16 @@ async def find_or_convert(
                 await _blocking(name, ir_cache.discard, staged)
     with contextlib.suppress(ModelLoadError):  # tidying up is best effort
         await _blocking(name, ir_cache.prune, root, key)
-    return path, time.monotonic() - started
+    took = time.monotonic() - started
+    log.info("converted %s to OpenVINO IR in %.1f s (cached: later starts skip this)", name, took)
+    return path, took
+
+
+async def _still_converting(name: str, started: float) -> None:
+    """A line every PROGRESS_EVERY_S while a conversion runs: the node has not hung."""
+    while True:
+        await trio.sleep(PROGRESS_EVERY_S)
+        log.info("still converting %s (%.0f s so far)", name, time.monotonic() - started)
 
 
 class CorruptEntry(Exception):

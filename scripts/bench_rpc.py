@@ -97,6 +97,11 @@ async def serve() -> None:
 # --------------------------------------------------------------------------- client
 
 
+def progress(step: str) -> None:
+    """Where the run is, on stderr (stdout is the report)."""
+    print(f"bench_rpc: {step} ...", file=sys.stderr, flush=True)
+
+
 async def timed(n: int, call: Callable[[], Awaitable[None]]) -> list[float]:
     for _ in range(min(50, n)):  # warm up
         await call()
@@ -146,6 +151,7 @@ async def measure(addresses: dict[str, Any], n: int, seconds: float) -> dict[str
         async def ours_tcp() -> None:
             await exchange(tcp, REQUEST, None)
 
+        progress("round trips")
         out["rtt"] = {
             "bare libp2p stream, reused": summary(await timed(n, bare_echo)),
             "bare libp2p, new stream per call": summary(await timed(n // 2, bare_echo_new)),
@@ -158,6 +164,7 @@ async def measure(addresses: dict[str, Any], n: int, seconds: float) -> dict[str
 
         out["rps"] = {}
         for callers in (1, 8, 64):
+            progress(f"requests per second, {callers} callers ({seconds:g} s)")
             done = 0
 
             async def worker(deadline: float) -> None:

@@ -63,6 +63,14 @@ def report_targets(targets: Targets, results: Figures) -> None:
     results["targets"] = checks
 
 
+STARTED = time.perf_counter()
+
+
+def progress(section: str) -> None:
+    """Where the run is, on stderr (stdout is the report): sections take minutes."""
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {section} ...", file=sys.stderr, flush=True)
+
+
 async def run(
     args: argparse.Namespace, budget: Budget, sections: list[str], url: str | None
 ) -> Figures:
@@ -70,20 +78,25 @@ async def run(
     targets: Targets = []
     data_dir: Path = args.data_dir
     if "engines" in sections:
+        progress("engines (first run converts the models: a minute)")
         results["engines"] = await bench_engines(data_dir, budget)
         report_engines(results["engines"], targets)
     if "batching" in sections:
+        progress("batching")
         results["batching"] = await bench_batching(data_dir, budget, args.wait_ms)
         report_batching(results["batching"], targets)
     if "precision" in sections:
+        progress("precision (first run converts fp16/int8/int4 IRs)")
         results["precision"] = await bench_precision(data_dir, budget)
         report_precision(results["precision"])
     if url is not None:
         env = Env(url, data_dir)
         if "generation" in sections:
+            progress("generation")
             results["generation"] = await bench_generation(env, budget)
             report_generation(results["generation"])
         if "forwarding" in sections:
+            progress("forwarding")
             results["forwarding"] = await bench_forwarding(env, budget)
             report_forwarding(results["forwarding"], targets)
     report_targets(targets, results)
