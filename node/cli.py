@@ -52,6 +52,7 @@ from .render import (
     result_json,
     result_text,
     status_table,
+    to_text,
 )
 from .router import RouterConfig, Strategy
 
@@ -365,7 +366,9 @@ def _daemon_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     if forward_only and args.model:
         raise ConfigError("--no-models (or forward_only) and --model exclude each other")
     models = () if forward_only else _models(args, file, source)
-    swarm_key = args.swarm_key or (Path(f.swarm_key).expanduser() if f.swarm_key else None)
+    # Paths in the file are relative to the file (the data dir, usually), not to the cwd.
+    here = path.parent
+    swarm_key = args.swarm_key or (here / Path(f.swarm_key).expanduser() if f.swarm_key else None)
     config = NodeConfig(
         data_dir=args.data_dir.expanduser(),
         listen=tuple(args.listen or f.listen),
@@ -383,7 +386,8 @@ def _daemon_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         ),
         router=_router(args, file, source),
         allow=load_allow_list(
-            [*f.allow, *args.allow], [*map(Path, f.allow_file), *args.allow_file]
+            [*f.allow, *args.allow],
+            [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],
         ),
         http=_http(args, f),
         http_fallback=args.http is None and f.http_listen is None,
@@ -493,7 +497,11 @@ def _print_json(data: Any) -> None:
 
 def _show(renderable: RenderableType) -> None:
     """Print a table: coloured on a terminal, plain text (80 columns) when piped."""
-    Console(highlight=False).print(renderable)
+    console = Console(highlight=False)
+    if console.is_terminal:
+        console.print(renderable)
+    else:  # without rich's padding to the full width: trailing blanks upset scripts
+        print(to_text(renderable, console.width), flush=True)
 
 
 @contextlib.contextmanager

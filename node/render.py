@@ -150,7 +150,7 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
     row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
-    return Group(grid, _models_here(body.get("models", [])))
+    return Group(grid, Text(""), _models_here(body.get("models", [])))
 
 
 def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:
@@ -171,7 +171,14 @@ def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:
 
 def _table(*columns: str, title: str | None = None) -> Table:
     """A table of the house style: a header, no lines between rows, plain when piped."""
-    table = Table(*columns, title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        *columns,
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
     for column in table.columns:
         column.overflow = "fold"  # ids and addresses wrap rather than lose their ends
     return table

@@ -30,10 +30,13 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
         },
     }
     text = status_text("me", body)
-    assert "gone  NOT LOADED: cannot connect to the backend" in text
-    assert "backend   llm: circuit open, in flight 1/8, keys key#1:3 key#2:2, api mode" in text
-    assert "backend   emb: batched 4 calls, mean 2.5 rows" in text
-    assert "routing   least-loaded, 2 failovers, peers held back: 12345678 open" in text
+    lines = [" ".join(line.split()) for line in text.splitlines()]  # spacing is the table's
+    assert "not loaded gone: cannot connect to the backend" in lines
+    assert "backend llm: circuit open, in flight 1/8, keys key#1:3 key#2:2, api mode" in lines
+    assert "backend emb: batched 4 calls, mean 2.5 rows" in lines
+    assert "routing least-loaded, 2 failovers, peers held back: 12345678 open" in lines
+    assert any(line.startswith("llm text-generation openai-compat") for line in lines)
+    assert all(len(line) <= 80 for line in text.splitlines())
 
 
 def test_result_says_who_served_after_how_many_attempts() -> None:
@@ -57,5 +60,7 @@ def test_models_table_joins_this_node_and_its_peers() -> None:
         ("big", 1, False),
         ("echo", 1, True),
     ]
-    text = models_text(rows)
-    assert "echo   fake fake/none  1: AAAAAAAA" in text and "big    -" in text
+    lines = [line.split() for line in models_text(rows).splitlines()]
+    assert lines[0] == ["MODEL", "HERE", "PEERS"]
+    assert ["echo", "fake", "fake/none", "1:", "AAAAAAAA"] in lines
+    assert ["big", "-", "1:", "AAAAAAAA"] in lines

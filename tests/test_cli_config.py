@@ -1,0 +1,237 @@
+"""config.toml and the daemon's flags: every flag has a key, the file is typed and
+checked, flags win over it, and what ``swarm init`` writes is accepted as it is.
+
+These read the config the way ``swarm daemon`` does (``cli._daemon_config``),
+without starting a node; test_cli_gateway.py starts real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from node import cli, config_file
+from node.config_file import FileSettings
+from node.daemon import NodeConfig
+from node.errors import ConfigError
+from node.router import Strategy
+
+PEER_A = "/ip4/127.0.0.1/tcp/7001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+PEER_B = "/ip4/127.0.0.1/tcp/7002/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
+
+
+def daemon_config(*flags: str, before: tuple[str, ...] = ()) -> tuple[NodeConfig, str, str]:
+    """The config ``swarm [BEFORE...] daemon FLAGS...`` would run with."""
+    args = cli._parser().parse_args([*before, "daemon", *flags])
+    return cli._daemon_config(args)
+
+
+def daemon_parser() -> argparse.ArgumentParser:
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    found: argparse.ArgumentParser = sub.choices["daemon"]
+    return found
+
+
+def option_dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def test_every_daemon_flag_has_a_config_key() -> None:
+    # The global --log-level/--log-format count too: the daemon reads them from the file.
+    flags = option_dests(daemon_parser()) | option_dests(cli._parser())
+    missing = flags - set(config_file.FLAG_KEYS) - set(config_file.NOT_IN_FILE)
+    assert not missing, f"daemon flags with no config.toml key: {sorted(missing)}"
+    stale = set(config_file.FLAG_KEYS) - flags
+    assert not stale, f"config keys for flags that no longer exist: {sorted(stale)}"
+    fields = {f.name for f in dataclasses.fields(FileSettings)}
+    for dest, key in config_file.FLAG_KEYS.items():
+        table, _, name = key.partition(".")
+        if table == "node":
+            assert name in fields, (dest, key)
+        elif table == "http":
+            assert f"http_{name}" in fields, (dest, key)
+        else:
+            assert key in ("models", "router.strategy"), (dest, key)
+
+
+def switched_on(template: str) -> str:
+    """The template's [node] and [http] tables with every `# key = value` uncommented."""
+    part = template[template.index("[node]") : template.index("# -- models")]
+    return re.sub(r"^# ([a-z_]+ = )", r"\1", part, flags=re.M)
+
+
+def test_every_key_is_listed_in_the_template_with_its_default() -> None:
+    template = (Path(cli.__file__).parent / "default_config.toml").read_text()
+    tables = tomllib.loads(switched_on(template))
+    for key in config_file.FLAG_KEYS.values():
+        table, _, name = key.partition(".")
+        if table in ("node", "http"):
+            assert name in tables[table], f"{key} is not in default_config.toml"
+    # Each value shown is the reader's default, except for the keys whose default is
+    # "unset" (an example is shown) and the gateway's listen (see the next test).
+    defaults = FileSettings()
+    shown = {**tables["node"], **{f"http_{k}": v for k, v in tables["http"].items()}}
+    for key, value in shown.items():
+        if key in ("swarm_key", "http_token_env", "http_listen", "log_level"):
+            continue
+        default = getattr(defaults, key)
+        assert value == (list(default) if isinstance(default, tuple) else default), key
+    assert tables["node"]["log_level"] == "INFO"  # the daemon's level when unset
+    assert tables["http"]["listen"] == config_file.DEFAULT_HTTP
+
+
+def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    assert cli.main(["init", "--data-dir", str(data_dir)]) == 0
+    config, level, log_format = daemon_config("--data-dir", str(data_dir))
+    assert [s.name for s in config.models] == ["all-minilm-l6-v2"]  # the one uncommented model
+    assert config.http is not None and config.http_fallback
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8470)
+    assert (level, log_format, config.listen) == ("INFO", "text", ("/ip4/0.0.0.0/tcp/7420",))
+    # A second init refuses to overwrite the first.
+    assert cli.main(["init", "--data-dir", str(data_dir)]) == 2
+
+
+def test_init_with_every_key_uncommented_is_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every `# key = value` line of [node] and [http], switched on, reads cleanly."""
+    data_dir = tmp_path / "node"
+    assert cli.main(["init", "--data-dir", str(data_dir)]) == 0
+    path = data_dir / cli.CONFIG_FILE
+    text = path.read_text()
+    part = text[text.index("[node]") : text.index("# -- models")]
+    path.write_text(text.replace(part, switched_on(text)))
+    assert cli.main(["keygen", str(data_dir / "swarm.key")]) == 0  # the example key file
+    monkeypatch.setenv("SWARM_HTTP_TOKEN", "t0ken")
+    config, _, _ = daemon_config("--data-dir", str(data_dir))
+    assert config.swarm_key is not None  # read from swarm.key, relative to the file
+    assert config.http is not None and config.http.token == "t0ken"
+    assert not config.http_fallback  # the port is given now: busy would be an error
+    assert (config.max_queue, config.shutdown_grace_s, config.mdns) == (64, 10.0, True)
+
+
+def test_flags_win_over_the_file_and_lists_add(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f"""
+[node]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+peers = ["{PEER_A}"]
+max_queue = 5
+grace = 1.5
+mdns = false
+dht = false
+heartbeat = 2.0
+cuda_probe = false
+log_level = "DEBUG"
+log_format = "json"
+
+[http]
+listen = "127.0.0.1:0"
+
+[router]
+strategy = "round-robin"
+
+[[models]]
+kind = "fake"
+name = "echo"
+"""
+    )
+    config, level, log_format = daemon_config("--config", str(path))
+    assert config.listen == ("/ip4/127.0.0.1/tcp/0",)
+    assert config.peers == (PEER_A,)
+    assert (config.max_queue, config.shutdown_grace_s) == (5, 1.5)
+    assert (config.mdns, config.dht, config.probe_cuda) == (False, False, False)
+    assert config.membership.heartbeat_s == 2.0
+    assert (level, log_format) == ("DEBUG", "json")
+    assert config.router.strategy is Strategy.ROUND_ROBIN
+    assert config.http is not None and config.http.port == 0 and not config.http_fallback
+
+    config, level, log_format = daemon_config(
+        *("--config", str(path), "--peer", PEER_B, "--max-queue", "7", "--mdns"),
+        *("--strategy", "local-first", "--http", "off", "--model", "fake:other"),
+        before=("--log-format", "text"),
+    )
+    assert config.peers == (PEER_A, PEER_B)  # repeatable flags add to the file's list
+    assert config.max_queue == 7 and config.shutdown_grace_s == 1.5
+    assert config.mdns and not config.dht
+    assert config.router.strategy is Strategy.LOCAL_FIRST
+    assert config.http is None
+    assert [s.name for s in config.models] == ["echo", "other"]
+    assert (level, log_format) == ("DEBUG", "text")
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ("[node]\nmax_qeue = 3\n", "node: unknown field(s) max_qeue"),
+        ("[http]\nport = 3\n", "http: unknown field(s) port"),
+        ("[nodes]\nlisten = []\n", "unknown table(s) nodes"),
+        ("[node]\nmdns = 'no'\n", "node.mdns: expected true or false"),
+        ("[node]\nlog_level = 'LOUD'\n", "node.log_level: expected one of"),
+    ],
+)
+def test_unknown_or_mistyped_keys_are_refused_naming_key_and_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, named: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as raised:
+        daemon_config("--config", str(path))
+    assert str(path) in str(raised.value) and named in str(raised.value)
+    # Through main: bad usage (2), one line on stderr, no traceback, nothing started.
+    assert cli.main(["daemon", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_the_data_dirs_config_is_read_without_config_flag(tmp_path: Path) -> None:
+    (tmp_path / cli.CONFIG_FILE).write_text("[node]\nmax_queue = 3\n[http]\nlisten = 'off'\n")
+    config, _, _ = daemon_config("--data-dir", str(tmp_path))
+    assert config.max_queue == 3 and config.http is None
+    # A --config that does not exist is an error; a data dir without one is not.
+    with pytest.raises(ConfigError, match="cannot read"):
+        daemon_config("--config", str(tmp_path / "absent.toml"))
+    assert daemon_config("--data-dir", str(tmp_path / "empty"))[0].max_queue == 64
+
+
+def test_gateway_default_off_and_explicit(tmp_path: Path) -> None:
+    config, _, _ = daemon_config("--data-dir", str(tmp_path))
+    assert config.http is not None and config.http.port == 8470 and config.http_fallback
+    config, _, _ = daemon_config("--data-dir", str(tmp_path), "--http", "127.0.0.1:8470")
+    assert config.http is not None and not config.http_fallback  # given, so busy is an error
+    assert daemon_config("--data-dir", str(tmp_path), "--http", "off")[0].http is None
+    with pytest.raises(ConfigError, match="need the gateway on"):
+        daemon_config("--data-dir", str(tmp_path), "--http", "off", "--http-insecure")
+    with pytest.raises(ConfigError, match="beyond loopback"):
+        daemon_config("--data-dir", str(tmp_path), "--http", "0.0.0.0:0")
+
+
+def test_keygen_and_id_and_init_speak_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "swarm.key"
+    assert cli.main(["keygen", str(key), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["path"] == str(key.resolve())
+    assert re.fullmatch(r"[0-9a-f]{16}", out["fingerprint"])
+    secret = key.read_text().split()[-1]
+    assert secret not in json.dumps(out)  # the key itself is never printed
+
+    assert cli.main(["id", "--data-dir", str(tmp_path), "--json"]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    assert set(ids) == {"node", "client"} and ids["node"] != ids["client"]
+    assert all(v.startswith("12D3KooW") for v in ids.values())
+
+    assert cli.main(["init", "--data-dir", str(tmp_path), "--json"]) == 0
+    wrote = json.loads(capsys.readouterr().out)
+    assert wrote["path"] == str((tmp_path / cli.CONFIG_FILE).resolve())
+    assert wrote["bytes"] == (tmp_path / cli.CONFIG_FILE).stat().st_size

@@ -1,0 +1,102 @@
+"""The tables of ``swarm status``, ``peers`` and ``models``, drawn from real nodes' data,
+and the gateway's default-port fallback, in process (test_cli_gateway.py: as processes)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+from conftest import NodeFactory
+
+from node.daemon import STATE_FILE, read_state
+from node.errors import ConfigError, sole_error
+from node.gateway import GatewayConfig
+from node.render import model_rows, models_text, peers_text, status_text
+
+WIDTH = 80
+
+
+def plain(text: str) -> list[str]:
+    """Lines with their spacing collapsed (the widths are the table's business)."""
+    assert "\x1b" not in text, "colour codes in output meant for a pipe"
+    assert all(len(line) <= WIDTH for line in text.splitlines()), text
+    return [" ".join(line.split()) for line in text.splitlines()]
+
+
+async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory("b", models=("fake:echo",)) as b,
+        node_factory("a", models=("fake:other",), peers=(b.addrs[0],)) as a,
+    ):
+        body = a.status()  # what `swarm status --json` prints
+    peer_id = body.pop("peer_id")
+    body.pop("seq")
+
+    status = plain(status_text(peer_id, body, "http://127.0.0.1:8470"))
+    assert f"node {a.peer_id}" in status
+    assert "gateway http://127.0.0.1:8470" in status
+    assert "peers 1 known, 1 linked ('swarm peers' lists them)" in status
+    assert any(line.startswith("other fake fake none") for line in status), status
+
+    text = peers_text(body["view"]["peers"], {})
+    peers = plain(text)
+    assert peers[0] == "PEER STATUS FOUND BY SEEN MODELS RUN/Q ADDRESS"
+    [row] = [line for line in peers if line.startswith(b.peer_id[-12:])]
+    assert row.split()[1:3] == ["linked", "bootstrap"] and "echo" in row.split()
+    # The address column (folded over lines at 80 columns) shows b's address without
+    # the peer id, which the row has already.
+    raw = text.splitlines()
+    column = raw[0].index("ADDRESS")
+    address = "".join(line[column:].strip() for line in raw[2:])
+    assert address == b.addrs[0].partition("/p2p/")[0]
+
+    models = plain(models_text(model_rows(body)))
+    assert models[0] == "MODEL HERE PEERS"
+    assert f"echo - 1: {b.peer_id[-8:]}" in models
+    assert "other fake fake/none 0" in models
+
+
+def test_empty_tables_say_so() -> None:
+    assert peers_text([], {"dht": "no seeds"}) == "no peers known\ndiscovery dht: no seeds"
+    assert models_text([]) == "no models served by this node or its linked peers"
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port some other program listens on, for the test's length."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+async def test_gateway_falls_back_to_a_free_port_only_when_allowed(
+    node_factory: NodeFactory, busy_port: int
+) -> None:
+    http = GatewayConfig(port=busy_port)
+    fake = ("fake:echo",)  # not the default model: its first-run conversion takes seconds
+    async with node_factory("fallback", models=fake, http=http, http_fallback=True) as node:
+        assert node.gateway is not None
+        url = node.gateway.url
+        assert url.startswith("http://127.0.0.1:") and not url.endswith(f":{busy_port}")
+        state = read_state(node.config.data_dir)
+        assert state is not None and state["http"] == url  # where `swarm status` finds it
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        await stream.aclose()
+
+    with pytest.raises(BaseException) as raised:  # noqa: PT011 (the group's member is checked)
+        async with node_factory("strict", models=fake, http=http) as _:
+            pass
+    error = sole_error(raised.value)
+    assert isinstance(error, ConfigError), repr(raised.value)
+    assert f"127.0.0.1:{busy_port} is in use" in str(error)
+
+
+async def test_state_file_says_when_the_gateway_is_off(node_factory: NodeFactory) -> None:
+    async with node_factory("off", models=("fake:echo",)) as node:
+        state = json.loads((node.config.data_dir / STATE_FILE).read_text())
+    assert state["http"] is None and state["peer_id"] == node.peer_id
