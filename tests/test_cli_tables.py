@@ -88,7 +88,7 @@ async def test_gateway_falls_back_to_a_free_port_only_when_allowed(
             stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
         await stream.aclose()
 
-    with pytest.raises(BaseException) as raised:  # noqa: PT011 (the group's member is checked)
+    with pytest.raises(BaseException) as raised:  # a group from the nursery; its member below
         async with node_factory("strict", models=fake, http=http) as _:
             pass
     error = sole_error(raised.value)
