@@ -515,8 +515,22 @@ def _progress(message: str) -> Iterator[None]:
     if not console.is_terminal:
         yield
         return
+    # Log lines go through the console while the spinner runs, so each lands above
+    # it whole instead of being drawn over: rich swaps sys.stderr for a proxy.
+    stderr = sys.stderr
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is stderr
+    ]
     with console.status(message):
-        yield
+        for handler in handlers:
+            handler.setStream(sys.stderr)
+        try:
+            yield
+        finally:
+            for handler in handlers:
+                handler.setStream(stderr)
 
 
 async def _models_cmd(args: argparse.Namespace) -> int:

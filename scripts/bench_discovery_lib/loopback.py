@@ -215,7 +215,7 @@ async def _kill_and_watch(out: dict[str, Any], swarm: Swarm, root: Path) -> None
     command = [sys.executable, "-m", "node.cli", "daemon", "--listen", LOOPBACK]
     command += ["--no-cuda-probe", "--no-mdns", "--model", "fake:victim"]
     command += ["--bootstrap", swarm.nodes[0].addrs[0], "--heartbeat", "1"]
-    command += ["--dead-after", "5", "--data-dir", str(root / "victim")]
+    command += ["--dead-after", "5", "--data-dir", str(root / "victim"), "--http", "off"]
     with (root / "victim.stderr").open("wb") as stderr:
         proc = await trio.lowlevel.open_process(
             command, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO

@@ -65,6 +65,8 @@ async def start_node(root: Path, name: str, args: list[str]) -> NodeProc:
     command = [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "daemon"]
     command += ["--listen", LOOPBACK, "--no-cuda-probe", "--no-mdns", "--no-dht"]
     command += ["--data-dir", str(root / name), *args]
+    if "--http" not in args:  # a gateway only where one is measured: as before it was default
+        command += ["--http", "off"]
     log = root / f"{name}.stderr"
     with log.open("wb") as stderr:
         proc = await trio.lowlevel.open_process(
