@@ -151,8 +151,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=[str(x) for x in Strategy],
         help="how this node picks where a job runs, unless the job says (default least-loaded)",
     )
-    d.add_argument("--max-queue", type=int, help="waiting requests per model (default 64)")
-    d.add_argument("--grace", type=float, help="seconds to finish work at shutdown (default 10)")
+    d.add_argument(
+        "--max-queue", type=int, metavar="N", help="waiting requests per model (default 64)"
+    )
+    d.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="seconds to finish work at shutdown (default 10)",
+    )
     d.add_argument(
         "--bootstrap",
         action="append",

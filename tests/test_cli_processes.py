@@ -108,10 +108,10 @@ def test_a_busy_explicit_port_is_an_error(tmp_path: Path) -> None:
         (tmp_path / "f").mkdir()
         (tmp_path / "f" / "config.toml").write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n')
         base = ["daemon", "--listen", LOOPBACK, "--no-cuda-probe", "--no-mdns", "--no-dht"]
+        base += ["--model", "fake:echo"]
         flag, file = cli(
-            [*base, "--data-dir", str(tmp_path / "a"), "--model", "fake:echo"]
-            + ["--http", f"127.0.0.1:{port}"],
-            [*base, "--data-dir", str(tmp_path / "f"), "--model", "fake:echo"],
+            [*base, "--data-dir", str(tmp_path / "a"), "--http", f"127.0.0.1:{port}"],
+            [*base, "--data-dir", str(tmp_path / "f")],  # the port from its config.toml
         )
     for done in (flag, file):
         assert done.returncode == 2, done.stderr
