@@ -32,6 +32,10 @@ def daemon_config(*flags: str, before: tuple[str, ...] = ()) -> tuple[NodeConfig
     return cli._daemon_config(args)
 
 
+def model_names(config: NodeConfig) -> list[str]:
+    return [s if isinstance(s, str) else s.name for s in config.models]
+
+
 def daemon_parser() -> argparse.ArgumentParser:
     parser = cli._parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -91,7 +95,7 @@ def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
     data_dir = tmp_path / "node"
     assert cli.main(["init", "--data-dir", str(data_dir)]) == 0
     config, level, log_format = daemon_config("--data-dir", str(data_dir))
-    assert [s.name for s in config.models] == ["all-minilm-l6-v2"]  # the one uncommented model
+    assert model_names(config) == ["all-minilm-l6-v2"]  # the one uncommented model
     assert config.http is not None and config.http_fallback
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8470)
     assert (level, log_format, config.listen) == ("INFO", "text", ("/ip4/0.0.0.0/tcp/7420",))
@@ -165,7 +169,7 @@ name = "echo"
     assert config.mdns and not config.dht
     assert config.router.strategy is Strategy.LOCAL_FIRST
     assert config.http is None
-    assert [s.name for s in config.models] == ["echo", "other"]
+    assert model_names(config) == ["echo", "other"]
     assert (level, log_format) == ("DEBUG", "text")
 
 
@@ -221,6 +225,7 @@ def test_keygen_and_id_and_init_speak_json(
     key = tmp_path / "swarm.key"
     assert cli.main(["keygen", str(key), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"path", "fingerprint"}  # the shape scripts rely on (README: Operations)
     assert out["path"] == str(key.resolve())
     assert re.fullmatch(r"[0-9a-f]{16}", out["fingerprint"])
     secret = key.read_text().split()[-1]
@@ -233,5 +238,6 @@ def test_keygen_and_id_and_init_speak_json(
 
     assert cli.main(["init", "--data-dir", str(tmp_path), "--json"]) == 0
     wrote = json.loads(capsys.readouterr().out)
+    assert set(wrote) == {"path", "bytes"}
     assert wrote["path"] == str((tmp_path / cli.CONFIG_FILE).resolve())
     assert wrote["bytes"] == (tmp_path / cli.CONFIG_FILE).stat().st_size

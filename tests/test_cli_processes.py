@@ -69,15 +69,21 @@ def test_gateways_by_default_and_what_status_peers_models_show(daemons: Daemons)
     assert f"node {b.peer_id}" in lines and f"gateway {gateway_of(b)}" in lines
     record = ok_json(status_json)
     assert (record["peer_id"], record["gateway"]) == (b.peer_id, gateway_of(b))
+    assert {"seq", "addrs", "hardware", "models", "load", "view"} <= set(record)
 
     lines = text_ok(peers)
     assert lines[0].split()[:3] == ["PEER", "STATUS", "FOUND"]
     assert any(line.startswith(f"{a.peer_id[-12:]} linked") for line in lines), lines
-    assert [p["peer_id"] for p in ok_json(peers_json)["peers"]] == [a.peer_id]
+    listed = ok_json(peers_json)
+    assert set(listed) == {"peer_id", "peers"} and listed["peer_id"] == b.peer_id
+    assert [p["peer_id"] for p in listed["peers"]] == [a.peer_id]
 
     lines = text_ok(models)
     assert f"echo - 1: {a.peer_id[-8:]}" in lines and "other fake fake/none 0" in lines
-    rows = {r["model"]: r for r in ok_json(models_json)["models"]}
+    listed = ok_json(models_json)
+    assert set(listed) == {"peer_id", "models"}
+    rows = {r["model"]: r for r in listed["models"]}
+    assert all(set(r) == {"model", "local", "peers"} for r in rows.values())
     assert rows["echo"]["peers"] == [a.peer_id] and rows["other"]["local"]["runner"] == "fake"
 
 
