@@ -49,6 +49,7 @@ from .render import (
     model_rows,
     models_table,
     peers_table,
+    plain_console,
     result_json,
     result_text,
     status_table,
@@ -504,7 +505,7 @@ def _print_json(data: Any) -> None:
 
 def _show(renderable: RenderableType) -> None:
     """Print a table: coloured on a terminal, plain text (80 columns) when piped."""
-    console = Console(highlight=False)
+    console = plain_console()
     if console.is_terminal:
         console.print(renderable)
     else:  # without rich's padding to the full width: trailing blanks upset scripts

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from rich import box
 from rich.console import Console, Group, RenderableType
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from protocols import Result, Tensor, Value
@@ -65,11 +65,22 @@ def result_text(result: Result) -> str:
     return "\n".join(lines)
 
 
+def plain_console(file: Any = None, *, width: int | None = None) -> Console:
+    """A console that prints text as it is: peers' records may hold ``[markup]`` or
+    ``:emoji:`` codes (an IPv6 address does), which must show as written."""
+    return Console(
+        file=file,
+        width=width,
+        markup=False,
+        emoji=False,
+        highlight=False,
+        color_system=None if file is not None else "auto",
+    )
+
+
 def to_text(renderable: RenderableType, width: int = 80) -> str:
     """What ``renderable`` prints as on a plain ``width``-column terminal (no colour)."""
-    console = Console(
-        file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False
-    )
+    console = plain_console(io.StringIO(), width=width)
     with console.capture() as captured:
         console.print(renderable)
     return "\n".join(line.rstrip() for line in captured.get().splitlines())
@@ -150,7 +161,11 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
     row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
-    return Group(grid, Text(""), _models_here(body.get("models", [])))
+    models = body.get("models", [])
+    if not models:
+        row("models", "none here (forwarding only)")
+        return Group(grid)
+    return Group(grid, Text(""), _models_here(models))
 
 
 def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:
@@ -164,8 +179,6 @@ def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:
             str(m.get("precision")),
             str(m.get("max_batch")),
         )
-    if not models:
-        table.add_row("(none)", "", "", "", "", "")
     return table
 
 
@@ -178,6 +191,7 @@ def _table(*columns: str, title: str | None = None) -> Table:
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
+        padding=(0, 1, 0, 0),  # two spaces between columns, not three: 80 columns are few
     )
     for column in table.columns:
         column.overflow = "fold"  # ids and addresses wrap rather than lose their ends
@@ -213,29 +227,60 @@ def _ms(value: Any) -> str:
 
 
 def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) -> Group:
-    """The peers a node knows: status, how found, when last heard, models, load, where.
+    """The peers a node knows: status, how found, models, load, where.
 
-    Fits 80 columns: the peer id is cut to its last 12 characters and only the
-    first address is shown, without the id (``--json`` has every field whole).
+    Made for 80 columns: the peer id is cut to its last 12 characters, only the
+    first address is shown, as host:port, and a peer that is not linked gets a
+    line under the table with when it was last heard from and why (``--json``
+    has every field whole).
     """
-    table = _table("PEER", "STATUS", "FOUND BY", "SEEN", "MODELS", "RUN/Q", "ADDRESS")
+    table = _table("PEER", "STATUS", "FOUND BY", "MODELS", "RUN/Q", "ADDRESS")
+    # One model and one source a line: columns as wide as their longest name, so the
+    # address keeps room; only the address may fold.
+    for name in ("PEER", "STATUS", "FOUND BY", "MODELS", "RUN/Q"):
+        _column(table, name).no_wrap = True
+    notes: list[RenderableType] = []
     for r in rows:
         load = r.get("load") or {}
         depth = load.get("queue_depth") or {}
         queued = sum(v for v in depth.values() if isinstance(v, int))
-        addrs = [str(a).partition("/p2p/")[0] for a in r.get("addrs", [])]
+        addrs = [_host_port(str(a)) for a in r.get("addrs", [])]
+        short = str(r.get("peer_id", ""))[-12:]
         table.add_row(
-            str(r.get("peer_id", ""))[-12:],
-            str(r.get("status", "")) + (f" ({r['reason']})" if r.get("reason") else ""),
-            ",".join(r.get("found_by", [])),
-            f"{r.get('seen_ago_s', 0):.0f}s ago",
-            ", ".join(r.get("models", [])) or "-",
+            short,
+            str(r.get("status", "")),
+            "\n".join(r.get("found_by", [])),
+            "\n".join(r.get("models", [])) or "-",
             f"{load.get('in_flight', 0)}/{queued}" if load else "-",
             (addrs[0] + (f" +{len(addrs) - 1}" if len(addrs) > 1 else "")) if addrs else "-",
         )
-    parts: list[RenderableType] = [table if rows else Text("no peers known")]
+        if r.get("status") != "linked":
+            why = f": {r['reason']}" if r.get("reason") else ""
+            heard = f"last heard {_ago(r.get('seen_ago_s'))} ago"
+            notes.append(Text(f"{short} {r.get('status')}, {heard}{why}"))
+    parts: list[RenderableType] = [table, *notes] if rows else [Text("no peers known")]
     parts += [Text(f"discovery {source}: {problem}") for source, problem in problems.items()]
     return Group(*parts)
+
+
+def _ago(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+def _column(table: Table, header: str) -> Column:
+    return next(c for c in table.columns if c.header == header)
+
+
+def _host_port(addr: str) -> str:
+    """``/ip4/H/tcp/P[/p2p/ID]`` as ``H:P`` (``[H]:P`` for ip6); any other form as it is,
+    without the peer id."""
+    parts = addr.partition("/p2p/")[0].split("/")
+    if len(parts) == 5 and parts[1] in ("ip4", "ip6", "dns", "dns4", "dns6") and parts[3] == "tcp":
+        host = f"[{parts[2]}]" if parts[1] == "ip6" else parts[2]
+        return f"{host}:{parts[4]}"
+    return "/".join(parts)
 
 
 def peers_text(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) -> str:

@@ -43,20 +43,46 @@ async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -
 
     text = peers_text(body["view"]["peers"], {})
     peers = plain(text)
-    assert peers[0] == "PEER STATUS FOUND BY SEEN MODELS RUN/Q ADDRESS"
+    assert peers[0] == "PEER STATUS FOUND BY MODELS RUN/Q ADDRESS"
     [row] = [line for line in peers if line.startswith(b.peer_id[-12:])]
     assert row.split()[1:3] == ["linked", "bootstrap"] and "echo" in row.split()
-    # The address column (folded over lines at 80 columns) shows b's address without
-    # the peer id, which the row has already.
+    # The address column shows b's address as host:port (the peer id is in the row).
     raw = text.splitlines()
     column = raw[0].index("ADDRESS")
     address = "".join(line[column:].strip() for line in raw[2:])
-    assert address == b.addrs[0].partition("/p2p/")[0]
+    port = b.addrs[0].split("/tcp/")[1].partition("/")[0]
+    assert address == f"127.0.0.1:{port}"
 
     models = plain(models_text(model_rows(body)))
     assert models[0] == "MODEL HERE PEERS"
     assert f"echo - 1: {b.peer_id[-8:]}" in models
     assert "other fake fake/none 0" in models
+
+
+def test_peers_not_linked_get_a_note_and_records_print_as_written() -> None:
+    """Text from peers' records is shown as it is: rich markup and :emoji: codes are
+    not interpreted (an IPv6 address holds such codes)."""
+    rows = [
+        {
+            "peer_id": "12D3KooWabcdefabcdefabcdef",
+            "status": "unreachable",
+            "reason": "dial timed out",
+            "found_by": ["mdns", "peerstore"],
+            "seen_ago_s": 1200,
+            "models": ["[bold]x[/bold]", "all-minilm-l6-v2"],
+            "addrs": ["/ip6/2001:db8:85a3:1234:5678:8a2e:370:7334/tcp/7420/p2p/12D3KooWabc"],
+        }
+    ]
+    text = peers_text(rows, {})
+    lines = plain(text)
+    assert lines[2].split()[:5] == ["abcdefabcdef", "unreachable", "mdns", "[bold]x[/bold]", "-"]
+    assert lines[3].split()[:2] == ["peerstore", "all-minilm-l6-v2"]  # one name a line
+    assert "abcdefabcdef unreachable, last heard 20m ago: dial timed out" in lines
+    assert "[bold]x[/bold]" in text
+    raw = text.splitlines()
+    column = raw[0].index("ADDRESS")
+    folded = "".join(line[column:].strip() for line in raw[2:-1])
+    assert folded == "[2001:db8:85a3:1234:5678:8a2e:370:7334]:7420"
 
 
 def test_empty_tables_say_so() -> None:
