@@ -158,6 +158,8 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         private = "private swarm" if access.get("private_swarm") else "open swarm"
         allow = ", allow-list" if access.get("allow_list") else ""
         row("access", f"{private}{allow}, {access.get('refused', 0)} refused")
+    if "view" not in body:  # the machine without a daemon: no peers, no models to tell
+        return Group(grid)
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
     row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")

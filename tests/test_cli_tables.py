@@ -86,6 +86,13 @@ def test_peers_not_linked_get_a_note_and_records_print_as_written() -> None:
 
 
 def test_empty_tables_say_so() -> None:
+    forwarder = plain(status_text("me", {"models": [], "view": {"peers": []}}))
+    assert "models none here (forwarding only)" in forwarder and "MODEL" not in str(forwarder)
+    # No daemon: the machine's hardware only, no peers or models to speak of.
+    machine = plain(status_text("(not running)", {"hardware": {"cpu": {"model": "X"}}}))
+    assert machine[0] == "node (not running)" and not any(
+        line.startswith(("peers", "models")) for line in machine
+    )
     assert peers_text([], {"dht": "no seeds"}) == "no peers known\ndiscovery dht: no seeds"
     assert models_text([]) == "no models served by this node or its linked peers"
 
