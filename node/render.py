@@ -49,19 +49,24 @@ def value_text(value: Value) -> str:
 
 
 def result_text(result: Result) -> str:
+    """Outputs, then who served the job and how long it took, in lines that fit 80
+    columns (a peer id is 52 characters)."""
     lines = [f"{name}: {value_text(value)}" for name, value in result.outputs.items()]
     meta = result.meta
     served = str(meta.get("served_by", "?"))
-    line = f"served by {served} ({meta.get('runner', '?')} on {meta.get('device', '?')})"
-    line += f" in {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
+    lines.append(f"served by {served} ({meta.get('runner', '?')} on {meta.get('device', '?')})")
+    route = []
     if meta.get("forwarded_by"):
-        line += f", forwarded by {meta['forwarded_by']}"
+        route.append(f"forwarded by {meta['forwarded_by']}")
     attempts = meta.get("attempts")
     if isinstance(attempts, int) and attempts > 1:
-        line += f", after {attempts} attempts"
+        route.append(f"after {attempts} attempts")
+    if route:
+        lines.append(", ".join(route))
+    took = f"ran {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
     if meta.get("took_ms") is not None:
-        line += f"; {meta['took_ms']} ms in all"
-    lines.append(line)
+        took += f"; {meta['took_ms']} ms in all"
+    lines.append(took)
     return "\n".join(lines)
 
 

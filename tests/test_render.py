@@ -41,8 +41,14 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
 
 def test_result_says_who_served_after_how_many_attempts() -> None:
     meta = {"served_by": "B", "forwarded_by": "A", "attempts": 2, "took_ms": 12.5}
-    text = result_text(Result("r1", {}, meta))
-    assert "forwarded by A, after 2 attempts; 12.5 ms in all" in text
+    text = result_text(Result("r1", {}, {**meta, "run_ms": 3.5, "queue_ms": 0.1}))
+    assert text.splitlines() == [
+        "served by B (? on ?)",
+        "forwarded by A, after 2 attempts",
+        "ran 3.5 ms, queued 0.1 ms; 12.5 ms in all",
+    ]
+    alone = result_text(Result("r2", {}, {"served_by": "B", "runner": "fake", "device": "cpu"}))
+    assert alone.splitlines() == ["served by B (fake on cpu)", "ran ? ms, queued ? ms"]
 
 
 def test_models_table_joins_this_node_and_its_peers() -> None:
