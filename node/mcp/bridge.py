@@ -1,0 +1,123 @@
+"""``swarm mcp``: the node's MCP tools on stdin/stdout, for desktop MCP clients.
+
+The process holds no swarm state: it is an MCP server on stdio whose tool list
+and tool calls are forwarded, unchanged, to a running daemon's ``/mcp`` over
+streamable HTTP. So the tools are the daemon's own (defined once, in
+``tools.py``), answers come from the node that holds the peer table and the
+router, and nothing here joins the swarm (a second libp2p identity, its own
+peer table, a second router that would not see the daemon's loads).
+
+The daemon's ``/mcp`` is stateless, so a daemon restarted at the same URL is
+reached again by the next call. A call that cannot reach it answers a tool
+error (``NOT_EXECUTED``); the bridge keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import mcp_types as types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError
+
+from capabilities.record import software_version
+
+from ..daemon import read_state
+from ..errors import ConfigError, PeerUnavailable
+from .server import INSTRUCTIONS, SERVER_NAME, error_result
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 600.0  # a tool call (an inference) may queue and run this long
+
+
+def daemon_url(data_dir: Path, given: str | None) -> str:
+    """The MCP endpoint: ``given`` (a gateway URL, with or without ``/mcp``), else the
+    gateway the daemon of ``data_dir`` wrote in its ``daemon.json``."""
+    if given is None:
+        state = read_state(data_dir)
+        if state is None:
+            raise ConfigError(
+                f"no daemon is running with data dir {data_dir}; start one with "
+                "'swarm daemon --http 127.0.0.1:PORT' or give --url"
+            )
+        given = state.get("http")
+        if not isinstance(given, str) or not given:
+            raise ConfigError(
+                f"the daemon of {data_dir} serves no HTTP gateway; start it with "
+                "--http 127.0.0.1:PORT or give --url"
+            )
+    url = given.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--url {given!r}: expected http://HOST:PORT[/mcp]")
+    return url if url.endswith("/mcp") else f"{url}/mcp"
+
+
+@asynccontextmanager
+async def upstream(url: str, token: str | None) -> AsyncIterator[ClientSession]:
+    """A client session with the daemon's ``/mcp``, initialized; PeerUnavailable if it
+    does not answer."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    timeout = httpx2.Timeout(CONNECT_TIMEOUT_S, read=CALL_TIMEOUT_S)
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=timeout) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT_S) as session,
+    ):
+        try:
+            await session.initialize()
+        except (MCPError, httpx2.HTTPError, OSError) as exc:
+            raise PeerUnavailable(f"the daemon's MCP endpoint {url} did not answer: {exc}") from exc
+        yield session
+
+
+def bridge_server(session: ClientSession, url: str) -> Server[Any]:
+    """An MCP server that forwards tools/list and tools/call to ``session``."""
+
+    async def list_tools(
+        ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        try:
+            return await session.list_tools(params=params)
+        except (MCPError, httpx2.HTTPError, OSError) as exc:
+            message = f"the daemon at {url} did not answer: {exc}"
+            raise MCPError(types.INTERNAL_ERROR, message) from exc
+
+    async def call_tool(
+        ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        try:
+            result = await session.call_tool(params.name, params.arguments)
+        except (MCPError, httpx2.HTTPError, OSError) as exc:
+            log.warning("tool %s: the daemon at %s did not answer: %s", params.name, url, exc)
+            return error_result(PeerUnavailable(f"the daemon at {url} did not answer: {exc}"))
+        if not isinstance(result, types.CallToolResult):  # the daemon asks for no input
+            return error_result(PeerUnavailable(f"the daemon answered {type(result).__name__}"))
+        return result
+
+    return Server(
+        SERVER_NAME,
+        version=software_version(),
+        instructions=INSTRUCTIONS,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+async def serve_stdio(url: str, token: str | None) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin."""
+    async with upstream(url, token) as session:
+        server = bridge_server(session, url)
+        log.info("MCP on stdio, forwarding to %s", url)
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
