@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -270,7 +271,7 @@ async def test_the_gateway_without_tools_still_answers(node_factory: NodeFactory
                 peers = await ok(mcp, "list_peers")
                 routed = await ok(mcp, "route_inference", model="echo", inputs="x")
             nursery.cancel_scope.cancel()
-    assert backends[0] == "MODEL_NOT_FOUND" and "backends" in backends[1]
+    assert backends[0] == "NOT_EXECUTED" and "backends" in backends[1]
     assert peers["peers"] == []  # no table given
     assert routed["meta"]["served_by"]
 
@@ -298,15 +299,27 @@ def test_daemon_url_comes_from_the_flag_or_the_daemon_state(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-async def test_swarm_mcp_on_stdio_forwards_to_the_daemon(tmp_path: Path) -> None:
+async def test_swarm_mcp_on_stdio_forwards_to_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWARM_MCP_TOKEN", TOKEN)
     with daemons_under(tmp_path) as daemons:
-        daemon = daemons.start("d", "--model", "fake:echo", "--http", "127.0.0.1:0")
+        daemon = daemons.start(
+            "d",
+            *("--model", "fake:echo"),
+            *("--http", "127.0.0.1:0", "--http-token-env", "SWARM_MCP_TOKEN"),
+        )
         await trio.to_thread.run_sync(daemon.wait_ready)
         state = json.loads((daemon.data_dir / "daemon.json").read_text())
         assert state["http"].startswith("http://127.0.0.1:")
+        bridge = [sys.executable, "-m", "node.cli", "mcp", "--data-dir", str(daemon.data_dir)]
+        # Without the token the daemon refuses, and the bridge says so at start.
+        refused = await trio.run_process(
+            bridge, stdin=b"", capture_stdout=True, capture_stderr=True, check=False, cwd=REPO
+        )
         server = StdioServerParameters(
-            command=sys.executable,
-            args=["-m", "node.cli", "mcp", "--data-dir", str(daemon.data_dir)],
+            command=bridge[0],
+            args=[*bridge[1:], "--http-token-env", "SWARM_MCP_TOKEN"],
             env=child_env(),
             cwd=REPO,
         )
@@ -320,6 +333,13 @@ async def test_swarm_mcp_on_stdio_forwards_to_the_daemon(tmp_path: Path) -> None
                 tools = {t.name for t in (await mcp.list_tools()).tools}
                 routed = await ok(mcp, "route_inference", model="echo", inputs="hello")
                 missing = await failed(mcp, "route_inference", model="nope", inputs="x")
+                daemon.signal(signal.SIGTERM)  # the daemon goes; the bridge stays and says so
+                await trio.to_thread.run_sync(daemon.wait_stopped_cleanly)
+                gone = [await failed(mcp, "swarm_status") for _ in range(2)]
+    assert [code for code, _ in gone] == ["NOT_EXECUTED"] * 2
+    assert "did not answer" in gone[0][1]
+    assert refused.returncode == 1 and refused.stdout == b""
+    assert b"401" in refused.stderr and b"Traceback" not in refused.stderr
     assert tools == TOOLS
     assert routed["meta"]["served_by"] == daemon.peer_id
     assert missing[0] == "MODEL_NOT_FOUND"

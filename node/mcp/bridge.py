@@ -7,21 +7,23 @@ streamable HTTP. So the tools are the daemon's own (defined once, in
 router, and nothing here joins the swarm (a second libp2p identity, its own
 peer table, a second router that would not see the daemon's loads).
 
-The daemon's ``/mcp`` is stateless, so a daemon restarted at the same URL is
-reached again by the next call. A call that cannot reach it answers a tool
-error (``NOT_EXECUTED``); the bridge keeps serving.
+The daemon's ``/mcp`` is stateless and every call opens its own session, so a
+daemon restarted at the same URL is reached again by the next call. A call
+that cannot reach it answers a tool error (``NOT_EXECUTED``); the bridge keeps
+serving.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import mcp_types as types
+import trio
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.context import ServerRequestContext
@@ -30,12 +32,14 @@ from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
 from capabilities.record import software_version
+from protocols import SwarmError
 
 from ..daemon import read_state
-from ..errors import ConfigError, PeerUnavailable
+from ..errors import ConfigError, PeerUnavailable, Unauthorized, sole_error
 from .server import INSTRUCTIONS, SERVER_NAME, error_result
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 600.0  # a tool call (an inference) may queue and run this long
@@ -65,43 +69,65 @@ def daemon_url(data_dir: Path, given: str | None) -> str:
 
 @asynccontextmanager
 async def upstream(url: str, token: str | None) -> AsyncIterator[ClientSession]:
-    """A client session with the daemon's ``/mcp``, initialized; PeerUnavailable if it
-    does not answer."""
+    """A client session with the daemon's ``/mcp``, initialized.
+
+    The SDK's transport raises a connection failure out of its own task group, which
+    ends the session: so each forwarded call opens its own (on loopback, about a
+    millisecond; ``/mcp`` keeps no session state to lose).
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     timeout = httpx2.Timeout(CONNECT_TIMEOUT_S, read=CALL_TIMEOUT_S)
+
+    async def refused(response: httpx2.Response) -> None:
+        """A 401 in words (the SDK reports any HTTP error as "an error response")."""
+        if response.status_code == 401:
+            given = "a token the gateway refused" if token else "no token"
+            raise Unauthorized(f"{url} answered 401: {given}; give --http-token-env VAR")
+
+    hooks = {"response": [refused]}
     async with (
-        httpx2.AsyncClient(headers=headers, timeout=timeout) as http,
+        httpx2.AsyncClient(headers=headers, timeout=timeout, event_hooks=hooks) as http,
         streamable_http_client(url, http_client=http) as (read, write),
         ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT_S) as session,
     ):
-        try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
             await session.initialize()
-        except (MCPError, httpx2.HTTPError, OSError) as exc:
-            raise PeerUnavailable(f"the daemon's MCP endpoint {url} did not answer: {exc}") from exc
         yield session
 
 
-def bridge_server(session: ClientSession, url: str) -> Server[Any]:
-    """An MCP server that forwards tools/list and tools/call to ``session``."""
+async def forward(url: str, token: str | None, call: Callable[[ClientSession], Awaitable[T]]) -> T:
+    """``call`` on a fresh session with the daemon; a SwarmError (PeerUnavailable when
+    it did not answer, Unauthorized for its 401) or the daemon's MCPError if that fails."""
+    try:
+        async with upstream(url, token) as session:
+            return await call(session)
+    except Exception as raised:  # the edge: whatever broke talking to the daemon
+        exc = sole_error(raised)
+        if isinstance(exc, MCPError | SwarmError):  # the daemon answered, refusing
+            raise exc from None
+        raise PeerUnavailable(f"the daemon's MCP endpoint {url} did not answer: {exc}") from exc
+
+
+def bridge_server(url: str, token: str | None) -> Server[Any]:
+    """An MCP server that forwards tools/list and tools/call to the daemon's ``/mcp``."""
 
     async def list_tools(
         ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         try:
-            return await session.list_tools(params=params)
-        except (MCPError, httpx2.HTTPError, OSError) as exc:
-            message = f"the daemon at {url} did not answer: {exc}"
-            raise MCPError(types.INTERNAL_ERROR, message) from exc
+            return await forward(url, token, lambda s: s.list_tools(params=params))
+        except SwarmError as exc:
+            raise MCPError(types.INTERNAL_ERROR, str(exc)) from exc
 
     async def call_tool(
         ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         try:
-            result = await session.call_tool(params.name, params.arguments)
-        except (MCPError, httpx2.HTTPError, OSError) as exc:
-            log.warning("tool %s: the daemon at %s did not answer: %s", params.name, url, exc)
-            return error_result(PeerUnavailable(f"the daemon at {url} did not answer: {exc}"))
-        if not isinstance(result, types.CallToolResult):  # the daemon asks for no input
+            result = await forward(url, token, lambda s: s.call_tool(params.name, params.arguments))
+        except SwarmError as exc:
+            log.warning("tool %s: %s", params.name, exc)
+            return error_result(exc)
+        if not isinstance(result, types.CallToolResult):  # the daemon's tools ask for no input
             return error_result(PeerUnavailable(f"the daemon answered {type(result).__name__}"))
         return result
 
@@ -115,9 +141,13 @@ def bridge_server(session: ClientSession, url: str) -> Server[Any]:
 
 
 async def serve_stdio(url: str, token: str | None) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin."""
-    async with upstream(url, token) as session:
-        server = bridge_server(session, url)
-        log.info("MCP on stdio, forwarding to %s", url)
-        async with stdio_server() as (read, write):
-            await server.run(read, write, server.create_initialization_options())
+    """Serve MCP on stdin/stdout until the client closes stdin.
+
+    The daemon is asked once first, so a wrong URL or token fails at start with a
+    message (PeerUnavailable, or the daemon's 401) rather than at the first call.
+    """
+    await forward(url, token, lambda s: s.list_tools())
+    server = bridge_server(url, token)
+    log.info("MCP on stdio, forwarding to %s", url)
+    async with stdio_server() as (read, write):
+        await server.run(read, write, server.create_initialization_options())

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from bootstrap.table import hardware_summary, live_peers
-from protocols import DTYPES, Priority, Request, Tensor, Value
+from protocols import DTYPES, ErrorCode, Priority, Request, Tensor, Value
 from runners.errors import ModelNotFound
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NodeError
 from ..gateway.app import MAX_DEADLINE_MS, Backend
 from ..render import jsonable
 from ..router import Strategy
@@ -41,6 +41,12 @@ MAX_PARAMS = 64
 
 class BadToolCall(ConfigError):
     """The tool's arguments are wrong: BAD_REQUEST, naming the field."""
+
+
+class NotOffered(NodeError):
+    """This node's gateway was built without what the tool needs: NOT_EXECUTED."""
+
+    code = ErrorCode.NOT_EXECUTED
 
 
 Run = Callable[[Backend, "Args"], Awaitable[dict[str, Any]]]
@@ -109,7 +115,7 @@ class Args:
 async def list_backends(backend: Backend, args: Args) -> dict[str, Any]:
     """The models served on this node, the backends behind them and their state."""
     if backend.backends is None:
-        raise ModelNotFound("this node does not describe its backends")
+        raise NotOffered("this node does not describe its backends")
     answer: dict[str, Any] = redact(dict(backend.backends()))
     return answer
 
@@ -159,7 +165,7 @@ async def select_peer(backend: Backend, args: Args) -> dict[str, Any]:
     strategy = args.optional_text("strategy", [str(s) for s in Strategy])
     priority = args.priority()
     if backend.select_peer is None:
-        raise ModelNotFound("this node cannot preview its routing")
+        raise NotOffered("this node cannot preview its routing")
     found = dict(backend.select_peer(model, strategy, priority))
     if found.get("chosen") is None:
         found["why"] = (
