@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -256,13 +257,22 @@ async def test_the_token_guards_mcp_like_every_route(node_factory: NodeFactory) 
 
 
 async def test_the_gateway_without_tools_still_answers(node_factory: NodeFactory) -> None:
-    """A Backend built without the MCP fields: the gateway serves, those tools say why not."""
+    """A Backend built without the MCP fields: the gateway serves, those tools say why not.
+
+    Its status callable also records where tools run: on this test's trio loop, in
+    its thread (the SDK's anyio runs on trio; no second loop, no thread bridge)."""
     from node.gateway import Backend, Gateway
 
+    seen: list[tuple[int, object]] = []
     async with swarm(node_factory) as (gw, _, _):
         assert gw.gateway is not None
         full = gw.gateway.backend
-        bare = Backend(execute=full.execute, models=full.models, status=full.status)
+
+        def status() -> Any:
+            seen.append((threading.get_ident(), trio.lowlevel.current_root_task()))
+            return full.status()
+
+        bare = Backend(execute=full.execute, models=full.models, status=status)
         gateway = Gateway(bare, GatewayConfig(), shutdown=trio.sleep_forever)
         async with trio.open_nursery() as nursery:
             url = await nursery.start(gateway.run)
@@ -273,6 +283,7 @@ async def test_the_gateway_without_tools_still_answers(node_factory: NodeFactory
             nursery.cancel_scope.cancel()
     assert backends[0] == "NOT_EXECUTED" and "backends" in backends[1]
     assert peers["peers"] == []  # no table given
+    assert seen == [(threading.get_ident(), trio.lowlevel.current_root_task())]
     assert routed["meta"]["served_by"]
 
 

@@ -67,55 +67,62 @@ def daemon_url(data_dir: Path, given: str | None) -> str:
     return url if url.endswith("/mcp") else f"{url}/mcp"
 
 
-@asynccontextmanager
-async def upstream(url: str, token: str | None) -> AsyncIterator[ClientSession]:
-    """A client session with the daemon's ``/mcp``, initialized.
+class Upstream:
+    """The daemon's ``/mcp``, asked over one pooled HTTP client.
 
     The SDK's transport raises a connection failure out of its own task group, which
-    ends the session: so each forwarded call opens its own (on loopback, about a
-    millisecond; ``/mcp`` keeps no session state to lose).
+    ends its session: so each forwarded call opens a session of its own over the
+    shared client (``/mcp`` keeps no session state to lose), and one failed call
+    leaves the next unharmed.
     """
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    timeout = httpx2.Timeout(CONNECT_TIMEOUT_S, read=CALL_TIMEOUT_S)
 
-    async def refused(response: httpx2.Response) -> None:
-        """A 401 in words (the SDK reports any HTTP error as "an error response")."""
-        if response.status_code == 401:
-            given = "a token the gateway refused" if token else "no token"
-            raise Unauthorized(f"{url} answered 401: {given}; give --http-token-env VAR")
+    def __init__(self, url: str, http: httpx2.AsyncClient) -> None:
+        self.url = url
+        self.http = http
 
-    hooks = {"response": [refused]}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=timeout, event_hooks=hooks) as http,
-        streamable_http_client(url, http_client=http) as (read, write),
-        ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT_S) as session,
-    ):
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            await session.initialize()
-        yield session
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, token: str | None) -> AsyncIterator[Upstream]:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        timeout = httpx2.Timeout(CONNECT_TIMEOUT_S, read=CALL_TIMEOUT_S)
+
+        async def refused(response: httpx2.Response) -> None:
+            """A 401 in words (the SDK reports any HTTP error as "an error response")."""
+            if response.status_code == 401:
+                given = "a token the gateway refused" if token else "no token"
+                raise Unauthorized(f"{url} answered 401: {given}; give --http-token-env VAR")
+
+        hooks = {"response": [refused]}
+        async with httpx2.AsyncClient(headers=headers, timeout=timeout, event_hooks=hooks) as http:
+            yield cls(url, http)
+
+    async def ask(self, call: Callable[[ClientSession], Awaitable[T]]) -> T:
+        """``call`` on a fresh session with the daemon; a SwarmError (PeerUnavailable
+        when it did not answer, Unauthorized for its 401) or its MCPError if that fails."""
+        try:
+            async with (
+                streamable_http_client(self.url, http_client=self.http) as (read, write),
+                ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT_S) as session,
+            ):
+                with trio.fail_after(CONNECT_TIMEOUT_S):
+                    await session.initialize()
+                return await call(session)
+        except Exception as raised:  # the edge: whatever broke talking to the daemon
+            exc = sole_error(raised)
+            if isinstance(exc, MCPError | SwarmError):  # the daemon answered, refusing
+                raise exc from None
+            message = f"the daemon's MCP endpoint {self.url} did not answer: {exc}"
+            raise PeerUnavailable(message) from exc
 
 
-async def forward(url: str, token: str | None, call: Callable[[ClientSession], Awaitable[T]]) -> T:
-    """``call`` on a fresh session with the daemon; a SwarmError (PeerUnavailable when
-    it did not answer, Unauthorized for its 401) or the daemon's MCPError if that fails."""
-    try:
-        async with upstream(url, token) as session:
-            return await call(session)
-    except Exception as raised:  # the edge: whatever broke talking to the daemon
-        exc = sole_error(raised)
-        if isinstance(exc, MCPError | SwarmError):  # the daemon answered, refusing
-            raise exc from None
-        raise PeerUnavailable(f"the daemon's MCP endpoint {url} did not answer: {exc}") from exc
-
-
-def bridge_server(url: str, token: str | None) -> Server[Any]:
+def bridge_server(upstream: Upstream) -> Server[Any]:
     """An MCP server that forwards tools/list and tools/call to the daemon's ``/mcp``."""
 
     async def list_tools(
         ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         try:
-            return await forward(url, token, lambda s: s.list_tools(params=params))
+            return await upstream.ask(lambda s: s.list_tools(params=params))
         except SwarmError as exc:
             raise MCPError(types.INTERNAL_ERROR, str(exc)) from exc
 
@@ -123,7 +130,7 @@ def bridge_server(url: str, token: str | None) -> Server[Any]:
         ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         try:
-            result = await forward(url, token, lambda s: s.call_tool(params.name, params.arguments))
+            result = await upstream.ask(lambda s: s.call_tool(params.name, params.arguments))
         except SwarmError as exc:
             log.warning("tool %s: %s", params.name, exc)
             return error_result(exc)
@@ -146,8 +153,9 @@ async def serve_stdio(url: str, token: str | None) -> None:
     The daemon is asked once first, so a wrong URL or token fails at start with a
     message (PeerUnavailable, or the daemon's 401) rather than at the first call.
     """
-    await forward(url, token, lambda s: s.list_tools())
-    server = bridge_server(url, token)
-    log.info("MCP on stdio, forwarding to %s", url)
-    async with stdio_server() as (read, write):
-        await server.run(read, write, server.create_initialization_options())
+    async with Upstream.connect(url, token) as upstream:
+        await upstream.ask(lambda s: s.list_tools())
+        server = bridge_server(upstream)
+        log.info("MCP on stdio, forwarding to %s", url)
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
