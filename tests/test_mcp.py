@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ import mcp_types as types
 import pytest
 import trio
 from conftest import NodeFactory
+from fake_inference_servers import FakeVLLM
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -34,6 +36,7 @@ from node.errors import ConfigError
 from node.gateway import GatewayConfig
 from node.mcp.bridge import daemon_url
 from node.mcp.tools import redact
+from runners.catalog import parse_model_spec
 
 TOKEN = "mcp-token"
 TOOLS = {
@@ -237,22 +240,28 @@ async def test_bad_calls_and_swarm_errors_are_typed_tool_errors(node_factory: No
     assert after["outputs"]["embedding"]["shape"] == [1, 8]
 
 
-async def test_the_token_guards_mcp_like_every_route(node_factory: NodeFactory) -> None:
-    async with swarm(node_factory, token=TOKEN) as (gw, _, url):
+async def test_the_token_and_limits_guard_mcp_like_every_route(node_factory: NodeFactory) -> None:
+    async with swarm(node_factory, token=TOKEN, max_body=4096) as (gw, _, url):
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
         async with httpx.AsyncClient(base_url=url, timeout=CALL_S) as http:
             denied = await http.post("/mcp", json=body)
             wrong = await http.post("/mcp", json=body, headers={"Authorization": "Bearer no"})
+            auth = {"Authorization": f"Bearer {TOKEN}"}
             rebinding = await http.post(
-                "/mcp",
-                json=body,
-                headers={"Authorization": f"Bearer {TOKEN}", "Host": "evil.example:80"},
+                "/mcp", json=body, headers={**auth, "Host": "evil.example:80"}
             )
+            page = await http.post(
+                "/mcp", json=body, headers={**auth, "Origin": "http://evil.example"}
+            )
+            big = {**body, "params": {"padding": "x" * 8192}}
+            too_large = await http.post("/mcp", json=big, headers=auth)
         async with session(url, TOKEN) as mcp:
             answer = await ok(mcp, "swarm_status")
     assert denied.status_code == wrong.status_code == 401
     assert denied.json()["error"]["code"] == "unauthorized"
-    assert rebinding.status_code >= 400  # a Host that is not loopback: DNS rebinding
+    assert rebinding.status_code == 421  # a Host that is not loopback: DNS rebinding
+    assert page.status_code == 403  # a web page elsewhere
+    assert too_large.status_code == 413  # the gateway's body limit holds for /mcp too
     assert answer["summary"]["node"] == gw.peer_id
 
 
@@ -285,6 +294,35 @@ async def test_the_gateway_without_tools_still_answers(node_factory: NodeFactory
     assert peers["peers"] == []  # no table given
     assert seen == [(threading.get_ident(), trio.lowlevel.current_root_task())]
     assert routed["meta"]["served_by"]
+
+
+async def test_list_backends_shows_backend_state_but_no_keys_or_addresses(
+    node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "sk-never-shown-0123456789"
+    monkeypatch.setenv("SWARM_MCP_TEST_KEY", secret)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    # (A base_url with user:password@ is refused by the config itself.)
+    gone = f"openai:name=gone,base_url=http://127.0.0.1:{closed},retries=0"
+    with FakeVLLM(model="base-model") as server:
+        llm = f"openai:name=llm,model=base-model,base_url={server.url},flavor=vllm"
+        llm += ",key_env=SWARM_MCP_TEST_KEY"
+        models = (parse_model_spec(llm), parse_model_spec(gone))
+        async with (
+            node_factory("n", models=models, http=GatewayConfig()) as node,
+            session(node.gateway.url if node.gateway else "") as mcp,
+        ):
+            backends = await ok(mcp, "list_backends")
+            routed = await ok(mcp, "route_inference", model="llm", inputs={"prompt": "hi"})
+            answers = json.dumps([backends, await ok(mcp, "swarm_status")])
+    [llm_row] = backends["models"]
+    assert llm_row["name"] == "llm" and llm_row["runner"] == "openai-compat"
+    assert llm_row["state"]["breaker"] == "closed" and llm_row["state"]["keys"]
+    assert "gone" in backends["failed"] and routed["meta"]["served_by"] == node.peer_id
+    assert secret not in answers
+    assert server.url not in answers
 
 
 def test_redact_hides_credentials_in_urls() -> None:
