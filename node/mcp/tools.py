@@ -22,21 +22,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from bootstrap.table import hardware_summary, live_peers
-from protocols import DTYPES, ErrorCode, Priority, Request, Tensor, Value
+from protocols import DTYPES, ErrorCode, Priority, Request, Value
 from runners.errors import ModelNotFound
 
 from ..errors import ConfigError, NodeError
 from ..gateway.app import MAX_DEADLINE_MS, Backend
+from ..json_values import BadValue, inputs_from_json, params_from_json
 from ..render import jsonable
 from ..router import Strategy
-
-# Bounds on what a caller may send (the HTTP body limit bounds the whole call too).
-MAX_INPUT_ITEMS = 4096
-MAX_TENSOR_ELEMENTS = 1 << 24
-MAX_PARAMS = 64
 
 
 class BadToolCall(ConfigError):
@@ -355,84 +349,17 @@ def _known_model(backend: Backend, name: str) -> str:
 
 
 def _inputs(args: Args, described: Mapping[str, Any]) -> dict[str, Value]:
-    given = args.given.get("inputs")
-    if isinstance(given, str | list):
-        text_inputs = [
-            i.get("name")
-            for i in described.get("inputs") or ()
-            if isinstance(i, Mapping) and i.get("kind") == "text"
-        ]
-        if not text_inputs:
-            raise args.fail(
-                "inputs",
-                f"{described['name']} takes no text; give named inputs, e.g. "
-                '{"NAME": {"dtype": "float32", "shape": [...], "data": [...]}}',
-            )
-        return {str(text_inputs[0]): _text_value(args, "inputs", given)}
-    if not isinstance(given, Mapping) or not given:
-        raise args.fail("inputs", "required: a text, a list of texts, or an object of inputs")
-    if len(given) > MAX_PARAMS:
-        raise args.fail("inputs", f"at most {MAX_PARAMS} named inputs")
-    out: dict[str, Value] = {}
-    for key, value in given.items():
-        where = f"inputs.{key}"
-        if isinstance(value, bool | int | float):
-            out[key] = value
-        elif isinstance(value, str | list):
-            out[key] = _text_value(args, where, value)
-        elif isinstance(value, Mapping):
-            out[key] = _tensor(args, where, value)
-        else:
-            raise args.fail(where, "a text, a list of texts, a number or a tensor object")
-    return out
-
-
-def _text_value(args: Args, where: str, value: str | list[Any]) -> str | list[str]:
-    if isinstance(value, str):
-        return value
-    if not value or len(value) > MAX_INPUT_ITEMS or not all(isinstance(v, str) for v in value):
-        raise args.fail(where, f"a list of 1 to {MAX_INPUT_ITEMS} strings")
-    return list(value)
-
-
-def _tensor(args: Args, where: str, value: Mapping[str, Any]) -> Tensor:
-    extra = sorted(set(value) - {"dtype", "shape", "data"})
-    if extra:
-        raise args.fail(where, f"a tensor has dtype, shape and data, not {', '.join(extra)}")
-    dtype = value.get("dtype")
-    if dtype not in DTYPES:
-        raise args.fail(where, f"dtype must be one of {', '.join(sorted(DTYPES))}")
-    shape = value.get("shape")
-    if shape is not None and not (
-        isinstance(shape, list)
-        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise args.fail(where, "shape must be a list of non-negative integers")
     try:
-        array = np.asarray(value.get("data"), dtype=np.dtype(str(dtype)))
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise args.fail(where, f"data is not an array of {dtype}: {exc}") from exc
-    if array.size > MAX_TENSOR_ELEMENTS:
-        raise args.fail(where, f"more than {MAX_TENSOR_ELEMENTS} elements")
-    if shape is not None:
-        if int(np.prod(shape, dtype=np.int64)) != array.size:
-            raise args.fail(where, f"{array.size} values do not fill shape {shape}")
-        array = array.reshape(shape)
-    return Tensor.from_numpy(np.ascontiguousarray(array))
+        return inputs_from_json(args.given.get("inputs"), described)
+    except BadValue as exc:
+        raise args.fail(exc.where, exc.message) from exc
 
 
 def _params(args: Args) -> dict[str, Any]:
-    given = args.given.get("params")
-    if given is None:
-        return {}
-    if not isinstance(given, Mapping) or len(given) > MAX_PARAMS:
-        raise args.fail("params", f"an object of at most {MAX_PARAMS} parameters")
-    for key, value in given.items():
-        scalar = value is None or isinstance(value, str | int | float | bool)
-        texts = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        if not (scalar or texts):
-            raise args.fail(f"params.{key}", "a string, number, boolean, null or list of strings")
-    return dict(given)
+    try:
+        return params_from_json(args.given.get("params"))
+    except BadValue as exc:
+        raise args.fail(exc.where, exc.message) from exc
 
 
 def _models_of(body: Mapping[str, Any] | None) -> list[dict[str, Any]]:
