@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -304,11 +305,28 @@ def _parser() -> argparse.ArgumentParser:
     pe.add_argument("--model", metavar="NAME", help="only peers that serve this model")
     _json_flag(pe)
     pe.set_defaults(func=_peers)
+
+    mc = sub.add_parser("mcp", help="serve the node's MCP tools on stdin/stdout")
+    mc.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="the daemon's")
+    mc.add_argument("--url", help="the daemon's HTTP gateway (default: from its daemon.json)")
+    mc.add_argument("--http-token-env", metavar="VAR", help="the gateway's bearer token")
+    mc.set_defaults(func=_mcp)
     return p
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON document on stdout, for scripts")
+
+
+async def _mcp(args: argparse.Namespace) -> int:
+    """MCP on stdio, forwarding to the running daemon's /mcp (see node/mcp/bridge.py)."""
+    from .mcp import bridge  # the MCP SDK takes ~0.4 s to import: only this command pays
+
+    token = os.environ.get(args.http_token_env) if args.http_token_env else None
+    if args.http_token_env and not token:
+        raise ConfigError(f"--http-token-env {args.http_token_env}: unset or empty")
+    await bridge.serve_stdio(bridge.daemon_url(args.data_dir.expanduser(), args.url), token)
+    return 0
 
 
 def _data_dir(p: argparse.ArgumentParser) -> None:

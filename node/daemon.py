@@ -39,6 +39,7 @@ from protocols import (
     INFER_PROTOCOL,
     CapabilityRecord,
     Limits,
+    Priority,
     Request,
     SwarmError,
 )
@@ -58,7 +59,7 @@ from .infer_handler import InferHandler
 from .membership import Membership, MembershipConfig
 from .metrics import NodeMetrics
 from .render import jsonable
-from .router import LocalNode, Router, RouterConfig
+from .router import Candidate, LocalNode, Router, RouterConfig
 from .service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Node:
         self.membership: Membership | None = None
         self.dispatcher: Dispatcher | None = None
         self.router: Router | None = None
+        self._planner: RouterPlanner | None = None
         self.metrics: NodeMetrics | None = None
         self._nursery: trio.Nursery | None = None
         self._key_pair: Any = None
@@ -249,17 +251,11 @@ class Node:
         membership = Membership(host, signer, self._load, cfg.membership, access=self.access)
         self.membership = membership
         router = Router(self.peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
+        planner = self._planner = RouterPlanner(
+            router, lambda: membership.table, self._local_node, lambda: dispatcher.in_flight
+        )
         dispatcher = Dispatcher(
-            self.peer_id,
-            membership,
-            caller,
-            RouterPlanner(
-                router,
-                lambda: membership.table,
-                self._local_node,
-                lambda: dispatcher.in_flight,
-            ),
-            max_attempts=cfg.router.max_attempts,
+            self.peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
         )
         self.dispatcher = dispatcher
         self.router = router
@@ -437,6 +433,8 @@ class Node:
             unload_model=self.unload_model,
             feed=self.feed,
             table=lambda: membership.table,
+            backends=self.backends_view,
+            select_peer=self.select_peer,
         )
         grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
         self.gateway = Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)
@@ -483,6 +481,42 @@ class Node:
             circuits=circuits,
         )
 
+    def backends_view(self) -> dict[str, Any]:
+        """The models served here, what runs each and its live state, and the models that
+        did not load with why (MCP's list_backends). No keys, no backend addresses."""
+        states = self.runner_status()
+        models = [
+            {**runner.info.describe(), "state": states.get(name) or {}}
+            for name, runner in self._runners.items()
+        ]
+        return {"node": self.peer_id, "models": models, "failed": dict(self.failed_models)}
+
+    def select_peer(
+        self, model: str, strategy: str | None = None, priority: Priority = Priority.NORMAL
+    ) -> dict[str, Any]:
+        """Where a job for ``model`` would run now, and the candidates with their scores
+        (MCP's select_peer); runs nothing. Raises BadStrategy for an unknown strategy."""
+        assert self._planner is not None and self.router is not None  # set before serving
+        preview = self._planner.preview(model, strategy, priority)
+
+        def candidate(c: Candidate) -> dict[str, Any]:
+            return {
+                "node": c.peer_id,
+                "local": c.local,
+                "model": c.model,
+                "device": c.device,
+                "score": round(c.score, 6),
+                "probe": c.probe,
+            }
+
+        chosen = preview.chosen
+        return {
+            "strategy": strategy or str(self.router.config.strategy),
+            "chosen": None if chosen is None else candidate(chosen),
+            "order": [c.peer_id for c in preview.order],
+            "candidates": [candidate(c) for c in preview.candidates],
+        }
+
     def runner_status(self) -> dict[str, dict[str, Any]]:
         """Each runner's live state (circuit breaker, batching), for status and records.
 
@@ -502,6 +536,7 @@ class Node:
             "pid": os.getpid(),
             "peer_id": self.peer_id,
             "addrs": self.addrs,
+            # Where `swarm status`, `swarm mcp` and HTTP clients find the gateway.
             "http": self.gateway.url if self.gateway is not None else None,
         }
         path = self.config.data_dir / STATE_FILE

@@ -37,6 +37,7 @@ from libp2p.peer.id import ID
 from bootstrap.table import PeerTable
 from protocols import (
     ErrorCode,
+    Priority,
     RemoteError,
     RemoteProtocolError,
     Request,
@@ -49,7 +50,7 @@ from runners.errors import ModelNotFound
 
 from .caller import Caller
 from .errors import ConnectionLost, NodeError, PeerUnavailable
-from .router import LocalNode, Router, RouteRequest, Strategy
+from .router import LocalNode, Preview, Router, RouteRequest, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,15 @@ class Dispatcher:
                 self._planner.abandon(peer_id)
 
 
+def parse_strategy(text: str | None) -> Strategy | None:
+    """A strategy's name (None: the router's default); BadStrategy if unknown."""
+    try:
+        return None if text is None else Strategy(text)
+    except ValueError:
+        known = ", ".join(s.value for s in Strategy)
+        raise BadStrategy(f"unknown strategy {text!r}; one of {known}") from None
+
+
 def may_fail_over(exc: SwarmError, request: Request) -> bool:
     """Whether a job that failed with ``exc`` may go to the next candidate."""
     policy = retry_policy(exc.code)
@@ -245,18 +255,27 @@ class RouterPlanner:
         self._in_flight = in_flight
 
     def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
-        try:
-            strategy = None if request.strategy is None else Strategy(request.strategy)
-        except ValueError:
-            known = ", ".join(s.value for s in Strategy)
-            raise BadStrategy(f"unknown strategy {request.strategy!r}; one of {known}") from None
         query = RouteRequest(
-            model=request.model, strategy=strategy, priority=request.priority, exclude=exclude
+            model=request.model,
+            strategy=parse_strategy(request.strategy),
+            priority=request.priority,
+            exclude=exclude,
         )
         found = self.router.plan(
             self._table(), self._local() if local else None, query, self._in_flight()
         )
         return [Choice(c.peer_id, c.local) for c in found]
+
+    def preview(
+        self, model: str, strategy: str | None = None, priority: Priority = Priority.NORMAL
+    ) -> Preview:
+        """Where a job for ``model`` would go now and the candidates, running nothing.
+
+        The local node counts when it serves the model, as in ``forward``; peers are
+        only those already linked (a real job with none would ask the DHT first).
+        """
+        query = RouteRequest(model=model, strategy=parse_strategy(strategy), priority=priority)
+        return self.router.preview(self._table(), self._local(), query, self._in_flight())
 
     def admit(self, peer_id: str) -> bool:
         return self.router.breakers.admit(peer_id) is None

@@ -201,6 +201,19 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class Preview:
+    """``Router.preview``: the order a plan would try now, and every eligible node
+    (healthy ones by score, best first, then a half-open probe)."""
+
+    order: list[Candidate]
+    candidates: list[Candidate]
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return self.order[0] if self.order else None
+
+
+@dataclass(frozen=True, slots=True)
 class _Seen:
     """One eligible node, with what the strategies sort on."""
 
@@ -251,6 +264,35 @@ class Router:
         in_flight: Mapping[str, int],
     ) -> list[Candidate]:
         """The nodes to try, in order, at most ``config.max_attempts`` (maybe none)."""
+        return self._plan(table, local, request, in_flight, self._rng, take_turn=True)[0]
+
+    def preview(
+        self,
+        table: PeerTable,
+        local: LocalNode | None,
+        request: RouteRequest,
+        in_flight: Mapping[str, int],
+    ) -> Preview:
+        """What ``plan`` would answer now, changing nothing: no round-robin turn is
+        taken and the draws come from a copy of the rng, so the next ``plan`` on the
+        same state answers the same order. For "which node would run this, and why"."""
+        rng = random.Random()
+        rng.setstate(self._rng.getstate())
+        order, eligible = self._plan(table, local, request, in_flight, rng, take_turn=False)
+        ranked = sorted(eligible, key=lambda c: (c.probe, c.score, c.peer_id))
+        return Preview(order=order, candidates=ranked)
+
+    def _plan(
+        self,
+        table: PeerTable,
+        local: LocalNode | None,
+        request: RouteRequest,
+        in_flight: Mapping[str, int],
+        rng: random.Random,
+        *,
+        take_turn: bool,
+    ) -> tuple[list[Candidate], list[Candidate]]:
+        """(the plan, every eligible candidate in no particular order)."""
         seen: list[_Seen] = []
         probes: list[_Seen] = []
         if local is not None and self.self_id not in request.exclude:
@@ -277,10 +319,11 @@ class Router:
             )
             if found is not None:
                 (probes if probe else seen).append(found)
-        ordered = self._order(request, seen)
+        ordered = self._order(request, seen, rng, take_turn)
         if probes:  # one probe at most, and only after every healthy node
-            ordered.append(self._rng.choice(probes))
-        return [s.candidate for s in ordered[: self.config.max_attempts]]
+            ordered.append(rng.choice(probes))
+        eligible = [s.candidate for s in (*seen, *probes)]
+        return [s.candidate for s in ordered[: self.config.max_attempts]], eligible
 
     # -- scoring -----------------------------------------------------------------
 
@@ -336,15 +379,19 @@ class Router:
 
     # -- ordering ----------------------------------------------------------------
 
-    def _order(self, request: RouteRequest, seen: list[_Seen]) -> list[_Seen]:
+    def _order(
+        self, request: RouteRequest, seen: list[_Seen], rng: random.Random, take_turn: bool
+    ) -> list[_Seen]:
         strategy = Strategy(request.strategy or self.config.strategy)
-        tie = {s.candidate.peer_id: self._rng.random() for s in seen}
+        tie = {s.candidate.peer_id: rng.random() for s in seen}
         by_score = sorted(seen, key=lambda s: (s.candidate.score, tie[s.candidate.peer_id]))
         if strategy == Strategy.ROUND_ROBIN:
             ring = sorted(seen, key=lambda s: s.candidate.peer_id)
             key = request.model.casefold()
             turn = self._turns.get(key, 0)
-            if not request.exclude:  # a job's first plan takes a turn; its failovers do not
+            if (
+                take_turn and not request.exclude
+            ):  # a job's first plan takes a turn; failovers do not
                 self._turns[key] = turn + 1
             if len(self._turns) > 4096:  # model names come from requests: keep the map small
                 self._turns = {key: turn + 1}
@@ -365,16 +412,17 @@ class Router:
             mine = [s for s in seen if s.candidate.local]
             if mine and mine[0].ahead + mine[0].in_flight < self.config.saturation:
                 rest = [s for s in by_score if not s.candidate.local]
-                return mine[:1] + self._two_choices(rest)
-        return self._two_choices(by_score)
+                return mine[:1] + _two_choices(rest, rng)
+        return _two_choices(by_score, rng)
 
-    def _two_choices(self, by_score: list[_Seen]) -> list[_Seen]:
-        """Power of two choices: the better of two drawn at random first, then by score."""
-        if len(by_score) < 2:
-            return list(by_score)
-        i, j = self._rng.sample(range(len(by_score)), 2)
-        first = by_score[min(i, j)]  # by_score is sorted: the lower index is the better
-        return [first] + [s for s in by_score if s is not first]
+
+def _two_choices(by_score: list[_Seen], rng: random.Random) -> list[_Seen]:
+    """Power of two choices: the better of two drawn at random first, then by score."""
+    if len(by_score) < 2:
+        return list(by_score)
+    i, j = rng.sample(range(len(by_score)), 2)
+    first = by_score[min(i, j)]  # by_score is sorted: the lower index is the better
+    return [first] + [s for s in by_score if s is not first]
 
 
 # ---------------------------------------------------------------------------

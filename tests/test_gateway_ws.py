@@ -79,7 +79,8 @@ async def test_ping_status_and_inference_answered_by_a_peer(node_factory: NodeFa
     assert status["peers"][0]["models"] == ["echo", "lazy"]
     assert result["meta"]["served_by"] == serving.peer_id
     embedding = result["outputs"]["embedding"]
-    assert embedding["datatype"] == "FP32" and embedding["shape"] == [1, 8]
+    assert embedding["dtype"] == "float32" and embedding["shape"] == [1, 8]
+    assert len(embedding["data"]) == 1 and len(embedding["data"][0]) == 8  # nested rows
     assert result["outputs"]["text"] == words("hello", 3)
 
 
@@ -106,7 +107,7 @@ async def test_streamed_inference_delivers_every_chunk_in_order(node_factory: No
 
 
 async def test_tensor_inputs_and_several_inferences_at_once(node_factory: NodeFactory) -> None:
-    x = {"datatype": "FP32", "shape": [2, 3], "data": [1, 2, 3, 0.5, 0.5, 0.5]}
+    x = {"dtype": "float32", "shape": [2, 3], "data": [1, 2, 3, 0.5, 0.5, 0.5]}
     async with swarm(node_factory) as (_, _, url), open_ws(f"{url}/ws/c1") as ws:
         for i in range(4):
             await send(
@@ -120,8 +121,7 @@ async def test_tensor_inputs_and_several_inferences_at_once(node_factory: NodeFa
     assert sorted(got) == ["t0", "t1", "t2", "t3"]
     for frame in got.values():
         assert frame["type"] == "result"
-        assert frame["outputs"]["embedding"]["data"][:8] == [12.0] * 8  # 2 * (1+2+3)
-        assert frame["outputs"]["embedding"]["data"][8:] == [3.0] * 8
+        assert frame["outputs"]["embedding"]["data"] == [[12.0] * 8, [3.0] * 8]  # 2 * row sums
 
 
 async def test_bad_messages_get_typed_errors_and_the_connection_stays(
@@ -140,7 +140,7 @@ async def test_bad_messages_get_typed_errors_and_the_connection_stays(
                 {
                     "type": "inference",
                     "model": "echo",
-                    "inputs": {"x": {"datatype": "FP32", "shape": [2, 2], "data": [1.0]}},
+                    "inputs": {"x": {"dtype": "float32", "shape": [2, 2], "data": [1.0]}},
                 }
             ),
             "BAD_REQUEST",

@@ -302,6 +302,26 @@ def test_round_robin_failover_replans_do_not_take_a_turn() -> None:
         assert ids(r.plan(table, None, RouteRequest("m"), {}))[0] == "b"  # the next job's turn
 
 
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_preview_answers_the_next_plan_and_changes_nothing(strategy: Strategy) -> None:
+    busy = load(normal=4, in_flight=2)
+    table = table_of({"a": body(), "b": body(load_=busy), "c": body(), "d": body(entry("x"))})
+    local = LocalNode([info()], Load(queue_depth={"normal": 1}))
+    r = router(strategy=strategy, max_attempts=2)
+    for _ in range(5):  # previews repeat, and each equals the plan that follows it
+        first = r.preview(table, local, RouteRequest("m"), {})
+        again = r.preview(table, local, RouteRequest("m"), {})
+        assert first == again
+        assert first.order == r.plan(table, local, RouteRequest("m"), {})
+        assert first.chosen == first.order[0]
+    # Every eligible node, best score first, even past max_attempts; "d" serves another.
+    ranked = first.candidates
+    assert sorted(ids(ranked)) == ["a", "b", "c", SELF]
+    assert [c.score for c in ranked] == sorted(c.score for c in ranked)
+    assert ranked[-1].peer_id == "b"  # the busiest
+    assert r.preview(table, local, RouteRequest("absent"), {}).chosen is None
+
+
 def test_best_performance_prefers_the_lower_latency_then_the_faster() -> None:
     table = table_of(
         {

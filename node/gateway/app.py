@@ -61,6 +61,12 @@ class Backend:
     feed: Feed | None = None
     # Live peers' records as the membership table holds them (the page's swarm graph).
     table: Callable[[], PeerTable | None] = lambda: None
+    # The models served here and the backends behind them, with their state (no keys
+    # or backend addresses); None: the MCP tool list_backends answers that it cannot.
+    backends: Callable[[], Mapping[str, Any]] | None = None
+    # Where a job for (model, strategy, priority) would run now and the candidates with
+    # their scores, running nothing (Router.preview); None: select_peer cannot answer.
+    select_peer: Callable[[str, str | None, Priority], Mapping[str, Any]] | None = None
 
 
 def swarm_models(
@@ -219,7 +225,7 @@ def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler
         async def route(request: HTTPRequest) -> Response:
             try:
                 if not public and config.token is not None:
-                    _authorize(request, config.token)
+                    authorize(request, config.token)
                 return await handler(request)
             except HTTPFailure as exc:
                 return error_response(exc.status, exc.message, exc.code)
@@ -234,7 +240,8 @@ def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler
     return wrap
 
 
-def _authorize(request: HTTPRequest, token: str) -> None:
+def authorize(request: HTTPRequest, token: str) -> None:
+    """HTTPFailure 401 unless the request carries ``Authorization: Bearer <token>``."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     matches = hmac.compare_digest(given.strip().encode(), token.encode())
     if scheme.lower() != "bearer" or not matches:

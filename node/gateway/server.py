@@ -10,7 +10,8 @@ service drains, and the nursery's cancellation ends whatever is left.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -74,9 +75,21 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, str(exc.detail), code)
 
+    # Imported here: the MCP SDK takes ~0.4 s to import, which CLI commands that never
+    # serve HTTP (submit, status) should not pay.
+    from ..mcp.server import McpEndpoint
+
+    mcp = McpEndpoint(backend, config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with mcp.running():  # the MCP endpoint's task group, in the server's nursery
+            yield
+
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/mcp", mcp),  # MCP streamable HTTP (POST; the SDK answers other methods)
             Route("/status", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/models/load", load, methods=["POST"]),
@@ -87,6 +100,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             *page.routes(backend, config),
         ],
         exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
     )
 
 

@@ -4,11 +4,10 @@ One JSON object per text frame each way. A client sends:
 
 - ``{"type": "inference", "id": TAG, "model": M, "inputs": ..., "params": {...},
   "stream": bool, "priority": "high"|"normal"|"low", "deadline_ms": N,
-  "strategy": S}``. ``inputs`` is a text or a list of texts (given to the model's
-  first text input: ``text`` for embeddings, ``prompt`` for generation), or an
-  object of named inputs whose values are texts, lists of texts or KServe v2
-  tensors (``{"datatype", "shape", "data"}``). The answer is ``{"type":
-  "result", "id": TAG, "outputs": ..., "meta": ...}`` (tensors as v2 tensors),
+  "strategy": S}``. ``inputs`` and ``params`` take swarm's JSON form
+  (node/json_values.py: texts, or named inputs with tensors as ``{"dtype",
+  "shape", "data"}``, as the MCP tools and ``swarm submit --json`` use). The
+  answer is ``{"type": "result", "id": TAG, "outputs": ..., "meta": ...}``,
   after ``{"type": "chunk", "id": TAG, "seq": N, "outputs": ...}`` frames when
   it streams. ``TAG`` is the client's (default: the request id); several
   inferences may run at once on one connection, up to ``MAX_IN_FLIGHT``.
@@ -37,24 +36,25 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import trio
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bootstrap.table import Peer, PeerTable, live_peers
-from protocols import ErrorCode, Param, Priority, Request, SwarmError, Tensor, Value
-from runners.remote.errors import BackendGarbage
-from runners.remote.kserve_v2 import decode_tensor, encode_tensor
+from protocols import ErrorCode, Priority, Request, SwarmError, Value
 
 from ..feed import Feed, Subscription, Topic, peer_summary
+from ..json_values import BadValue, inputs_from_json, params_from_json
+from ..render import jsonable
 from .app import MAX_DEADLINE_MS, Backend, find_model
 from .config import GatewayConfig
 from .errors import HTTPFailure
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_TAG = 128
@@ -238,8 +238,8 @@ class Connection:
         request = Request(
             id=request_id,
             model=str(described["name"]),
-            inputs=_inputs(body.get("inputs"), described),
-            params=_params(body.get("params")),
+            inputs=_json(inputs_from_json, body.get("inputs"), described),
+            params=_json(params_from_json, body.get("params")),
             priority=_priority(body.get("priority")),
             deadline_ms=_deadline(body.get("deadline_ms")),
             stream=stream,
@@ -252,14 +252,14 @@ class Connection:
 
         async def emit(outputs: Mapping[str, Value]) -> None:
             nonlocal seq
-            frame = {"type": "chunk", "id": tag, "seq": seq, "outputs": _jsonable(outputs)}
+            frame = {"type": "chunk", "id": tag, "seq": seq, "outputs": jsonable(outputs)}
             seq += 1
             await self._out_send.send(frame)
 
         try:
             with scope:
                 result = await self.backend.execute(request, emit)
-                frame = {"type": "result", "id": tag, "outputs": _jsonable(result.outputs)}
+                frame = {"type": "result", "id": tag, "outputs": jsonable(result.outputs)}
                 await self._out_send.send({**frame, "meta": dict(result.meta)})
                 return
             await self._error(tag, ErrorCode.CANCELLED, "cancelled by the client")
@@ -307,43 +307,12 @@ def _topics(raw: Any) -> set[Topic]:
         raise Refused(ErrorCode.BAD_REQUEST, f"{exc}; topics are: {names}") from exc
 
 
-def _inputs(raw: Any, described: Mapping[str, Any]) -> dict[str, Value]:
-    if isinstance(raw, str) or (isinstance(raw, list) and all(isinstance(s, str) for s in raw)):
-        texts = [s for s in described.get("inputs") or [] if s.get("kind") == "text"]
-        if not texts:
-            message = f"{described['name']} takes no text; give 'inputs' as named tensors"
-            raise Refused(ErrorCode.BAD_REQUEST, message)
-        return {str(texts[0]["name"]): raw if isinstance(raw, str) else list(raw)}
-    if not isinstance(raw, dict) or not raw:
-        message = "'inputs' must be a text, a list of texts, or an object of named inputs"
-        raise Refused(ErrorCode.BAD_REQUEST, message)
-    inputs: dict[str, Value] = {}
-    for name, value in raw.items():
-        if isinstance(value, str) or (
-            isinstance(value, list) and all(isinstance(s, str) for s in value)
-        ):
-            inputs[name] = value
-        elif isinstance(value, dict):
-            try:
-                inputs[name] = decode_tensor({**value, "name": name}, f"inputs.{name}")[1]
-            except BackendGarbage as exc:
-                raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from exc
-        else:
-            message = f"input {name!r}: a text, a list of texts or {{datatype, shape, data}}"
-            raise Refused(ErrorCode.BAD_REQUEST, message)
-    return inputs
-
-
-def _params(raw: Any) -> dict[str, Param]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise Refused(ErrorCode.BAD_REQUEST, "'params' must be an object")
-    for key, value in raw.items():
-        scalar = value is None or isinstance(value, str | int | float | bool)
-        if not scalar and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise Refused(ErrorCode.BAD_REQUEST, f"param {key!r} is not a scalar")
-    return dict(raw)
+def _json(read: Callable[..., T], *args: Any) -> T:
+    """A value read from the message's JSON; what does not fit is BAD_REQUEST."""
+    try:
+        return read(*args)
+    except BadValue as exc:
+        raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from exc
 
 
 def _priority(raw: Any) -> Priority:
@@ -368,19 +337,6 @@ def _strategy(raw: Any) -> str | None:
     if raw is not None and not isinstance(raw, str):
         raise Refused(ErrorCode.BAD_REQUEST, "'strategy' must be a text")
     return raw
-
-
-def _jsonable(outputs: Mapping[str, Value]) -> dict[str, Any]:
-    """Outputs as JSON: tensors as KServe v2 tensors, the rest as they are."""
-    found: dict[str, Any] = {}
-    for name, value in outputs.items():
-        if isinstance(value, Tensor):
-            tensor = encode_tensor(name, value)
-            del tensor["name"]
-            found[name] = tensor
-        else:
-            found[name] = value
-    return found
 
 
 def _live(table: PeerTable | None) -> list[Peer]:
