@@ -53,7 +53,7 @@ def daemon_url(data_dir: Path, given: str | None) -> str:
         if state is None:
             raise ConfigError(
                 f"no daemon is running with data dir {data_dir}; start one with "
-                "'swarm daemon --http 127.0.0.1:PORT' or give --url"
+                "'swarm daemon' (its gateway is on by default) or give --url"
             )
         given = state.get("http")
         if not isinstance(given, str) or not given:
