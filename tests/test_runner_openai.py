@@ -240,6 +240,8 @@ async def test_embeddings_match_the_official_client(llama_url: str) -> None:
     # This model has no pooling: the server answers per-token vectors, averaged here.
     expected = np.stack([np.mean(np.asarray(d.embedding), axis=0) for d in theirs.data])
     np.testing.assert_allclose(embedding.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # The server's token count travels as prompt_tokens, for the gateway's usage.
+    assert out["prompt_tokens"] == theirs.usage.prompt_tokens > 0
     assert isinstance(single["embedding"], Tensor)
     np.testing.assert_allclose(single["embedding"].numpy()[0], expected[0], rtol=1e-5, atol=1e-6)
 

@@ -25,8 +25,8 @@ built on them work against any node. Mapping onto swarm's conventions:
 - ``tools``, ``tool_choice``, ``functions``, ``logprobs`` and ``top_logprobs``
   are refused by name (400 ``unsupported_parameter``), never silently ignored.
 - usage: the token counts the model reported (an embedder's ``tokens`` per
-  row, summed), 0 where it reported none (remote embedders, and streams of
-  backends that do not count them).
+  row summed, or an OpenAI-compatible backend's ``prompt_tokens``), 0 where it
+  reported none (TEI, and streams of backends that do not count them).
 """
 
 from __future__ import annotations

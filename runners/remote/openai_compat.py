@@ -26,8 +26,8 @@ them). Params: see ``openai_protocol.SAMPLING`` plus ``stop`` and ``adapter``
 context length when that is known.
 
 Embeddings (``task = "embeddings"``): input ``text`` (a string or a list),
-output ``embedding`` float32 [n, dim]; param ``dimensions`` where the model
-supports it.
+output ``embedding`` float32 [n, dim] (and ``prompt_tokens`` when the server
+counts them); param ``dimensions`` where the model supports it.
 
 At ``load`` the runner lists the server's models, refuses to start if the
 model is missing, and reads the context length where the server tells
@@ -63,6 +63,7 @@ from .openai_protocol import (
     parse_embeddings,
     parse_messages,
     parse_params,
+    usage,
 )
 from .runner import RemoteRunner
 
@@ -445,7 +446,7 @@ class OpenAIEmbedRunner(_OpenAIRunner):
     async def _discover(self) -> None:
         entry = await self._find_model()
         context = self.config.context_length or context_length_of(entry)
-        probe = await self._embed(["probe"], None)
+        probe, _ = await self._embed(["probe"], None)
         extra = {**self.info.extra, "dim": int(probe.shape[1])}
         self.info = replace(self.info, context_length=context, extra=extra)
 
@@ -475,11 +476,16 @@ class OpenAIEmbedRunner(_OpenAIRunner):
 
     async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
         texts, dimensions = self._parse(inputs, params)
-        return {"embedding": Tensor.from_numpy(await self._embed(texts, dimensions))}
+        rows, prompt_tokens = await self._embed(texts, dimensions)
+        outputs: dict[str, Value] = {"embedding": Tensor.from_numpy(rows)}
+        if prompt_tokens is not None:  # the server's count, for the gateway's usage
+            outputs["prompt_tokens"] = prompt_tokens
+        return outputs
 
     async def _embed(
         self, texts: list[str], dimensions: int | None
-    ) -> np.ndarray[Any, np.dtype[np.float32]]:
+    ) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int | None]:
+        """The rows, and the input tokens the server counted (None if it did not say)."""
         model = self.config.model
         body: dict[str, Any] = {"model": model, "input": texts, "encoding_format": "float"}
         if dimensions is not None:
@@ -487,7 +493,7 @@ class OpenAIEmbedRunner(_OpenAIRunner):
         answer = await self._post("/v1/embeddings", body, model)
         where = f"{self.info.name}: /v1/embeddings"
         rows = parse_embeddings(where, answer, len(texts), pool=self.config.pooling == "mean")
-        return np.asarray(rows, dtype=np.float32)
+        return np.asarray(rows, dtype=np.float32), usage(answer)[0]
 
 
 def _bind(
