@@ -15,6 +15,11 @@ These fakes answer those routes as documented, over real HTTP (FakeBackend):
   ``/tokenize`` {model, prompt} -> {count, max_model_len, tokens}; ``/health``.
   Its "tokenizer" is one token per whitespace-separated word, and its
   completion text names the model that answered, so tests see adapter routing.
+  ``POST /v1/chat/completions`` follows OpenAI's function-calling guide: with
+  ``tools`` and a last turn that is not a tool's, it calls the first tool with
+  ``{"q": <the last user text>}`` (finish_reason ``tool_calls``); after a
+  ``tool`` turn it answers "the tool said: <its content>". Streamed, a call
+  comes in fragments (id and name first, then the arguments in two pieces).
 - FakeTEI, from TEI's OpenAPI document (docs/openapi.json): ``GET /info``,
   ``POST /embed`` {inputs, normalize, truncate} -> [[float]], 413 for a batch
   over ``max_client_batch_size`` or an input over ``max_input_length`` tokens
@@ -24,10 +29,22 @@ These fakes answer those routes as documented, over real HTTP (FakeBackend):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 
 from fake_backend import FakeBackend, Reply, Seen
+
+
+def _sse(head: dict[str, object], deltas: list[dict[str, object]], finish: str) -> Reply:
+    """A chat completion streamed as Server-Sent Events, one delta per chunk."""
+    chunks = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+    chunks.append({"index": 0, "delta": {}, "finish_reason": finish})
+    lines = [
+        f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [c]})}\n"
+        for c in chunks
+    ]
+    return Reply(200, kind="stream", lines=(*lines, "data: [DONE]\n"))
 
 
 def _vllm_error(status: int, kind: str, message: str) -> Reply:
@@ -46,6 +63,7 @@ class FakeVLLM(FakeBackend):
         self.route("POST", "/v1/load_lora_adapter", self._load)
         self.route("POST", "/v1/unload_lora_adapter", self._unload)
         self.route("POST", "/v1/completions", self._complete)
+        self.route("POST", "/v1/chat/completions", self._chat)
         self.route("POST", "/tokenize", self._tokenize)
         self.route("GET", "/health", lambda seen: Reply(200, b""))
 
@@ -108,6 +126,41 @@ class FakeVLLM(FakeBackend):
                 },
             },
         )
+
+    def _chat(self, seen: Seen) -> Reply:
+        body = seen.json()
+        messages, tools = body.get("messages") or [{}], body.get("tools")
+        last = messages[-1]
+        head = {"id": "chatcmpl-fake", "model": body.get("model"), "created": 0}
+        if tools and last.get("role") != "tool":
+            name = tools[0]["function"]["name"]
+            arguments = json.dumps({"q": last.get("content")})
+            call = {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+            if not body.get("stream"):
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+                return Reply(200, {**head, "object": "chat.completion", "choices": [choice]})
+            half = len(arguments) // 2
+            fragments = [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": name}},
+                {"index": 0, "function": {"arguments": arguments[:half]}},
+                {"index": 0, "function": {"arguments": arguments[half:]}},
+            ]
+            deltas = [{"tool_calls": [f]} for f in fragments]
+            return _sse(head, deltas, "tool_calls")
+        text = f"the tool said: {last.get('content')}" if last.get("role") == "tool" else "hi"
+        if body.get("stream"):
+            return _sse(head, [{"role": "assistant", "content": text}], "stop")
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop",
+        }
+        return Reply(200, {**head, "object": "chat.completion", "choices": [choice]})
 
     def _tokenize(self, seen: Seen) -> Reply:
         words = str(seen.json().get("prompt", "")).split()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from runners.errors import BadInput
+from runners.remote import openai_protocol
 from runners.remote.errors import BackendFailed, BackendGarbage
 from runners.remote.openai_protocol import (
     SSEParser,
@@ -97,3 +99,48 @@ def test_params_pass_through_under_their_api_names() -> None:
     assert "repetition_penalty" in generic.fields
     with pytest.raises(BadInput, match="'top_k' must be an integer from -1"):
         parse_params("m", {"top_k": -2}, default_max_tokens=1, flavor="generic")
+
+
+def test_tool_turns_and_tool_calls_are_checked() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    assert openai_protocol.parse_messages("m", json.dumps(turns)) == turns
+    for bad, words in (
+        ([{"role": "user", "content": "x", "tool_calls": [call]}], "belong to an assistant"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}], "complete"),
+        ([{"role": "tool", "content": "42"}], "tool_call_id"),
+        ([{"role": "user", "content": "x", "tool_call_id": "c1"}], "belongs to a tool"),
+    ):
+        with pytest.raises(BadInput, match=words):
+            openai_protocol.parse_messages("m", json.dumps(bad))
+    answer = {
+        "choices": [
+            {"message": {"content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}
+        ]
+    }
+    done = openai_protocol.parse_completion("w", answer, chat=True)
+    assert done.text == "" and done.tool_calls == [call] and done.finish_reason == "tool_calls"
+    broken = {"choices": [{"message": {"content": None, "tool_calls": [{"id": 1}]}}]}
+    with pytest.raises(BackendGarbage, match="complete function call"):
+        openai_protocol.parse_completion("w", broken, chat=True)
+    sampling = openai_protocol.parse_params(
+        "m",
+        {
+            "tools": json.dumps([{"type": "function", "function": {"name": "f"}}]),
+            "tool_choice": "required",
+        },
+        default_max_tokens=8,
+        flavor="vllm",
+    )
+    assert (
+        sampling.fields["tool_choice"] == "required"
+        and sampling.fields["tools"][0]["type"] == "function"
+    )
+    with pytest.raises(BadInput, match="tool_choice"):
+        openai_protocol.parse_params(
+            "m", {"tool_choice": "auto"}, default_max_tokens=8, flavor="vllm"
+        )

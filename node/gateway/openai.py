@@ -22,8 +22,12 @@ built on them work against any node. Mapping onto swarm's conventions:
   with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage chunk.
 - ``n`` (1 to 8) choices are n swarm jobs run at once, which the router may
   spread over peers; streamed, their chunks carry each choice's ``index``.
-- ``tools``, ``tool_choice``, ``functions``, ``logprobs`` and ``top_logprobs``
-  are refused by name (400 ``unsupported_parameter``), never silently ignored.
+- ``tools`` and ``tool_choice`` go to models served by an OpenAI-compatible
+  backend as JSON-text params (runners/remote/openai_tools.py); tool turns in
+  ``messages`` pass through; an answer's ``tool_calls`` output becomes
+  ``message.tool_calls`` (streamed: one delta with the complete calls). Other
+  models refuse tools (400 ``unsupported_parameter``), as ``functions``,
+  ``logprobs`` and ``top_logprobs`` are refused by name, never silently ignored.
 - usage: the token counts the model reported (an embedder's ``tokens`` per
   row summed, or an OpenAI-compatible backend's ``prompt_tokens``), 0 where it
   reported none (TEI, and streams of backends that do not count them).
@@ -66,7 +70,7 @@ MAX_CHOICES = 8  # n: each choice is a job of its own
 # Fields a client may rely on that swarm's generation jobs cannot honour yet: refused
 # by name rather than ignored, so nobody gets an answer without the tool calls or
 # log probabilities they asked for.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
+UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs")
 EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
 OPENAI_RUNNER = "openai-compat"  # runners/remote/openai_compat.py: takes max_tokens
 
@@ -175,7 +179,7 @@ def _vector(row: np.ndarray[Any, Any], encoding: str) -> list[float] | str:
     return [float(v) for v in row]
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise HTTPFailure(400, "'messages' must be a non-empty list", "invalid_input")
     out = []
@@ -183,8 +187,9 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise HTTPFailure(400, f"messages[{i}] needs a 'role'", "invalid_input")
         content = message.get("content")
+        calls = message.get("tool_calls")
         if content is None:
-            content = ""
+            content = None if calls else ""  # an assistant turn of tool calls has no text
         elif isinstance(content, list):
             parts = []
             for part in content:
@@ -195,7 +200,12 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             content = "".join(parts)
         elif not isinstance(content, str):
             raise HTTPFailure(400, f"messages[{i}].content must be text", "invalid_input")
-        out.append({"role": message["role"], "content": content})
+        turn: dict[str, Any] = {"role": message["role"], "content": content}
+        # Tool turns pass as they are; the backend's runner checks them (openai_tools).
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if message.get(key) is not None:
+                turn[key] = message[key]
+        out.append(turn)
     return out
 
 
@@ -205,9 +215,10 @@ def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[s
     if unsupported:
         message = f"not supported by this gateway: {', '.join(unsupported)}"
         raise HTTPFailure(400, message, "unsupported_parameter")
+    tools = _tools(body, model)
     if _task(model, GENERATION_TASKS, "text generation") == "fake":
         return {}
-    params: dict[str, Param] = {}
+    params: dict[str, Param] = dict(tools)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:
         if type(limit) is not int or limit < 1:
@@ -232,6 +243,28 @@ def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[s
         params["stop"] = list(stop)
     elif stop is not None:
         raise HTTPFailure(400, "'stop' must be a string or a list of strings", "invalid_input")
+    return params
+
+
+def _tools(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
+    """``tools`` and ``tool_choice`` as the JSON-text params an OpenAI-compatible
+    backend's runner takes; other runners cannot call tools, so they are refused."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none"):
+            raise HTTPFailure(400, "'tool_choice' needs 'tools'", "invalid_input")
+        return {}
+    if model.get("runner") != OPENAI_RUNNER:
+        message = (
+            f"{model['name']} cannot call tools: tools need a model served by an "
+            "OpenAI-compatible backend (vLLM, llama.cpp, ...)"
+        )
+        raise HTTPFailure(400, message, "unsupported_parameter")
+    if not isinstance(tools, list):
+        raise HTTPFailure(400, "'tools' must be a list", "invalid_input")
+    params: dict[str, Param] = {"tools": json.dumps(tools)}
+    if choice is not None:
+        params["tool_choice"] = choice if isinstance(choice, str) else json.dumps(choice)
     return params
 
 
@@ -276,7 +309,7 @@ async def _generate(
             finish = _first(result.outputs.get("finish_reason"), "stop")
             choice: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
             if chat:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"] = _reply(text, result.outputs.get("tool_calls"))
             else:
                 choice["text"] = text
             choices.append(choice)
@@ -303,15 +336,24 @@ async def _generate(
             choice["text"] = piece or ""
         return {**head, "choices": [choice]}
 
+    def tool_chunk(index: int, calls: str) -> dict[str, Any]:
+        indexed = [{"index": k, **call} for k, call in enumerate(_tool_calls(calls))]
+        delta = {"role": "assistant", "content": None, "tool_calls": indexed}
+        choice = {"index": index, "finish_reason": None, "logprobs": None, "delta": delta}
+        return {**head, "choices": [choice]}
+
     async def produce(write: Write) -> None:
         last: list[dict[str, Value]] = [{} for _ in range(n)]
         one_at_a_time = trio.Lock()  # n jobs stream at once; their SSE events must not interleave
 
         async def emit(i: int, outputs: Mapping[str, Value]) -> None:
-            piece = outputs.get("text")
+            piece, calls = outputs.get("text"), outputs.get("tool_calls")
             if isinstance(piece, str) and piece:
                 async with one_at_a_time:
                     await write(chunk(i, piece, None))
+            if chat and isinstance(calls, str):  # complete calls, in one delta
+                async with one_at_a_time:
+                    await write(tool_chunk(i, calls))
             last[i].update({k: v for k, v in outputs.items() if k != "text"})
 
         await execute_all(backend, jobs, emit)
@@ -335,6 +377,24 @@ def _token_count(outputs: Mapping[str, Value]) -> int:
 
 async def _ignore(index: int, outputs: Mapping[str, Value]) -> None:
     """Choices that do not stream emit nothing."""
+
+
+def _reply(text: str, calls: Value | None) -> dict[str, Any]:
+    """A chat answer's message: its text, or the tool calls it made (content null)."""
+    if not isinstance(calls, str):
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": _tool_calls(calls)}
+
+
+def _tool_calls(text: str) -> list[Any]:
+    """The ``tool_calls`` output (JSON text, checked by the runner that made it)."""
+    try:
+        calls = json.loads(text)
+    except ValueError as exc:
+        raise HTTPFailure(502, f"the model's tool_calls are not JSON: {exc}", "bad_output") from exc
+    if not isinstance(calls, list):
+        raise HTTPFailure(502, "the model's tool_calls are not a list", "bad_output")
+    return calls
 
 
 def _choices(body: Mapping[str, Any]) -> int:

@@ -65,6 +65,7 @@ from .openai_protocol import (
     parse_params,
     usage,
 )
+from .openai_tools import ToolCallParts, tool_deltas
 from .runner import RemoteRunner
 
 APIS = ("openai", "tei")
@@ -230,7 +231,7 @@ class _Plan:
     """A checked generation request."""
 
     prompts: list[str]  # empty for a conversation
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     batch: bool
     sampling: Sampling
 
@@ -294,6 +295,8 @@ class OpenAIGenerateRunner(_OpenAIRunner):
             return _Plan([], parse_messages(name, messages), False, sampling)
         if isinstance(messages, list):
             raise BadInput(f"{name}: input 'messages' is one JSON string")
+        if "tools" in sampling.fields:
+            raise BadInput(f"{name}: tools go with 'messages' (chat), not with a prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list):  # check_inputs refused anything else already
             raise BadInput(f"{name}: input 'prompt' must be a string or a list of strings")
@@ -313,7 +316,7 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         answer = await self._post("/v1/completions", body, model)
         return parse_completion(f"{self.info.name}: /v1/completions", answer, chat=False)
 
-    async def _chat(self, messages: list[dict[str, str]], sampling: Sampling) -> Completion:
+    async def _chat(self, messages: list[dict[str, Any]], sampling: Sampling) -> Completion:
         await self._check_context(_joined(messages), sampling, messages=len(messages))
         model = sampling.adapter or self.config.model
         body = {"model": model, "messages": messages, **sampling.fields}
@@ -339,6 +342,7 @@ class OpenAIGenerateRunner(_OpenAIRunner):
             body["prompt"] = plan.prompts[0]
         where = f"{self.info.name}: {path}"
         last = Completion("", None, None, None)
+        tool_calls = ToolCallParts()
         parser = SSEParser()
         done = False
         try:
@@ -352,7 +356,9 @@ class OpenAIGenerateRunner(_OpenAIRunner):
                     if data.strip() == "[DONE]":
                         done = True
                         continue
-                    chunk = parse_chunk(where, _loads(where, data), chat=chat)
+                    answer = _loads(where, data)
+                    chunk = parse_chunk(where, answer, chat=chat)
+                    tool_calls.feed(where, tool_deltas(answer))
                     last = _merge(last, chunk)
                     if chunk.text:
                         yield {"text": chunk.text}
@@ -362,7 +368,7 @@ class OpenAIGenerateRunner(_OpenAIRunner):
             # Some servers (llama-cpp-python) answer 200 and then end the stream
             # empty when generation fails, e.g. for a prompt over the context.
             raise BackendFailed(f"{where}: the stream ended before the answer finished")
-        yield _final(last)
+        yield _final(last, tool_calls.calls(where))
 
     async def _check_context(self, text: str, sampling: Sampling, messages: int) -> None:
         """Refuse a prompt that cannot fit in the context length, when that is known."""
@@ -534,6 +540,8 @@ def _outputs(done: list[Completion], *, batch: bool) -> Outputs:
         "text": texts if batch else texts[0],
         "finish_reason": reasons if batch else reasons[0],
     }
+    if not batch and done[0].tool_calls:  # chat is never batched
+        out["tool_calls"] = json.dumps(done[0].tool_calls)
     prompt_tokens = [c.prompt_tokens for c in done]
     completion_tokens = [c.completion_tokens for c in done]
     if all(n is not None for n in prompt_tokens):
@@ -552,8 +560,11 @@ def _merge(last: Completion, chunk: Completion) -> Completion:
     )
 
 
-def _final(last: Completion) -> Outputs:
+def _final(last: Completion, tool_calls: list[dict[str, Any]]) -> Outputs:
+    """The stream's last chunk: why it ended, token counts, and whole tool calls."""
     out: Outputs = {"text": "", "finish_reason": last.finish_reason or "unknown"}
+    if tool_calls:
+        out["tool_calls"] = json.dumps(tool_calls)
     if last.prompt_tokens is not None:
         out["prompt_tokens"] = last.prompt_tokens
     if last.completion_tokens is not None:
@@ -561,8 +572,8 @@ def _final(last: Completion) -> Outputs:
     return out
 
 
-def _joined(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages)
+def _joined(messages: list[dict[str, Any]]) -> str:
+    return "\n".join(m.get("content") or "" for m in messages)
 
 
 def _loads(where: str, data: str) -> Any:

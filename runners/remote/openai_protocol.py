@@ -7,6 +7,8 @@ No I/O here, so every rule is testable alone. What a swarm request may say:
   backend under their OpenAI names (``repetition_penalty`` is llama.cpp's
   ``repeat_penalty`` there);
 - ``messages``: a JSON array of ``{"role": ..., "content": "..."}`` objects;
+- function calling: ``tools`` / ``tool_choice`` params, tool turns in the
+  messages and the ``tool_calls`` output (openai_tools.py);
 - answers: ``choices[0]`` of a completion or chat completion (``text`` or
   ``message.content``, ``finish_reason``) and ``usage``; stream chunks come as
   Server-Sent Events whose ``data:`` is a chunk or ``[DONE]``.
@@ -26,11 +28,13 @@ from protocols import Param
 
 from ..errors import BadInput
 from .errors import BackendFailed, BackendGarbage
+from .openai_tools import check_tool_fields, parse_tool_calls, parse_tool_choice, parse_tools
 
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
@@ -55,7 +59,7 @@ SAMPLING: dict[str, Number] = {
     "frequency_penalty": Number(-2.0, 2.0),
     "repetition_penalty": Number(0.0, 10.0),
 }
-OTHER_PARAMS = ("stop", "adapter")
+OTHER_PARAMS = ("stop", "adapter", "tools", "tool_choice")
 PARAMS = tuple(SAMPLING) + OTHER_PARAMS
 
 
@@ -87,6 +91,12 @@ def parse_params(
     stop = params.get("stop")
     if stop is not None:
         fields["stop"] = _stop(model, stop)
+    if params.get("tools") is not None:
+        fields["tools"] = parse_tools(model, params["tools"])
+    if params.get("tool_choice") is not None:
+        if "tools" not in fields:
+            raise BadInput(f"{model}: param 'tool_choice' needs 'tools'")
+        fields["tool_choice"] = parse_tool_choice(model, params["tool_choice"])
     adapter = params.get("adapter")
     if adapter is not None and (not isinstance(adapter, str) or not adapter):
         raise BadInput(f"{model}: param 'adapter' must be a non-empty string")
@@ -119,26 +129,30 @@ def _stop(model: str, stop: Param) -> list[str]:
     return list(items)
 
 
-def parse_messages(model: str, text: str) -> list[dict[str, str]]:
-    """The ``messages`` input: a JSON array of {"role", "content"[, "name"]} objects."""
+def parse_messages(model: str, text: str) -> list[dict[str, Any]]:
+    """The ``messages`` input: a JSON array of {"role", "content"[, "name"]} objects;
+    an assistant's may carry ``tool_calls`` instead of content, and a ``tool``
+    message answers one by its ``tool_call_id`` (see openai_tools)."""
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise BadInput(f"{model}: input 'messages' is not JSON: {exc}") from None
     if not isinstance(data, list) or not 1 <= len(data) <= MAX_MESSAGES:
         raise BadInput(f"{model}: input 'messages' must be a JSON array of 1 to {MAX_MESSAGES}")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for i, item in enumerate(data):
         where = f"{model}: messages[{i}]"
-        if not isinstance(item, dict) or set(item) - {"role", "content", "name"}:
-            raise BadInput(f"{where} must be an object with 'role', 'content' and maybe 'name'")
+        if not isinstance(item, dict) or set(item) - MESSAGE_KEYS:
+            raise BadInput(f"{where} must be an object with {sorted(MESSAGE_KEYS)} only")
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
             raise BadInput(f"{where}.role must be one of {sorted(ROLES)}")
-        if not isinstance(content, str):
+        calls_only = content is None and item.get("tool_calls") is not None
+        if not isinstance(content, str) and not calls_only:
             raise BadInput(f"{where}.content must be a string")
         if "name" in item and not isinstance(item["name"], str):
             raise BadInput(f"{where}.name must be a string")
+        check_tool_fields(where, item)
         messages.append(dict(item))
     return messages
 
@@ -149,22 +163,26 @@ class Completion:
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    tool_calls: list[dict[str, Any]] | None = None  # complete calls, when it called tools
 
 
 def parse_completion(where: str, body: Any, *, chat: bool) -> Completion:
     """The first choice of a (chat) completion answer, and its token usage."""
     choice = _first_choice(where, body)
+    calls = None
     if chat:
         message = choice.get("message")
         text = message.get("content") if isinstance(message, dict) else None
         if text is None and isinstance(message, dict):
             text = ""  # a reply of only tool calls or a refusal carries no content
+        if isinstance(message, dict) and message.get("tool_calls"):
+            calls = parse_tool_calls(where, message["tool_calls"])
     else:
         text = choice.get("text")
     if not isinstance(text, str):
         raise BackendGarbage(f"{where}: the answer's choice has no text")
     prompt_tokens, completion_tokens = usage(body)
-    return Completion(text, _finish(choice), prompt_tokens, completion_tokens)
+    return Completion(text, _finish(choice), prompt_tokens, completion_tokens, calls)
 
 
 def parse_chunk(where: str, body: Any, *, chat: bool) -> Completion:
