@@ -12,10 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -28,6 +29,7 @@ from .common import Budget, Figures, Targets, interleaved, loaded, med_ms, ms
 LLM_ALIAS = "smollm2"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 TINY_PROMPT = "Hi"  # with max_tokens=1: the backend's cost is small, the overhead shows
+TINY_PARAMS = {"max_tokens": 1, "temperature": 0.0}
 
 
 def gguf() -> Path:
@@ -210,58 +212,32 @@ def report_generation(r: Figures) -> None:
 
 async def bench_forwarding(env: Env, budget: Budget) -> Figures:
     from node.client import SwarmClient
-    from node.daemon import Node, NodeConfig
     from runners.fake import FakeRunner
 
     out: Figures = {"pairs": budget.pairs}
-    params = {"max_tokens": 1, "temperature": 0.0}
     async with (
         loaded(openai_runner(env.url)) as runner,
         httpx.AsyncClient(base_url=env.url, timeout=30) as client,
     ):
 
-        async def raw() -> None:
-            body = {"model": LLM_ALIAS, "prompt": TINY_PROMPT, **params}
-            answer = await client.post("/v1/completions", json=body)
-            answer.raise_for_status()
-            answer.json()
-
         async def via() -> None:
-            await runner.infer({"prompt": TINY_PROMPT}, params)
+            await runner.infer({"prompt": TINY_PROMPT}, TINY_PARAMS)
 
-        t_raw, t_via = await interleaved(raw, via, budget.pairs)
+        t_raw, t_via = await interleaved(_raw_completion(client), via, budget.pairs)
     out["runner"] = {"raw_ms": med_ms(t_raw), "runner_ms": med_ms(t_via)}
     out["runner"]["added_ms"] = out["runner"]["runner_ms"] - out["runner"]["raw_ms"]
 
     fake = FakeRunner("echo")
     request = {"text": "hello"}
-    with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
-        node = Node(
-            NodeConfig(
-                data_dir=Path(tmp),
-                listen=("/ip4/127.0.0.1/tcp/0",),
-                models=("fake:echo",),
-                probe_cuda=False,
-                shutdown_grace_s=2.0,
-                mdns=False,
-                dht=False,
-            )
-        )
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(60):
-                await nursery.start(node.run)
-            try:
-                async with SwarmClient.connect(node.addrs[0]) as swarm:
+    async with _node("fake:echo") as node, SwarmClient.connect(node.addrs[0]) as swarm:
 
-                    async def hop() -> None:
-                        await swarm.infer("echo", request)
+        async def hop() -> None:
+            await swarm.infer("echo", request)
 
-                    async def local() -> None:
-                        await fake.infer(request, {})
+        async def local() -> None:
+            await fake.infer(request, {})
 
-                    t_local, t_hop = await interleaved(local, hop, 3 * budget.pairs)
-            finally:
-                node.stop()
+        t_local, t_hop = await interleaved(local, hop, 3 * budget.pairs)
     out["node"] = {"local_ms": med_ms(t_local), "node_ms": med_ms(t_hop)}
     out["node"]["added_ms"] = out["node"]["node_ms"] - out["node"]["local_ms"]
     out["added_ms"] = out["runner"]["added_ms"] + out["node"]["added_ms"]
@@ -273,17 +249,47 @@ async def _end_to_end(env: Env, budget: Budget) -> Figures:
     """A client -> a node serving the llama-backed model -> the server, against the
     same tiny completion posted to the server directly."""
     from node.client import SwarmClient
-    from node.daemon import Node, NodeConfig
     from runners.catalog import parse_model_spec
 
     spec = parse_model_spec(f"openai:name={LLM_ALIAS},base_url={env.url},flavor=llama-cpp-python")
-    params = {"max_tokens": 1, "temperature": 0.0}
+    async with (
+        _node(spec) as node,
+        SwarmClient.connect(node.addrs[0]) as swarm,
+        httpx.AsyncClient(base_url=env.url, timeout=30) as client,
+    ):
+
+        async def via_node() -> None:
+            await swarm.infer(LLM_ALIAS, {"prompt": TINY_PROMPT}, params=TINY_PARAMS)
+
+        t_raw, t_node = await interleaved(_raw_completion(client), via_node, budget.pairs)
+    figures: Figures = {"raw_ms": med_ms(t_raw), "node_ms": med_ms(t_node)}
+    figures["added_ms"] = figures["node_ms"] - figures["raw_ms"]
+    return figures
+
+
+def _raw_completion(client: httpx.AsyncClient) -> Callable[[], Awaitable[None]]:
+    """The tiny completion posted to the server itself: the baseline of each pair."""
+
+    async def raw() -> None:
+        body = {"model": LLM_ALIAS, "prompt": TINY_PROMPT, **TINY_PARAMS}
+        answer = await client.post("/v1/completions", json=body)
+        answer.raise_for_status()
+        answer.json()
+
+    return raw
+
+
+@asynccontextmanager
+async def _node(model: Any) -> AsyncIterator[Any]:
+    """A node on loopback serving ``model``, in a data dir of its own, for the block."""
+    from node.daemon import Node, NodeConfig
+
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
         node = Node(
             NodeConfig(
                 data_dir=Path(tmp),
                 listen=("/ip4/127.0.0.1/tcp/0",),
-                models=(spec,),
+                models=(model,),
                 probe_cuda=False,
                 shutdown_grace_s=2.0,
                 mdns=False,
@@ -294,26 +300,9 @@ async def _end_to_end(env: Env, budget: Budget) -> Figures:
             with trio.fail_after(60):
                 await nursery.start(node.run)
             try:
-                async with (
-                    SwarmClient.connect(node.addrs[0]) as swarm,
-                    httpx.AsyncClient(base_url=env.url, timeout=30) as client,
-                ):
-
-                    async def raw() -> None:
-                        body = {"model": LLM_ALIAS, "prompt": TINY_PROMPT, **params}
-                        answer = await client.post("/v1/completions", json=body)
-                        answer.raise_for_status()
-                        answer.json()
-
-                    async def via_node() -> None:
-                        await swarm.infer(LLM_ALIAS, {"prompt": TINY_PROMPT}, params=params)
-
-                    t_raw, t_node = await interleaved(raw, via_node, budget.pairs)
+                yield node
             finally:
                 node.stop()
-    figures: Figures = {"raw_ms": med_ms(t_raw), "node_ms": med_ms(t_node)}
-    figures["added_ms"] = figures["node_ms"] - figures["raw_ms"]
-    return figures
 
 
 def report_forwarding(r: Figures, targets: Targets) -> None:
