@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import trio
 
-from protocols import DTYPES, Param, Tensor, Value
+from protocols import DTYPES, Param, SwarmError, Tensor, Value
 
 from .errors import BadInput
 
@@ -198,3 +198,26 @@ def _check_text(model: str, spec: TextSpec, value: Value) -> None:
             f"{model}: input {spec.name!r} has a text of {longest} characters, "
             f"at most {spec.max_chars}"
         )
+
+
+async def gather(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run ``calls`` at once, answers in order. The first to fail with a SwarmError
+    cancels the rest and is raised as itself (not wrapped in an exception group)."""
+    if len(calls) == 1:
+        return [await calls[0]()]
+    results: list[Any] = [None] * len(calls)
+    failures: list[SwarmError] = []
+    async with trio.open_nursery() as nursery:
+
+        async def run(i: int) -> None:
+            try:
+                results[i] = await calls[i]()
+            except SwarmError as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+
+        for i in range(len(calls)):
+            nursery.start_soon(run, i)
+    if failures:
+        raise failures[0]
+    return results

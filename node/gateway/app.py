@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from bootstrap.table import PeerTable, live_peers
 from protocols import Priority, Request, Result, SwarmError, Value
-from runners.base import ModelInfo
+from runners.base import ModelInfo, gather
 
 from ..errors import sole_error
 from ..feed import Feed
@@ -161,25 +161,14 @@ async def while_connected(http: HTTPRequest, work: Callable[[], Awaitable[T]]) -
 async def execute_all(backend: Backend, jobs: Sequence[Request], emit: EmitFor) -> list[Result]:
     """Run ``jobs`` at once (the swarm may spread them over peers), ``emit(i, chunk)``
     for job i's chunks; the first job to fail cancels the rest and is raised."""
-    results: list[Result | None] = [None] * len(jobs)
-    failed: list[BaseException] = []
-    async with trio.open_nursery() as nursery:
 
-        async def one(i: int) -> None:
-            async def chunk(outputs: Mapping[str, Value]) -> None:
-                await emit(i, outputs)
+    def job(i: int) -> Callable[[], Awaitable[Result]]:
+        async def chunk(outputs: Mapping[str, Value]) -> None:
+            await emit(i, outputs)
 
-            try:
-                results[i] = await backend.execute(jobs[i], chunk)
-            except SwarmError as exc:
-                failed.append(exc)
-                nursery.cancel_scope.cancel()
+        return lambda: backend.execute(jobs[i], chunk)
 
-        for i in range(len(jobs)):
-            nursery.start_soon(one, i)
-    if failed:
-        raise failed[0]
-    return [r for r in results if r is not None]
+    return await gather([job(i) for i in range(len(jobs))])
 
 
 def new_id(prefix: str) -> str:

@@ -45,11 +45,10 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
-import trio
 
 from protocols import Param, Tensor, Value
 
-from ..base import ModelInfo, Outputs, TextSpec, check_inputs
+from ..base import ModelInfo, Outputs, TextSpec, check_inputs, gather
 from ..errors import BadInput, ConfigError, ModelNotFound, RunnerError
 from ..settings import Table
 from .config import EndpointConfig
@@ -307,7 +306,7 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         if plan.messages is not None:
             return _outputs([await self._chat(plan.messages, plan.sampling)], batch=False)
         calls = [_bind(self._complete, p, plan.sampling) for p in plan.prompts]
-        return _outputs(await _gather(calls), batch=plan.batch)
+        return _outputs(await gather(calls), batch=plan.batch)
 
     async def _complete(self, prompt: str, sampling: Sampling) -> Completion:
         await self._check_context(prompt, sampling, messages=0)
@@ -509,28 +508,6 @@ def _bind(
         return await fn(prompt, s)
 
     return call
-
-
-async def _gather(calls: list[Callable[[], Awaitable[T]]]) -> list[T]:
-    """Run ``calls`` concurrently, answers in order; the first error stops the rest."""
-    if len(calls) == 1:
-        return [await calls[0]()]
-    results: list[Any] = [None] * len(calls)
-    failures: list[RunnerError] = []
-    async with trio.open_nursery() as nursery:
-
-        async def run(i: int) -> None:
-            try:
-                results[i] = await calls[i]()
-            except RunnerError as exc:
-                failures.append(exc)
-                nursery.cancel_scope.cancel()
-
-        for i in range(len(calls)):
-            nursery.start_soon(run, i)
-    if failures:
-        raise failures[0]
-    return results
 
 
 def _outputs(done: list[Completion], *, batch: bool) -> Outputs:
