@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, cast
 
 import trio
@@ -132,6 +132,38 @@ class Runner(abc.ABC):
         """Live state worth showing in ``swarm status`` (a backend's circuit breaker,
         batching counters); None when there is nothing beyond ``info``. No secrets."""
         return None
+
+
+class WrappedRunner(Runner):
+    """A runner around ``inner`` (batching, a container): everything goes to ``inner``
+    unless the wrapper overrides it; ``extra`` is added to what ``inner`` announces."""
+
+    def __init__(self, inner: Runner, extra: Mapping[str, str | int | float | bool]) -> None:
+        self.inner = inner
+        self.info = replace(inner.info, extra={**inner.info.extra, **extra})
+        self.concurrency = inner.concurrency
+
+    async def load(self) -> None:
+        await self.inner.load()
+
+    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
+        self.inner.check(inputs, params)
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        return await self.inner.infer(inputs, params)
+
+    async def stream(
+        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
+    ) -> AsyncIterator[Outputs]:
+        async with opened_stream(self.inner, inputs, params) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def status(self) -> Mapping[str, Any] | None:
+        return self.inner.status()
 
 
 @contextlib.asynccontextmanager

@@ -23,8 +23,8 @@ the inner runner as they are.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ import trio.lowlevel
 
 from protocols import Param, SwarmError, Tensor, Value
 
-from .base import Outputs, Runner, opened_stream
+from .base import Outputs, Runner, WrappedRunner
 from .errors import ConfigError, RunnerError
 from .settings import Table
 
@@ -78,16 +78,12 @@ class _Batch:
     full: trio.Event = field(default_factory=trio.Event)
 
 
-class BatchingRunner(Runner):
+class BatchingRunner(WrappedRunner):
     """``inner`` with concurrent requests combined; see the module docstring."""
 
     def __init__(self, inner: Runner, config: BatchConfig) -> None:
-        self.inner = inner
+        super().__init__(inner, {"batching": True, "batch_max": config.max_batch})
         self.config = config
-        self.info = replace(
-            inner.info,
-            extra={**inner.info.extra, "batching": True, "batch_max": config.max_batch},
-        )
         # Let enough requests in at once to fill a batch for every execution slot.
         self.concurrency = inner.concurrency * config.max_batch
         self._slots = trio.CapacityLimiter(inner.concurrency)
@@ -95,24 +91,9 @@ class BatchingRunner(Runner):
         self.calls = 0  # combined calls made, for tests and status
         self.rows = 0
 
-    async def load(self) -> None:
-        await self.inner.load()
-
-    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
-        self.inner.check(inputs, params)
-
-    async def stream(
-        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
-    ) -> AsyncIterator[Outputs]:
-        async with opened_stream(self.inner, inputs, params) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def close(self) -> None:
-        await self.inner.close()
-
     def status(self) -> dict[str, Any] | None:
-        return {"batching": {"calls": self.calls, "rows": self.rows, **_inner_status(self.inner)}}
+        inner = self.inner.status() or {}
+        return {"batching": {"calls": self.calls, "rows": self.rows, **inner}}
 
     async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
         keyed = _key(inputs, params)
@@ -177,12 +158,6 @@ class BatchingRunner(Runner):
         finally:
             for slot in slots:
                 slot.done.set()
-
-
-def _inner_status(inner: Runner) -> dict[str, Any]:
-    status = getattr(inner, "status", None)
-    found = status() if callable(status) else None
-    return dict(found) if isinstance(found, Mapping) else {}
 
 
 def _key(inputs: Mapping[str, Value], params: Mapping[str, Param]) -> tuple[BatchKey, int] | None:

@@ -12,28 +12,22 @@ A container it started is stopped on ``close``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
 from typing import Any
 
 import trio
 
-from protocols import Param, Value
-
-from ..base import Outputs, Runner, opened_stream
+from ..base import Runner, WrappedRunner
 from . import container as engine_ops
 from .container import ContainerConfig, EngineStatus
 
 log = logging.getLogger(__name__)
 
 
-class ContainedRunner(Runner):
+class ContainedRunner(WrappedRunner):
     def __init__(self, inner: Runner, config: ContainerConfig, engine: str = "docker") -> None:
-        self.inner = inner
+        super().__init__(inner, {"container": config.kind})
         self.config = config
         self.engine = engine
-        self.info = replace(inner.info, extra={**inner.info.extra, "container": config.kind})
-        self.concurrency = inner.concurrency
         self.engine_status: EngineStatus | None = None
         self._started = False
 
@@ -49,19 +43,6 @@ class ContainedRunner(Runner):
         else:
             log.warning("%s: %s", self.info.name, status.describe())
         await self.inner.load()
-
-    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
-        self.inner.check(inputs, params)
-
-    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
-        return await self.inner.infer(inputs, params)
-
-    async def stream(
-        self, inputs: Mapping[str, Value], params: Mapping[str, Param]
-    ) -> AsyncIterator[Outputs]:
-        async with opened_stream(self.inner, inputs, params) as chunks:
-            async for chunk in chunks:
-                yield chunk
 
     async def close(self) -> None:
         try:
