@@ -27,8 +27,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
@@ -260,9 +261,8 @@ class Endpoint:
         decode: Callable[[str, bytes], T],
     ) -> T:
         async with self._slot(deadline, path):
-            lease = self._admit(path)
-            verdict: bool | None = None
-            try:
+            with self._leased(path) as call:
+                lease = call.lease
                 request = self._build(method, path, body, content, headers, lease, deadline)
                 where = f"{method} {path}"
                 with translated(self, where, deadline):
@@ -273,16 +273,8 @@ class Endpoint:
                         await response.aclose()
                 self._judge(response, data, lease, where)
                 result = decode(where, data)
-                verdict = True
+                call.verdict = True
                 return result
-            except FAILURES:
-                verdict = False
-                raise
-            except _ALIVE:
-                verdict = True
-                raise
-            finally:
-                self._settle(verdict, lease)
 
     @asynccontextmanager
     async def _slot(self, deadline: float, path: str) -> AsyncIterator[None]:
@@ -310,6 +302,23 @@ class Endpoint:
                 retry_after_s=wait,
             )
         return self._keys.acquire()
+
+    @contextmanager
+    def _leased(self, path: str) -> Iterator[_Call]:
+        """A call admitted past the breaker with a key leased; on leaving, the key goes
+        back and the breaker hears the verdict: the body's, or one read off the error
+        that ended it (a failure of the backend, or an answer proving it alive)."""
+        call = _Call(self._admit(path))
+        try:
+            yield call
+        except FAILURES:
+            call.verdict = False
+            raise
+        except _ALIVE:
+            call.verdict = True
+            raise
+        finally:
+            self._settle(call.verdict, call.lease)
 
     def _settle(self, verdict: bool | None, lease: KeyLease | None) -> None:
         self._keys.release(lease)
@@ -406,9 +415,8 @@ class Endpoint:
     ) -> AsyncIterator[AsyncIterator[str]]:
         where = f"{method} {path}"
         async with self._slot(deadline, path):
-            lease = self._admit(path)
-            verdict: bool | None = None
-            try:
+            with self._leased(path) as call:
+                lease = call.lease
                 request = self._build(method, path, body, None, None, lease, deadline)
                 with translated(self, where, deadline):
                     response = await self._client.send(request, stream=True)
@@ -425,20 +433,18 @@ class Endpoint:
                     finally:
                         # The backend did its part unless its stream broke; a consumer
                         # that stops early or fails on its own is no fault of the backend.
-                        verdict = lines.failure is None
+                        call.verdict = lines.failure is None
                         with trio.CancelScope(shield=True):
                             await lines.aclose()
                 finally:
                     with trio.CancelScope(shield=True):
                         await response.aclose()
-            except FAILURES:
-                verdict = False
-                raise
-            except _ALIVE:
-                verdict = True
-                raise
-            finally:
-                self._settle(verdict, lease)
+
+
+@dataclass(slots=True)
+class _Call:
+    lease: KeyLease | None
+    verdict: bool | None = None  # None: neither (cancelled, or the caller's own error)
 
 
 class _StreamStarted(Exception):
