@@ -31,12 +31,11 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
-from capabilities.record import software_version
 from protocols import SwarmError
 
 from ..daemon import read_state
 from ..errors import ConfigError, PeerUnavailable, Unauthorized, sole_error
-from .server import INSTRUCTIONS, SERVER_NAME, error_result
+from .server import error_result, swarm_server
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,13 +137,7 @@ def bridge_server(upstream: Upstream) -> Server[Any]:
             return error_result(PeerUnavailable(f"the daemon answered {type(result).__name__}"))
         return result
 
-    return Server(
-        SERVER_NAME,
-        version=software_version(),
-        instructions=INSTRUCTIONS,
-        on_list_tools=list_tools,
-        on_call_tool=call_tool,
-    )
+    return swarm_server(list_tools, call_tool)
 
 
 async def serve_stdio(url: str, token: str | None) -> None:

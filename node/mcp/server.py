@@ -19,7 +19,7 @@ are not loopback ones (a web page's script cannot reach it through a name).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -101,6 +101,21 @@ def build_server(backend: Backend) -> Server[Any]:
             structured_content=answer,
         )
 
+    return swarm_server(list_tools, call_tool)
+
+
+ListTools = Callable[
+    [ServerRequestContext[Any], types.PaginatedRequestParams | None],
+    Awaitable[types.ListToolsResult],
+]
+CallTool = Callable[
+    [ServerRequestContext[Any], types.CallToolRequestParams], Awaitable[types.CallToolResult]
+]
+
+
+def swarm_server(list_tools: ListTools, call_tool: CallTool) -> Server[Any]:
+    """The MCP server swarm presents, in-node or bridged: its name, version and
+    instructions, with the handlers that answer tools/list and tools/call."""
     return Server(
         SERVER_NAME,
         version=software_version(),
