@@ -43,12 +43,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+from bench_report import Summary, cpu_model
 from bench_swarm_lib.swarm import (
     SIZES,
     CpuSnapshot,
@@ -288,26 +288,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def cpu_model() -> str:
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-class Summary(list[dict[str, str]]):
-    def add(self, figure: str, value: str, target: str, ok: bool) -> None:
-        self.append(
-            {
-                "figure": figure,
-                "value": value,
-                "target": target,
-                "verdict": "met" if ok else "NOT met",
-            }
-        )
 
 
 def throughput_row(row: dict[str, Any], label: str, service_ms: float) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from bench_report import Summary
+
 from .common import (
     DEAD_SWARM,
     FULL_VIEW_BOUND_S,
@@ -29,18 +31,6 @@ def spread_text(s: dict[str, float] | None) -> str:
         if s is None
         else f"min {s['min']:.2f} s, median {s['median']:.2f} s, max {s['max']:.2f} s"
     )
-
-
-class Summary(list[dict[str, str]]):
-    def add(self, figure: str, value: str, target: str, ok: bool) -> None:
-        self.append(
-            {
-                "figure": figure,
-                "value": value,
-                "target": target,
-                "verdict": "met" if ok else "NOT met",
-            }
-        )
 
 
 def report_loopback(r: dict[str, Any], summary: Summary) -> None:

@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from bench_report import cpu_model
+
 from runners.base import Runner
 
 Figures = dict[str, Any]
@@ -82,16 +84,10 @@ async def alternated(
 
 
 def machine() -> Figures:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     with open("/proc/meminfo") as f:
         mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "ram_gib": round(mem_kb / 2**20, 1),
         "python": platform.python_version(),
