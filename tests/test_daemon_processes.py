@@ -38,6 +38,10 @@ from runners import convert_minilm
 from runners.catalog import specs_from_config
 from runners.openvino_embed import DIM, MODEL_NAME
 
+# Lines read from a child process and not yet taken; past this the reader thread
+# waits (and the child with it) rather than holding an ever-growing backlog.
+LINES_BUFFERED = 10_000
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +130,7 @@ class Daemon:
         self.log_path = data_dir.with_name(f"{data_dir.name}.stderr")
         self.peer_id = ""
         self.addrs: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._lines: queue.Queue[str | None] = queue.Queue(LINES_BUFFERED)
         # No mDNS: other swarms on this machine (other tests, a demo) must not join ours.
         command = swarm_command(
             "daemon",

@@ -43,12 +43,21 @@ DISCOVERY_BOUND_S = 15.0  # all ready -> every host found every other and read i
 STOP_BOUND_S = 10.0
 
 
+# Lines read from a child process and not yet taken; past this the reader thread
+# waits (and the child with it) rather than holding an ever-growing backlog.
+LINES_BUFFERED = 10_000
+
+
+def _lines_queue() -> queue.Queue[Any]:
+    return queue.Queue(LINES_BUFFERED)
+
+
 @dataclass
 class HostProcess:
     index: int
     namespace: str
     proc: subprocess.Popen[str]
-    lines: queue.Queue[dict[str, Any] | None] = field(default_factory=queue.Queue)
+    lines: queue.Queue[dict[str, Any] | None] = field(default_factory=_lines_queue)
     events: list[dict[str, Any]] = field(default_factory=list)
     exited: bool = False
 

@@ -47,6 +47,14 @@ from .common import (
     progress,
 )
 
+# Lines read from a child process and not yet taken; past this the reader thread
+# waits (and the child with it) rather than holding an ever-growing backlog.
+LINES_BUFFERED = 10_000
+
+
+def _lines_queue() -> queue.Queue[Any]:
+    return queue.Queue(LINES_BUFFERED)
+
 
 @dataclass
 class NodeProcess:
@@ -54,7 +62,7 @@ class NodeProcess:
     namespace: str
     proc: subprocess.Popen[str]
     log: Path
-    lines: queue.Queue[tuple[float, dict[str, Any]] | None] = field(default_factory=queue.Queue)
+    lines: queue.Queue[tuple[float, dict[str, Any]] | None] = field(default_factory=_lines_queue)
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     exited: bool = False
 
