@@ -119,7 +119,8 @@ class Feed:
     # -- what the inference service tells ---------------------------------------
 
     def job_started(self, request: Request) -> None:
-        self.publish(Topic.JOBS, "started", _job(request))
+        if self.wants(Topic.JOBS):  # on every request's path: build nothing for nobody
+            self.publish(Topic.JOBS, "started", _job(request))
 
     def job_finished(self, request: Request, outcome: str, seconds: float, by: str | None) -> None:
         data = {**_job(request), "outcome": outcome, "ms": round(1000 * seconds, 3)}
