@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,16 +56,18 @@ async def find_or_convert(
     published = False
     try:
         with trio.fail_after(timeout_s):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_still_converting, name, started)
-                done = await trio.run_process(
+            done = await _with_progress(
+                name,
+                started,
+                partial(
+                    trio.run_process,
                     [sys.executable, *command(staged)],
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
                     env=converter_env(),
-                )
-                nursery.cancel_scope.cancel()
+                ),
+            )
         if done.returncode != 0:
             tail = done.stderr.decode(errors="replace").strip()[-2000:]
             raise ModelLoadError(f"{name}: converter exited with {done.returncode}: {tail}")
@@ -83,6 +86,23 @@ async def find_or_convert(
     took = time.monotonic() - started
     log.info("converted %s to OpenVINO IR in %.1f s (cached: later starts skip this)", name, took)
     return path, took
+
+
+async def _with_progress(name: str, started: float, work: Callable[[], Awaitable[T]]) -> T:
+    """``work()`` with a progress line every PROGRESS_EVERY_S. Its OSError (the
+    converter did not start) is raised as itself, not inside the nursery's group."""
+    done: list[T] = []
+    failed: list[OSError] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_still_converting, name, started)
+        try:
+            done.append(await work())
+        except OSError as exc:
+            failed.append(exc)
+        nursery.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 async def _still_converting(name: str, started: float) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from runners import ov_cache
+from runners.errors import ModelLoadError
 
 # Writes one file into the staging dir it is given, after a pause.
 CONVERTER = (
@@ -44,3 +45,14 @@ async def test_conversion_logs_start_progress_and_time(
         )
     assert (again, took) == (path, None)
     assert caplog.records == []  # cached: nothing to report
+
+
+async def test_a_converter_that_cannot_start_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An interpreter path that does not exist: run_process raises OSError at spawn.
+    monkeypatch.setattr(ov_cache.sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(ModelLoadError, match="cannot run the converter"):
+        await ov_cache.find_or_convert(
+            tmp_path / "models" / "tiny", {"recipe": "1"}, command, name="tiny", timeout_s=30
+        )
