@@ -48,6 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from protocols import Param, Request, Tensor, Value
+from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER  # takes max_tokens, tools
 
 from .app import (
     Backend,
@@ -72,7 +73,6 @@ MAX_CHOICES = 8  # n: each choice is a job of its own
 # log probabilities they asked for.
 UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs")
 EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
-OPENAI_RUNNER = "openai-compat"  # runners/remote/openai_compat.py: takes max_tokens
 
 
 def routes(backend: Backend, config: GatewayConfig) -> list[Route]:

@@ -68,6 +68,7 @@ from .openai_tools import ToolCallParts, tool_deltas
 from .runner import RemoteRunner
 
 APIS = ("openai", "tei")
+RUNNER = "openai-compat"  # what models of this runner announce as their runner
 TASKS = ("text-generation", "embeddings")
 FLAVORS = ("generic", "vllm", "llama-cpp-python")
 POOLINGS = ("none", "mean")
@@ -240,21 +241,12 @@ class OpenAIGenerateRunner(_OpenAIRunner):
 
     def _describe(self) -> ModelInfo:
         c = self.config
-        return ModelInfo(
-            name=c.name,
-            task="text-generation",
-            runner="openai-compat",
-            device="remote",
-            precision="unknown",
-            max_batch=c.max_batch,
-            inputs=(
-                TextSpec("prompt", max_items=c.max_batch, max_chars=c.max_chars, required=False),
-                TextSpec("messages", max_items=1, max_chars=c.max_chars, required=False),
-            ),
-            context_length=c.context_length,
-            streams=True,
-            extra={"api": c.api, "flavor": c.flavor, "backend_model": c.model},
+        inputs = (
+            TextSpec("prompt", max_items=c.max_batch, max_chars=c.max_chars, required=False),
+            TextSpec("messages", max_items=1, max_chars=c.max_chars, required=False),
         )
+        extra = {"api": c.api, "flavor": c.flavor, "backend_model": c.model}
+        return self._remote_info("text-generation", RUNNER, inputs, extra, streams=True)
 
     async def _discover(self) -> None:
         entry = await self._find_model()
@@ -436,17 +428,9 @@ class OpenAIEmbedRunner(_OpenAIRunner):
 
     def _describe(self) -> ModelInfo:
         c = self.config
-        return ModelInfo(
-            name=c.name,
-            task="embeddings",
-            runner="openai-compat",
-            device="remote",
-            precision="unknown",
-            max_batch=c.max_batch,
-            inputs=(TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),),
-            context_length=c.context_length,
-            extra={"api": c.api, "flavor": c.flavor, "backend_model": c.model},
-        )
+        inputs = (TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),)
+        extra = {"api": c.api, "flavor": c.flavor, "backend_model": c.model}
+        return self._remote_info("embeddings", RUNNER, inputs, extra)
 
     async def _discover(self) -> None:
         entry = await self._find_model()

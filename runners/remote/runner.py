@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..base import ModelInfo, Runner
+from ..base import InputSpec, ModelInfo, Runner
 from ..errors import ModelLoadError, RunnerError
 from .endpoint import Endpoint
 from .errors import BackendError
@@ -45,7 +46,32 @@ class RemoteRunner(Runner):
 
     @abc.abstractmethod
     def _describe(self) -> ModelInfo:
-        """The ModelInfo known before asking the server."""
+        """The ModelInfo known before asking the server (see ``_remote_info``)."""
+
+    def _remote_info(
+        self,
+        task: str,
+        runner: str,
+        inputs: tuple[InputSpec, ...],
+        extra: Mapping[str, str | int | float | bool],
+        *,
+        streams: bool = False,
+    ) -> ModelInfo:
+        """What every remote model announces alike: its name and limits from the
+        config, a remote device, a precision the server does not tell."""
+        c = self.config
+        return ModelInfo(
+            name=c.name,
+            task=task,
+            runner=runner,
+            device="remote",
+            precision="unknown",
+            max_batch=c.max_batch,
+            inputs=inputs,
+            context_length=c.context_length,
+            streams=streams,
+            extra=extra,
+        )
 
     @abc.abstractmethod
     async def _discover(self) -> None:

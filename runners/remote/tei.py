@@ -37,16 +37,9 @@ class TEIEmbedRunner(RemoteRunner):
 
     def _describe(self) -> ModelInfo:
         c = self.config
-        return ModelInfo(
-            name=c.name,
-            task="embeddings",
-            runner="tei",
-            device="remote",
-            precision="unknown",
-            max_batch=c.max_batch,
-            inputs=(TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),),
-            context_length=c.context_length,
-            extra={"api": c.api, "backend_model": c.model},
+        inputs = (TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),)
+        return self._remote_info(
+            "embeddings", "tei", inputs, {"api": c.api, "backend_model": c.model}
         )
 
     async def _discover(self) -> None:
