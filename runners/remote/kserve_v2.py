@@ -278,11 +278,7 @@ def decode_binary_response(
 
 def decode_binary_tensor(item: Any, blob: bytes, where: str) -> tuple[str, Value]:
     """One answer tensor whose data came as raw bytes."""
-    entry = _object(item, where)
-    name = _text(entry, "name", where)
-    at = f"{where} ({name})"
-    datatype = _text(entry, "datatype", at)
-    shape = _shape(entry.get("shape"), at)
+    _, name, at, datatype, shape = _header(item, where)
     count = math.prod(shape)
     if datatype == BYTES:
         items = _split_bytes(blob, at)
@@ -341,13 +337,18 @@ def _shape(shape: Any, at: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def decode_tensor(item: Any, where: str) -> tuple[str, Value]:
-    """One answer tensor, checked: datatype known, data count and kinds match the shape."""
+def _header(item: Any, where: str) -> tuple[Mapping[str, Any], str, str, str, tuple[int, ...]]:
+    """A tensor's object, name, where to say it is, datatype and shape, checked."""
     entry = _object(item, where)
     name = _text(entry, "name", where)
     at = f"{where} ({name})"
-    datatype = _text(entry, "datatype", at)
-    shape = list(_shape(entry.get("shape"), at))
+    return entry, name, at, _text(entry, "datatype", at), _shape(entry.get("shape"), at)
+
+
+def decode_tensor(item: Any, where: str) -> tuple[str, Value]:
+    """One answer tensor, checked: datatype known, data count and kinds match the shape."""
+    entry, name, at, datatype, sizes = _header(item, where)
+    shape = list(sizes)
     data = entry.get("data")
     if not isinstance(data, list):
         raise BackendGarbage(f"{at}: no 'data' list (binary outputs were not asked for)")
