@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
@@ -27,24 +26,13 @@ import trio
 from rich.console import Console, RenderableType
 
 from protocols import Chunk, Priority, RemoteError, SwarmError, Value
-from runners.catalog import (
-    DEFAULT_MODEL,
-    ModelSpec,
-    ModelSpecError,
-    parse_model_spec,
-    specs_from_config,
-)
-from runners.errors import ConfigError as RunnerConfigError
-from runners.settings import Table
 
 from . import config_file, logs
-from .access import key_fingerprint, load_allow_list, load_swarm_key, new_swarm_key_text
+from .access import key_fingerprint, load_swarm_key, new_swarm_key_text
 from .client import SwarmClient
 from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
 from .errors import ConfigError, sole_error
-from .gateway import GatewayConfig
 from .host import build_host, load_or_create_identity
-from .membership import MembershipConfig
 from .render import (
     jsonable,
     model_rows,
@@ -56,11 +44,10 @@ from .render import (
     status_table,
     to_text,
 )
-from .router import RouterConfig, Strategy
+from .router import Strategy
 
 log = logging.getLogger("swarm")
 T = TypeVar("T")
-CONFIG_FILE = "config.toml"  # in the data dir: read when present, or named by --config
 CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 
 
@@ -70,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.func is _daemon:
             # The daemon's config file may set the log level and format: read it first.
-            args.node_config, level, log_format = _daemon_config(args)
+            args.node_config, level, log_format = config_file.node_config(args)
         else:
             level, log_format = args.log_level or "WARNING", args.log_format or "text"
         logs.configure(level, json_lines=log_format == "json")
@@ -108,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         "daemon",
         help="run a node",
         description=(
-            f"Run a node. Every flag can be set in DATA_DIR/{CONFIG_FILE} ('swarm init' writes "
-            "one listing them all); a flag given here wins, and the repeatable ones add to "
-            "the file's lists."
+            f"Run a node. Every flag can be set in DATA_DIR/{config_file.CONFIG_FILE} "
+            "('swarm init' writes one listing them all); a flag given here wins, and the "
+            "repeatable ones add to the file's lists."
         ),
     )
     _data_dir(d)
@@ -142,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=(
             f"[node], [http], [[models]], [backends.NAME] and [router] tables "
-            f"(default DATA_DIR/{CONFIG_FILE} if present)"
+            f"(default DATA_DIR/{config_file.CONFIG_FILE} if present)"
         ),
     )
     d.add_argument(
@@ -344,89 +331,6 @@ def _data_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _models(args: argparse.Namespace, config: dict[str, Any], source: str) -> tuple[ModelSpec, ...]:
-    """The models of config.toml, then those of --model; the default if none.
-
-    Every declaration is validated here, before anything starts: a typo is bad
-    usage, said at once with the field it is in.
-    """
-    try:
-        specs = specs_from_config(config, source) if config else []
-        specs += [parse_model_spec(text) for text in args.model or ()]
-        if not specs:
-            specs.append(parse_model_spec(DEFAULT_MODEL))
-    except ModelSpecError as exc:
-        raise ConfigError(str(exc)) from exc
-    names = [s.name.lower() for s in specs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"models declared twice: {', '.join(twice)}")
-    return tuple(specs)
-
-
-def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> RouterConfig:
-    """config.toml's [router] table; --strategy overrides its strategy."""
-    try:
-        table = config.get("router")
-        router = (
-            RouterConfig()
-            if table is None
-            else RouterConfig.from_table(Table(table, f"{source}: router"))
-        )
-    except (RunnerConfigError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
-    if args.strategy is not None:
-        router = dataclasses.replace(router, strategy=Strategy(args.strategy))
-    return router
-
-
-def _daemon_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
-    """The node's config: config.toml's values, with the flags given laid over them.
-
-    Also the log level and format, which the file may set too.
-    """
-    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
-    file, source = config_file.read(path, required=args.config is not None)
-    f = config_file.settings(file, source)
-    forward_only = f.forward_only if args.no_models is None else args.no_models
-    if forward_only and args.model:
-        raise ConfigError("--no-models (or forward_only) and --model exclude each other")
-    models = () if forward_only else _models(args, file, source)
-    # Paths in the file are relative to the file (the data dir, usually), not to the cwd.
-    here = path.parent
-    swarm_key = args.swarm_key or (here / Path(f.swarm_key).expanduser() if f.swarm_key else None)
-    config = NodeConfig(
-        data_dir=args.data_dir.expanduser(),
-        listen=tuple(args.listen or f.listen),
-        peers=(*f.peers, *args.peer),
-        models=models,
-        max_queue=_given(args.max_queue, f.max_queue),
-        shutdown_grace_s=_given(args.grace, f.grace),
-        probe_cuda=_given(args.cuda_probe, f.cuda_probe),
-        swarm_key=_load_swarm_key(swarm_key, args.data_dir),
-        bootstrap=(*f.bootstrap, *args.bootstrap),
-        mdns=_given(args.mdns, f.mdns),
-        dht=_given(args.dht, f.dht),
-        membership=_membership(
-            _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
-        ),
-        router=_router(args, file, source),
-        allow=load_allow_list(
-            [*f.allow, *args.allow],
-            [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],
-        ),
-        http=_http(args, f),
-        http_fallback=args.http is None and f.http_listen is None,
-    )
-    level = args.log_level or f.log_level or "INFO"
-    return config, level, args.log_format or f.log_format
-
-
-def _given(flag: T | None, file_value: T) -> T:
-    """The flag's value when it was given, else the file's (or its default)."""
-    return file_value if flag is None else flag
-
-
 async def _daemon(args: argparse.Namespace) -> int:
     config: NodeConfig = args.node_config
     node = Node(config)
@@ -449,28 +353,8 @@ async def _daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _http(args: argparse.Namespace, f: config_file.FileSettings) -> GatewayConfig | None:
-    listen = args.http or f.http_listen or config_file.DEFAULT_HTTP
-    token_env = args.http_token_env or f.http_token_env
-    insecure = _given(args.http_insecure, f.http_insecure)
-    if listen == config_file.HTTP_OFF:
-        if args.http_token_env or args.http_insecure:
-            raise ConfigError("--http-token-env and --http-insecure need the gateway on")
-        return None
-    return GatewayConfig.parse(listen, token_env=token_env, insecure=insecure)
-
-
 def _swarm_key(args: argparse.Namespace) -> str | None:
-    return _load_swarm_key(args.swarm_key, args.data_dir)
-
-
-def _load_swarm_key(path: Path | None, data_dir: Path) -> str | None:
-    """The key at ``path``; with none given, DATA_DIR/swarm.key if it exists."""
-    if path is None:
-        path = data_dir.expanduser() / "swarm.key"
-        if not path.exists():
-            return None
-    return load_swarm_key(path)
+    return config_file.swarm_key_or_default(args.swarm_key, args.data_dir)
 
 
 def _connect(args: argparse.Namespace, target: str) -> AbstractAsyncContextManager[SwarmClient]:
@@ -503,7 +387,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    path = args.data_dir.expanduser() / CONFIG_FILE
+    path = args.data_dir.expanduser() / config_file.CONFIG_FILE
     if path.exists() and not args.force:
         raise ConfigError(f"{path} exists; not overwriting it (--force to replace)")
     template = resources.files("node").joinpath("default_config.toml").read_text()
@@ -711,13 +595,6 @@ async def _peers(args: argparse.Namespace) -> int:
     else:
         _show(peers_table(rows, view.get("discovery", {})))
     return 0
-
-
-def _membership(heartbeat_s: float, dead_after_s: float) -> MembershipConfig:
-    try:
-        return MembershipConfig(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
-    except ValueError as exc:
-        raise ConfigError(f"heartbeat/dead_after: {exc}") from exc
 
 
 async def _local_status(args: argparse.Namespace) -> int:

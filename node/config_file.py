@@ -1,7 +1,7 @@
 """config.toml's [node] and [http] tables: every daemon flag, typed, with its default.
 
-The file is read once, here, into a frozen ``FileSettings``; the CLI then lays
-the flags given on the command line over it (a flag given wins; the repeatable
+The file is read once, here, into a frozen ``FileSettings``; ``node_config``
+then lays the flags given on the command line over it (a flag given wins; the repeatable
 ones, --peer --bootstrap --allow --allow-file --model, add to the file's lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
@@ -10,17 +10,33 @@ are read by the catalog and the router, as before.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from runners.catalog import (
+    DEFAULT_MODEL,
+    ModelSpec,
+    ModelSpecError,
+    parse_model_spec,
+    specs_from_config,
+)
 from runners.errors import ConfigError as RunnerConfigError
 from runners.settings import Table
 
-from .daemon import DEFAULT_LISTEN
+from .access import load_allow_list, load_swarm_key
+from .daemon import DEFAULT_LISTEN, NodeConfig
 from .errors import ConfigError
+from .gateway import GatewayConfig
+from .membership import MembershipConfig
+from .router import RouterConfig, Strategy
 
+T = TypeVar("T")
+
+CONFIG_FILE = "config.toml"  # in the data dir: read when present, or named by --config
 DEFAULT_HTTP = "127.0.0.1:8470"  # the gateway's port when none is given; busy: a free one
 HTTP_OFF = "off"
 TABLES = frozenset({"node", "http", "models", "backends", "router"})
@@ -132,3 +148,116 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
     node.done()
     http.done()
     return out
+
+
+# -- the flags laid over the file ------------------------------------------------------
+
+
+def _models(args: argparse.Namespace, config: dict[str, Any], source: str) -> tuple[ModelSpec, ...]:
+    """The models of config.toml, then those of --model; the default if none.
+
+    Every declaration is validated here, before anything starts: a typo is bad
+    usage, said at once with the field it is in.
+    """
+    try:
+        specs = specs_from_config(config, source) if config else []
+        specs += [parse_model_spec(text) for text in args.model or ()]
+        if not specs:
+            specs.append(parse_model_spec(DEFAULT_MODEL))
+    except ModelSpecError as exc:
+        raise ConfigError(str(exc)) from exc
+    names = [s.name.lower() for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"models declared twice: {', '.join(twice)}")
+    return tuple(specs)
+
+
+def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> RouterConfig:
+    """config.toml's [router] table; --strategy overrides its strategy."""
+    try:
+        table = config.get("router")
+        router = (
+            RouterConfig()
+            if table is None
+            else RouterConfig.from_table(Table(table, f"{source}: router"))
+        )
+    except (RunnerConfigError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.strategy is not None:
+        router = dataclasses.replace(router, strategy=Strategy(args.strategy))
+    return router
+
+
+def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
+    """The node's config: config.toml's values, with the flags given laid over them.
+
+    Also the log level and format, which the file may set too.
+    """
+    path = args.config or args.data_dir.expanduser() / CONFIG_FILE
+    file, source = read(path, required=args.config is not None)
+    f = settings(file, source)
+    forward_only = f.forward_only if args.no_models is None else args.no_models
+    if forward_only and args.model:
+        raise ConfigError("--no-models (or forward_only) and --model exclude each other")
+    models = () if forward_only else _models(args, file, source)
+    # Paths in the file are relative to the file (the data dir, usually), not to the cwd.
+    here = path.parent
+    swarm_key = args.swarm_key or (here / Path(f.swarm_key).expanduser() if f.swarm_key else None)
+    config = NodeConfig(
+        data_dir=args.data_dir.expanduser(),
+        listen=tuple(args.listen or f.listen),
+        peers=(*f.peers, *args.peer),
+        models=models,
+        max_queue=_given(args.max_queue, f.max_queue),
+        shutdown_grace_s=_given(args.grace, f.grace),
+        probe_cuda=_given(args.cuda_probe, f.cuda_probe),
+        swarm_key=swarm_key_or_default(swarm_key, args.data_dir),
+        bootstrap=(*f.bootstrap, *args.bootstrap),
+        mdns=_given(args.mdns, f.mdns),
+        dht=_given(args.dht, f.dht),
+        membership=_membership(
+            _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
+        ),
+        router=_router(args, file, source),
+        allow=load_allow_list(
+            [*f.allow, *args.allow],
+            [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],
+        ),
+        http=_http(args, f),
+        http_fallback=args.http is None and f.http_listen is None,
+    )
+    level = args.log_level or f.log_level or "INFO"
+    return config, level, args.log_format or f.log_format
+
+
+def _given(flag: T | None, file_value: T) -> T:
+    """The flag's value when it was given, else the file's (or its default)."""
+    return file_value if flag is None else flag
+
+
+def _http(args: argparse.Namespace, f: FileSettings) -> GatewayConfig | None:
+    listen = args.http or f.http_listen or DEFAULT_HTTP
+    token_env = args.http_token_env or f.http_token_env
+    insecure = _given(args.http_insecure, f.http_insecure)
+    if listen == HTTP_OFF:
+        if args.http_token_env or args.http_insecure:
+            raise ConfigError("--http-token-env and --http-insecure need the gateway on")
+        return None
+    return GatewayConfig.parse(listen, token_env=token_env, insecure=insecure)
+
+
+def swarm_key_or_default(path: Path | None, data_dir: Path) -> str | None:
+    """The key at ``path``; with none given, DATA_DIR/swarm.key if it exists."""
+    if path is None:
+        path = data_dir.expanduser() / "swarm.key"
+        if not path.exists():
+            return None
+    return load_swarm_key(path)
+
+
+def _membership(heartbeat_s: float, dead_after_s: float) -> MembershipConfig:
+    try:
+        return MembershipConfig(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
+    except ValueError as exc:
+        raise ConfigError(f"heartbeat/dead_after: {exc}") from exc

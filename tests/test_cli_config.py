@@ -1,7 +1,7 @@
 """config.toml and the daemon's flags: every flag has a key, the file is typed and
 checked, flags win over it, and what ``swarm init`` writes is accepted as it is.
 
-These read the config the way ``swarm daemon`` does (``cli._daemon_config``),
+These read the config the way ``swarm daemon`` does (``config_file.node_config``),
 without starting a node; test_cli_gateway.py starts real ones.
 """
 
@@ -29,7 +29,7 @@ PEER_B = "/ip4/127.0.0.1/tcp/7002/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2k
 def daemon_config(*flags: str, before: tuple[str, ...] = ()) -> tuple[NodeConfig, str, str]:
     """The config ``swarm [BEFORE...] daemon FLAGS...`` would run with."""
     args = cli._parser().parse_args([*before, "daemon", *flags])
-    return cli._daemon_config(args)
+    return config_file.node_config(args)
 
 
 def model_names(config: NodeConfig) -> list[str]:
@@ -109,7 +109,7 @@ def test_init_with_every_key_uncommented_is_accepted(
     """Every `# key = value` line of [node] and [http], switched on, reads cleanly."""
     data_dir = tmp_path / "node"
     assert cli.main(["init", "--data-dir", str(data_dir)]) == 0
-    path = data_dir / cli.CONFIG_FILE
+    path = data_dir / config_file.CONFIG_FILE
     text = path.read_text()
     part = text[text.index("[node]") : text.index("# -- models")]
     path.write_text(text.replace(part, switched_on(text)))
@@ -198,7 +198,9 @@ def test_unknown_or_mistyped_keys_are_refused_naming_key_and_file(
 
 
 def test_the_data_dirs_config_is_read_without_config_flag(tmp_path: Path) -> None:
-    (tmp_path / cli.CONFIG_FILE).write_text("[node]\nmax_queue = 3\n[http]\nlisten = 'off'\n")
+    (tmp_path / config_file.CONFIG_FILE).write_text(
+        "[node]\nmax_queue = 3\n[http]\nlisten = 'off'\n"
+    )
     config, _, _ = daemon_config("--data-dir", str(tmp_path))
     assert config.max_queue == 3 and config.http is None
     # A --config that does not exist is an error; a data dir without one is not.
@@ -239,5 +241,5 @@ def test_keygen_and_id_and_init_speak_json(
     assert cli.main(["init", "--data-dir", str(tmp_path), "--json"]) == 0
     wrote = json.loads(capsys.readouterr().out)
     assert set(wrote) == {"path", "bytes"}
-    assert wrote["path"] == str((tmp_path / cli.CONFIG_FILE).resolve())
-    assert wrote["bytes"] == (tmp_path / cli.CONFIG_FILE).stat().st_size
+    assert wrote["path"] == str((tmp_path / config_file.CONFIG_FILE).resolve())
+    assert wrote["bytes"] == (tmp_path / config_file.CONFIG_FILE).stat().st_size
