@@ -85,10 +85,6 @@ class Feed:
         self._subscribers: set[Subscription] = set()
         self._jobs: deque[dict[str, Any]] = deque(maxlen=recent)
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)
-
     def wants(self, topic: Topic) -> bool:
         return any(topic in s.topics for s in self._subscribers)
 
