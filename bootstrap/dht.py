@@ -40,7 +40,7 @@ from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
-from node.errors import ConfigError
+from protocols.errors import ConfigError
 
 from ._addrs import without_p2p
 from ._notifee import ConnectionNotifee

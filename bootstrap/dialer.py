@@ -32,8 +32,8 @@ import trio
 from libp2p.peer.peerinfo import PeerInfo
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
-from node.errors import ConfigError
 from node.host import peer_info
+from protocols.errors import ConfigError
 
 from ._addrs import without_p2p
 from ._notifee import ConnectionNotifee

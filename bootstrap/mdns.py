@@ -68,6 +68,7 @@ from libp2p.peer.peerstore import PeerStore
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
 from node.host import dialable_addrs
+from protocols.errors import ConfigError
 
 from .events import Discovered, DiscoveryProblem, Source
 
@@ -247,9 +248,9 @@ class MdnsDiscovery:
         backend_factory: BackendFactory = start_zeroconf,
     ) -> None:
         if not no_answer_after_s > 0:
-            raise ValueError("no_answer_after_s must be > 0")
+            raise ConfigError("no_answer_after_s must be > 0")
         if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
+            raise ConfigError("max_pending must be >= 1")
         addrs = announce_addrs(addrs)
         self.announcement = Announcement(peer_id, addrs, _tcp_port(addrs), service_type)
         self.dropped = 0  # finds lost because max_pending peers were already waiting

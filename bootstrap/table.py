@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from protocols.errors import ConfigError
+
 from .events import Discovered, DiscoveryProblem, Source
 
 
@@ -53,7 +55,7 @@ class TableConfig:
 
     def __post_init__(self) -> None:
         if not (self.dead_after_s > 0 and self.max_peers > 0 and self.max_addrs > 0):
-            raise ValueError("dead_after_s, max_peers and max_addrs must be positive")
+            raise ConfigError("dead_after_s, max_peers and max_addrs must be positive")
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from protocols.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

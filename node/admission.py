@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import trio
 
 from protocols import Priority
+from protocols.errors import ConfigError
 
 from .errors import Overloaded
 
@@ -38,7 +39,7 @@ class PriorityGate:
 
     def __init__(self, *, concurrency: int, max_waiting: int) -> None:
         if concurrency < 1 or max_waiting < 0:
-            raise ValueError("concurrency must be >= 1 and max_waiting >= 0")
+            raise ConfigError("concurrency must be >= 1 and max_waiting >= 0")
         self.concurrency = concurrency
         self.max_waiting = max_waiting
         self.running = 0

@@ -26,12 +26,13 @@ import trio
 from rich.console import Console, RenderableType
 
 from protocols import Chunk, Priority, RemoteError, SwarmError, Value
+from protocols.errors import ConfigError
 
 from . import config_file, logs
 from .access import key_fingerprint, load_swarm_key, new_swarm_key_text
 from .client import SwarmClient
 from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
-from .errors import ConfigError, sole_error
+from .errors import sole_error
 from .host import build_host, load_or_create_identity
 from .render import (
     jsonable,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from protocols.config import Table
+from protocols.errors import ConfigError
 from runners.catalog import (
     DEFAULT_MODEL,
     ModelSpec,
@@ -24,12 +26,9 @@ from runners.catalog import (
     parse_model_spec,
     specs_from_config,
 )
-from runners.errors import ConfigError as RunnerConfigError
-from runners.settings import Table
 
 from .access import load_allow_list, load_swarm_key
 from .daemon import DEFAULT_LISTEN, NodeConfig
-from .errors import ConfigError
 from .gateway import GatewayConfig
 from .membership import MembershipConfig
 from .router import RouterConfig, Strategy
@@ -113,10 +112,7 @@ def settings(data: dict[str, Any], source: str) -> FileSettings:
     unknown = sorted(set(data) - TABLES)
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {', '.join(unknown)}")
-    try:
-        return _settings(data, source)
-    except RunnerConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    return _settings(data, source)
 
 
 def _settings(data: dict[str, Any], source: str) -> FileSettings:
@@ -175,15 +171,12 @@ def _models(args: argparse.Namespace, config: dict[str, Any], source: str) -> tu
 
 def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> RouterConfig:
     """config.toml's [router] table; --strategy overrides its strategy."""
-    try:
-        table = config.get("router")
-        router = (
-            RouterConfig()
-            if table is None
-            else RouterConfig.from_table(Table(table, f"{source}: router"))
-        )
-    except (RunnerConfigError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
+    table = config.get("router")
+    router = (
+        RouterConfig()
+        if table is None
+        else RouterConfig.from_table(Table(table, f"{source}: router"))
+    )
     if args.strategy is not None:
         router = dataclasses.replace(router, strategy=Strategy(args.strategy))
     return router
@@ -259,5 +252,5 @@ def swarm_key_or_default(path: Path | None, data_dir: Path) -> str | None:
 def _membership(heartbeat_s: float, dead_after_s: float) -> MembershipConfig:
     try:
         return MembershipConfig(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ConfigError(f"heartbeat/dead_after: {exc}") from exc

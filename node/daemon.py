@@ -43,6 +43,7 @@ from protocols import (
     Request,
     SwarmError,
 )
+from protocols.errors import ConfigError
 from runners.base import Runner
 from runners.catalog import DEFAULT_MODEL, ModelSpec, build_runner, parse_model_spec
 from runners.errors import ModelNotFound
@@ -51,7 +52,7 @@ from .access import AccessPolicy
 from .caller import Caller
 from .caps import CapsHandler, Received, RecordSigner
 from .dispatch import Dispatcher, RouterPlanner
-from .errors import ConfigError, sole_error
+from .errors import sole_error
 from .feed import Feed, report_load, watch_peers
 from .gateway import Backend, Gateway, GatewayConfig, swarm_models
 from .host import dialable_addrs, load_or_create_identity, peer_info, running_host

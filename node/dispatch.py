@@ -46,6 +46,7 @@ from protocols import (
     SwarmError,
     retry_policy,
 )
+from protocols.errors import ConfigError
 from runners.errors import ModelNotFound
 
 from .caller import Caller
@@ -119,7 +120,7 @@ class Dispatcher:
         max_attempts: int = 3,
     ) -> None:
         if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+            raise ConfigError("max_attempts must be at least 1")
         self.self_id = self_id
         self._providers = providers
         self._caller = caller

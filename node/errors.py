@@ -2,7 +2,6 @@
 
     SwarmError (protocols.errors)
     └── NodeError
-        ├── ConfigError        a bad flag, config value or model spec: BAD_REQUEST
         ├── PeerUnavailable    we could not reach the peer; nothing was sent: NOT_EXECUTED
         ├── ConnectionLost     the stream broke under us after the request left: OUTCOME_UNKNOWN
         ├── Overloaded         the admission queue is full: OVERLOADED, with retry_after_ms
@@ -10,6 +9,8 @@
         ├── Interrupted        the node shut down while it ran: OUTCOME_UNKNOWN
         ├── DeadlineExceeded   the request's deadline passed: DEADLINE_EXCEEDED
         └── Unauthorized       the peer may not use this node: UNAUTHORIZED
+
+A bad flag or config value is ``protocols.ConfigError``, shared by every layer.
 
 "We closed it" is not an error: a stream we close ourselves ends quietly.
 """
@@ -21,10 +22,6 @@ from protocols import ErrorCode, SwarmError
 
 class NodeError(SwarmError):
     code = ErrorCode.INTERNAL
-
-
-class ConfigError(NodeError):
-    code = ErrorCode.BAD_REQUEST
 
 
 class PeerUnavailable(NodeError):

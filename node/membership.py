@@ -52,6 +52,7 @@ from bootstrap.table import (
 )
 from capabilities.signing import RecordBook, RecordRejected, RecordReplayed
 from protocols import CapabilityRecord, ProtocolError, SwarmError
+from protocols.errors import ConfigError
 
 from .access import AccessPolicy
 from .caps import CapsStreams, Received, RecordSigner
@@ -90,7 +91,7 @@ class MembershipConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_s * LAGGARD_FACTOR < self.dead_after_s:
-            raise ValueError(
+            raise ConfigError(
                 f"heartbeat must be positive and {LAGGARD_FACTOR} times it shorter than dead_after"
             )
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from runners.remote.resilience import BreakerState, CircuitBreaker
+from protocols.errors import ConfigError
+from protocols.resilience import BreakerState, CircuitBreaker
 
 Clock = Callable[[], float]
 
@@ -46,15 +47,15 @@ class PeerBreakers:
         forget_after_s: float = 3600.0,
     ) -> None:
         if failures < 1:
-            raise ValueError("failures must be at least 1")
+            raise ConfigError("failures must be at least 1")
         if not cooldown_s >= 0:
-            raise ValueError("cooldown_s must be non-negative")
+            raise ConfigError("cooldown_s must be non-negative")
         if not max_cooldown_s >= cooldown_s:
-            raise ValueError("max_cooldown_s must be at least cooldown_s")
+            raise ConfigError("max_cooldown_s must be at least cooldown_s")
         if max_peers < 1:
-            raise ValueError("max_peers must be at least 1")
+            raise ConfigError("max_peers must be at least 1")
         if not forget_after_s > 0:
-            raise ValueError("forget_after_s must be positive")
+            raise ConfigError("forget_after_s must be positive")
         self.failures = failures
         self.cooldown_s = cooldown_s
         self.max_cooldown_s = max_cooldown_s

@@ -56,10 +56,10 @@ from typing import Any
 from bootstrap.table import PeerTable, serving
 from capabilities.record import Load
 from protocols import Priority
+from protocols.config import Table
+from protocols.errors import ConfigError
+from protocols.resilience import BreakerState
 from runners.base import ModelInfo
-from runners.errors import ConfigError
-from runners.remote.resilience import BreakerState
-from runners.settings import Table
 
 from .peer_health import PeerBreakers
 
@@ -89,7 +89,7 @@ class Weights:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"router weight {name} must be a finite number >= 0")
+                raise ConfigError(f"router weight {name} must be a finite number >= 0")
 
     @classmethod
     def from_table(cls, table: Table) -> Weights:
@@ -116,20 +116,20 @@ class RouterConfig:
         try:
             object.__setattr__(self, "strategy", Strategy(self.strategy))  # "round-robin" works
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"router strategy must be one of {[str(s) for s in Strategy]}"
             ) from None
         for name in ("max_attempts", "saturation", "peer_failures", "max_tracked_peers"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"router {name} must be an integer >= 1")
+                raise ConfigError(f"router {name} must be an integer >= 1")
         if not isinstance(self.weights, Weights):
-            raise ValueError("router weights must be a Weights")
+            raise ConfigError("router weights must be a Weights")
         if not (math.isfinite(self.load_half_life_s) and self.load_half_life_s > 0):
-            raise ValueError("router load_half_life_s must be a positive number")
+            raise ConfigError("router load_half_life_s must be a positive number")
         cool, top = self.peer_cooldown_s, self.peer_max_cooldown_s
         if not (math.isfinite(cool) and cool >= 0 and math.isfinite(top) and top >= cool):
-            raise ValueError("router needs 0 <= peer_cooldown_s <= peer_max_cooldown_s, finite")
+            raise ConfigError("router needs 0 <= peer_cooldown_s <= peer_max_cooldown_s, finite")
 
     @classmethod
     def from_table(cls, table: Table) -> RouterConfig:

@@ -1,11 +1,17 @@
-"""The swarm wire protocol, sans-IO: typed messages, tensors, framing, lifecycle.
+"""The bottom layer: the swarm wire protocol, and the pure pieces every layer shares.
 
-Knows nothing of trio, libp2p or models: bytes in, typed messages out, and back.
+The wire, sans-IO: typed messages, tensors, framing, lifecycle. Knows nothing of
+trio, libp2p or models: bytes in, typed messages out, and back. Beside it, the
+one error root (``errors``), typed config tables (``config.Table``) and the
+resilience primitives (``resilience``: circuit breaker, backoff, Retry-After),
+pure too: they take the time from their caller. A test keeps this package free
+of trio, libp2p and every other layer of swarm.
 """
 
 from .codec import DEFAULT_LIMITS, Decoder, Limits, MessageTooLarge, encode
 from .codes import ErrorCode, Retry, retry_policy
 from .errors import (
+    ConfigError,
     FrameTooLarge,
     LocalProtocolError,
     ProtocolError,
@@ -41,6 +47,7 @@ __all__ = [
     "Cancel",
     "CapabilityRecord",
     "Chunk",
+    "ConfigError",
     "Decoder",
     "Error",
     "ErrorCode",

@@ -21,7 +21,13 @@ from typing import Any
 import msgpack
 
 from .codes import ErrorCode
-from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import (
+    ConfigError,
+    FrameTooLarge,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from .messages import (
     MAX_ID_LEN,
     MAX_NAME_LEN,
@@ -62,9 +68,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         if not 0 < self.part_size <= self.max_frame - 1024:
-            raise ValueError("part_size must be positive and leave 1 KiB of a frame for framing")
+            raise ConfigError("part_size must be positive and leave 1 KiB of a frame for framing")
         if self.max_message < self.part_size or self.max_items < 16:
-            raise ValueError("max_message must hold one part and max_items at least 16")
+            raise ConfigError("max_message must hold one part and max_items at least 16")
 
 
 DEFAULT_LIMITS = Limits()

@@ -10,7 +10,13 @@ peer would be told, which is how the node turns any failure into a typed
     │   ├── LocalProtocolError     ... by us: a bug in our code, never the peer's fault
     │   └── RemoteProtocolError    ... by the peer: malformed or out-of-order data
     │       └── FrameTooLarge      ... a frame or message over the configured caps
-    └── RemoteError                the peer answered with a typed Error message
+    ├── RemoteError                the peer answered with a typed Error message
+    └── ConfigError                a flag, config value, model spec or backend declaration
+                                   that does not validate; the message names the field
+
+``ConfigError`` lives here, not in a higher layer, because every layer reads
+config (runners their model tables, bootstrap its addresses, node its flags)
+and a caller should catch one class for "the configuration is wrong".
 
 Other layers add their own subclasses (runners, node) in their own modules; the
 tree above is the part every layer shares. Foreign exceptions (msgpack, OS,
@@ -63,3 +69,9 @@ class RemoteError(SwarmError):
     @property
     def retry(self) -> Retry:
         return retry_policy(self.code)
+
+
+class ConfigError(SwarmError):
+    """A flag, config value, model spec or backend declaration that does not validate."""
+
+    code = ErrorCode.BAD_REQUEST

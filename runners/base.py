@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 import trio
 
 from protocols import DTYPES, Param, SwarmError, Tensor, Value
+from protocols.errors import ConfigError
 
 from .errors import BadInput
 
@@ -36,7 +37,7 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         if not self.dtypes <= DTYPES:
-            raise ValueError(f"unknown dtypes {sorted(self.dtypes - DTYPES)}")
+            raise ConfigError(f"unknown dtypes {sorted(self.dtypes - DTYPES)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,11 @@ import trio
 import trio.lowlevel
 
 from protocols import Param, SwarmError, Tensor, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 from .base import Outputs, Runner, WrappedRunner
-from .errors import ConfigError, RunnerError
-from .settings import Table
+from .errors import RunnerError
 
 BatchKey = tuple[Any, ...]
 DEFAULT_WAIT_MS = 1.0

@@ -44,14 +44,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocols.config import Table
+from protocols.errors import ConfigError
+
 from .base import Runner
 from .batching import BatchConfig, BatchingRunner
-from .errors import ConfigError
 from .fake import FakeRunner
 from .openvino_embed import MODEL_NAME as MINILM
 from .openvino_embed import EmbedConfig, OpenVINOEmbedRunner
 from .ov_device import OVOptions
-from .settings import Table
 
 DEFAULT_MODEL = MINILM
 EFFICIENTNET = "efficientnet-lite0"

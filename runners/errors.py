@@ -5,7 +5,7 @@ SwarmError (protocols.errors)
     ├── BadInput           inputs or params the model cannot take: BAD_REQUEST
     ├── ModelNotFound      no runner serves this model here: MODEL_NOT_FOUND
     └── ModelLoadError     the model could not be loaded or converted: INTERNAL
-ConfigError                a model or backend declaration that does not validate
+A model or backend declaration that does not validate is ``protocols.ConfigError``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,3 @@ class ModelNotFound(RunnerError):
 
 class ModelLoadError(RunnerError):
     code = ErrorCode.INTERNAL
-
-
-class ConfigError(SwarmError):
-    """A model or backend declaration that does not validate; the message names the field."""
-
-    code = ErrorCode.BAD_REQUEST

@@ -34,6 +34,7 @@ import numpy as np
 import trio
 
 from protocols import ErrorCode, Param, Tensor, Value
+from protocols.errors import ConfigError
 
 from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs
 from .errors import BadInput, ModelNotFound, RunnerError
@@ -60,9 +61,9 @@ class FakeRunner(Runner):
         self, name: str, latency_s: float = 0.0, dim: int = 8, *, concurrency: int = 1
     ) -> None:
         if not latency_s >= 0:
-            raise ValueError("latency_s must be non-negative")
+            raise ConfigError("latency_s must be non-negative")
         if dim < 1 or concurrency < 1:
-            raise ValueError("dim and concurrency must be at least 1")
+            raise ConfigError("dim and concurrency must be at least 1")
         self.latency_s = float(latency_s)
         self.dim = dim
         # One at a time by default, like a model with one compute slot, so a fake peer

@@ -32,6 +32,7 @@ import openvino as ov
 import trio
 
 from protocols import Param, Tensor, Value
+from protocols.errors import ConfigError
 
 from . import convert_minilm as recipe
 from . import ir_cache, ov_cache
@@ -74,13 +75,13 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.precision not in PROBE_MIN_COSINE:
             why = " (int4 moves its embeddings too far)" if self.precision == "int4" else ""
-            raise ValueError(f"precision must be one of {sorted(PROBE_MIN_COSINE)}{why}")
+            raise ConfigError(f"precision must be one of {sorted(PROBE_MIN_COSINE)}{why}")
         if self.performance_hint not in PERFORMANCE_HINTS:
-            raise ValueError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
+            raise ConfigError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
         if self.concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise ConfigError("concurrency must be at least 1")
         if not self.convert_timeout_s > 0:
-            raise ValueError("convert_timeout_s must be positive")
+            raise ConfigError("convert_timeout_s must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +237,7 @@ class _Session:
                 performance_hint=config.performance_hint,
                 inference_precision=config.inference_precision,
             )
-        except ValueError as exc:
+        except ConfigError as exc:
             raise ModelLoadError(f"{MODEL_NAME}: {exc}") from exc
         compiled = compile_for(core, model, options, MODEL_NAME)
         try:

@@ -31,10 +31,13 @@ from typing import Any, TypeVar
 
 import trio
 
+from protocols.config import Table
+from protocols.errors import ConfigError
+
 from . import convert_smollm2 as recipe
 from . import ir_cache, ov_cache
 from .base import ModelInfo, run_blocking
-from .errors import BadInput, ConfigError, ModelLoadError
+from .errors import BadInput, ModelLoadError
 from .generation import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -46,7 +49,6 @@ from .generation import (
     context_error,
     input_specs,
 )
-from .settings import Table
 from .token_stream import Emit
 
 MODEL_NAME = recipe.MODEL_NAME

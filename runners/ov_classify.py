@@ -28,14 +28,15 @@ import openvino as ov
 import trio
 
 from protocols import Param, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 from . import convert_efficientnet as recipe
 from . import imagenet, ov_cache
 from .base import ModelInfo, Outputs, Runner
-from .errors import ConfigError, ModelLoadError, RunnerError
+from .errors import ModelLoadError, RunnerError
 from .ov_device import OVOptions, compile_for, execution_devices, optimal_requests
 from .ov_infer import InferQueue
-from .settings import Table
 
 TASK = "image-classification"
 # The probe's cosine to torch's logits: weight compression and bf16 arithmetic move logits.

@@ -26,8 +26,10 @@ from typing import Any
 
 import openvino as ov
 
-from .errors import ConfigError, ModelLoadError
-from .settings import Table
+from protocols.config import Table
+from protocols.errors import ConfigError
+
+from .errors import ModelLoadError
 
 PERFORMANCE_HINTS = frozenset({"LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"})
 PRECISIONS = frozenset({"fp32", "fp16", "int8", "int4"})
@@ -55,15 +57,15 @@ class OVOptions:
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
-            raise ValueError(f"device {self.device!r} is not an OpenVINO device name")
+            raise ConfigError(f"device {self.device!r} is not an OpenVINO device name")
         if self.performance_hint not in PERFORMANCE_HINTS:
-            raise ValueError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
+            raise ConfigError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
         if not 0 <= self.infer_requests <= MAX_INFER_REQUESTS:
-            raise ValueError(f"infer_requests must be 0 (auto) to {MAX_INFER_REQUESTS}")
+            raise ConfigError(f"infer_requests must be 0 (auto) to {MAX_INFER_REQUESTS}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}")
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}")
         if self.inference_precision not in INFERENCE_PRECISIONS:
-            raise ValueError(f"inference_precision must be one of {sorted(INFERENCE_PRECISIONS)}")
+            raise ConfigError(f"inference_precision must be one of {sorted(INFERENCE_PRECISIONS)}")
 
     @classmethod
     def from_table(cls, table: Table) -> OVOptions:

@@ -29,13 +29,14 @@ import openvino as ov
 import trio
 
 from protocols import DTYPES, Param, Tensor, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 from . import ov_cache, ov_precision
 from .base import ModelInfo, Outputs, Runner, TensorSpec, check_inputs
-from .errors import BadInput, ConfigError, ModelLoadError, RunnerError
+from .errors import BadInput, ModelLoadError, RunnerError
 from .ov_device import OVOptions, compile_for, execution_devices, optimal_requests
 from .ov_infer import InferQueue
-from .settings import Table
 
 RECIPE = "1"
 SUFFIXES = frozenset({".xml", ".onnx"})
@@ -53,9 +54,9 @@ class OVModelConfig:
 
     def __post_init__(self) -> None:
         if self.path.suffix.lower() not in SUFFIXES:
-            raise ValueError(f"path must end in {sorted(SUFFIXES)}")
+            raise ConfigError(f"path must end in {sorted(SUFFIXES)}")
         if not 1 <= self.max_batch <= 4096:
-            raise ValueError("max_batch must be 1 to 4096")
+            raise ConfigError("max_batch must be 1 to 4096")
 
     @classmethod
     def from_table(cls, table: Table) -> OVModelConfig:

@@ -33,6 +33,8 @@ import numpy as np
 import openvino as ov
 import trio
 
+from protocols.errors import ConfigError
+
 from .errors import RunnerError
 
 Array = np.ndarray[Any, Any]
@@ -44,7 +46,7 @@ class InferQueue:
 
     def __init__(self, compiled: ov.CompiledModel, jobs: int, name: str) -> None:
         if jobs < 1:
-            raise ValueError("jobs must be at least 1")
+            raise ConfigError("jobs must be at least 1")
         self.name = name
         self.jobs = jobs
         self._compiled = compiled

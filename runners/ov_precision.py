@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from protocols.errors import ConfigError
+
 XML = "model.xml"
 BIN = "model.bin"
 FILES = (XML, BIN)
@@ -42,7 +44,7 @@ def save(model: Any, out: Path, precision: str) -> None:
         )
         model = nncf.compress_weights(model, mode=mode)
     elif precision not in ("fp32", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}")
+        raise ConfigError(f"unknown precision {precision!r}")
     ov.save_model(model, str(out / XML), compress_to_fp16=precision == "fp16")
 
 

@@ -34,12 +34,13 @@ import numpy as np
 import trio
 
 from protocols import Param, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 from . import convert_efficientnet as recipe
 from . import imagenet
 from .base import ModelInfo, Outputs, Runner, run_blocking
-from .errors import ConfigError, ModelLoadError, RunnerError
-from .settings import Table
+from .errors import ModelLoadError, RunnerError
 
 TASK = "image-classification"
 DTYPES = ("fp32", "fp16", "bf16")
@@ -55,13 +56,13 @@ class TorchClassifyConfig:
 
     def __post_init__(self) -> None:
         if not _DEVICE.fullmatch(self.device):
-            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+            raise ConfigError("device must be auto, cpu, cuda or cuda:N")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}")
+            raise ConfigError(f"dtype must be one of {DTYPES}")
         if self.dtype != "fp32" and self.device == "cpu":
-            raise ValueError(f"dtype {self.dtype} needs a CUDA device")
+            raise ConfigError(f"dtype {self.dtype} needs a CUDA device")
         if not 1 <= self.concurrency <= 16:
-            raise ValueError("concurrency must be 1 to 16")
+            raise ConfigError("concurrency must be 1 to 16")
 
     @classmethod
     def from_table(cls, table: Table) -> TorchClassifyConfig:

@@ -19,8 +19,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, ModelLoadError
-from .settings import Table
+from protocols.config import Table
+from protocols.errors import ConfigError
+
+from .errors import ModelLoadError
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,2})?")

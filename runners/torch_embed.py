@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from protocols.config import Table
+from protocols.errors import ConfigError
+
 from . import convert_minilm as recipe
 from .base import run_blocking
-from .errors import ConfigError, ModelLoadError
+from .errors import ModelLoadError
 from .openvino_embed import MiniLMRunner, _Tokens, tokenize
-from .settings import Table
 from .torch_device import Resolved, TorchPlacement, resolve
 
 MODEL_NAME = recipe.MODEL_NAME

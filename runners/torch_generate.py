@@ -26,9 +26,12 @@ from typing import Any
 
 import trio
 
+from protocols.config import Table
+from protocols.errors import ConfigError
+
 from . import convert_smollm2 as recipe
 from .base import ModelInfo, run_blocking
-from .errors import BadInput, ConfigError, ModelLoadError
+from .errors import BadInput, ModelLoadError
 from .generation import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -41,7 +44,6 @@ from .generation import (
     context_error,
     input_specs,
 )
-from .settings import Table
 from .token_stream import Emit
 from .torch_device import Resolved, TorchPlacement, resolve
 

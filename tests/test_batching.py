@@ -11,10 +11,11 @@ import trio.lowlevel
 import trio.testing
 
 from protocols import ErrorCode, Param, Tensor, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 from runners.base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec
 from runners.batching import BatchConfig, BatchingRunner
-from runners.errors import BadInput, ConfigError, RunnerError
-from runners.settings import Table
+from runners.errors import BadInput, RunnerError
 
 
 class FakeRowModel(Runner):

@@ -25,8 +25,8 @@ from trio_typing import TaskStatus
 from bootstrap.dht import DhtConfig, ModelDHT, Provider, model_key
 from bootstrap.dialer import Backoff, BootstrapDialer
 from bootstrap.events import Discovered, DiscoveryProblem, Source
-from node.errors import ConfigError
 from node.host import dialable_addrs, peer_info, running_host
+from protocols.errors import ConfigError
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 Event = Discovered | DiscoveryProblem

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protocols import ErrorCode, Tensor, Value
+from protocols import ConfigError, ErrorCode, Tensor, Value
 from runners.base import ModelInfo, TensorSpec, TextSpec, check_inputs
 from runners.errors import BadInput
 
@@ -79,7 +79,7 @@ def test_inputs_off_spec_are_bad_input(inputs: dict[str, Value], message: str) -
 
 
 def test_a_spec_with_an_unknown_dtype_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown dtypes"):
+    with pytest.raises(ConfigError, match="unknown dtypes"):
         TensorSpec("x", frozenset({"float8"}), (None,))
 
 

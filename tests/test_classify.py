@@ -20,10 +20,11 @@ import trio
 from sklearn.datasets import load_sample_image
 
 from protocols import Tensor, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 from runners import imagenet, ir_cache
-from runners.errors import BadInput, ConfigError, ModelLoadError
+from runners.errors import BadInput, ModelLoadError
 from runners.ov_classify import OVClassifyConfig, OVClassifyRunner
-from runners.settings import Table
 from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner, resolve_device
 
 DAISY = 985

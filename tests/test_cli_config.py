@@ -19,8 +19,8 @@ import pytest
 from node import cli, config_file
 from node.config_file import FileSettings
 from node.daemon import NodeConfig
-from node.errors import ConfigError
 from node.router import Strategy
+from protocols.errors import ConfigError
 
 PEER_A = "/ip4/127.0.0.1/tcp/7001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 PEER_B = "/ip4/127.0.0.1/tcp/7002/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"

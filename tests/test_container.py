@@ -14,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from runners.errors import ConfigError, ModelLoadError
+from protocols.config import Table
+from protocols.errors import ConfigError
+from runners.errors import ModelLoadError
 from runners.remote import container
 from runners.remote.container import ContainerConfig, detect_engine, run_argv
-from runners.settings import Table
 
 
 def ovms(**fields: Any) -> ContainerConfig:

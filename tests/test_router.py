@@ -28,10 +28,10 @@ from node.router import (
     Weights,
 )
 from protocols import Priority
+from protocols.config import Table
+from protocols.errors import ConfigError
+from protocols.resilience import BreakerState
 from runners.base import ModelInfo, TextSpec
-from runners.errors import ConfigError
-from runners.remote.resilience import BreakerState
-from runners.settings import Table
 
 SELF = "self-node"
 
@@ -378,14 +378,14 @@ def test_junk_loads_and_models_in_a_record_do_not_break_planning() -> None:
     ],
 )
 def test_router_config_refuses_bad_values(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match="router"):
+    with pytest.raises(ConfigError, match="router"):
         RouterConfig(**bad)
 
 
 def test_weights_and_requests_are_validated() -> None:
-    with pytest.raises(ValueError, match="hop"):
+    with pytest.raises(ConfigError, match="hop"):
         Weights(hop=-1.0)
-    with pytest.raises(ValueError, match="latency_per_s"):
+    with pytest.raises(ConfigError, match="latency_per_s"):
         Weights(latency_per_s=float("nan"))
     with pytest.raises(ValueError, match="model"):
         RouteRequest("")
@@ -469,7 +469,7 @@ def test_peer_breakers_memory_is_bounded() -> None:
     [(0, 1.0, 2.0), (1, -1.0, 2.0), (1, 3.0, 2.0)],
 )
 def test_peer_breakers_refuse_bad_settings(bad: tuple[int, float, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         PeerBreakers(*bad, clock=Clock())
 
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from protocols import ErrorCode, SwarmError, Tensor
+from protocols import ConfigError, ErrorCode, SwarmError, Tensor
 from runners.errors import BadInput, ModelNotFound, RunnerError
 from runners.fake import MAX_CHUNKS, FakeFailure, FakeRunner
 
@@ -134,9 +134,9 @@ def test_info_names_it_a_fake() -> None:
 
 
 def test_constructor_refuses_nonsense() -> None:
-    with pytest.raises(ValueError, match="latency"):
+    with pytest.raises(ConfigError, match="latency"):
         FakeRunner("f", latency_s=-1)
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(ConfigError, match="dim"):
         FakeRunner("f", dim=0)
 
 

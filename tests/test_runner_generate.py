@@ -20,12 +20,13 @@ import torch
 import trio
 
 from protocols import ErrorCode, Param, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 from runners import convert_smollm2, ir_cache
 from runners.base import Outputs
-from runners.errors import BadInput, ConfigError, ModelLoadError
+from runners.errors import BadInput, ModelLoadError
 from runners.generation import Completion, Engine, GenerationRunner, Request
 from runners.openvino_genai import MODEL_NAME, GenAIConfig, OpenVINOGenAIRunner, cache_key
-from runners.settings import Table
 from runners.token_stream import Emit
 from runners.torch_device import TorchPlacement
 from runners.torch_generate import TorchGenerateConfig, TorchGenerateRunner

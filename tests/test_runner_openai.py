@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from protocols import Tensor
+from protocols.config import Table
 from runners.errors import BadInput, ModelNotFound
 from runners.remote.errors import BackendFailed
 from runners.remote.openai_compat import (
@@ -32,7 +33,6 @@ from runners.remote.openai_compat import (
     OpenAIGenerateRunner,
     build_runner,
 )
-from runners.settings import Table
 
 pytestmark = pytest.mark.slow  # a real model server in a child process
 

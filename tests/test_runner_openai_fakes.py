@@ -15,11 +15,12 @@ from fake_backend import Reply
 from fake_inference_servers import FakeTEI, FakeVLLM, tei_vector
 
 from protocols import ErrorCode, Tensor
-from runners.errors import BadInput, ConfigError, ModelNotFound
+from protocols.config import Table
+from protocols.errors import ConfigError
+from runners.errors import BadInput, ModelNotFound
 from runners.remote.errors import BackendBusy, BackendModelMissing, BackendRejected
 from runners.remote.openai_compat import OpenAICompatConfig, build_runner
 from runners.remote.tei import TEIEmbedRunner
-from runners.settings import Table
 
 
 def make(**fields: Any) -> Any:

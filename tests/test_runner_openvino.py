@@ -18,7 +18,7 @@ import pytest
 import trio
 from conftest import GARBAGE
 
-from protocols import ErrorCode, Tensor, Value
+from protocols import ConfigError, ErrorCode, Tensor, Value
 from runners import convert_minilm, ir_cache
 from runners.errors import BadInput, ModelLoadError, RunnerError
 from runners.openvino_embed import (
@@ -364,9 +364,9 @@ async def test_a_device_that_cannot_compile_is_a_load_error(models_dir: Path) ->
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(ValueError, match="performance_hint"):
+    with pytest.raises(ConfigError, match="performance_hint"):
         EmbedConfig(performance_hint="FAST")
-    with pytest.raises(ValueError, match="concurrency"):
+    with pytest.raises(ConfigError, match="concurrency"):
         EmbedConfig(concurrency=0)
 
 

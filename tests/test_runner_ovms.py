@@ -26,14 +26,15 @@ from fake_backend import Reply
 from fake_ovms import MODEL, FakeOVMS
 
 from protocols import ErrorCode, Tensor
+from protocols.config import Table
+from protocols.errors import ConfigError
 from runners.base import TensorSpec
-from runners.errors import BadInput, ConfigError, ModelLoadError, ModelNotFound
+from runners.errors import BadInput, ModelLoadError, ModelNotFound
 from runners.remote import tfserving
 from runners.remote.config import EndpointConfig
 from runners.remote.endpoint import Endpoint
 from runners.remote.errors import BackendGarbage, BackendUnreachable
 from runners.remote.ovms import OVMSConfig, OVMSRunner
-from runners.settings import Table
 
 HERE = Path(__file__).resolve().parent
 SERVED = "nsfw"

@@ -14,9 +14,10 @@ import torch
 import trio
 from test_runner_openvino import BAD_INPUTS, TEXTS, embed, tokens
 
-from runners.errors import BadInput, ConfigError
+from protocols.config import Table
+from protocols.errors import ConfigError
+from runners.errors import BadInput
 from runners.openvino_embed import DIM, OpenVINOEmbedRunner
-from runners.settings import Table
 from runners.torch_device import TorchPlacement
 from runners.torch_embed import TorchEmbedConfig, TorchEmbedRunner
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runners.errors import ConfigError
-from runners.settings import Table
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 
 def test_reads_typed_fields_and_defaults() -> None:

@@ -12,7 +12,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from protocols.errors import ConfigError
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 LOOPBACK_NAMES = frozenset({"localhost"})

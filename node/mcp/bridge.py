@@ -32,9 +32,10 @@ from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
 from protocols import SwarmError
+from protocols.errors import ConfigError
 
 from ..daemon import read_state
-from ..errors import ConfigError, PeerUnavailable, Unauthorized, sole_error
+from ..errors import PeerUnavailable, Unauthorized, sole_error
 from .server import error_result, swarm_server
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from typing import Any
 
 from bootstrap.table import hardware_summary, live_peers
 from protocols import DTYPES, ErrorCode, Priority, Request, Value
+from protocols.errors import ConfigError
 from runners.errors import ModelNotFound
 
-from ..errors import ConfigError, NodeError
+from ..errors import NodeError
 from ..gateway.app import MAX_DEADLINE_MS, Backend
 from ..json_values import BadValue, inputs_from_json, params_from_json
 from ..render import jsonable

@@ -16,9 +16,10 @@ from typing import Any
 
 import httpx
 
-from ..errors import ConfigError
-from ..settings import Table
-from .resilience import STRATEGIES
+from protocols.config import Table
+from protocols.errors import ConfigError
+
+from .keys import STRATEGIES
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

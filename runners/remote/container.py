@@ -31,8 +31,10 @@ from typing import Any
 import httpx
 import trio
 
-from ..errors import ConfigError, ModelLoadError
-from ..settings import Table
+from protocols.config import Table
+from protocols.errors import ConfigError
+
+from ..errors import ModelLoadError
 
 KINDS = ("ovms", "vllm")
 DEFAULT_IMAGES = {"ovms": "openvino/model_server:latest", "vllm": "vllm/vllm-openai:latest"}

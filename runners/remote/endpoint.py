@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
+from protocols.resilience import Backoff, BreakerState, CircuitBreaker, Clock, parse_retry_after
+
 from ._wire import (
     FAILURES,
     MAX_BODY_BYTES,
@@ -57,15 +59,7 @@ from .errors import (
     BackendUnreachable,
     CircuitOpen,
 )
-from .resilience import (
-    Backoff,
-    BreakerState,
-    CircuitBreaker,
-    Clock,
-    KeyLease,
-    KeyPool,
-    parse_retry_after,
-)
+from .keys import KeyLease, KeyPool
 
 __all__ = ["Endpoint", "EndpointConfig"]
 

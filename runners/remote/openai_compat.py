@@ -47,10 +47,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from protocols import Param, Tensor, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 from ..base import ModelInfo, Outputs, TextSpec, check_inputs, gather
-from ..errors import BadInput, ConfigError, ModelNotFound, RunnerError
-from ..settings import Table
+from ..errors import BadInput, ModelNotFound, RunnerError
 from .config import EndpointConfig
 from .errors import BackendError, BackendFailed, BackendGarbage, BackendRejected
 from .openai_protocol import (

@@ -31,10 +31,11 @@ from typing import Any
 import httpx
 
 from protocols import Param, Tensor, Value
+from protocols.config import Table
+from protocols.errors import ConfigError
 
 from ..base import ModelInfo, Outputs, Runner, check_inputs
-from ..errors import BadInput, ConfigError, ModelLoadError
-from ..settings import Table
+from ..errors import BadInput, ModelLoadError
 from . import kserve_v2, tfserving
 from .config import EndpointConfig
 from .endpoint import Endpoint

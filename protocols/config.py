@@ -3,6 +3,8 @@
 Every runner family turns its table into a frozen config with these readers, so
 a bad declaration fails at start with one message naming the field, in the
 form ``models[2].device: expected a string, got 3``, never deep in a runner.
+It sits in the bottom layer because the node's own tables ([router], [node])
+are read the same way.
 """
 
 from __future__ import annotations
