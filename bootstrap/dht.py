@@ -42,8 +42,8 @@ from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs s
 
 from protocols.errors import ConfigError
 
-from ._addrs import without_p2p
 from ._notifee import ConnectionNotifee
+from .addrs import without_p2p
 from .events import Discovered, DiscoveryProblem, Source
 
 log = logging.getLogger(__name__)

@@ -32,11 +32,10 @@ import trio
 from libp2p.peer.peerinfo import PeerInfo
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
-from node.host import peer_info
 from protocols.errors import ConfigError
 
-from ._addrs import without_p2p
 from ._notifee import ConnectionNotifee
+from .addrs import peer_info, without_p2p
 from .events import Discovered, DiscoveryProblem, Source
 
 log = logging.getLogger(__name__)

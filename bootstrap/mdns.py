@@ -67,9 +67,9 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerstore import PeerStore
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
-from node.host import dialable_addrs
 from protocols.errors import ConfigError
 
+from .addrs import dialable_addrs
 from .events import Discovered, DiscoveryProblem, Source
 
 __all__ = [

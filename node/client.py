@@ -20,6 +20,7 @@ import numpy as np
 import trio
 from libp2p import generate_new_ed25519_identity
 
+from bootstrap.addrs import peer_info
 from capabilities.signing import VerifiedRecord
 from protocols import (
     DEFAULT_LIMITS,
@@ -35,7 +36,7 @@ from protocols import (
 from .caller import Caller, OnChunk
 from .caps import RecordSigner, exchange_records
 from .errors import PeerUnavailable
-from .host import peer_info, running_host
+from .host import running_host
 
 CONNECT_TIMEOUT_S = 10.0
 

@@ -26,6 +26,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
+from bootstrap.addrs import dialable_addrs, peer_info
 from bootstrap.dht import ModelDHT
 from bootstrap.dialer import BootstrapDialer
 from bootstrap.mdns import MdnsDiscovery, service_type_for
@@ -55,7 +56,7 @@ from .dispatch import Dispatcher, RouterPlanner
 from .errors import sole_error
 from .feed import Feed, report_load, watch_peers
 from .gateway import Backend, Gateway, GatewayConfig, swarm_models
-from .host import dialable_addrs, load_or_create_identity, peer_info, running_host
+from .host import load_or_create_identity, running_host
 from .infer_handler import InferHandler
 from .membership import Membership, MembershipConfig
 from .metrics import NodeMetrics

@@ -9,7 +9,6 @@ because leaving ``host.run`` alone leaves the TCP listener open.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -17,14 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import multiaddr
-import psutil
 import trio
 from libp2p import generate_new_ed25519_identity, new_host
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.identity_utils import load_identity, save_identity
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -98,34 +95,3 @@ async def running_host(
         if error is group:
             raise
         raise error from None
-
-
-def peer_info(address: str) -> PeerInfo:
-    """Parse ``/ip4/.../tcp/.../p2p/<peer id>``; a ConfigError says what is wrong."""
-    try:
-        return info_from_p2p_addr(multiaddr.Multiaddr(address))
-    except Exception as exc:  # multiaddr and libp2p raise several types for bad text
-        raise ConfigError(
-            f"{address!r} is not a peer address like /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo..."
-        ) from exc
-
-
-def dialable_addrs(host: Any) -> list[str]:
-    """Full multiaddrs (with /p2p/<id>) a peer can dial; 0.0.0.0 expanded to interfaces."""
-    peer_id = host.get_id().to_base58()
-    out: list[str] = []
-    for addr in host.get_transport_addrs():
-        ip, port = addr.value_for_protocol("ip4"), addr.value_for_protocol("tcp")
-        ips = _interface_ips() if ip == "0.0.0.0" else [ip]
-        out.extend(f"/ip4/{i}/tcp/{port}/p2p/{peer_id}" for i in ips)
-    return out
-
-
-def _interface_ips() -> list[str]:
-    ips = []
-    for entries in psutil.net_if_addrs().values():
-        for entry in entries:
-            if entry.family.name == "AF_INET":
-                ips.append(entry.address)
-    # Loopback last: it only reaches this machine.
-    return sorted(set(ips), key=lambda i: (ipaddress.ip_address(i).is_loopback, i))

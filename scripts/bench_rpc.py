@@ -27,9 +27,10 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 
+from bootstrap.addrs import peer_info
 from node.caller import Caller, exchange
 from node.framed import FramedStream
-from node.host import peer_info, running_host
+from node.host import running_host
 from node.infer_handler import InferHandler
 from node.service import InferenceService
 from protocols import Request, encode

@@ -22,10 +22,11 @@ from libp2p.peer.id import ID
 from support import eventually
 from trio_typing import TaskStatus
 
+from bootstrap.addrs import dialable_addrs, peer_info
 from bootstrap.dht import DhtConfig, ModelDHT, Provider, model_key
 from bootstrap.dialer import Backoff, BootstrapDialer
 from bootstrap.events import Discovered, DiscoveryProblem, Source
-from node.host import dialable_addrs, peer_info, running_host
+from node.host import running_host
 from protocols.errors import ConfigError
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

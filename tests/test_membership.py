@@ -11,6 +11,7 @@ from conftest import NodeFactory
 from libp2p import generate_new_ed25519_identity
 from support import eventually
 
+from bootstrap.addrs import peer_info
 from bootstrap.events import Source
 from bootstrap.table import Status, live_peers, serving
 from capabilities.signing import sign_record
@@ -18,7 +19,7 @@ from node.caps import CAPS, exchange_records
 from node.client import SwarmClient
 from node.daemon import Node
 from node.framed import FramedStream
-from node.host import build_host, peer_info, running_host
+from node.host import build_host, running_host
 from node.membership import MembershipConfig
 
 FAST = MembershipConfig(heartbeat_s=0.3, dead_after_s=1.5, relink_after_s=0.2)

@@ -17,10 +17,11 @@ from conftest import NodeFactory
 from libp2p.custom_types import TProtocol
 from support import eventually
 
+from bootstrap.addrs import peer_info
 from node.client import SwarmClient, new_request_id
 from node.daemon import Node
 from node.framed import FramedStream
-from node.host import peer_info, running_host
+from node.host import running_host
 from protocols import (
     INFER_PROTOCOL,
     Chunk,

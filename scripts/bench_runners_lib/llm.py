@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import trio
 
+from protocols.config import Table
 from runners.base import Runner
-from runners.settings import Table
 
 from .common import Budget, Figures, Targets, interleaved, loaded, med_ms, ms
 
