@@ -22,6 +22,10 @@ from libp2p import generate_new_ed25519_identity
 
 from bootstrap.addrs import peer_info
 from capabilities.signing import VerifiedRecord
+from node.errors import PeerUnavailable
+from node.jobs.outbound import Caller, OnChunk
+from node.membership.caps import RecordSigner, exchange_records
+from node.net.host import running_host
 from protocols import (
     DEFAULT_LIMITS,
     Limits,
@@ -32,11 +36,6 @@ from protocols import (
     Tensor,
     Value,
 )
-
-from .caller import Caller, OnChunk
-from .caps import RecordSigner, exchange_records
-from .errors import PeerUnavailable
-from .host import running_host
 
 CONNECT_TIMEOUT_S = 10.0
 

@@ -34,6 +34,20 @@ from bootstrap.peerstore import PeerStore
 from bootstrap.table import live_peers
 from capabilities.hardware import Hardware, probe
 from capabilities.record import record_body
+from node.errors import sole_error
+from node.gateway import Backend, Gateway, GatewayConfig, swarm_models
+from node.jobs.dispatch import Dispatcher, RouterPlanner
+from node.jobs.inbound import InferHandler
+from node.jobs.outbound import Caller
+from node.jobs.router import Candidate, LocalNode, Router, RouterConfig
+from node.jobs.service import InferenceService
+from node.json_values import jsonable
+from node.membership.caps import CapsHandler, Received, RecordSigner
+from node.membership.peers import Membership, MembershipConfig
+from node.net.access import AccessPolicy
+from node.net.host import load_or_create_identity, running_host
+from node.observe.feed import Feed, report_load, watch_peers
+from node.observe.metrics import NodeMetrics
 from protocols import (
     CAPS_PROTOCOL,
     DEFAULT_LIMITS,
@@ -48,21 +62,6 @@ from protocols.errors import ConfigError
 from runners.base import Runner
 from runners.catalog import DEFAULT_MODEL, ModelSpec, build_runner, parse_model_spec
 from runners.errors import ModelNotFound
-
-from .access import AccessPolicy
-from .caller import Caller
-from .caps import CapsHandler, Received, RecordSigner
-from .dispatch import Dispatcher, RouterPlanner
-from .errors import sole_error
-from .feed import Feed, report_load, watch_peers
-from .gateway import Backend, Gateway, GatewayConfig, swarm_models
-from .host import load_or_create_identity, running_host
-from .infer_handler import InferHandler
-from .membership import Membership, MembershipConfig
-from .metrics import NodeMetrics
-from .render import jsonable
-from .router import Candidate, LocalNode, Router, RouterConfig
-from .service import InferenceService
 
 log = logging.getLogger(__name__)
 

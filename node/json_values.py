@@ -1,8 +1,9 @@
-"""Swarm values from JSON: what the WebSocket and the MCP tools accept as inputs.
+"""Swarm values to and from JSON: what the WebSocket, the MCP tools and the CLI
+accept and print.
 
 One form for every JSON client of swarm's own (the KServe and OpenAI routes
-speak their protocols' forms instead), the same that ``swarm submit --json``
-prints (``render.jsonable``):
+speak their protocols' forms instead). ``jsonable`` writes it (``swarm submit
+--json``, ``swarm status --json``, WebSocket results); the readers below take it:
 
 - ``inputs``: a text or a list of texts, given to the model's first text input
   (``text`` for embeddings, ``prompt`` for generation); or an object of named
@@ -111,3 +112,16 @@ def _texts(where: str, value: str | list[Any]) -> str | list[str]:
     if not value or len(value) > MAX_ITEMS or not all(isinstance(v, str) for v in value):
         raise BadValue(where, f"a list of 1 to {MAX_ITEMS} strings")
     return list(value)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: tensors as {dtype, shape, data}, bytes as hex."""
+    if isinstance(value, Tensor):
+        return {"dtype": value.dtype, "shape": list(value.shape), "data": value.numpy().tolist()}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value

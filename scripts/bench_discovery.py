@@ -43,7 +43,7 @@ from bench_discovery_lib.loopback import in_process, loopback_sections
 from bench_discovery_lib.mdns import mdns_section, serve_one
 from bench_discovery_lib.report import report
 
-from node import logs
+from node.observe import logs
 
 
 def interrupted(exc: BaseException) -> bool:

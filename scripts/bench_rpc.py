@@ -28,11 +28,11 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from bootstrap.addrs import peer_info
-from node.caller import Caller, exchange
-from node.framed import FramedStream
-from node.host import running_host
-from node.infer_handler import InferHandler
-from node.service import InferenceService
+from node.jobs.inbound import InferHandler
+from node.jobs.outbound import Caller, exchange
+from node.jobs.service import InferenceService
+from node.net.framed import FramedStream
+from node.net.host import running_host
 from protocols import Request, encode
 from runners.fake import FakeRunner
 

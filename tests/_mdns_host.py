@@ -34,8 +34,8 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from bootstrap.events import Discovered, DiscoveryProblem
 from bootstrap.mdns import MdnsDiscovery
-from node.caps import CapsHandler, Received, RecordSigner, exchange_records
-from node.host import running_host
+from node.membership.caps import CapsHandler, Received, RecordSigner, exchange_records
+from node.net.host import running_host
 from protocols import CAPS_PROTOCOL
 
 FETCH_TIMEOUT_S = 10.0

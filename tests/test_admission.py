@@ -7,8 +7,8 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from node.admission import PriorityGate
 from node.errors import Overloaded
+from node.jobs.admission import PriorityGate
 from protocols import Priority
 
 

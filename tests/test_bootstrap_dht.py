@@ -26,7 +26,7 @@ from bootstrap.addrs import dialable_addrs, peer_info
 from bootstrap.dht import DhtConfig, ModelDHT, Provider, model_key
 from bootstrap.dialer import Backoff, BootstrapDialer
 from bootstrap.events import Discovered, DiscoveryProblem, Source
-from node.host import running_host
+from node.net.host import running_host
 from protocols.errors import ConfigError
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"

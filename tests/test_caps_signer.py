@@ -9,7 +9,7 @@ import pytest
 from libp2p import generate_new_ed25519_identity
 
 from capabilities.signing import RecordBook, RecordReplayed, verify_record
-from node.caps import RecordSigner
+from node.membership.caps import RecordSigner
 
 
 def test_full_records_resent_after_heartbeats_are_not_replays() -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from node import cli, config_file
-from node.config_file import FileSettings
+from node.cli import config_file
+from node.cli import main as cli
+from node.cli.config_file import FileSettings
 from node.daemon import NodeConfig
-from node.router import Strategy
+from node.jobs.router import Strategy
 from protocols.errors import ConfigError
 
 PEER_A = "/ip4/127.0.0.1/tcp/7001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"

@@ -17,7 +17,7 @@ import pytest
 from conftest import LOOPBACK
 from test_daemon_processes import Daemon, Daemons, cli, daemons_under, ok_json
 
-from node.config_file import DEFAULT_HTTP
+from node.cli.config_file import DEFAULT_HTTP
 
 pytestmark = pytest.mark.slow
 DEFAULT_PORT = int(DEFAULT_HTTP.rpartition(":")[2])

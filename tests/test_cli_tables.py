@@ -11,10 +11,10 @@ import pytest
 import trio
 from conftest import NodeFactory
 
+from node.cli.render import model_rows, models_text, peers_text, status_text
 from node.daemon import STATE_FILE, read_state
 from node.errors import sole_error
 from node.gateway import GatewayConfig
-from node.render import model_rows, models_text, peers_text, status_text
 from protocols.errors import ConfigError
 
 WIDTH = 80

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.dispatch import may_fail_over
 from node.errors import ConnectionLost, Overloaded, PeerUnavailable
+from node.jobs.dispatch import may_fail_over
 from protocols import ErrorCode, RemoteError, Request
 
 IDEMPOTENT = Request(id="r", model="m", inputs={})

@@ -17,9 +17,9 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 from trio_websocket import open_websocket_url as open_ws
 
 from node.daemon import Node
-from node.feed import Feed, Topic
 from node.gateway import GatewayConfig
-from node.membership import MembershipConfig
+from node.membership.peers import MembershipConfig
+from node.observe.feed import Feed, Topic
 from runners.fake import WORDS
 
 FAST = MembershipConfig(heartbeat_s=0.3, dead_after_s=1.5, relink_after_s=0.2)

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from node import logs
+from node.observe import logs
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ from bootstrap.addrs import peer_info
 from bootstrap.events import Source
 from bootstrap.table import Status, live_peers, serving
 from capabilities.signing import sign_record
-from node.caps import CAPS, exchange_records
 from node.client import SwarmClient
 from node.daemon import Node
-from node.framed import FramedStream
-from node.host import build_host, running_host
-from node.membership import MembershipConfig
+from node.membership.caps import CAPS, exchange_records
+from node.membership.peers import MembershipConfig
+from node.net.framed import FramedStream
+from node.net.host import build_host, running_host
 
 FAST = MembershipConfig(heartbeat_s=0.3, dead_after_s=1.5, relink_after_s=0.2)
 

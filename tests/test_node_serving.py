@@ -20,8 +20,8 @@ from support import eventually
 from bootstrap.addrs import peer_info
 from node.client import SwarmClient, new_request_id
 from node.daemon import Node
-from node.framed import FramedStream
-from node.host import running_host
+from node.net.framed import FramedStream
+from node.net.host import running_host
 from protocols import (
     INFER_PROTOCOL,
     Chunk,

@@ -9,11 +9,11 @@ from conftest import NodeFactory
 from libp2p import generate_new_ed25519_identity
 
 from bootstrap.addrs import peer_info
-from node.access import load_allow_list, load_swarm_key, new_swarm_key_text
-from node.caps import RecordSigner, exchange_records
 from node.client import SwarmClient
 from node.errors import ConnectionLost, PeerUnavailable
-from node.host import build_host, running_host
+from node.membership.caps import RecordSigner, exchange_records
+from node.net.access import load_allow_list, load_swarm_key, new_swarm_key_text
+from node.net.host import build_host, running_host
 from protocols import ErrorCode, RemoteError, RemoteProtocolError
 from protocols.errors import ConfigError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.render import model_rows, models_text, result_text, status_text
+from node.cli.render import model_rows, models_text, result_text, status_text
 from protocols import Result
 
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from bootstrap.table import PeerTable, RecordVerified, Unreachable, apply, live_peers
 from capabilities.record import Load
-from node.peer_health import PeerBreakers
-from node.router import (
+from node.jobs.peer_health import PeerBreakers
+from node.jobs.router import (
     Candidate,
     LocalNode,
     Router,

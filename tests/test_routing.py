@@ -22,7 +22,7 @@ from support import eventually
 from bootstrap.table import serving
 from node.client import SwarmClient
 from node.daemon import Node
-from node.router import Strategy
+from node.jobs.router import Strategy
 from protocols import INFER_PROTOCOL, Chunk, ErrorCode, Param, RemoteError, Result, Tensor, Value
 from runners.base import Outputs
 from runners.errors import RunnerError

@@ -27,7 +27,7 @@ from conftest import NodeFactory
 from bootstrap.table import live_peers
 from node.daemon import Node
 from node.gateway import GatewayConfig
-from node.membership import MembershipConfig
+from node.membership.peers import MembershipConfig
 from runners.fake import FakeRunner
 
 TOKEN = "page-s3cret"

@@ -26,11 +26,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from bootstrap.table import PeerTable, live_peers
+from node.errors import sole_error
+from node.observe.feed import Feed
 from protocols import Priority, Request, Result, SwarmError, Value
 from runners.base import ModelInfo, gather
 
-from ..errors import sole_error
-from ..feed import Feed
 from .config import GatewayConfig
 from .errors import HTTPFailure, error_response, swarm_error_response
 

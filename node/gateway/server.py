@@ -77,7 +77,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
 
     # Imported here: the MCP SDK takes ~0.4 s to import, which CLI commands that never
     # serve HTTP (submit, status) should not pay.
-    from ..mcp.server import McpEndpoint
+    from node.mcp.server import McpEndpoint
 
     mcp = McpEndpoint(backend, config)
 

@@ -13,7 +13,7 @@ One JSON object per text frame each way. A client sends:
   inferences may run at once on one connection, up to ``MAX_IN_FLIGHT``.
 - ``{"type": "cancel", "id": TAG}``: stop that inference (it answers CANCELLED).
 - ``{"type": "subscribe" | "unsubscribe", "topics": [...]}`` over ``peers``,
-  ``jobs`` and ``load`` (node/feed.py); events arrive as ``{"type": "event",
+  ``jobs`` and ``load`` (node/observe/feed.py); events arrive as ``{"type": "event",
   "topic", "kind", "at_ms", "data"}``. A client too slow for the events it asked
   for loses some, and is told how many (``topic`` ``feed``, ``kind`` ``dropped``);
   answers to its own requests are never dropped.
@@ -44,11 +44,10 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from bootstrap.table import Peer, PeerTable, live_peers
+from node.json_values import BadValue, inputs_from_json, jsonable, params_from_json
+from node.observe.feed import Feed, Subscription, Topic, peer_summary
 from protocols import ErrorCode, Priority, Request, SwarmError, Value
 
-from ..feed import Feed, Subscription, Topic, peer_summary
-from ..json_values import BadValue, inputs_from_json, params_from_json
-from ..render import jsonable
 from .app import MAX_DEADLINE_MS, Backend, find_model
 from .config import GatewayConfig
 from .errors import HTTPFailure

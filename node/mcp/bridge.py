@@ -31,11 +31,11 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
+from node.daemon import read_state
+from node.errors import PeerUnavailable, Unauthorized, sole_error
 from protocols import SwarmError
 from protocols.errors import ConfigError
 
-from ..daemon import read_state
-from ..errors import PeerUnavailable, Unauthorized, sole_error
 from .server import error_result, swarm_server
 
 log = logging.getLogger(__name__)

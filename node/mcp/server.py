@@ -32,12 +32,12 @@ from starlette.requests import Request as HTTPRequest
 from starlette.types import Receive, Scope, Send
 
 from capabilities.record import software_version
+from node.errors import NodeError
+from node.gateway.app import Backend, authorize
+from node.gateway.config import GatewayConfig, is_loopback
+from node.gateway.errors import HTTPFailure, error_response
 from protocols import SwarmError
 
-from ..errors import NodeError
-from ..gateway.app import Backend, authorize
-from ..gateway.config import GatewayConfig, is_loopback
-from ..gateway.errors import HTTPFailure, error_response
 from . import tools
 
 log = logging.getLogger(__name__)

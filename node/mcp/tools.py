@@ -23,15 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from bootstrap.table import hardware_summary, live_peers
+from node.errors import NodeError
+from node.gateway.app import MAX_DEADLINE_MS, Backend
+from node.jobs.router import Strategy
+from node.json_values import BadValue, inputs_from_json, jsonable, params_from_json
 from protocols import DTYPES, ErrorCode, Priority, Request, Value
 from protocols.errors import ConfigError
 from runners.errors import ModelNotFound
-
-from ..errors import NodeError
-from ..gateway.app import MAX_DEADLINE_MS, Backend
-from ..json_values import BadValue, inputs_from_json, params_from_json
-from ..render import jsonable
-from ..router import Strategy
 
 
 class BadToolCall(ConfigError):

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.table import live_peers
-from node import logs
 from node.daemon import Node, NodeConfig
-from node.membership import MembershipConfig
+from node.membership.peers import MembershipConfig
+from node.observe import logs
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "bench_discovery.py"  # re-run in namespaces as a child

@@ -25,7 +25,7 @@ from netns import (  # scripts/netns.py
 )
 
 from node.daemon import Node
-from node.membership import MembershipConfig
+from node.membership.peers import MembershipConfig
 
 from .common import (
     BASELINE_S,

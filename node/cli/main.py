@@ -25,17 +25,19 @@ import numpy as np
 import trio
 from rich.console import Console, RenderableType
 
+from node.client import SwarmClient
+from node.daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
+from node.errors import sole_error
+from node.jobs.router import Strategy
+from node.json_values import jsonable
+from node.net.access import key_fingerprint, load_swarm_key, new_swarm_key_text
+from node.net.host import build_host, load_or_create_identity
+from node.observe import logs
 from protocols import Chunk, Priority, RemoteError, SwarmError, Value
 from protocols.errors import ConfigError
 
-from . import config_file, logs
-from .access import key_fingerprint, load_swarm_key, new_swarm_key_text
-from .client import SwarmClient
-from .daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
-from .errors import sole_error
-from .host import build_host, load_or_create_identity
+from . import config_file
 from .render import (
-    jsonable,
     model_rows,
     models_table,
     peers_table,
@@ -45,7 +47,6 @@ from .render import (
     status_table,
     to_text,
 )
-from .router import Strategy
 
 log = logging.getLogger("swarm")
 T = TypeVar("T")
@@ -308,7 +309,7 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
 
 async def _mcp(args: argparse.Namespace) -> int:
     """MCP on stdio, forwarding to the running daemon's /mcp (see node/mcp/bridge.py)."""
-    from .mcp import bridge  # the MCP SDK takes ~0.4 s to import: only this command pays
+    from node.mcp import bridge  # the MCP SDK takes ~0.4 s to import: only this command pays
 
     token = os.environ.get(args.http_token_env) if args.http_token_env else None
     if args.http_token_env and not token:
@@ -391,7 +392,7 @@ def _init(args: argparse.Namespace) -> int:
     path = args.data_dir.expanduser() / config_file.CONFIG_FILE
     if path.exists() and not args.force:
         raise ConfigError(f"{path} exists; not overwriting it (--force to replace)")
-    template = resources.files("node").joinpath("default_config.toml").read_text()
+    template = resources.files("node.cli").joinpath("default_config.toml").read_text()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(template)
     if args.json:

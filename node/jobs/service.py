@@ -18,13 +18,13 @@ from typing import Any, Protocol
 import trio
 
 from capabilities.record import Load
+from node.errors import DeadlineExceeded, Interrupted, ShuttingDown
+from node.observe import logs
 from protocols import MAX_HOPS, Priority, Request, Result, SwarmError, Value
 from runners.base import Runner, opened_stream
 from runners.errors import ModelNotFound
 
-from . import logs
 from .admission import PriorityGate
-from .errors import DeadlineExceeded, Interrupted, ShuttingDown
 
 log = logging.getLogger(__name__)
 

@@ -19,19 +19,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Column, Table
 from rich.text import Text
 
+from node.json_values import jsonable
 from protocols import Result, Tensor, Value
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return {"dtype": value.dtype, "shape": list(value.shape), "data": value.numpy().tolist()}
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
 
 
 def result_json(result: Result, extra: Mapping[str, Any] | None = None) -> str:

@@ -51,10 +51,10 @@ from bootstrap.table import (
     serving,
 )
 from capabilities.signing import RecordBook, RecordRejected, RecordReplayed
+from node.net.access import AccessPolicy
 from protocols import CapabilityRecord, ProtocolError, SwarmError
 from protocols.errors import ConfigError
 
-from .access import AccessPolicy
 from .caps import CapsStreams, Received, RecordSigner
 
 log = logging.getLogger(__name__)

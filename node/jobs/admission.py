@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from node.errors import Overloaded
 from protocols import Priority
 from protocols.errors import ConfigError
-
-from .errors import Overloaded
 
 
 @dataclass(eq=False)

@@ -35,6 +35,7 @@ import trio
 from libp2p.peer.id import ID
 
 from bootstrap.table import PeerTable
+from node.errors import ConnectionLost, NodeError, PeerUnavailable
 from protocols import (
     ErrorCode,
     Priority,
@@ -49,8 +50,7 @@ from protocols import (
 from protocols.errors import ConfigError
 from runners.errors import ModelNotFound
 
-from .caller import Caller
-from .errors import ConnectionLost, NodeError, PeerUnavailable
+from .outbound import Caller
 from .router import LocalNode, Preview, Router, RouteRequest, Strategy
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,10 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from capabilities.signing import RecordRejected, VerifiedRecord, sign_record, verify_record
+from node.errors import ConnectionLost, PeerUnavailable
+from node.net.access import AccessPolicy
+from node.net.framed import FramedStream
 from protocols import CAPS_PROTOCOL, CapabilityRecord, RemoteProtocolError
-
-from .access import AccessPolicy
-from .errors import ConnectionLost, PeerUnavailable
-from .framed import FramedStream
 
 log = logging.getLogger(__name__)
 

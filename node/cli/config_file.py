@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from node.daemon import DEFAULT_LISTEN, NodeConfig
+from node.gateway import GatewayConfig
+from node.jobs.router import RouterConfig, Strategy
+from node.membership.peers import MembershipConfig
+from node.net.access import load_allow_list, load_swarm_key
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners.catalog import (
@@ -26,12 +31,6 @@ from runners.catalog import (
     parse_model_spec,
     specs_from_config,
 )
-
-from .access import load_allow_list, load_swarm_key
-from .daemon import DEFAULT_LISTEN, NodeConfig
-from .gateway import GatewayConfig
-from .membership import MembershipConfig
-from .router import RouterConfig, Strategy
 
 T = TypeVar("T")
 

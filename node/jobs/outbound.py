@@ -16,6 +16,8 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 
+from node.errors import ConnectionLost, PeerUnavailable
+from node.net.framed import FramedStream
 from protocols import (
     DEFAULT_LIMITS,
     INFER_PROTOCOL,
@@ -30,9 +32,6 @@ from protocols import (
     Role,
     State,
 )
-
-from .errors import ConnectionLost, PeerUnavailable
-from .framed import FramedStream
 
 log = logging.getLogger(__name__)
 

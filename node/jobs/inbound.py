@@ -17,6 +17,9 @@ from typing import Any
 
 import trio
 
+from node.errors import ConnectionLost
+from node.net.access import AccessPolicy
+from node.net.framed import FramedStream
 from protocols import (
     DEFAULT_LIMITS,
     Cancel,
@@ -37,9 +40,6 @@ from protocols import (
     Value,
 )
 
-from .access import AccessPolicy
-from .errors import ConnectionLost
-from .framed import FramedStream
 from .service import Emit, InferenceService
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,8 @@ from typing import Any
 import trio
 from libp2p.network.stream.exceptions import StreamError
 
+from node.errors import ConnectionLost
 from protocols import DEFAULT_LIMITS, Decoder, Limits, Message, RemoteProtocolError, encode
-
-from .errors import ConnectionLost
 
 READ_SIZE = 256 * 1024
 CLOSE_TIMEOUT_S = 2.0

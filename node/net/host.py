@@ -27,9 +27,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from node.errors import sole_error
 from protocols.errors import ConfigError
-
-from .errors import sole_error
 
 log = logging.getLogger(__name__)
 HOST_CLOSE_TIMEOUT_S = 5.0

@@ -1,0 +1,8 @@
+"""Jobs: everything between a request arriving and its answer leaving.
+
+``inbound`` reads requests off /swarm/infer streams and writes their answers;
+``service`` runs a request here or hands it to ``dispatch``, which asks the
+pure ``router`` where it should go (scored candidates, ``peer_health``
+breakers) and sends it with ``outbound``, failing over by the error's code.
+``admission`` is the per-model priority gate in front of local runners.
+"""
