@@ -146,9 +146,11 @@ class InferHandler:
             return Error(request.id, exc.code, exc.message, exc.retry_after_ms)
         except SwarmError as exc:
             return _error_for(request.id, exc)
-        except Exception as exc:  # a runner bug must not take the node down
+        except Exception:  # a runner bug must not take the node down
+            # The detail (type, text, traceback) stays in this node's log: it names our
+            # code, paths and versions, which are nobody else's business.
             log.exception("request %s for %s failed", request.id, request.model)
-            return Error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return Error(request.id, ErrorCode.INTERNAL, internal_message(request.id))
 
     def _answered(self) -> None:
         # Counted from when the reader takes a request, so shutdown never misses one.
@@ -171,6 +173,12 @@ class InferHandler:
                 await _send_quietly(stream, fallback)
         except ConnectionLost:
             log.info("could not answer %s: the caller is gone", reply.id)
+
+
+def internal_message(request_id: str) -> str:
+    """What a peer is told of an unexpected failure: that it happened, and the id to
+    find it by in the serving node's log."""
+    return f"internal error while running request {request_id}; the serving node logged it"
 
 
 def _error_for(request_id: str, exc: SwarmError) -> Error:
