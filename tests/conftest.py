@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import trio
 
-from node.daemon import Node, NodeConfig
+from node.config import NodeConfig
+from node.daemon import Node
 
 # scripts/ holds helpers shared by tests and benchmarks (netns.py).
 sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))

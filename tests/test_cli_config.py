@@ -19,7 +19,7 @@ import pytest
 from node.cli import config_file
 from node.cli import main as cli
 from node.cli.config_file import FileSettings
-from node.daemon import NodeConfig
+from node.config import NodeConfig
 from node.jobs.router import Strategy
 from protocols.errors import ConfigError
 

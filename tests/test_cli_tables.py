@@ -12,7 +12,7 @@ import trio
 from conftest import NodeFactory
 
 from node.cli.render import model_rows, models_text, peers_text, status_text
-from node.daemon import STATE_FILE, read_state
+from node.data_dir import STATE_FILE, read_state
 from node.errors import sole_error
 from node.gateway import GatewayConfig
 from protocols.errors import ConfigError

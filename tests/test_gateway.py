@@ -86,7 +86,7 @@ async def test_openai_client_lists_models_and_embeds_across_the_swarm(
     assert one.data[0].embedding == raw.json()["data"][0]["embedding"]
     decoded = np.frombuffer(base64.b64decode(b64.json()["data"][0]["embedding"]), "<f4")
     assert decoded.tolist() == raw.json()["data"][0]["embedding"]
-    assert serving.service is not None and serving.service.stats.served >= 4
+    assert serving.services.service.stats.served >= 4
 
 
 async def test_completions_and_chat_with_and_without_streaming(node_factory: NodeFactory) -> None:
@@ -133,12 +133,12 @@ async def test_completions_and_chat_with_and_without_streaming(node_factory: Nod
     body = raw.text
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert body.endswith("data: [DONE]\n\n") and body.count("data: ") == 5
-    assert gateway.service is not None and gateway.service.stats.forwarded == 5
+    assert gateway.services.service.stats.forwarded == 5
 
 
 async def test_kserve_v2_metadata_and_infer(node_factory: NodeFactory) -> None:
     x = [[1.0, 2.0, 3.0], [0.5, 0.5, 0.0]]
-    async with swarm(node_factory) as (_, serving, url), httpx.AsyncClient(base_url=url) as http:
+    async with swarm(node_factory) as (_, _, url), httpx.AsyncClient(base_url=url) as http:
         live = await http.get("/v2/health/live")
         ready = await http.get("/v2/health/ready")
         meta = await http.get("/v2/models/echo")
@@ -201,7 +201,6 @@ async def test_kserve_v2_metadata_and_infer(node_factory: NodeFactory) -> None:
     assert short.status_code == 400 and "binary_data_size" in short.json()["error"]["message"]
     assert bad_shape.status_code == 400 and "x" in bad_shape.json()["error"]["message"]
     assert bad_count.status_code == 400 and "shape" in bad_count.json()["error"]["message"]
-    assert serving.service is not None
 
 
 async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) -> None:
@@ -306,7 +305,6 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(
 async def test_a_client_that_leaves_a_stream_cancels_its_work(node_factory: NodeFactory) -> None:
     """lazy streams 3 chunks 1 s apart: leaving after the first frees both nodes at once."""
     async with swarm(node_factory) as (gateway, serving, url):
-        assert gateway.service is not None and serving.service is not None
         async with (
             httpx.AsyncClient(base_url=url, timeout=10) as http,
             http.stream(
@@ -321,10 +319,10 @@ async def test_a_client_that_leaves_a_stream_cancels_its_work(node_factory: Node
         assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["text"]
         left_at = trio.current_time()
         for _ in range(75):  # polled for 1.5 s at most; the stream's natural end is ~2 s away
-            if not (gateway.service.in_flight or serving.service.in_flight):
+            if not (gateway.services.service.in_flight or serving.services.service.in_flight):
                 break
             await trio.sleep(0.02)
-        assert not (gateway.service.in_flight or serving.service.in_flight)
+        assert not (gateway.services.service.in_flight or serving.services.service.in_flight)
         assert trio.current_time() - left_at < 1.5
 
 
@@ -398,17 +396,16 @@ async def test_a_client_that_leaves_a_plain_request_cancels_its_work(
 ) -> None:
     """lazy takes 3 s: a client that gives up after 0.5 s frees both nodes at once."""
     async with swarm(node_factory) as (gateway, serving, url):
-        assert gateway.service is not None and serving.service is not None
         async with httpx.AsyncClient(base_url=url, timeout=0.5) as http:
             with pytest.raises(httpx.ReadTimeout):
                 await http.post(path, json=body)
-        assert serving.service.in_flight == 1 or gateway.service.in_flight == 1
+        assert serving.services.service.in_flight == 1 or gateway.services.service.in_flight == 1
         left_at = trio.current_time()
         for _ in range(75):  # polled for 1.5 s at most; the job's natural end is ~2.5 s away
-            if not (gateway.service.in_flight or serving.service.in_flight):
+            if not (gateway.services.service.in_flight or serving.services.service.in_flight):
                 break
             await trio.sleep(0.02)
-        assert not (gateway.service.in_flight or serving.service.in_flight)
+        assert not (gateway.services.service.in_flight or serving.services.service.in_flight)
         assert trio.current_time() - left_at < 1.5
 
 
@@ -464,4 +461,4 @@ async def test_n_choices_run_as_separate_jobs(node_factory: NodeFactory) -> None
     assert refused[3].json()["error"]["code"] == "unsupported_parameter"
     assert "tools" in refused[3].json()["error"]["message"]
     assert logprobs.status_code == 400 and "logprobs" in logprobs.json()["error"]["message"]
-    assert gateway.service is not None and gateway.service.stats.forwarded == 5
+    assert gateway.services.service.stats.forwarded == 5

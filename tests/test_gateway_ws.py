@@ -18,7 +18,7 @@ from trio_websocket import open_websocket_url as open_ws
 
 from node.daemon import Node
 from node.gateway import GatewayConfig
-from node.membership.peers import MembershipConfig
+from node.membership.config import MembershipConfig
 from node.observe.feed import Feed, Topic
 from runners.fake import WORDS
 
@@ -174,15 +174,13 @@ async def test_runner_errors_arrive_with_their_code(node_factory: NodeFactory) -
 
 async def test_cancel_and_leaving_stop_the_work_on_the_peer(node_factory: NodeFactory) -> None:
     async def in_flight_drops(node: Node) -> None:
-        assert node.service is not None
         with trio.fail_after(WAIT_S):
-            while node.service.in_flight:  # noqa: ASYNC110 (polling another node's state)
+            while node.services.service.in_flight:  # noqa: ASYNC110 (polling another node's state)
                 await trio.sleep(0.05)
 
     async def started(node: Node) -> None:
-        assert node.service is not None
         with trio.fail_after(WAIT_S):
-            while not node.service.in_flight:  # noqa: ASYNC110
+            while not node.services.service.in_flight:  # noqa: ASYNC110
                 await trio.sleep(0.02)
 
     async with swarm(node_factory) as (_, serving, url):

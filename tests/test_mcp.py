@@ -139,7 +139,7 @@ async def test_select_peer_names_the_node_that_would_run_it(node_factory: NodeFa
     async with swarm(node_factory) as (gw, peer, url), session(url) as mcp:
         remote = await ok(mcp, "select_peer", model="echo")
         local = await ok(mcp, "select_peer", model="here", strategy="local-first")
-        served = peer.service.stats.served if peer.service else -1
+        served = peer.services.service.stats.served if peer.services.service else -1
     assert remote["chosen"]["node"] == peer.peer_id and remote["chosen"]["local"] is False
     assert remote["order"] == [peer.peer_id]
     [candidate] = remote["candidates"]

@@ -18,7 +18,7 @@ from capabilities.signing import sign_record
 from node.client import SwarmClient
 from node.daemon import Node
 from node.membership.caps import CAPS, exchange_records
-from node.membership.peers import MembershipConfig
+from node.membership.config import MembershipConfig
 from node.net.framed import FramedStream
 from node.net.host import build_host, running_host
 
@@ -26,8 +26,7 @@ FAST = MembershipConfig(heartbeat_s=0.3, dead_after_s=1.5, relink_after_s=0.2)
 
 
 def _linked(node: Node) -> set[str]:
-    assert node.membership is not None
-    return {p.peer_id for p in live_peers(node.membership.table)}
+    return {p.peer_id for p in live_peers(node.services.membership.table)}
 
 
 async def test_ten_nodes_through_one_bootstrap_find_providers_by_dht(
@@ -56,8 +55,7 @@ async def test_ten_nodes_through_one_bootstrap_find_providers_by_dht(
                     result = await client.infer(wanted, {"text": "who serves this?"})
                 # It ran on a provider the node found through the DHT and linked.
                 assert result.meta["served_by"] in providers[wanted]
-                assert node.membership is not None
-                found = {p.peer_id for p in serving(node.membership.table, wanted)}
+                found = {p.peer_id for p in serving(node.services.membership.table, wanted)}
                 assert found and found <= providers[wanted]
 
 
@@ -89,7 +87,6 @@ async def _raw_caps(address: str, key_pair: object) -> AsyncIterator[FramedStrea
 
 async def test_forged_and_replayed_records_are_refused(node_factory: NodeFactory) -> None:
     async with node_factory("n", models=("fake:echo",)) as node:
-        assert node.membership is not None
         alice, mallory = generate_new_ed25519_identity(), generate_new_ed25519_identity()
         alice_id = build_host(alice).get_id().to_base58()
         body = {"models": [{"name": "stolen"}], "addrs": []}
@@ -111,9 +108,9 @@ async def test_forged_and_replayed_records_are_refused(node_factory: NodeFactory
         async with _raw_caps(node.addrs[0], mallory) as stream:
             await stream.send(forged)
             assert await stream.receive() is None
-        assert alice_id not in node.membership.table.peers  # neither got anyone listed
-        assert not serving(node.membership.table, "stolen") and not serving(
-            node.membership.table, "echo"
+        assert alice_id not in node.services.membership.table.peers  # neither got anyone listed
+        assert not serving(node.services.membership.table, "stolen") and not serving(
+            node.services.membership.table, "echo"
         )
         # Alice herself, then an older record of hers: on her own authenticated
         # connection an older seq is only late, so it is ignored, never applied.
@@ -123,7 +120,7 @@ async def test_forged_and_replayed_records_are_refused(node_factory: NodeFactory
             await host.connect(info)
             await exchange_records(host, info.peer_id, sign_record(alice, newer, seq=20, ttl_s=60))
             await exchange_records(host, info.peer_id, genuine)  # seq 10 < 20
-        peer = node.membership.table.peers[alice_id]
+        peer = node.services.membership.table.peers[alice_id]
         assert peer.status is Status.LINKED and peer.seq == 20
         assert peer.models == ("fresh",)  # the replayed body did not overwrite it
         # And the node goes on serving, and counts the two records it refused.
@@ -140,7 +137,7 @@ async def test_status_says_why_discovery_fails(node_factory: NodeFactory) -> Non
     nobody = build_host(generate_new_ed25519_identity()).get_id().to_base58()
     dead = f"/ip4/127.0.0.1/tcp/{port}/p2p/{nobody}"
     async with node_factory("lonely", models=(), bootstrap=(dead,)) as node:
-        membership = node.membership
+        membership = node.services.membership
         assert membership is not None
         await eventually(lambda: Source.BOOTSTRAP in membership.table.problems, 10.0)
         async with SwarmClient.connect(node.addrs[0]) as client:
@@ -174,7 +171,7 @@ async def test_heartbeats_reuse_one_caps_stream_per_pair(node_factory: NodeFacto
             node_factory("b", models=(), peers=(a.addrs[0],), membership=FAST)
         )
         await eventually(lambda: b.peer_id in _linked(a) and a.peer_id in _linked(b))
-        handlers = [h for h in (a._caps, b._caps) if h is not None]
+        handlers = [h for h in (a.services.caps, b.services.caps) if h is not None]
         assert len(handlers) == 2
         streams = sum(h.streams for h in handlers)
         records = sum(h.exchanges for h in handlers)

@@ -32,15 +32,13 @@ async def test_requests_outcomes_latency_and_live_state(node_factory: NodeFactor
         node_factory("b", models=("fake:echo",)) as b,
         node_factory("a", models=("fake:local",), peers=(b.addrs[0],)) as a,
     ):
-        assert a.membership is not None
         async with SwarmClient.connect(a.addrs[0]) as client:
-            await eventually(lambda: b.peer_id in {p for p in a.membership.table.peers})
+            await eventually(lambda: b.peer_id in {p for p in a.services.membership.table.peers})
             await client.infer("echo", {"text": "one"})
             await client.infer("local", {"text": "two"}, priority=Priority.HIGH)
             with pytest.raises(RemoteError):
                 await client.infer("nobody-serves-this", {"text": "three"})
-        assert a.metrics is not None
-        samples = _samples(a.metrics.render())
+        samples = _samples(a.services.metrics.render())
     ok = dict(outcome="ok")
     assert (
         _value(

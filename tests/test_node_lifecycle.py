@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 
 import pytest
 import trio
 from conftest import NodeFactory
+from libp2p import generate_new_ed25519_identity
 from support import eventually
 
+from bootstrap.peerstore import PeerStore
 from node.client import SwarmClient
+from node.net.host import build_host
 from protocols import ErrorCode, RemoteError
 
 
@@ -41,7 +45,7 @@ def _refused(port: int) -> bool:
 async def test_in_flight_work_finishes_and_new_work_is_refused(node_factory: NodeFactory) -> None:
     outcome: dict[str, object] = {}
     async with node_factory(models=("fake:slow:600",), shutdown_grace_s=5.0) as node:
-        service = node.service
+        service = node.services.service
         assert service is not None
         async with SwarmClient.connect(node.addrs[0]) as client:
 
@@ -62,7 +66,7 @@ async def test_in_flight_work_finishes_and_new_work_is_refused(node_factory: Nod
 async def test_work_past_the_grace_period_gets_a_typed_error(node_factory: NodeFactory) -> None:
     codes: dict[str, ErrorCode] = {}
     async with node_factory(models=("fake:slow:5000",), shutdown_grace_s=0.2) as node:
-        service = node.service
+        service = node.services.service
         assert service is not None
 
         async def submit(name: str) -> None:
@@ -93,3 +97,30 @@ async def test_shutdown_leaves_no_listener_and_no_task(node_factory: NodeFactory
         assert len(_all_tasks()) > len(before)
     assert _refused(port)
     await eventually(lambda: _all_tasks() == before, 2.0)
+
+
+async def test_a_node_that_remembers_a_thousand_peers_starts(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """Every peer of earlier runs is hinted to membership at start: more than the
+    discovery channel holds (256) must wait for room, not fail the start."""
+    data_dir = tmp_path / "veteran"
+    store = PeerStore.in_data_dir(data_dir)
+    remembered = []
+    for _ in range(1000):
+        peer_id = build_host(generate_new_ed25519_identity()).get_id().to_base58()
+        remembered.append(peer_id)
+    # Port 9 (discard) is closed on loopback: every redial is refused at once.
+    for peer_id in remembered:
+        await store.remember(peer_id, ["/ip4/127.0.0.1/tcp/9"])
+    assert len(await store.known_peers()) == 1000
+    async with (
+        node_factory("veteran", models=("fake:echo",), data_dir=data_dir) as node,
+        SwarmClient.connect(node.addrs[0]) as client,
+    ):
+        with trio.fail_after(10):
+            result = await client.infer("echo", {"text": "still here"})
+        assert result.meta["served_by"] == node.peer_id
+        # The hints flow on behind the start: each remembered peer is tried in turn.
+        tried = node.services.membership.tried
+        await eventually(lambda: len(tried() & set(remembered)) == 1000, timeout_s=60)

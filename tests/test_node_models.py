@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import tomllib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,8 +16,11 @@ from fake_inference_servers import FakeVLLM
 
 from node.client import SwarmClient
 from node.gateway import GatewayConfig
-from protocols import ErrorCode, RemoteError
+from node.models import ModelRegistry
+from protocols import ConfigError, ErrorCode, RemoteError
 from runners.catalog import ModelSpecError, parse_model_spec, specs_from_config
+from runners.errors import ModelLoadError
+from runners.fake import FakeRunner
 
 
 def _closed_port() -> int:
@@ -30,7 +34,7 @@ async def test_a_model_that_does_not_load_is_left_out_and_said(
 ) -> None:
     gone = f"openai:name=gone,base_url=http://127.0.0.1:{_closed_port()},retries=0"
     async with node_factory("n", models=("fake:echo", parse_model_spec(gone))) as node:
-        assert "gone" in node.failed_models and "echo" not in node.failed_models
+        assert "gone" in node.models.failed and "echo" not in node.models.failed
         async with SwarmClient.connect(node.addrs[0]) as client:
             result = await client.infer("echo", {"text": "still serving"})
             view = (await client.record()).body["view"]
@@ -124,11 +128,11 @@ async def test_declared_models_unload_and_load_again_over_http(node_factory: Nod
             "a", models=("fake:echo", "fake:solo"), peers=(b.addrs[0],), http=GatewayConfig()
         ) as a,
     ):
-        assert a.gateway is not None and a.service is not None
+        assert a.gateway is not None and a.services.service is not None
         async with httpx.AsyncClient(base_url=a.gateway.url) as http:
             gone = await http.post("/models/unload", json={"model": "solo"})
             assert gone.status_code == 200 and gone.json()["changed"] is True
-            assert "solo" not in a.service.runners
+            assert "solo" not in a.services.service.runners
             async with SwarmClient.connect(a.addrs[0]) as client:
                 with pytest.raises(RemoteError) as raised:
                     await client.infer("solo", {"text": "nobody has it now"})
@@ -173,15 +177,49 @@ async def test_a_model_loaded_on_request_is_announced_in_the_dht(
         node_factory("boot", models=(), dht=True) as boot,
         node_factory("a", models=("fake:solo",), dht=True, bootstrap=(boot.addrs[0],)) as a,
     ):
-        assert a.dht is not None and boot.dht is not None
         await a.unload_model("solo")
-        assert "solo" not in a.dht.providing
+        assert "solo" not in a.services.dht.providing
         await a.load_model("solo")
         with trio.fail_after(20):
-            while "solo" not in a.dht.providing:  # noqa: ASYNC110 (no event to wait on)
+            while "solo" not in a.services.dht.providing:  # noqa: ASYNC110 (no event to wait on)
                 await trio.sleep(0.05)
             while True:  # and the boot node finds it as a provider
-                found = await boot.dht.find_providers("solo", 5.0)
+                found = await boot.services.dht.find_providers("solo", 5.0)
                 if any(p.peer_id == a.peer_id for p in found):
                     break
                 await trio.sleep(0.2)
+
+
+class Tracked(FakeRunner):
+    """A fake whose loads and closes are counted; ``fails`` makes its load fail."""
+
+    def __init__(self, name: str, *, fails: bool = False) -> None:
+        super().__init__(name)
+        self.fails = fails
+        self.closed = 0
+
+    async def load(self) -> None:
+        if self.fails:
+            raise ModelLoadError(f"{self.info.name}: the weights are not there")
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+async def test_every_runner_built_is_closed_loaded_or_not(node_factory: NodeFactory) -> None:
+    good, bad = Tracked("good"), Tracked("bad", fails=True)
+    async with node_factory("n", models=("fake:echo",), runners=[good, bad]) as node:
+        # The one that failed is closed at once, not when the node stops.
+        assert bad.closed == 1 and good.closed == 0
+        assert "bad" in node.models.failed and "good" in node.models.runners
+    assert good.closed == 1 and bad.closed == 1  # each exactly once
+
+
+async def test_runners_built_before_a_bad_declaration_are_closed(tmp_path: Path) -> None:
+    """Two models of one name: the node refuses to start, after closing what it built."""
+    first, twin = Tracked("twin"), Tracked("twin")
+    registry = ModelRegistry(("fake:other",), tmp_path, extra=[first, twin])
+    with pytest.raises(ConfigError, match="configured twice"):
+        await registry.load_all()
+    assert first.closed == 1 and twin.closed == 1
+    assert registry.runners == {}

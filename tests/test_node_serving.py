@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,13 +27,17 @@ from protocols import (
     Chunk,
     Error,
     ErrorCode,
+    Param,
     Priority,
     RemoteError,
     Request,
     Retry,
     Tensor,
+    Value,
     encode,
 )
+from runners.base import Outputs
+from runners.fake import FakeRunner
 
 
 @asynccontextmanager
@@ -176,7 +180,7 @@ async def test_peer_vanishing_mid_request_leaves_the_node_serving(
     async with node_factory(models=("fake:slow:500",)) as node:
         async with raw_stream(node.addrs[0]) as (raw, framed):
             await framed.send(Request(new_request_id(), "slow", {"text": "x"}))
-            service = node.service
+            service = node.services.service
             assert service is not None
             await eventually(lambda: service.in_flight == 1)
             await raw.reset()
@@ -219,7 +223,7 @@ async def test_deadline_and_cancel(node_factory: NodeFactory) -> None:
         assert late.value.code is ErrorCode.DEADLINE_EXCEEDED
         with trio.move_on_after(0.2):
             await client.infer("slow", {"text": "x"})
-        service = node.service
+        service = node.services.service
         assert service is not None
         await eventually(lambda: service.in_flight == 0, 2.0)  # the Cancel reached the node
         ok = await client.infer("slow", {"text": "x"}, deadline_s=5)
@@ -265,3 +269,33 @@ async def test_client_survives_the_node_restarting(node_factory: NodeFactory) ->
             stop_second.set()
     assert second_node.addrs == first_node.addrs  # same identity, same port
     assert first.meta["served_by"] == second.meta["served_by"] == second_node.peer_id
+
+
+class LeakyBug(FakeRunner):
+    """A runner with a bug whose exception text names an internal path."""
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        raise KeyError("/srv/secret/weights.bin")
+
+
+async def test_an_unexpected_failure_tells_the_peer_nothing_of_our_internals(
+    node_factory: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        node_factory("buggy", models=(), runners=[LeakyBug("bug")]) as node,
+        SwarmClient.connect(node.addrs[0]) as client,
+    ):
+        request_id = new_request_id()
+        with trio.fail_after(10), pytest.raises(RemoteError) as failed:
+            await client.infer("bug", {"text": "x"}, request_id=request_id)
+        assert failed.value.code is ErrorCode.INTERNAL
+        told = failed.value.message
+        assert request_id in told
+        assert "KeyError" not in told and "secret" not in told and "weights" not in told
+        # The node keeps the detail, with the request id to find it by.
+        logged = [r for r in caplog.records if r.exc_info and request_id in r.getMessage()]
+        assert logged and "/srv/secret/weights.bin" in str(logged[0].exc_info[1])
+        # ... and serves the next request as before.
+        with trio.fail_after(10), pytest.raises(RemoteError) as again:
+            await client.infer("bug", {"text": "y"}, request_id="second")
+        assert again.value.code is ErrorCode.INTERNAL and "second" in again.value.message

@@ -125,8 +125,7 @@ async def test_peers_outside_the_allow_list_never_appear_in_the_table(
         async with node_factory(
             "a", models=(), peers=(member.addrs[0], stranger.addrs[0]), allow=allow
         ) as a:
-            assert a.membership is not None
-            assert set(a.membership.table.peers) == {member.peer_id}
+            assert set(a.services.membership.table.peers) == {member.peer_id}
             async with SwarmClient.connect(a.addrs[0], key_pair=user) as client:
                 with pytest.raises(RemoteError) as missing:
                     await client.infer("other", {"text": "x"})  # only the stranger serves it

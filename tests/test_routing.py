@@ -34,8 +34,7 @@ JOB_WAIT_S = 30.0
 
 def links(node: Node) -> dict[str, set[str]]:
     """Model -> the linked peers that ``node`` knows serve it."""
-    assert node.membership is not None
-    table = node.membership.table
+    table = node.services.membership.table
     models = {m for p in table.peers.values() for m in p.models}
     return {m: {p.peer_id for p in serving(table, m)} for m in models}
 
@@ -164,8 +163,7 @@ async def test_a_busy_peer_says_overloaded_and_the_job_goes_to_the_other(
     ):
         servers = {"job": {busy.peer_id, free.peer_id}}
         await wait_linked([entry, busy], servers)
-        assert busy.service is not None
-        busy_service = busy.service
+        busy_service = busy.services.service
         async with trio.open_nursery() as nursery:
             hold = trio.CancelScope()
 
@@ -221,8 +219,7 @@ async def test_a_stalled_peer_gives_deadline_exceeded_and_is_cancelled(
         SwarmClient.connect(entry.addrs[0]) as client,
     ):
         await wait_linked([entry], {"stuck": {stall.peer_id}})
-        assert stall.service is not None and entry.service is not None
-        stalled, entered = stall.service, entry.service
+        stalled, entered = stall.services.service, entry.services.service
 
         with trio.fail_after(JOB_WAIT_S), pytest.raises(RemoteError) as unknown:
             await client.infer("stuck", {"text": "x"}, strategy="fastest")
@@ -269,8 +266,7 @@ async def test_garbage_answers_fail_over_and_open_the_peer_breaker(
         node_factory("entry", models=(), peers=(junk.addrs[0], good.addrs[0])) as entry,
         SwarmClient.connect(entry.addrs[0]) as client,
     ):
-        assert junk.host is not None
-        junk.host.set_stream_handler(TProtocol(INFER_PROTOCOL), answer_garbage)
+        junk.services.host.set_stream_handler(TProtocol(INFER_PROTOCOL), answer_garbage)
         await wait_linked([entry], {"emb": {junk.peer_id, good.peer_id}})
 
         # Streams first, before the breaker opens: one of the two tries the garbage

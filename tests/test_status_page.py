@@ -27,7 +27,7 @@ from conftest import NodeFactory
 from bootstrap.table import live_peers
 from node.daemon import Node
 from node.gateway import GatewayConfig
-from node.membership.peers import MembershipConfig
+from node.membership.config import MembershipConfig
 from runners.fake import FakeRunner
 
 TOKEN = "page-s3cret"
@@ -78,10 +78,13 @@ async def three_nodes(node_factory: NodeFactory) -> AsyncIterator[tuple[Node, No
             "gw", models=(), peers=(a.addrs[0], b.addrs[0]), http=GatewayConfig(token=TOKEN)
         ) as gw,
     ):
-        assert gw.membership is not None and gw.gateway is not None
+        assert gw.gateway is not None
         with trio.fail_after(20):
-            while {p.peer_id for p in live_peers(gw.membership.table)} != {a.peer_id, b.peer_id}:
-                await gw.membership.wait_changed()
+            while {p.peer_id for p in live_peers(gw.services.membership.table)} != {
+                a.peer_id,
+                b.peer_id,
+            }:
+                await gw.services.membership.wait_changed()
         yield gw, a, b, gw.gateway.url
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from node.daemon import DEFAULT_LISTEN, NodeConfig
+from node.config import DEFAULT_LISTEN, NodeConfig
 from node.gateway import GatewayConfig
 from node.jobs.router import RouterConfig, Strategy
-from node.membership.peers import MembershipConfig
+from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
 from protocols.config import Table
 from protocols.errors import ConfigError

@@ -26,7 +26,9 @@ import trio
 from rich.console import Console, RenderableType
 
 from node.client import SwarmClient
-from node.daemon import DEFAULT_DATA_DIR, DEFAULT_LISTEN, Node, NodeConfig, read_state
+from node.config import DEFAULT_LISTEN, NodeConfig
+from node.daemon import Node
+from node.data_dir import DEFAULT_DATA_DIR, read_state
 from node.errors import sole_error
 from node.jobs.router import Strategy
 from node.json_values import jsonable

@@ -31,7 +31,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
-from node.daemon import read_state
+from node.data_dir import read_state
 from node.errors import PeerUnavailable, Unauthorized, sole_error
 from protocols import SwarmError
 from protocols.errors import ConfigError

@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -53,9 +52,9 @@ from bootstrap.table import (
 from capabilities.signing import RecordBook, RecordRejected, RecordReplayed
 from node.net.access import AccessPolicy
 from protocols import CapabilityRecord, ProtocolError, SwarmError
-from protocols.errors import ConfigError
 
 from .caps import CapsStreams, Received, RecordSigner
+from .config import LAGGARD_FACTOR, MembershipConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +62,6 @@ DiscoveryEvent = Discovered | DiscoveryProblem
 LINK_TIMEOUT_S = 10.0
 DHT_LOOKUP_S = 5.0
 HINTS_ONLY = frozenset({Source.DHT, Source.PEERSTORE})
-# The higher id of a pair heartbeats only after this many intervals of silence:
-# later than the lower id's beats are due (at most 1.6 intervals apart, given the
-# checks' jitter), well before a peer is dropped.
-LAGGARD_FACTOR = 1.7
 # How many linked peers a full record names, so that a newcomer that learnt of a
 # few members (one DHT lookup returns about 20) links to the rest through them.
 PEER_SAMPLE = 64
@@ -79,21 +74,6 @@ SAMPLE_EVERY_S = 30.0
 # a whole interval.
 JOIN_WINDOW_S = 4.0
 JOIN_BEAT_S = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class MembershipConfig:
-    heartbeat_s: float = 5.0
-    dead_after_s: float = 15.0
-    relink_after_s: float = 3.0  # at most one link attempt per peer this often
-    max_linking: int = 16  # link attempts at once
-    events_buffer: int = 256
-
-    def __post_init__(self) -> None:
-        if not 0 < self.heartbeat_s * LAGGARD_FACTOR < self.dead_after_s:
-            raise ConfigError(
-                f"heartbeat must be positive and {LAGGARD_FACTOR} times it shorter than dead_after"
-            )
 
 
 class Membership:
@@ -196,6 +176,10 @@ class Membership:
                     self._nursery.start_soon(self._beat, peer.peer_id, _version(peer.body))
 
     # -- linking and heartbeats -------------------------------------------------
+
+    def tried(self) -> set[str]:
+        """The peers this node has tried to link since it started."""
+        return set(self._last_try)
 
     def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
         """Dial ``peer_id`` and swap full records, unless that was just tried."""

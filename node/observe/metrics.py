@@ -17,9 +17,8 @@ one (the Prometheus idiom for an enum), so a dashboard can count open circuits.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -32,11 +31,23 @@ BREAKER_STATES = ("closed", "open", "half-open")
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+@dataclass(frozen=True, slots=True)
+class Live:
+    """What the node reads off itself at scrape time (``node.status.live_figures``)."""
+
+    queue_depth: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # model -> prio
+    in_flight: int = 0
+    peers: Mapping[str, int] = field(default_factory=dict)  # status -> how many
+    backend_circuits: Mapping[str, str | None] = field(default_factory=dict)  # model -> state
+    peer_circuits: Mapping[str, str | None] = field(default_factory=dict)  # peer -> state
+    failovers: int = 0
+
+
 class NodeMetrics:
     """The node's registry; ``observe`` is given to the inference service."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(self, peer_id: str, live: Callable[[], Live]) -> None:
+        self.peer_id = peer_id
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = PromCounter(
             "swarm_requests",
@@ -52,10 +63,10 @@ class NodeMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        self.registry.register(_Live(node))
+        self.registry.register(_Live(live))
 
     def observe(self, request: Request, outcome: str, seconds: float, by: str | None) -> None:
-        ran = "none" if by is None else ("local" if by == self.node.peer_id else "peer")
+        ran = "none" if by is None else ("local" if by == self.peer_id else "peer")
         model = request.model.lower()
         # The peer label is bounded by the swarm's size (a node links at most max_peers).
         peer = by or ""
@@ -70,68 +81,52 @@ class NodeMetrics:
 class _Live(Collector):
     """Series read from the node when scraped."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(self, live: Callable[[], Live]) -> None:
+        self.live = live
 
     def describe(self) -> list[Metric]:
         return []  # no fixed set up front: series come and go with models and peers
 
     def collect(self) -> Iterator[Metric]:
-        node = self.node
-        service, membership = node.service, node.membership
-        if service is None or membership is None:
-            return
+        live = self.live()
         depth = GaugeMetricFamily(
             "swarm_queue_depth",
             "Requests waiting, by model and priority.",
             labels=["model", "priority"],
         )
-        for model, gate in service.gates.items():
-            for priority, n in gate.depth().items():
+        for model, by_priority in live.queue_depth.items():
+            for priority, n in by_priority.items():
                 depth.add_metric([model, priority], n)
         yield depth
         yield GaugeMetricFamily(
-            "swarm_in_flight", "Requests this node is handling now.", value=service.in_flight
+            "swarm_in_flight", "Requests this node is handling now.", value=live.in_flight
         )
         peers = GaugeMetricFamily(
             "swarm_peers", "Peers in the table, by status.", labels=["status"]
         )
-        statuses = Counter(str(p.status) for p in membership.table.peers.values())
         for status in ("linked", "discovered", "unreachable", "refused"):
-            peers.add_metric([status], statuses.get(status, 0))
+            peers.add_metric([status], live.peers.get(status, 0))
         yield peers
         yield _states(
             "swarm_backend_circuit",
             "Each local model's backend circuit breaker, 1 for its current state.",
             "model",
-            {name: _breaker(s) for name, s in node.runner_status().items()},
+            live.backend_circuits,
         )
-        router, dispatcher = node.router, node.dispatcher
-        if router is not None:
-            held: dict[str, str | None] = {
-                peer: str(b.get("state")) for peer, b in router.breakers.describe().items()
-            }
-            yield _states(
-                "swarm_peer_circuit",
-                "Peers held back by their circuit breaker, 1 for the current state.",
-                "peer",
-                held,
-            )
-        if dispatcher is not None:
-            yield CounterMetricFamily(
-                "swarm_failovers",
-                "Attempts after the first, over all jobs routed here.",
-                value=dispatcher.failovers,
-            )
+        yield _states(
+            "swarm_peer_circuit",
+            "Peers held back by their circuit breaker, 1 for the current state.",
+            "peer",
+            live.peer_circuits,
+        )
+        yield CounterMetricFamily(
+            "swarm_failovers",
+            "Attempts after the first, over all jobs routed here.",
+            value=live.failovers,
+        )
 
 
-def _breaker(state: dict[str, Any]) -> str | None:
-    endpoint = state.get("endpoint")
-    found = (endpoint if isinstance(endpoint, dict) else state).get("breaker")
-    return found if isinstance(found, str) else None
-
-
-def _states(name: str, doc: str, key: str, current: dict[str, str | None]) -> GaugeMetricFamily:
+def _states(name: str, doc: str, key: str, current: Mapping[str, str | None]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc, labels=[key, "state"])
     for subject, state in current.items():
         if state is None:

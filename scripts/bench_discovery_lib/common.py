@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.table import live_peers
-from node.daemon import Node, NodeConfig
-from node.membership.peers import MembershipConfig
+from node.config import NodeConfig
+from node.daemon import Node
+from node.membership.config import MembershipConfig
 from node.observe import logs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,9 +86,9 @@ def node_config(root: Path, i: int, *, listen: str = LOOPBACK, **overrides: Any)
 
 
 def linked(node: Node) -> set[str]:
-    return (
-        set() if node.membership is None else {p.peer_id for p in live_peers(node.membership.table)}
-    )
+    if not node.serving:
+        return set()
+    return {p.peer_id for p in live_peers(node.services.membership.table)}
 
 
 def net_counter(text: str | None = None, interface: str = "lo", column: int = 0) -> int:

@@ -25,7 +25,7 @@ from netns import (  # scripts/netns.py
 )
 
 from node.daemon import Node
-from node.membership.peers import MembershipConfig
+from node.membership.config import MembershipConfig
 
 from .common import (
     BASELINE_S,
@@ -78,15 +78,15 @@ class Swarm:
         return self.whole() == len(self.nodes)
 
     def refusals(self) -> int:
-        return sum(n.membership.table.refusals for n in self.nodes if n.membership)
+        return sum(n.services.membership.table.refusals for n in self.nodes if n.serving)
 
     def tables(self) -> str:
         """Entries of all the nodes' tables, by status."""
         counts = Counter(
             str(p.status)
             for n in self.nodes
-            if n.membership
-            for p in n.membership.table.peers.values()
+            if n.serving
+            for p in n.services.membership.table.peers.values()
         )
         return ", ".join(f"{c} {s}" for s, c in counts.most_common()) or "empty"
 
@@ -246,8 +246,7 @@ async def _kill_and_watch(out: dict[str, Any], swarm: Swarm, root: Path) -> None
         while (now := trio.current_time()) - killed < WATCH_AFTER_KILL_S:
             for i in watchers:  # the nodes that linked it
                 node = swarm.nodes[i]
-                assert node.membership is not None
-                peer = node.membership.table.peers.get(victim)
+                peer = node.services.membership.table.peers.get(victim)
                 if i not in unlinked and victim not in linked(node):
                     unlinked[i] = now - killed
                     how[str(peer.status) if peer else "dropped"] += 1
@@ -275,7 +274,7 @@ async def _kill_and_watch(out: dict[str, Any], swarm: Swarm, root: Path) -> None
 
 
 def _status_of(node: Node, peer_id: str) -> str:
-    peer = None if node.membership is None else node.membership.table.peers.get(peer_id)
+    peer = node.services.membership.table.peers.get(peer_id) if node.serving else None
     if peer is None:
         return "not in its table"
     return str(peer.status) + (f" ({peer.reason[:120]})" if peer.reason else "")

@@ -289,8 +289,7 @@ async def serve_one(args: argparse.Namespace) -> None:
     async def watch() -> None:
         last = None
         while True:
-            assert node.membership is not None
-            table = node.membership.table
+            table = node.services.membership.table
             statuses = dict(Counter(str(p.status) for p in table.peers.values()))
             now = (sorted(linked(node)), table.refusals, statuses)
             if now != last:

@@ -282,7 +282,8 @@ def _raw_completion(client: httpx.AsyncClient) -> Callable[[], Awaitable[None]]:
 @asynccontextmanager
 async def _node(model: Any) -> AsyncIterator[Any]:
     """A node on loopback serving ``model``, in a data dir of its own, for the block."""
-    from node.daemon import Node, NodeConfig
+    from node.config import NodeConfig
+    from node.daemon import Node
 
     with tempfile.TemporaryDirectory(prefix="bench-node-") as tmp:
         node = Node(

@@ -1,0 +1,54 @@
+"""The running node as one frozen record: every service the wiring built.
+
+``node.daemon`` builds it once the host listens (and again, replaced, when the
+gateway is up); status views (``node.status``) are pure functions of it, so
+nothing reads a half-built node: there is no attribute that is None until
+serving and no assert that says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bootstrap.dht import ModelDHT
+from bootstrap.peerstore import PeerStore
+from capabilities.hardware import Hardware
+from node.config import NodeConfig
+from node.gateway.server import Gateway
+from node.jobs.dispatch import Dispatcher, RouterPlanner
+from node.jobs.inbound import InferHandler
+from node.jobs.outbound import Caller
+from node.jobs.router import Router
+from node.jobs.service import InferenceService
+from node.membership.caps import CapsHandler, RecordSigner
+from node.membership.peers import Membership
+from node.models import ModelRegistry
+from node.net.access import AccessPolicy
+from node.observe.feed import Feed
+from node.observe.metrics import NodeMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    config: NodeConfig
+    peer_id: str
+    addrs: tuple[str, ...]  # dialable multiaddrs, with /p2p/<peer id>
+    host: Any  # the libp2p host
+    hardware: Hardware
+    models: ModelRegistry
+    access: AccessPolicy
+    feed: Feed
+    service: InferenceService
+    membership: Membership
+    router: Router
+    planner: RouterPlanner
+    dispatcher: Dispatcher
+    caller: Caller
+    inbound: InferHandler
+    caps: CapsHandler
+    signer: RecordSigner
+    metrics: NodeMetrics
+    store: PeerStore
+    dht: ModelDHT | None  # None with --no-dht
+    gateway: Gateway | None = None  # set once the gateway listens; None with --http off

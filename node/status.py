@@ -1,0 +1,135 @@
+"""What a running node says about itself: pure views of its services record.
+
+Each function reads a ``Services`` and returns plain data (or the router's own
+types); none changes anything, so the same record answers ``swarm status``,
+the capability record peers get, ``/metrics``, the MCP tools and daemon.json.
+Backend addresses and keys never appear: the runners' states are shown without
+``base_url``, and keys never leave their pool.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from capabilities.record import record_body
+from node.jobs.router import Candidate, LocalNode
+from node.json_values import jsonable
+from node.observe.metrics import Live
+from node.services import Services
+from protocols import Priority
+
+
+def describe(s: Services) -> dict[str, Any]:
+    """The body of this node's full capability record (load travels in heartbeats)."""
+    body = record_body(
+        addrs=list(s.addrs),
+        hardware=s.hardware,
+        models=s.models.infos(),
+        load=s.service.load(),
+    )
+    circuits = s.models.circuits()
+    extra = {"circuits": circuits} if circuits else {}
+    return {**body, **extra, "peers": s.membership.peer_sample()}
+
+
+def client_view(s: Services) -> dict[str, Any]:
+    """This node's own view, which clients (``swarm status``) get in its record."""
+    return {
+        **s.membership.view(),
+        "stats": s.service.stats.describe(),
+        # Records that failed verification on arrival, before any table saw them.
+        "records_refused_on_arrival": s.caps.refused_records,
+        "caps": {"streams_in": s.caps.streams, "records_in": s.caps.exchanges},
+        "runners": s.models.status(),
+        "routing": routing_view(s),
+        "models_failed": dict(s.models.failed),
+        "access": {
+            "private_swarm": s.config.swarm_key is not None,
+            "allow_list": s.access.allowed is not None,
+            "refused": s.access.refused,
+        },
+    }
+
+
+def status(s: Services) -> dict[str, Any]:
+    """What ``swarm status --json`` shows of this node, as plain JSON data."""
+    record = s.signer.view(client_view(s))
+    return {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}
+
+
+def routing_view(s: Services) -> dict[str, Any]:
+    described = s.router.describe()
+    return {
+        "strategy": described["strategy"],
+        "max_attempts": described["max_attempts"],
+        "failovers": s.dispatcher.failovers,
+        "peer_breakers": described["peers"],
+    }
+
+
+def local_node(s: Services) -> LocalNode:
+    """This node as a routing candidate: its models, load and backend circuits."""
+    return LocalNode(models=s.models.infos(), load=s.service.load(), circuits=s.models.circuits())
+
+
+def backends_view(s: Services) -> dict[str, Any]:
+    """The models served here, what runs each and its live state, and the models that
+    did not load with why (MCP's list_backends). No keys, no backend addresses."""
+    states = s.models.status()
+    models = [
+        {**runner.info.describe(), "state": states.get(name) or {}}
+        for name, runner in s.models.runners.items()
+    ]
+    return {"node": s.peer_id, "models": models, "failed": dict(s.models.failed)}
+
+
+def select_peer(
+    s: Services, model: str, strategy: str | None = None, priority: Priority = Priority.NORMAL
+) -> dict[str, Any]:
+    """Where a job for ``model`` would run now, and the candidates with their scores
+    (MCP's select_peer); runs nothing. Raises BadStrategy for an unknown strategy."""
+    preview = s.planner.preview(model, strategy, priority)
+
+    def candidate(c: Candidate) -> dict[str, Any]:
+        return {
+            "node": c.peer_id,
+            "local": c.local,
+            "model": c.model,
+            "device": c.device,
+            "score": round(c.score, 6),
+            "probe": c.probe,
+        }
+
+    chosen = preview.chosen
+    return {
+        "strategy": strategy or str(s.router.config.strategy),
+        "chosen": None if chosen is None else candidate(chosen),
+        "order": [c.peer_id for c in preview.order],
+        "candidates": [candidate(c) for c in preview.candidates],
+    }
+
+
+def live_figures(s: Services) -> Live:
+    """What /metrics reads at scrape time."""
+    peers = Counter(str(p.status) for p in s.membership.table.peers.values())
+    return Live(
+        queue_depth={model: gate.depth() for model, gate in s.service.gates.items()},
+        in_flight=s.service.in_flight,
+        peers=dict(peers),
+        backend_circuits=dict(s.models.circuits()),
+        peer_circuits={
+            peer: str(b.get("state")) for peer, b in s.router.breakers.describe().items()
+        },
+        failovers=s.dispatcher.failovers,
+    )
+
+
+def daemon_state(s: Services, pid: int) -> dict[str, Any]:
+    """daemon.json: where the CLI, ``swarm mcp`` and HTTP clients find this daemon."""
+    return {
+        "pid": pid,
+        "peer_id": s.peer_id,
+        "addrs": list(s.addrs),
+        "http": s.gateway.url if s.gateway is not None else None,
+    }
