@@ -123,3 +123,21 @@ def test_a_busy_explicit_port_is_an_error(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert re.search(rf"127\.0\.0\.1:{port} is in use", done.stderr), done.stderr
         assert "Traceback" not in done.stderr and "ready" not in done.stdout
+
+
+def test_a_second_daemon_on_a_held_libp2p_port_refuses_to_start(daemons: Daemons) -> None:
+    """py-libp2p listens with SO_REUSEPORT: without our check a second daemon on the
+    same port started and the kernel split inbound connections between the two."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = f"/ip4/127.0.0.1/tcp/{port}"
+    first = daemons.start("first", "--model", "fake:echo", "--listen", listen).wait_ready()
+    base = ["daemon", "--listen", listen, "--no-cuda-probe", "--no-mdns", "--no-dht"]
+    (second,) = cli([*base, "--data-dir", str(first.data_dir.parent / "second"), "--http", "off"])
+    assert second.returncode == 2, second.stderr
+    assert f"port {port} is held by" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr and "ready" not in second.stdout
+    # The first one serves on, every connection its own.
+    (done,) = cli(["submit", "--peer", first.addr, "--json", "echo", "hi"])
+    assert ok_json(done)["meta"]["served_by"] == first.peer_id

@@ -9,13 +9,16 @@ because leaving ``host.run`` alone leaves the TCP listener open.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import multiaddr
+import psutil
 import trio
 from libp2p import generate_new_ed25519_identity, new_host
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -74,6 +77,8 @@ async def running_host(
         addrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as exc:  # multiaddr raises several types for bad text
         raise ConfigError(f"bad listen address in {list(listen)}: {exc}") from exc
+    for addr in addrs:
+        _refuse_a_held_port(addr)
     host = build_host(key_pair, psk=psk)
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -94,3 +99,54 @@ async def running_host(
         if error is group:
             raise
         raise error from None
+
+
+def _refuse_a_held_port(addr: multiaddr.Multiaddr) -> None:
+    """A ConfigError when another socket listens on ``addr``'s TCP port already.
+
+    py-libp2p's listener sets SO_REUSEPORT (hole punching dials out from the
+    listen port), so a second node on the same port would start without error and
+    the kernel would split inbound connections between the two: dialers then see
+    Noise handshakes fail. A probe bound without SO_REUSEPORT is refused while any
+    listener holds the port, whatever options that one set.
+    """
+    protocols = {p.name for p in addr.protocols()}
+    if "tcp" not in protocols:
+        return
+    port = int(addr.value_for_protocol("tcp"))
+    if port == 0:
+        return  # the kernel picks a free one
+    family, ip = (
+        (socket.AF_INET6, addr.value_for_protocol("ip6"))
+        if "ip6" in protocols
+        else (socket.AF_INET, addr.value_for_protocol("ip4"))
+    )
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: a port left in TIME_WAIT by a node that just stopped is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((ip, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return  # not ours to judge (no such address): libp2p's listen says
+            raise ConfigError(
+                f"cannot listen on {addr}: port {port} is held by {_holder(port)} "
+                "(another swarm daemon?); stop it or pick another --listen port"
+            ) from None
+
+
+def _holder(port: int) -> str:
+    """Who listens on TCP ``port``, as well as this process may tell."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                if conn.pid is None:
+                    break
+                try:
+                    name = " ".join(psutil.Process(conn.pid).cmdline()[:3]) or "?"
+                except psutil.Error:
+                    name = "?"
+                return f"process {conn.pid} ({name})"
+    except psutil.Error:
+        pass
+    return "another process"
