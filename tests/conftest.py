@@ -3,6 +3,8 @@ default model converted to OpenVINO IR once per session."""
 
 from __future__ import annotations
 
+import os
+import random
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -23,6 +25,7 @@ from runners.openvino_embed import MODEL_NAME, OpenVINOEmbedRunner, cache_key
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 GARBAGE = b"not an IR "
+SEED_ENV = "SWARM_TEST_SEED"
 
 NodeFactory = Callable[..., AbstractAsyncContextManager[Node]]
 
@@ -61,6 +64,22 @@ def node_factory(tmp_path: Path) -> NodeFactory:
                 node.stop()
 
     return start
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a test's random choices: ``$SWARM_TEST_SEED``, else a fresh one.
+
+    Printed (pytest shows it with a failure's captured setup output) and kept as
+    the test's ``seed`` user property (in its report; ``--junitxml`` with
+    ``junit_family=legacy`` writes it), so a failure can be replayed.
+    """
+    given = os.environ.get(SEED_ENV)
+    value = int(given) if given else random.SystemRandom().randrange(1 << 32)
+    # Not the record_property fixture: it warns under the default xunit2, an error here.
+    request.node.user_properties.append(("seed", value))
+    print(f"seed {value} (replay with {SEED_ENV}={value})")
+    return value
 
 
 @pytest.fixture(scope="session")

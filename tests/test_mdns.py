@@ -19,6 +19,7 @@ from typing import Any
 import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p import generate_new_ed25519_identity
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.peer.id import ID
@@ -135,6 +136,13 @@ async def next_event(receive: trio.MemoryReceiveChannel[Event]) -> Event:
         return await receive.receive()
 
 
+async def nothing_more(receive: trio.MemoryReceiveChannel[Event]) -> None:
+    """Once every task waits, no event is ready (nor a sender blocked on one)."""
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.WouldBlock):
+        receive.receive_nowait()
+
+
 async def test_find_crosses_from_the_browser_thread_to_the_channel() -> None:
     before = handlers()
     own = new_peer_id()
@@ -162,12 +170,14 @@ async def test_a_full_channel_never_blocks_the_zeroconf_thread() -> None:
         await backend.drained()  # returned while nobody reads: nothing blocked the thread
         assert mdns.dropped >= 1
         assert len(mdns.found) + mdns.dropped == len(peers)
-        got = set()
-        with trio.move_on_after(0.5):
-            async for event in receive:
+        got: list[str] = []
+        with trio.fail_after(WAIT_S):
+            while len(got) < len(mdns.found):
+                event = await receive.receive()
                 assert isinstance(event, Discovered)
-                got.add(event.peer_id)
-        assert got == mdns.found  # every accepted find arrives, once
+                got.append(event.peer_id)
+        await nothing_more(receive)
+        assert sorted(got) == sorted(mdns.found)  # every accepted find arrives, once
 
 
 async def test_a_waiting_find_is_replaced_by_the_newer_one() -> None:
@@ -178,10 +188,12 @@ async def test_a_waiting_find_is_replaced_by_the_newer_one() -> None:
         backend.emit(peer_info(second, "/ip4/10.0.0.4/tcp/1"))
         await backend.drained()
         got: list[Discovered] = []
-        with trio.move_on_after(0.5):
-            async for event in receive:
+        with trio.fail_after(WAIT_S):
+            for _ in range(2):
+                event = await receive.receive()
                 assert isinstance(event, Discovered)
                 got.append(event)
+        await nothing_more(receive)  # the replaced find is not sent as well
         assert [e.peer_id for e in got] == [first, second]
         assert got[-1].addrs == ("/ip4/10.0.0.4/tcp/1",)
 

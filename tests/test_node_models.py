@@ -13,6 +13,7 @@ import pytest
 import trio
 from conftest import NodeFactory
 from fake_inference_servers import FakeVLLM
+from support import eventually
 
 from node.client import SwarmClient
 from node.gateway import GatewayConfig
@@ -162,9 +163,11 @@ async def test_a_model_unloaded_while_busy_finishes_its_jobs(node_factory: NodeF
             async def job() -> None:
                 results.append(await client.infer("slow", {"text": "in flight"}))
 
+            service = a.services.service
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(job)
-                await trio.sleep(0.1)  # admitted and running
+                await eventually(lambda: service.gates["slow"].running == 1)  # admitted, running
                 done = await a.unload_model("slow")
         assert done["changed"] is True and len(results) == 1
         assert results[0].meta["served_by"] == a.peer_id

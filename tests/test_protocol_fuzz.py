@@ -46,6 +46,7 @@ from protocols import (
     Request,
     Result,
     Tensor,
+    codec,
     encode,
 )
 
@@ -790,23 +791,40 @@ def test_encoding_a_non_message_raises_local_protocol_error() -> None:
 # regressions: bugs these tests found, now fixed
 
 
-def test_fixed_encoder_and_decoder_agree_on_max_message() -> None:
+def unchecked_frames(
+    message: Message, limits: Limits, monkeypatch: pytest.MonkeyPatch
+) -> list[bytes]:
+    """``message`` framed without the encoder's outgoing check: what a peer that lacks
+    the check (another implementation, an older build) would send."""
+    with monkeypatch.context() as patched:
+        patched.setattr(codec, "_check_outgoing", lambda body, limits: None)
+        return encode(message, limits)
+
+
+def test_fixed_encoder_and_decoder_agree_on_max_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    # max_message bounds all tensor bytes of a message, inline and deferred together.
     limits = Limits(max_frame=8192, part_size=4096, max_message=8192)
-    message = Result(
+    over = Result(
         "r",
         {
             "small": Tensor("uint8", (100,), bytes(100)),  # inline
-            "big": Tensor("uint8", (8192,), bytes(8192)),  # deferred, exactly max_message
+            "big": Tensor("uint8", (8192,), bytes(8192)),  # deferred; 8292 bytes in all
         },
     )
-    try:
-        frames = encode(message, limits)
-    except MessageTooLarge:
-        return  # refusing it is fine too: the two sides then agree
-    decoder = Decoder(limits)
-    for f in frames:
-        decoder.feed(f)
-    assert decoder.next_message() == message
+    with pytest.raises(MessageTooLarge):
+        encode(over, limits)
+    with pytest.raises(FrameTooLarge):
+        decode_one(*unchecked_frames(over, limits, monkeypatch), limits=limits)
+    exact = Result(
+        "r",
+        {
+            "small": Tensor("uint8", (100,), bytes(100)),
+            "big": Tensor("uint8", (8092,), bytes(8092)),
+        },
+    )
+    frames = encode(exact, limits)
+    assert len(frames) == 3  # the head and two parts
+    assert decode_one(*frames, limits=limits) == exact
 
 
 @pytest.mark.parametrize(
@@ -852,27 +870,24 @@ def test_fixed_encoder_and_decoder_agree_on_max_message() -> None:
         "too-many-items",
     ],
 )
-def test_fixed_encoder_refuses_what_the_decoder_refuses(message: Message) -> None:
-    try:
-        frames = encode(message, SMALL)
-    except LocalProtocolError:
-        return
-    decoder = Decoder(SMALL)
-    for f in frames:
-        decoder.feed(f)
-    decoder.next_message()  # raises RemoteProtocolError: the peer would refuse it
+def test_fixed_encoder_refuses_what_the_decoder_refuses(
+    message: Message, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The encoder runs the decoder's own checks on what it sends (codec._check_outgoing),
+    # so it refuses each of these before a byte goes out...
+    with pytest.raises(LocalProtocolError):
+        encode(message, SMALL)
+    # ...and each is one a peer's decoder refuses: the same frames, sent without that check.
+    with pytest.raises(RemoteProtocolError):
+        decode_one(*unchecked_frames(message, SMALL, monkeypatch))
 
 
 @pytest.mark.parametrize("shape", [[0, (1 << 64) - 1], [0, 1 << 62, 1 << 62]], ids=repr)
 def test_fixed_zero_sized_tensor_with_huge_dims(shape: list[int]) -> None:
-    try:
-        message = decode_one(_result_with({"dtype": "uint8", "shape": shape, "data": b""}))
-    except RemoteProtocolError:
-        return  # refusing it is the fix
-    assert isinstance(message, Result)
-    x = message.outputs["x"]
-    assert isinstance(x, Tensor)
-    x.numpy()
+    # It holds no bytes, yet numpy cannot view it: the decoder sizes it as if its zero
+    # dims were 1 (protocols/tensors.py), far over max_message, and refuses it.
+    with pytest.raises(FrameTooLarge):
+        decode_one(_result_with({"dtype": "uint8", "shape": shape, "data": b""}))
 
 
 def test_nil_frame_is_refused() -> None:

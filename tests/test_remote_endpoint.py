@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 from fake_backend import FakeBackend, Reply
+from support import eventually
 
 from protocols import ErrorCode
 from protocols.config import Table
@@ -164,24 +165,28 @@ async def test_breaker_opens_after_n_failures_then_lets_one_probe_through(
     caplog.set_level(logging.WARNING, logger="runners.remote")
     fake.plan("/x", Reply(500), Reply(500))
     cfg = config(fake.url, retries=0, breaker_failures=2, breaker_cooldown_s=0.5)
-    async with Endpoint(cfg) as endpoint:
+    now = [100.0]  # the breaker's clock, moved by hand: the cooldown takes no real time
+    async with Endpoint(cfg, clock=lambda: now[0]) as endpoint:
         for _ in range(2):
             with pytest.raises(BackendFailed):
                 await endpoint.call_json("GET", "/x", idempotent=True)
         assert endpoint.status()["breaker"] == "open"
         assert "circuit open after 2 consecutive failures" in caplog.text
+        now[0] = 100.25
         with pytest.raises(CircuitOpen) as refused:
             await endpoint.call_json("GET", "/x", idempotent=True)
         assert refused.value.code is ErrorCode.NOT_EXECUTED
-        assert 0 < (refused.value.retry_after_s or 0) <= 0.5
+        assert refused.value.retry_after_s == 0.25
         assert len(fake.requests_to("/x")) == 2  # the refused call never left
-        await trio.sleep(0.5)
+        now[0] = 100.49
+        assert endpoint.status()["breaker"] == "open"  # not a moment early
+        now[0] = 100.5
         assert endpoint.status()["breaker"] == "half-open"
         fake.plan("/x", Reply(500))
         with pytest.raises(BackendFailed):  # the probe fails: open again
             await endpoint.call_json("GET", "/x", idempotent=True)
         assert endpoint.status()["breaker"] == "open"
-        await trio.sleep(0.5)
+        now[0] = 101.0  # a cooldown after the failed probe
         fake.plan("/x", OK)
         assert await endpoint.call_json("GET", "/x", idempotent=True) == {"ok": True}
         assert endpoint.status()["breaker"] == "closed"
@@ -214,7 +219,7 @@ async def test_waiting_for_a_slot_past_the_deadline_is_busy_and_sends_nothing(
     cfg = config(fake.url, max_concurrency=1)
     async with Endpoint(cfg) as endpoint, trio.open_nursery() as nursery:
         nursery.start_soon(lambda: endpoint.call_json("GET", "/slow", idempotent=True))
-        await trio.sleep(0.1)
+        await eventually(lambda: endpoint.status()["in_flight"] == 1)  # it holds the slot
         with pytest.raises(BackendBusy, match="busy"):
             await endpoint.call_json("GET", "/other", idempotent=True, timeout_s=0.3)
     assert fake.requests_to("/other") == []
