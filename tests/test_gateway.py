@@ -28,6 +28,7 @@ from runners.openvino_embed import DIM, MODEL_NAME
 from runners.remote import kserve_v2
 
 TOKEN = "s3cret-token"
+PRIORITY = "X-Swarm-Priority"
 
 
 @asynccontextmanager
@@ -198,9 +199,9 @@ async def test_kserve_v2_metadata_and_infer(node_factory: NodeFactory) -> None:
     embedding = decoded["embedding"]
     assert isinstance(embedding, Tensor)
     np.testing.assert_array_equal(embedding.numpy(), rows)
-    assert short.status_code == 400 and "binary_data_size" in short.json()["error"]["message"]
-    assert bad_shape.status_code == 400 and "x" in bad_shape.json()["error"]["message"]
-    assert bad_count.status_code == 400 and "shape" in bad_count.json()["error"]["message"]
+    assert short.status_code == 400 and "binary_data_size" in short.json()["error"]
+    assert bad_shape.status_code == 400 and "x" in bad_shape.json()["error"]
+    assert bad_count.status_code == 400 and "shape" in bad_count.json()["error"]
 
 
 async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) -> None:
@@ -236,8 +237,8 @@ async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) ->
             headers={"X-Swarm-Deadline-Ms": "soon"},
         )
         bad_priority = await http.post(
-            "/v2/models/echo/infer",
-            json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
+            "/v1/embeddings",
+            json={"model": "echo", "input": "x"},
             headers={"X-Swarm-Priority": "urgent"},
         )
     for response, status, code in (
@@ -263,6 +264,87 @@ async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) ->
         "INTERNAL": 500,
     }, {code: r.text for code, r in failures.items()}
     assert int(failures["OVERLOADED"].headers["retry-after"]) >= 1
+
+
+async def test_kserve_v2_errors_have_its_shape_and_status(node_factory: NodeFactory) -> None:
+    """Every failure under /v2/ is ``{"error": "<message>"}`` (the Open Inference
+    Protocol's), with the status and Retry-After the OpenAI routes give."""
+    text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}
+
+    def failing(code: str) -> dict[str, Any]:
+        return {"inputs": [text], "parameters": {"fail": code}}
+
+    async with (
+        swarm(node_factory, max_body=64 * 1024, token=TOKEN) as (_, _s, url),
+        httpx.AsyncClient(
+            base_url=url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as http,
+    ):
+        answers = {
+            "unknown": await http.post("/v2/models/nobody/infer", json={"inputs": [text]}),
+            "unknown_metadata": await http.get("/v2/models/nobody"),
+            "unknown_ready": await http.get("/v2/models/nobody/ready"),
+            "version": await http.get("/v2/models/echo/versions/2"),
+            "bad_input": await http.post(
+                "/v2/models/echo/infer",
+                json={"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1]}]},
+            ),
+            "runner_refused": await http.post(
+                "/v2/models/echo/infer",
+                json={"inputs": [{**text, "name": "nope"}]},
+            ),
+            "bad_json": await http.post("/v2/models/echo/infer", content=b"{not json"),
+            "bad_header": await http.post(
+                "/v2/models/echo/infer",
+                content=b"{}",
+                headers={kserve_v2.HEADER_LENGTH: "99"},
+            ),
+            "too_big": await http.post("/v2/models/echo/infer", content=b" " * 70_000),
+            "no_token": await http.get("/v2/models/echo", headers={"Authorization": ""}),
+            "overloaded": await http.post("/v2/models/echo/infer", json=failing("OVERLOADED")),
+            "not_executed": await http.post("/v2/models/echo/infer", json=failing("NOT_EXECUTED")),
+            "late": await http.post("/v2/models/echo/infer", json=failing("DEADLINE_EXCEEDED")),
+            "internal": await http.post("/v2/models/echo/infer", json=failing("INTERNAL")),
+            "bad_priority": await http.post(
+                "/v2/models/echo/infer", json={"inputs": [text]}, headers={PRIORITY: "urgent"}
+            ),
+            "wrong_method": await http.get("/v2/models/echo/infer"),
+            "no_route": await http.get("/v2/repository/index"),
+        }
+        openai_shape = await http.post("/v1/embeddings", content=b"{not json")
+    statuses = {name: answer.status_code for name, answer in answers.items()}
+    assert statuses == {
+        "unknown": 404,
+        "unknown_metadata": 404,
+        "unknown_ready": 404,
+        "version": 404,
+        "bad_input": 400,
+        "runner_refused": 400,
+        "bad_json": 400,
+        "bad_header": 400,
+        "too_big": 413,
+        "no_token": 401,
+        "overloaded": 429,
+        "not_executed": 503,
+        "late": 504,
+        "internal": 500,
+        "bad_priority": 400,
+        "wrong_method": 405,
+        "no_route": 404,
+    }, {name: answer.text for name, answer in answers.items()}
+    for name, answer in answers.items():
+        body = answer.json()
+        assert list(body) == ["error"] and isinstance(body["error"], str), (name, body)
+        assert body["error"], name
+    assert answers["unknown"].json()["error"] == "no node of this swarm serves the model 'nobody'"
+    assert "version 1 only" in answers["version"].json()["error"]
+    assert answers["bad_json"].json()["error"].startswith("the body is not JSON")
+    assert "the body is over 65536 bytes" in answers["too_big"].json()["error"]
+    assert answers["no_token"].headers["www-authenticate"] == "Bearer"
+    assert int(answers["overloaded"].headers["retry-after"]) >= 1
+    assert "OVERLOADED" in answers["overloaded"].json()["error"]
+    assert "traceback" not in answers["internal"].text.lower()
+    assert openai_shape.json()["error"]["code"] == "invalid_json"  # /v1 keeps OpenAI's shape
 
 
 async def test_token_guards_every_route_but_health(node_factory: NodeFactory) -> None:
@@ -424,7 +506,7 @@ async def test_kserve_v2_versioned_paths(node_factory: NodeFactory) -> None:
     assert emb["data"][0] == 6.0  # FakeRunner: 2 * (1 + 2)
     for missing in (other, other_meta):
         assert missing.status_code == 404
-        assert missing.json()["error"]["code"] == "model_version_not_found"
+        assert missing.json() == {"error": "echo is served as version 1 only, not '7'"}
 
 
 async def test_n_choices_run_as_separate_jobs(node_factory: NodeFactory) -> None:

@@ -207,22 +207,25 @@ def json_object(body: Any) -> dict[str, Any]:
 
 
 def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler], Handler]:
-    """A route with bearer-token checking (unless ``public``) and errors as answers."""
+    """A route with bearer-token checking (unless ``public``) and errors as answers,
+    in the shape of the API the path belongs to (``errors.error_body``)."""
 
     def wrap(handler: Handler) -> Handler:
         @wraps(handler)
         async def route(request: HTTPRequest) -> Response:
+            path = request.url.path  # KServe v2's paths answer errors in its own shape
             try:
                 if not public and config.token is not None:
                     authorize(request, config.token)
                 return await handler(request)
             except HTTPFailure as exc:
-                return error_response(exc.status, exc.message, exc.code)
+                return error_response(exc.status, exc.message, exc.code, path=path)
             except SwarmError as exc:
-                return swarm_error_response(exc)
+                return swarm_error_response(exc, path=path)
             except Exception:
-                log.exception("the gateway failed on %s %s", request.method, request.url.path)
-                return error_response(500, "the gateway failed; see the node's log", "internal")
+                log.exception("the gateway failed on %s %s", request.method, path)
+                message = "the gateway failed; see the node's log"
+                return error_response(500, message, "internal", path=path)
 
         return route
 
