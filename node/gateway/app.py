@@ -13,7 +13,6 @@ normal or low: the admission order on the node that runs it).
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -31,6 +30,7 @@ from node.observe.feed import Feed
 from protocols import Priority, Request, Result, SwarmError, Value
 from runners.base import ModelInfo, gather
 
+from . import bounded_json
 from .config import GatewayConfig
 from .errors import HTTPFailure, error_response, swarm_error_response
 
@@ -189,14 +189,15 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
 
 
 def parse_json(data: bytes) -> Any:
+    """``data`` as JSON; 400 if it is not JSON or nests too deep (``bounded_json``)."""
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPFailure(400, f"the body is not JSON: {exc}", "invalid_json") from exc
+        return bounded_json.loads(data)
+    except bounded_json.BadJSON as exc:
+        raise HTTPFailure(400, f"the body is {exc}", "invalid_json") from exc
 
 
 async def read_json(request: HTTPRequest, limit: int) -> Any:
-    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON."""
+    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON we take."""
     return parse_json(await read_body(request, limit))
 
 
