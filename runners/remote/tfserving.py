@@ -32,9 +32,9 @@ import numpy as np
 from protocols import Tensor, Value
 from protocols.tensors import MAX_NDIM
 
-from ..base import InputSpec, TensorSpec, TextSpec
+from ..base import InputSpec, OutputSpec, TensorSpec, TextSpec
 from .errors import BackendGarbage
-from .kserve_v2 import json_array
+from .kserve_v2 import json_array, output_spec
 
 TF_DTYPES: Mapping[str, str] = {
     "DT_FLOAT": "float32",
@@ -192,6 +192,11 @@ def input_specs(sig: Signature, *, max_items: int, max_chars: int) -> tuple[Inpu
             dims = tuple(None if d < 0 else d for d in shape)
             specs.append(TensorSpec(name, frozenset({kind}), dims))
     return tuple(specs)
+
+
+def output_specs(sig: Signature) -> tuple[OutputSpec, ...]:
+    """The outputs as ``decode_predict`` gives them: tensors, or text as a flat list."""
+    return tuple(output_spec(name, kind, shape) for name, (kind, shape) in sig.outputs.items())
 
 
 # -- predict -------------------------------------------------------------------------
