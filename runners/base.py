@@ -167,12 +167,18 @@ class Runner(abc.ABC):
 
 class WrappedRunner(Runner):
     """A runner around ``inner`` (batching, a container): everything goes to ``inner``
-    unless the wrapper overrides it; ``extra`` is added to what ``inner`` announces."""
+    unless the wrapper overrides it; ``extra`` is added to what ``inner`` announces,
+    as it announces it now (a runner learns its inputs and outputs when it loads)."""
 
     def __init__(self, inner: Runner, extra: Mapping[str, str | int | float | bool]) -> None:
         self.inner = inner
-        self.info = replace(inner.info, extra={**inner.info.extra, **extra})
+        self._extra = dict(extra)
         self.concurrency = inner.concurrency
+
+    @property
+    def info(self) -> ModelInfo:  # type: ignore[override]  # read-only: the inner's, with extra
+        inner = self.inner.info
+        return replace(inner, extra={**inner.extra, **self._extra})
 
     async def load(self) -> None:
         await self.inner.load()
