@@ -23,7 +23,7 @@ from node.daemon import Node
 from node.gateway import Backend, Gateway, GatewayConfig
 from protocols import Tensor
 from protocols.errors import ConfigError
-from runners.fake import WORDS
+from runners.fake import WORDS, FakeRunner
 from runners.openvino_embed import DIM, MODEL_NAME
 from runners.remote import kserve_v2
 
@@ -460,6 +460,51 @@ async def test_metrics_route_serves_what_the_backend_exports() -> None:
     assert served.status_code == 200 and served.content == exposition
     assert served.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert absent.status_code == 404 and absent.json()["error"]["code"] == "not_found"
+
+
+async def test_kserve_v2_metadata_reads_records_old_and_new() -> None:
+    """Outputs come from the record's description; records from before outputs were
+    declared (none, or a text listing names) and entries that do not read declare none."""
+    new = FakeRunner("new", dim=4).info.describe()
+    old = {**{k: v for k, v in new.items() if k != "outputs"}, "name": "old"}
+    odd = {**new, "name": "odd", "outputs": "probs,logits"}
+    garbled = {
+        **new,
+        "name": "garbled",
+        "outputs": [
+            1,
+            {"name": "no-kind", "shape": [1]},
+            {"name": "complex", "kind": "tensor", "dtype": "complex64", "shape": [1]},
+            {"name": "bad-shape", "kind": "text", "shape": [-2]},
+            {"name": "ok", "kind": "text", "shape": [-1]},
+        ],
+    }
+    described = {d["name"]: d for d in (new, old, odd, garbled)}
+
+    async def execute(request: Any, emit: Any) -> Any:
+        raise AssertionError("no request is run here")
+
+    stop = trio.Event()
+    gateway = Gateway(
+        Backend(execute, lambda: described, dict), GatewayConfig(), shutdown=stop.wait, grace_s=1
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(gateway.run)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            answers = {name: await http.get(f"/v2/models/{name}") for name in described}
+        stop.set()
+    assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(described, 200)
+    outputs = {name: a.json()["outputs"] for name, a in answers.items()}
+    assert outputs == {
+        "new": [
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "text", "datatype": "BYTES", "shape": [1]},
+        ],
+        "old": [],
+        "odd": [],
+        "garbled": [{"name": "ok", "datatype": "BYTES", "shape": [-1]}],
+    }
+    assert answers["old"].json()["inputs"] == answers["new"].json()["inputs"]
 
 
 @pytest.mark.parametrize(
