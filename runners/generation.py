@@ -169,6 +169,8 @@ def _one_string(model: str, inputs: Mapping[str, Value], name: str) -> str | Non
 def _parse_messages(model: str, blob: str) -> tuple[Message, ...]:
     try:
         items = json.loads(blob)
+    except RecursionError:
+        raise BadInput(f"{model}: input 'messages' is JSON nested too deeply") from None
     except ValueError as exc:
         raise BadInput(f"{model}: input 'messages' is not JSON: {exc}") from exc
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_MESSAGES:

@@ -216,6 +216,8 @@ GEN = {"name": "gen"}
         ({}, {}, "exactly one of 'prompt' or 'messages'"),
         ({"prompt": "hi", "messages": "[]"}, {}, "exactly one"),
         ({"messages": "not json"}, {}, "'messages' is not JSON"),
+        ({"messages": "[" * 50_000}, {}, "'messages' is JSON nested too deeply"),
+        ({"prompt": "hi"}, {"tools": "[" * 50_000}, "'tools' is JSON nested too deeply"),
         ({"messages": "[]"}, {}, "JSON array of 1 to"),
         ({"messages": '[{"role": "wizard", "content": "x"}]'}, {}, r"messages\[0\]\.role"),
         ({"messages": '[{"role": "user", "content": 3}]'}, {}, r"messages\[0\]\.content"),

@@ -259,7 +259,7 @@ async def test_tfserving_runner_status_metadata_and_predict_formats() -> None:
             bodies = [s.json() for s in ovms.requests_to(f"/v1/models/{MODEL}:predict")]
             assert "inputs" in bodies[0] and "instances" in bodies[1]
             assert bodies[-1]["instances"] == [[1, 1, 1]]
-            for bad in ('{"a": 1}', "[", ""):
+            for bad in ('{"a": 1}', "[", "", "[" * 50_000):
                 with pytest.raises(BadInput):
                     runner.check({}, {"instances": bad})
             with pytest.raises(BadInput, match="not both"):

@@ -229,6 +229,8 @@ def encode_preformatted(text: str, signature: str | None = None) -> dict[str, An
     """A caller's own JSON ``instances`` list, forwarded as it is once it parses."""
     try:
         instances = json.loads(text)
+    except RecursionError:
+        raise ValueError("'instances' is JSON nested too deeply") from None
     except ValueError as exc:
         raise ValueError(f"'instances' is not JSON: {exc}") from None
     if not isinstance(instances, list) or not instances:
