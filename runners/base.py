@@ -19,6 +19,7 @@ import trio
 
 from protocols import DTYPES, Param, SwarmError, Tensor, Value
 from protocols.errors import ConfigError
+from protocols.tensors import MAX_NDIM
 
 from .errors import BadInput
 
@@ -51,6 +52,26 @@ class TextSpec:
 
 
 InputSpec = TensorSpec | TextSpec
+TEXT = "text"  # OutputSpec.dtype of text outputs
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """An output: a tensor of ``dtype`` whose ``shape`` has None for any size, or
+    text (``dtype`` TEXT): a list of strings of that shape. A lone string or
+    number is declared as shape (1,), the one-element tensor it travels as in
+    KServe v2; a number's dtype is int64, float64 or bool. An output a request
+    must ask for (a param) is declared too: it is what the model can give."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype != TEXT and self.dtype not in DTYPES:
+            raise ValueError(f"output {self.name!r}: unknown dtype {self.dtype!r}")
+        if len(self.shape) > MAX_NDIM or any(d is not None and d < 0 for d in self.shape):
+            raise ValueError(f"output {self.name!r}: shape {self.shape} is not sizes or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +85,7 @@ class ModelInfo:
     precision: str  # "fp32", "fp16", "int8", ...
     max_batch: int
     inputs: tuple[InputSpec, ...]
+    outputs: tuple[OutputSpec, ...] = ()
     context_length: int | None = None
     streams: bool = False  # yields more than one chunk when asked to stream
     extra: Mapping[str, str | int | float | bool] = field(default_factory=dict)
@@ -80,6 +102,7 @@ class ModelInfo:
             "context_length": self.context_length,
             "streams": self.streams,
             "inputs": [_describe_spec(s) for s in self.inputs],
+            "outputs": [_describe_output(o) for o in self.outputs],
             **dict(self.extra),
         }
 
@@ -100,6 +123,13 @@ def _describe_spec(spec: InputSpec) -> dict[str, Any]:
         "max_chars": spec.max_chars,
         "required": spec.required,
     }
+
+
+def _describe_output(spec: OutputSpec) -> dict[str, Any]:
+    shape = [-1 if d is None else d for d in spec.shape]
+    if spec.dtype == TEXT:
+        return {"name": spec.name, "kind": "text", "shape": shape}
+    return {"name": spec.name, "kind": "tensor", "dtype": spec.dtype, "shape": shape}
 
 
 class Runner(abc.ABC):
@@ -137,12 +167,18 @@ class Runner(abc.ABC):
 
 class WrappedRunner(Runner):
     """A runner around ``inner`` (batching, a container): everything goes to ``inner``
-    unless the wrapper overrides it; ``extra`` is added to what ``inner`` announces."""
+    unless the wrapper overrides it; ``extra`` is added to what ``inner`` announces,
+    as it announces it now (a runner learns its inputs and outputs when it loads)."""
 
     def __init__(self, inner: Runner, extra: Mapping[str, str | int | float | bool]) -> None:
         self.inner = inner
-        self.info = replace(inner.info, extra={**inner.info.extra, **extra})
+        self._extra = dict(extra)
         self.concurrency = inner.concurrency
+
+    @property
+    def info(self) -> ModelInfo:  # type: ignore[override]  # read-only: the inner's, with extra
+        inner = self.inner.info
+        return replace(inner, extra={**inner.extra, **self._extra})
 
     async def load(self) -> None:
         await self.inner.load()

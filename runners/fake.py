@@ -36,7 +36,16 @@ import trio
 from protocols import ErrorCode, Param, Tensor, Value
 from protocols.errors import ConfigError
 
-from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs
+from .base import (
+    TEXT,
+    ModelInfo,
+    Outputs,
+    OutputSpec,
+    Runner,
+    TensorSpec,
+    TextSpec,
+    check_inputs,
+)
 from .errors import BadInput, ModelNotFound, RunnerError
 
 MAX_CHUNKS = 1024
@@ -79,6 +88,10 @@ class FakeRunner(Runner):
             inputs=(
                 TextSpec("text", max_items=MAX_ITEMS, max_chars=MAX_CHARS, required=False),
                 TensorSpec("x", frozenset({"float32"}), (None, None), required=False),
+            ),
+            outputs=(
+                OutputSpec("embedding", "float32", (None, dim)),
+                OutputSpec("text", TEXT, (1,)),
             ),
             streams=True,
             extra={"dim": dim, "latency_ms": self.latency_s * 1000},

@@ -47,7 +47,7 @@ import trio
 
 from protocols import Param, Value
 
-from .base import ModelInfo, Outputs, Runner, TextSpec, check_inputs
+from .base import TEXT, ModelInfo, Outputs, OutputSpec, Runner, TextSpec, check_inputs
 from .errors import BadInput, RunnerError
 from .token_stream import Done, Emit, pieces, run_cancellable
 
@@ -74,6 +74,15 @@ def input_specs() -> tuple[TextSpec, TextSpec]:
         TextSpec("prompt", max_items=1, max_chars=MAX_CHARS, required=False),
         TextSpec("messages", max_items=1, max_chars=MAX_CHARS, required=False),
     )
+
+
+# What ``infer`` answers (see the module); ``stream``'s chunks carry some of them.
+OUTPUTS: tuple[OutputSpec, ...] = (
+    OutputSpec("text", TEXT, (1,)),
+    OutputSpec("prompt_tokens", "int64", (1,)),
+    OutputSpec("completion_tokens", "int64", (1,)),
+    OutputSpec("finish_reason", TEXT, (1,)),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +169,8 @@ def _one_string(model: str, inputs: Mapping[str, Value], name: str) -> str | Non
 def _parse_messages(model: str, blob: str) -> tuple[Message, ...]:
     try:
         items = json.loads(blob)
+    except RecursionError:
+        raise BadInput(f"{model}: input 'messages' is JSON nested too deeply") from None
     except ValueError as exc:
         raise BadInput(f"{model}: input 'messages' is not JSON: {exc}") from exc
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_MESSAGES:

@@ -39,7 +39,7 @@ import numpy as np
 
 from protocols import Param, Tensor, Value
 
-from .base import InputSpec, ModelInfo, TensorSpec, check_inputs
+from .base import TEXT, InputSpec, ModelInfo, OutputSpec, TensorSpec, check_inputs
 from .errors import BadInput
 
 SIZE = 224
@@ -55,6 +55,12 @@ LABELS_FILE = Path(__file__).with_name("imagenet1k_labels.txt")
 INPUTS: tuple[InputSpec, ...] = (
     TensorSpec("image", frozenset({"uint8"}), (None, None, None, 3), required=False),
     TensorSpec("pixel_values", frozenset({"float32"}), (None, 3, SIZE, SIZE), required=False),
+)
+OUTPUTS: tuple[OutputSpec, ...] = (
+    OutputSpec("indices", "int64", (None, None)),
+    OutputSpec("scores", "float32", (None, None)),
+    OutputSpec("labels", TEXT, (None,)),
+    OutputSpec("logits", "float32", (None, CLASSES)),
 )
 Array = np.ndarray[Any, Any]
 

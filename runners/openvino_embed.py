@@ -36,7 +36,16 @@ from protocols.errors import ConfigError
 
 from . import convert_minilm as recipe
 from . import ir_cache, ov_cache
-from .base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec, check_inputs, run_blocking
+from .base import (
+    ModelInfo,
+    Outputs,
+    OutputSpec,
+    Runner,
+    TensorSpec,
+    TextSpec,
+    check_inputs,
+    run_blocking,
+)
 from .errors import BadInput, ModelLoadError, RunnerError
 from .ov_device import OVOptions, compile_for
 
@@ -131,6 +140,10 @@ class MiniLMRunner(Runner):
                 TensorSpec("input_ids", _INT_DTYPES, (None, None), required=False),
                 TensorSpec("attention_mask", _INT_DTYPES, (None, None), required=False),
                 TensorSpec("token_type_ids", _INT_DTYPES, (None, None), required=False),
+            ),
+            outputs=(
+                OutputSpec(recipe.OUTPUT, "float32", (None, DIM)),
+                OutputSpec("tokens", "int64", (None,)),
             ),
             extra={"dim": DIM, "pooling": "mean", "normalized": True},
         )

@@ -41,6 +41,7 @@ from .errors import BadInput, ModelLoadError
 from .generation import (
     FINISH_LENGTH,
     FINISH_STOP,
+    OUTPUTS,
     TASK,
     Completion,
     Engine,
@@ -112,6 +113,7 @@ class OpenVINOGenAIRunner(GenerationRunner):
             precision="int4",  # the GGUF's Q4_1 groups, kept 4-bit
             max_batch=1,
             inputs=input_specs(),
+            outputs=OUTPUTS,
             context_length=self.config.context_length,
             streams=True,
             extra={"max_new_tokens": self.config.max_new_tokens, "chat": True},

@@ -89,6 +89,7 @@ class OVClassifyRunner(Runner):
             precision=o.precision,
             max_batch=imagenet.MAX_BATCH,
             inputs=imagenet.INPUTS,
+            outputs=imagenet.OUTPUTS,
             extra={
                 "classes": imagenet.CLASSES,
                 "performance_hint": o.performance_hint,

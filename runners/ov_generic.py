@@ -2,9 +2,9 @@
 
 The model declares its own interface: each input port becomes a ``TensorSpec``
 (its first name, its element type as our dtype, its partial shape with None for
-a dynamic dimension) and each output port an output of the same name (or
-``output<i>`` when the port has none). Nothing about the model's meaning is
-assumed, so the config says which ``task`` it serves.
+a dynamic dimension) and each output port an ``OutputSpec`` read the same way
+(named ``output<i>`` when the port has no name). Nothing about the model's
+meaning is assumed, so the config says which ``task`` it serves.
 
 At ``precision = "fp32"`` the file is compiled as it is. Other precisions are
 written once by a child process (``runners.ov_precision``) into the models dir,
@@ -33,7 +33,7 @@ from protocols.config import Table
 from protocols.errors import ConfigError
 
 from . import ov_cache, ov_precision
-from .base import ModelInfo, Outputs, Runner, TensorSpec, check_inputs
+from .base import ModelInfo, Outputs, OutputSpec, Runner, TensorSpec, check_inputs
 from .errors import BadInput, ModelLoadError, RunnerError
 from .ov_device import OVOptions, compile_for, execution_devices, optimal_requests
 from .ov_infer import InferQueue
@@ -119,7 +119,7 @@ class OVModelRunner(Runner):
         self.conversion_s: float | None = None
 
     def _info(
-        self, inputs: tuple[TensorSpec, ...], device: str, outputs: tuple[str, ...] = ()
+        self, inputs: tuple[TensorSpec, ...], device: str, outputs: tuple[OutputSpec, ...] = ()
     ) -> ModelInfo:
         c = self.config
         return ModelInfo(
@@ -130,11 +130,11 @@ class OVModelRunner(Runner):
             precision=c.options.precision,
             max_batch=c.max_batch,
             inputs=inputs,
+            outputs=outputs,
             extra={
                 "performance_hint": c.options.performance_hint,
                 "inference_precision": c.options.inference_precision,
                 "source": c.path.suffix[1:],
-                "outputs": ",".join(outputs),
             },
         )
 
@@ -153,13 +153,13 @@ class OVModelRunner(Runner):
         compiled, inputs, outputs = await trio.to_thread.run_sync(self._compile, source)
         jobs = optimal_requests(compiled, self.config.options.infer_requests)
         self._queue = InferQueue(compiled, jobs, self.config.name)
-        self._outputs = outputs
+        self._outputs = tuple(o.name for o in outputs)
         self._batched = tuple(s.name for s in inputs if s.shape and s.shape[0] is None)
         device = execution_devices(compiled, self.config.options.device)
         self.info = self._info(inputs, device, outputs)
         self.concurrency = jobs
 
-    def _compile(self, source: Path) -> tuple[Any, tuple[TensorSpec, ...], tuple[str, ...]]:
+    def _compile(self, source: Path) -> tuple[Any, tuple[TensorSpec, ...], tuple[OutputSpec, ...]]:
         name = self.config.name
         core = ov.Core()
         try:
@@ -168,12 +168,12 @@ class OVModelRunner(Runner):
             raise ModelLoadError(f"{name}: cannot read {source}: {exc}") from exc
         try:
             ins = [port_spec(p, i, "input") for i, p in enumerate(model.inputs)]
-            outs = [port_spec(p, i, "output")[0] for i, p in enumerate(model.outputs)]
+            outs = [port_spec(p, i, "output") for i, p in enumerate(model.outputs)]
         except ModelLoadError as exc:
             raise ModelLoadError(f"{name}: {exc}") from exc
         specs = tuple(TensorSpec(n, frozenset({d}), s) for n, d, s in ins)
         compiled = compile_for(core, model, self.config.options, name)
-        return compiled, specs, tuple(outs)
+        return compiled, specs, tuple(OutputSpec(n, d, s) for n, d, s in outs)
 
     async def _converted(self) -> Path:
         c = self.config

@@ -143,6 +143,7 @@ class TorchClassifyRunner(Runner):
             precision=self.config.dtype,
             max_batch=imagenet.MAX_BATCH,
             inputs=imagenet.INPUTS,
+            outputs=imagenet.OUTPUTS,
             extra={"classes": imagenet.CLASSES},
         )
 

@@ -35,6 +35,7 @@ from .errors import BadInput, ModelLoadError
 from .generation import (
     FINISH_LENGTH,
     FINISH_STOP,
+    OUTPUTS,
     TASK,
     Completion,
     Engine,
@@ -90,6 +91,7 @@ class TorchGenerateRunner(GenerationRunner):
             precision=self.config.placement.dtype,
             max_batch=1,
             inputs=input_specs(),
+            outputs=OUTPUTS,
             context_length=self.config.context_length,
             streams=True,
             extra={"max_new_tokens": self.config.max_new_tokens, "chat": True},

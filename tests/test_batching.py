@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import trio.testing
 from protocols import ErrorCode, Param, Tensor, Value
 from protocols.config import Table
 from protocols.errors import ConfigError
-from runners.base import ModelInfo, Outputs, Runner, TensorSpec, TextSpec
+from runners.base import ModelInfo, Outputs, OutputSpec, Runner, TensorSpec, TextSpec
 from runners.batching import BatchConfig, BatchingRunner
 from runners.errors import BadInput, RunnerError
 
@@ -80,6 +81,21 @@ async def test_concurrent_requests_share_calls_and_get_their_own_rows() -> None:
         assert out["tags"] == ["r"] * (2 * (1 + i % 3))  # lists cut by rows too
     assert sum(inner.calls) == sum(1 + i % 3 for i in range(24))
     assert len(inner.calls) < 24 / 3 and max(inner.calls) <= 16
+
+
+class LearnsAtLoad(FakeRowModel):
+    """A model that learns its outputs when it loads, as remote and generic runners do."""
+
+    async def load(self) -> None:
+        self.info = replace(self.info, outputs=(OutputSpec("y", "float32", (None, 3)),))
+
+
+async def test_the_wrapper_announces_what_its_model_learnt_at_load() -> None:
+    runner = BatchingRunner(LearnsAtLoad(), BatchConfig(max_batch=4, max_wait_ms=1))
+    assert runner.info.outputs == () and runner.info.extra["batching"] is True
+    await runner.load()
+    assert [o.name for o in runner.info.outputs] == ["y"]
+    assert runner.info.extra["batch_max"] == 4  # its own extra, still on top
 
 
 async def test_texts_batch_and_different_params_do_not_mix() -> None:

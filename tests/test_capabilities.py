@@ -83,6 +83,11 @@ def test_record_body_survives_the_wire(hardware: Hardware) -> None:
     received = decoder.next_message()
     assert isinstance(received, CapabilityRecord)
     assert received.body == body
+    # Each model's outputs travel in the record, as its inputs do.
+    assert received.body["models"][1]["outputs"] == [
+        {"name": "embedding", "kind": "tensor", "dtype": "float32", "shape": [-1, 4]},
+        {"name": "text", "kind": "text", "shape": [1]},
+    ]
 
 
 def test_idle_load_has_every_priority() -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import trio
 from sklearn.datasets import load_sample_image
+from support import undeclared
 
 from protocols import Tensor, Value
 from protocols.config import Table
@@ -216,6 +217,15 @@ def test_preprocessing_matches_torch_antialiased_resize(flower: np.ndarray) -> N
         )
         np.testing.assert_allclose(got, ((want - 127) / 128).numpy(), atol=1e-4)
         assert got.shape == (1, 3, 224, 224) and got.dtype == np.float32
+
+
+def test_answers_are_the_declared_outputs() -> None:
+    """Both classifiers answer through imagenet.answer and declare imagenet.OUTPUTS."""
+    info = TorchClassifyRunner(Path("unused"), TorchClassifyConfig(device="cpu")).info
+    assert info.outputs == imagenet.OUTPUTS == OVClassifyRunner(Path("unused")).info.outputs
+    logits = np.random.default_rng(0).normal(size=(2, imagenet.CLASSES)).astype(np.float32)
+    for want_logits in (False, True):
+        assert undeclared(info, imagenet.answer(logits, 3, want_logits)) == []
 
 
 def test_labels_are_imagenet_1k_in_class_order() -> None:

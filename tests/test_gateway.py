@@ -23,11 +23,12 @@ from node.daemon import Node
 from node.gateway import Backend, Gateway, GatewayConfig
 from protocols import Tensor
 from protocols.errors import ConfigError
-from runners.fake import WORDS
+from runners.fake import WORDS, FakeRunner
 from runners.openvino_embed import DIM, MODEL_NAME
 from runners.remote import kserve_v2
 
 TOKEN = "s3cret-token"
+PRIORITY = "X-Swarm-Priority"
 
 
 @asynccontextmanager
@@ -198,9 +199,9 @@ async def test_kserve_v2_metadata_and_infer(node_factory: NodeFactory) -> None:
     embedding = decoded["embedding"]
     assert isinstance(embedding, Tensor)
     np.testing.assert_array_equal(embedding.numpy(), rows)
-    assert short.status_code == 400 and "binary_data_size" in short.json()["error"]["message"]
-    assert bad_shape.status_code == 400 and "x" in bad_shape.json()["error"]["message"]
-    assert bad_count.status_code == 400 and "shape" in bad_count.json()["error"]["message"]
+    assert short.status_code == 400 and "binary_data_size" in short.json()["error"]
+    assert bad_shape.status_code == 400 and "x" in bad_shape.json()["error"]
+    assert bad_count.status_code == 400 and "shape" in bad_count.json()["error"]
 
 
 async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) -> None:
@@ -236,8 +237,8 @@ async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) ->
             headers={"X-Swarm-Deadline-Ms": "soon"},
         )
         bad_priority = await http.post(
-            "/v2/models/echo/infer",
-            json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
+            "/v1/embeddings",
+            json={"model": "echo", "input": "x"},
             headers={"X-Swarm-Priority": "urgent"},
         )
     for response, status, code in (
@@ -263,6 +264,87 @@ async def test_errors_have_openai_shape_and_status(node_factory: NodeFactory) ->
         "INTERNAL": 500,
     }, {code: r.text for code, r in failures.items()}
     assert int(failures["OVERLOADED"].headers["retry-after"]) >= 1
+
+
+async def test_kserve_v2_errors_have_its_shape_and_status(node_factory: NodeFactory) -> None:
+    """Every failure under /v2/ is ``{"error": "<message>"}`` (the Open Inference
+    Protocol's), with the status and Retry-After the OpenAI routes give."""
+    text = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}
+
+    def failing(code: str) -> dict[str, Any]:
+        return {"inputs": [text], "parameters": {"fail": code}}
+
+    async with (
+        swarm(node_factory, max_body=64 * 1024, token=TOKEN) as (_, _s, url),
+        httpx.AsyncClient(
+            base_url=url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as http,
+    ):
+        answers = {
+            "unknown": await http.post("/v2/models/nobody/infer", json={"inputs": [text]}),
+            "unknown_metadata": await http.get("/v2/models/nobody"),
+            "unknown_ready": await http.get("/v2/models/nobody/ready"),
+            "version": await http.get("/v2/models/echo/versions/2"),
+            "bad_input": await http.post(
+                "/v2/models/echo/infer",
+                json={"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1]}]},
+            ),
+            "runner_refused": await http.post(
+                "/v2/models/echo/infer",
+                json={"inputs": [{**text, "name": "nope"}]},
+            ),
+            "bad_json": await http.post("/v2/models/echo/infer", content=b"{not json"),
+            "bad_header": await http.post(
+                "/v2/models/echo/infer",
+                content=b"{}",
+                headers={kserve_v2.HEADER_LENGTH: "99"},
+            ),
+            "too_big": await http.post("/v2/models/echo/infer", content=b" " * 70_000),
+            "no_token": await http.get("/v2/models/echo", headers={"Authorization": ""}),
+            "overloaded": await http.post("/v2/models/echo/infer", json=failing("OVERLOADED")),
+            "not_executed": await http.post("/v2/models/echo/infer", json=failing("NOT_EXECUTED")),
+            "late": await http.post("/v2/models/echo/infer", json=failing("DEADLINE_EXCEEDED")),
+            "internal": await http.post("/v2/models/echo/infer", json=failing("INTERNAL")),
+            "bad_priority": await http.post(
+                "/v2/models/echo/infer", json={"inputs": [text]}, headers={PRIORITY: "urgent"}
+            ),
+            "wrong_method": await http.get("/v2/models/echo/infer"),
+            "no_route": await http.get("/v2/repository/index"),
+        }
+        openai_shape = await http.post("/v1/embeddings", content=b"{not json")
+    statuses = {name: answer.status_code for name, answer in answers.items()}
+    assert statuses == {
+        "unknown": 404,
+        "unknown_metadata": 404,
+        "unknown_ready": 404,
+        "version": 404,
+        "bad_input": 400,
+        "runner_refused": 400,
+        "bad_json": 400,
+        "bad_header": 400,
+        "too_big": 413,
+        "no_token": 401,
+        "overloaded": 429,
+        "not_executed": 503,
+        "late": 504,
+        "internal": 500,
+        "bad_priority": 400,
+        "wrong_method": 405,
+        "no_route": 404,
+    }, {name: answer.text for name, answer in answers.items()}
+    for name, answer in answers.items():
+        body = answer.json()
+        assert list(body) == ["error"] and isinstance(body["error"], str), (name, body)
+        assert body["error"], name
+    assert answers["unknown"].json()["error"] == "no node of this swarm serves the model 'nobody'"
+    assert "version 1 only" in answers["version"].json()["error"]
+    assert answers["bad_json"].json()["error"].startswith("the body is not JSON")
+    assert "the body is over 65536 bytes" in answers["too_big"].json()["error"]
+    assert answers["no_token"].headers["www-authenticate"] == "Bearer"
+    assert int(answers["overloaded"].headers["retry-after"]) >= 1
+    assert "OVERLOADED" in answers["overloaded"].json()["error"]
+    assert "traceback" not in answers["internal"].text.lower()
+    assert openai_shape.json()["error"]["code"] == "invalid_json"  # /v1 keeps OpenAI's shape
 
 
 async def test_token_guards_every_route_but_health(node_factory: NodeFactory) -> None:
@@ -380,6 +462,51 @@ async def test_metrics_route_serves_what_the_backend_exports() -> None:
     assert absent.status_code == 404 and absent.json()["error"]["code"] == "not_found"
 
 
+async def test_kserve_v2_metadata_reads_records_old_and_new() -> None:
+    """Outputs come from the record's description; records from before outputs were
+    declared (none, or a text listing names) and entries that do not read declare none."""
+    new = FakeRunner("new", dim=4).info.describe()
+    old = {**{k: v for k, v in new.items() if k != "outputs"}, "name": "old"}
+    odd = {**new, "name": "odd", "outputs": "probs,logits"}
+    garbled = {
+        **new,
+        "name": "garbled",
+        "outputs": [
+            1,
+            {"name": "no-kind", "shape": [1]},
+            {"name": "complex", "kind": "tensor", "dtype": "complex64", "shape": [1]},
+            {"name": "bad-shape", "kind": "text", "shape": [-2]},
+            {"name": "ok", "kind": "text", "shape": [-1]},
+        ],
+    }
+    described = {d["name"]: d for d in (new, old, odd, garbled)}
+
+    async def execute(request: Any, emit: Any) -> Any:
+        raise AssertionError("no request is run here")
+
+    stop = trio.Event()
+    gateway = Gateway(
+        Backend(execute, lambda: described, dict), GatewayConfig(), shutdown=stop.wait, grace_s=1
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(gateway.run)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            answers = {name: await http.get(f"/v2/models/{name}") for name in described}
+        stop.set()
+    assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(described, 200)
+    outputs = {name: a.json()["outputs"] for name, a in answers.items()}
+    assert outputs == {
+        "new": [
+            {"name": "embedding", "datatype": "FP32", "shape": [-1, 4]},
+            {"name": "text", "datatype": "BYTES", "shape": [1]},
+        ],
+        "old": [],
+        "odd": [],
+        "garbled": [{"name": "ok", "datatype": "BYTES", "shape": [-1]}],
+    }
+    assert answers["old"].json()["inputs"] == answers["new"].json()["inputs"]
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
@@ -424,7 +551,7 @@ async def test_kserve_v2_versioned_paths(node_factory: NodeFactory) -> None:
     assert emb["data"][0] == 6.0  # FakeRunner: 2 * (1 + 2)
     for missing in (other, other_meta):
         assert missing.status_code == 404
-        assert missing.json()["error"]["code"] == "model_version_not_found"
+        assert missing.json() == {"error": "echo is served as version 1 only, not '7'"}
 
 
 async def test_n_choices_run_as_separate_jobs(node_factory: NodeFactory) -> None:

@@ -14,6 +14,7 @@ from contextlib import aclosing
 
 import pytest
 import trio
+from support import undeclared
 
 from protocols import ErrorCode, Param, Value
 from runners.base import ModelInfo
@@ -21,6 +22,8 @@ from runners.errors import BadInput
 from runners.generation import (
     MAX_CHARS,
     MAX_SEED,
+    OUTPUTS,
+    Completion,
     Message,
     StopScanner,
     input_specs,
@@ -36,6 +39,7 @@ INFO = ModelInfo(
     precision="fp32",
     max_batch=1,
     inputs=input_specs(),
+    outputs=OUTPUTS,
 )
 LIMIT = 100
 CHAT = json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
@@ -74,6 +78,7 @@ BAD: dict[str, tuple[dict[str, Value], dict[str, Param], str]] = {
     "two prompts": ({"prompt": ["a", "b"]}, {}, "1 to 1"),
     "prompt too long": ({"prompt": "a" * (MAX_CHARS + 1)}, {}, "at most"),
     "messages not json": ({"messages": "[{"}, {}, "not JSON"),
+    "messages too deep": ({"messages": "[" * 50_000}, {}, "nested too deeply"),
     "messages not a list": ({"messages": '{"role": "user"}'}, {}, "JSON list"),
     "no messages": ({"messages": "[]"}, {}, "JSON list"),
     "bad role": ({"messages": '[{"role": "tool", "content": "x"}]'}, {}, r"messages\[0\]"),
@@ -108,6 +113,13 @@ def test_bad_requests_are_refused(case: str) -> None:
     with pytest.raises(BadInput, match=message) as info:
         parse_request(INFO, inputs, params, LIMIT)
     assert info.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_the_answer_is_the_declared_outputs() -> None:
+    """What infer and a stream's last chunk carry (Completion.outputs), as declared."""
+    answer = Completion("Paris.", prompt_tokens=12, completion_tokens=3, finish_reason="stop")
+    assert undeclared(INFO, answer.outputs()) == []
+    assert {o.name for o in OUTPUTS} == set(answer.outputs())
 
 
 @pytest.mark.parametrize(

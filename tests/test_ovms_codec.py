@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from protocols import Tensor
-from runners.base import TensorSpec, TextSpec
+from runners.base import TEXT, OutputSpec, TensorSpec, TextSpec
 from runners.remote import kserve_v2, tfserving
 from runners.remote.errors import BackendGarbage
 
@@ -243,11 +243,21 @@ def test_kserve_metadata_becomes_specs() -> None:
                 {"name": "image", "datatype": "FP32", "shape": [-1, 224, 224, 3]},
                 {"name": "prompt", "datatype": "BYTES", "shape": [-1]},
             ],
-            "outputs": [{"name": "p", "datatype": "FP16", "shape": [-1, 2]}],
+            "outputs": [
+                {"name": "p", "datatype": "FP16", "shape": [-1, 2]},
+                {"name": "labels", "datatype": "BYTES", "shape": [-1, 2]},
+                {"name": "one", "datatype": "BYTES", "shape": [2, 3]},
+            ],
         },
         "test",
     )
     assert meta.versions == ("1", "2")
+    # BYTES are decoded into one flat list of strings, whatever their shape.
+    assert kserve_v2.output_specs(meta) == (
+        OutputSpec("p", "float16", (None, 2)),
+        OutputSpec("labels", TEXT, (None,)),
+        OutputSpec("one", TEXT, (6,)),
+    )
     assert kserve_v2.input_specs(meta, max_items=4, max_chars=10) == (
         TensorSpec("image", frozenset({"float32"}), (None, 224, 224, 3)),
         TextSpec("prompt", max_items=4, max_chars=10),
@@ -346,6 +356,7 @@ def test_tfserving_status_metadata_and_config() -> None:
         TensorSpec("ids", frozenset({"int64"}), (None,)),
     )
     assert sig.outputs == {"s": ("text", ())}
+    assert tfserving.output_specs(sig) == (OutputSpec("s", TEXT, (1,)),)  # a lone string
     config = tfserving.parse_config_status({"a": {"model_version_status": []}}, "t")
     assert config == {"a": ()}
     for broken in ({"model_version_status": [{"state": "AVAILABLE"}]}, {"x": 1}, []):

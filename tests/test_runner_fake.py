@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from support import undeclared
 
 from protocols import ConfigError, ErrorCode, SwarmError, Tensor
 from runners.errors import BadInput, ModelNotFound, RunnerError
@@ -131,6 +132,23 @@ def test_info_names_it_a_fake() -> None:
         True,
     )
     assert fake.concurrency == 7
+
+
+async def test_outputs_are_declared_as_infer_and_stream_give_them() -> None:
+    fake = FakeRunner("f", dim=4)
+    assert fake.info.describe()["outputs"] == [
+        {"name": "embedding", "kind": "tensor", "dtype": "float32", "shape": [-1, 4]},
+        {"name": "text", "kind": "text", "shape": [1]},
+    ]
+    x = Tensor.from_numpy(np.ones((3, 2), np.float32))
+    answers = [await fake.infer({"text": ["a", "b"]}, {}), await fake.infer({"x": x}, {})]
+    answers += [chunk async for chunk in fake.stream({"text": "a"}, {"chunks": 2})]
+    for answer in answers:
+        assert undeclared(fake.info, answer) == []
+    assert undeclared(fake.info, {"embedding": x, "extra": 1}) == [
+        "embedding: float32 [3, 2], declared float32 (None, 4)",
+        "extra: not declared",
+    ]  # the check itself can fail
 
 
 def test_constructor_refuses_nonsense() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from support import undeclared
 
 from protocols import ErrorCode, Param, Value
 from protocols.config import Table
@@ -55,6 +56,7 @@ async def check_stream_equals_infer(runner: GenerationRunner) -> None:
     assert all(set(c) == {"text"} and c["text"] for c in texts)
     assert "".join(str(c["text"]) for c in texts) == whole["text"]
     assert last == {**whole, "text": ""}
+    assert all(undeclared(runner.info, c) == [] for c in [whole, *chunks])
     assert "Paris" in str(whole["text"])
     assert whole["finish_reason"] == "stop"
     assert isinstance(whole["prompt_tokens"], int) and whole["prompt_tokens"] > 10

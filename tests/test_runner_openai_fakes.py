@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from fake_backend import Reply
 from fake_inference_servers import FakeTEI, FakeVLLM, tei_vector
+from support import undeclared
 
 from protocols import ErrorCode, Tensor
 from protocols.config import Table
 from protocols.errors import ConfigError
+from runners.base import OutputSpec
 from runners.errors import BadInput, ModelNotFound
 from runners.remote.errors import BackendBusy, BackendModelMissing, BackendRejected
 from runners.remote.openai_compat import OpenAICompatConfig, build_runner
@@ -103,6 +105,19 @@ async def test_vllm_tokenize_refuses_a_long_prompt_before_sending_it(vllm: FakeV
     assert len(vllm.requests_to("/tokenize")) == 2
 
 
+async def test_generation_answers_are_the_declared_outputs(vllm: FakeVLLM) -> None:
+    runner = make(name="base", model="base-model", base_url=vllm.url)
+    await runner.load()
+    try:
+        one = await runner.infer({"prompt": "hi"}, {"max_tokens": 8})
+        batch = await runner.infer({"prompt": ["a", "b"]}, {"max_tokens": 8})
+    finally:
+        await runner.close()
+    assert isinstance(one["text"], str) and isinstance(batch["text"], list)
+    for answer in (one, batch):  # a lone text, a list for a list of prompts
+        assert undeclared(runner.info, answer) == []
+
+
 async def test_a_model_the_server_lacks(vllm: FakeVLLM) -> None:
     refused = make(name="base", model="other-model", base_url=vllm.url)
     with pytest.raises(ModelNotFound, match=r"other-model.*base-model"):
@@ -136,6 +151,8 @@ async def test_tei_reads_info_and_embeds(tei: FakeTEI) -> None:
             await runner.infer({"text": "w " * 20}, {})
         cut = await runner.infer({"text": "w " * 20}, {"truncate": True})
         assert isinstance(cut["embedding"], Tensor)
+        assert runner.info.outputs == (OutputSpec("embedding", "float32", (None, 8)),)
+        assert undeclared(runner.info, out) == [] and undeclared(runner.info, cut) == []
     finally:
         await runner.close()
     embedding = out["embedding"]
@@ -199,6 +216,8 @@ GEN = {"name": "gen"}
         ({}, {}, "exactly one of 'prompt' or 'messages'"),
         ({"prompt": "hi", "messages": "[]"}, {}, "exactly one"),
         ({"messages": "not json"}, {}, "'messages' is not JSON"),
+        ({"messages": "[" * 50_000}, {}, "'messages' is JSON nested too deeply"),
+        ({"prompt": "hi"}, {"tools": "[" * 50_000}, "'tools' is JSON nested too deeply"),
         ({"messages": "[]"}, {}, "JSON array of 1 to"),
         ({"messages": '[{"role": "wizard", "content": "x"}]'}, {}, r"messages\[0\]\.role"),
         ({"messages": '[{"role": "user", "content": 3}]'}, {}, r"messages\[0\]\.content"),

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import trio
 from conftest import GARBAGE
+from support import undeclared
 
 from protocols import ConfigError, ErrorCode, Tensor, Value
 from runners import convert_minilm, ir_cache
@@ -115,6 +116,15 @@ async def test_one_string_is_one_row(runner: OpenVINOEmbedRunner, reference: np.
     got = await embed(runner, {"text": TEXTS[1]})
     assert got.shape == (1, DIM)
     assert float(got[0] @ reference[1]) > 0.999
+
+
+async def test_answers_are_the_declared_outputs(runner: OpenVINOEmbedRunner) -> None:
+    assert [(o.name, o.dtype, o.shape) for o in runner.info.outputs] == [
+        ("embedding", "float32", (None, DIM)),
+        ("tokens", "int64", (None,)),
+    ]
+    for inputs in ({"text": TEXTS[:2]}, tokens(TEXTS[:3], "int32")):
+        assert undeclared(runner.info, await runner.infer(inputs, {})) == []
 
 
 async def test_padding_in_a_batch_does_not_change_a_row(runner: OpenVINOEmbedRunner) -> None:

@@ -24,11 +24,12 @@ import pytest
 import trio
 from fake_backend import Reply
 from fake_ovms import MODEL, FakeOVMS
+from support import undeclared
 
 from protocols import ErrorCode, Tensor
 from protocols.config import Table
 from protocols.errors import ConfigError
-from runners.base import TensorSpec
+from runners.base import OutputSpec, TensorSpec
 from runners.errors import BadInput, ModelLoadError, ModelNotFound
 from runners.remote import tfserving
 from runners.remote.config import EndpointConfig
@@ -150,6 +151,8 @@ async def test_metadata_becomes_input_specs_and_answers_match_local(
         (name,) = outputs
         got = outputs[name]
         assert isinstance(got, Tensor) and got.dtype == "float32" and got.shape == (2, 2)
+        assert [o.name for o in runner.info.outputs] == [name]  # from the server's metadata
+        assert undeclared(runner.info, outputs) == []
         want = local_model(images)[local_model.outputs[0]]
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
         assert np.allclose(got.numpy().sum(axis=1), 1.0, atol=1e-4)  # softmax scores
@@ -256,7 +259,7 @@ async def test_tfserving_runner_status_metadata_and_predict_formats() -> None:
             bodies = [s.json() for s in ovms.requests_to(f"/v1/models/{MODEL}:predict")]
             assert "inputs" in bodies[0] and "instances" in bodies[1]
             assert bodies[-1]["instances"] == [[1, 1, 1]]
-            for bad in ('{"a": 1}', "[", ""):
+            for bad in ('{"a": 1}', "[", "", "[" * 50_000):
                 with pytest.raises(BadInput):
                     runner.check({}, {"instances": bad})
             with pytest.raises(BadInput, match="not both"):
@@ -277,6 +280,9 @@ async def test_version_pinning_uses_versioned_paths() -> None:
                 out = await runner.infer({"x": x}, {})
                 assert isinstance(out["y"], Tensor) and out["y"].numpy().tolist() == [[1.0] * 3]
                 assert runner.status()["version"] == "1"
+                # Both APIs declare the server's outputs, as infer gives them.
+                assert runner.info.outputs == (OutputSpec("y", "float32", (None, 3)),)
+                assert undeclared(runner.info, out) == []
             finally:
                 await runner.close()
         paths = {s.path for s in ovms.seen}

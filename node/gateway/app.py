@@ -13,7 +13,6 @@ normal or low: the admission order on the node that runs it).
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -31,6 +30,7 @@ from node.observe.feed import Feed
 from protocols import Priority, Request, Result, SwarmError, Value
 from runners.base import ModelInfo, gather
 
+from . import bounded_json
 from .config import GatewayConfig
 from .errors import HTTPFailure, error_response, swarm_error_response
 
@@ -189,14 +189,15 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
 
 
 def parse_json(data: bytes) -> Any:
+    """``data`` as JSON; 400 if it is not JSON or nests too deep (``bounded_json``)."""
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPFailure(400, f"the body is not JSON: {exc}", "invalid_json") from exc
+        return bounded_json.loads(data)
+    except bounded_json.BadJSON as exc:
+        raise HTTPFailure(400, f"the body is {exc}", "invalid_json") from exc
 
 
 async def read_json(request: HTTPRequest, limit: int) -> Any:
-    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON."""
+    """The request body as JSON: 413 past ``limit`` bytes, 400 if it is not JSON we take."""
     return parse_json(await read_body(request, limit))
 
 
@@ -207,22 +208,25 @@ def json_object(body: Any) -> dict[str, Any]:
 
 
 def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler], Handler]:
-    """A route with bearer-token checking (unless ``public``) and errors as answers."""
+    """A route with bearer-token checking (unless ``public``) and errors as answers,
+    in the shape of the API the path belongs to (``errors.error_body``)."""
 
     def wrap(handler: Handler) -> Handler:
         @wraps(handler)
         async def route(request: HTTPRequest) -> Response:
+            path = request.url.path  # KServe v2's paths answer errors in its own shape
             try:
                 if not public and config.token is not None:
                     authorize(request, config.token)
                 return await handler(request)
             except HTTPFailure as exc:
-                return error_response(exc.status, exc.message, exc.code)
+                return error_response(exc.status, exc.message, exc.code, path=path)
             except SwarmError as exc:
-                return swarm_error_response(exc)
+                return swarm_error_response(exc, path=path)
             except Exception:
-                log.exception("the gateway failed on %s %s", request.method, request.url.path)
-                return error_response(500, "the gateway failed; see the node's log", "internal")
+                log.exception("the gateway failed on %s %s", request.method, path)
+                message = "the gateway failed; see the node's log"
+                return error_response(500, message, "internal", path=path)
 
         return route
 

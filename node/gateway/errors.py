@@ -1,10 +1,15 @@
-"""Swarm errors as HTTP answers: one status per wire code, OpenAI's error body.
+"""Swarm errors as HTTP answers: one status per wire code, in the shape each API's clients read.
 
-Every route answers failures the same way, ``{"error": {"message", "type",
-"code"}}`` (the shape OpenAI clients parse and KServe clients print), so a
-client learns from the status whether to retry: 429 and 503 are worth another
-try (429 says when, in Retry-After), 4xx otherwise are the request's fault,
-504 means its time ran out and 500 that something broke while it ran.
+Every route answers a failure with a status from one table, so a client learns
+from it whether to retry: 429 and 503 are worth another try (with Retry-After
+when the node knows how long to wait; 429 always has one), 4xx otherwise are
+the request's fault, 504 means its time ran out and 500 that something broke
+while it ran. The body takes the shape of the API the path belongs to:
+
+- KServe v2 (every path under ``/v2/``): the Open Inference Protocol's
+  ``{"error": "<message>"}``. Triton's and KServe's clients read that string
+  as the message of the exception they raise, and fail on anything else;
+- everywhere else: OpenAI's ``{"error": {"message", "type", "code", "param"}}``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ TYPES: dict[int, str] = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+KSERVE_PREFIX = "/v2/"
 
 
 class HTTPFailure(Exception):
@@ -48,19 +54,30 @@ class HTTPFailure(Exception):
         self.code = code
 
 
-def error_body(status: int, message: str, code: str) -> dict[str, Any]:
+def is_kserve(path: str) -> bool:
+    """Whether ``path`` is one of KServe v2's, whose errors are ``{"error": "<message>"}``."""
+    return path.startswith(KSERVE_PREFIX)
+
+
+def error_body(status: int, message: str, code: str, *, path: str = "") -> dict[str, Any]:
+    """The error body for a request to ``path`` (see the module)."""
+    if is_kserve(path):
+        return {"error": message}
     kind = TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "code": code, "param": None}}
 
 
-def error_response(status: int, message: str, code: str) -> JSONResponse:
+def error_response(status: int, message: str, code: str, *, path: str = "") -> JSONResponse:
+    """The answer to a failed request to ``path``."""
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+    body = error_body(status, message, code, path=path)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def swarm_error_response(exc: SwarmError) -> JSONResponse:
+def swarm_error_response(exc: SwarmError, *, path: str = "") -> JSONResponse:
+    """A swarm error as the answer to a request to ``path``, with its retry hint."""
     status = STATUS.get(exc.code, 500)
-    response = error_response(status, str(exc), str(exc.code).lower())
+    response = error_response(status, str(exc), str(exc.code).lower(), path=path)
     retry_ms = getattr(exc, "retry_after_ms", None)
     if status in (429, 503) and isinstance(retry_ms, int):
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))

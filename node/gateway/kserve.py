@@ -6,8 +6,8 @@ table, one set of checks (known datatype, shape of small sizes, data count and
 value kinds matching). ``BYTES`` inputs become text (a list of strings). The
 request's ``parameters`` become swarm params. Outputs go back the same way;
 scalar outputs (token counts, say) become one-element tensors. Model metadata
-comes from the model's description in the capability records: its inputs with
-datatype and shape (-1: any size); outputs are not declared by swarm runners.
+comes from the model's description in the capability records: its inputs and
+outputs (``runners.base.OutputSpec``) with datatype and shape (-1: any size).
 
 The binary tensor extension works both ways, as KServe and Triton clients use
 it by default: a request whose JSON header length is in
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from protocols import Param, Request, Tensor, Value
+from protocols.tensors import MAX_NDIM
 from runners.remote.errors import BackendGarbage
 from runners.remote.kserve_v2 import (
     BYTES,
@@ -79,7 +80,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
                 "versions": [VERSION],
                 "platform": f"swarm-{model.get('runner', 'unknown')}",
                 "inputs": [_input_meta(spec) for spec in model.get("inputs") or []],
-                "outputs": [],
+                "outputs": _outputs_meta(model.get("outputs")),
             }
         )
 
@@ -161,6 +162,33 @@ def _input_meta(spec: Mapping[str, Any]) -> dict[str, Any]:
         datatype = DTYPE_TO_V2[dtypes[0]] if dtypes else "FP32"
         return {"name": spec.get("name"), "datatype": datatype, "shape": spec.get("shape", [])}
     return {"name": spec.get("name"), "datatype": BYTES, "shape": [-1]}
+
+
+def _outputs_meta(described: Any) -> list[dict[str, Any]]:
+    """The outputs a record declares (``ModelInfo.describe``), as v2 metadata. A peer's
+    record is data from afar: entries that do not read are left out, and a record
+    from before outputs were declared (none, or a text) declares none."""
+    if not isinstance(described, list):
+        return []
+    metas = []
+    for spec in described:
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            continue
+        shape = spec.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(type(d) is int and d >= -1 for d in shape)
+        ):
+            continue
+        if spec.get("kind") == "text":
+            datatype = BYTES
+        elif spec.get("kind") == "tensor" and spec.get("dtype") in DTYPE_TO_V2:
+            datatype = DTYPE_TO_V2[spec["dtype"]]
+        else:
+            continue
+        metas.append({"name": spec["name"], "datatype": datatype, "shape": list(shape)})
+    return metas
 
 
 def _split(data: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:

@@ -73,7 +73,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
     async def http_error(request: HTTPRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)  # registered for HTTPException only
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), code)
+        return error_response(exc.status_code, str(exc.detail), code, path=request.url.path)
 
     # Imported here: the MCP SDK takes ~0.4 s to import, which CLI commands that never
     # serve HTTP (submit, status) should not pay.

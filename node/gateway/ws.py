@@ -48,6 +48,7 @@ from node.json_values import BadValue, inputs_from_json, jsonable, params_from_j
 from node.observe.feed import Feed, Subscription, Topic, peer_summary
 from protocols import ErrorCode, Priority, Request, SwarmError, Value
 
+from . import bounded_json
 from .app import MAX_DEADLINE_MS, Backend, find_model
 from .config import GatewayConfig
 from .errors import HTTPFailure
@@ -288,9 +289,9 @@ def _authorized(socket: WebSocket, token: str) -> bool:
 
 def _parse(text: str) -> dict[str, Any]:
     try:
-        body = json.loads(text)
-    except ValueError as exc:
-        raise Refused(ErrorCode.MALFORMED, f"the message is not JSON: {exc}") from exc
+        body = bounded_json.loads(text)
+    except bounded_json.BadJSON as exc:
+        raise Refused(ErrorCode.MALFORMED, f"the message is {exc}") from exc
     if not isinstance(body, dict):
         raise Refused(ErrorCode.MALFORMED, "a message is a JSON object with a 'type'")
     return body

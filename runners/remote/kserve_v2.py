@@ -36,7 +36,7 @@ import numpy as np
 from protocols import Tensor, Value
 from protocols.tensors import MAX_NDIM
 
-from ..base import InputSpec, TensorSpec, TextSpec
+from ..base import TEXT, InputSpec, OutputSpec, TensorSpec, TextSpec
 from .errors import BackendGarbage
 
 V2_DTYPES: Mapping[str, str] = {
@@ -155,6 +155,23 @@ def input_specs(meta: ModelMetadata, *, max_items: int, max_chars: int) -> tuple
             shape = tuple(None if d < 0 else d for d in m.shape)
             specs.append(TensorSpec(m.name, frozenset({V2_DTYPES[m.datatype]}), shape))
     return tuple(specs)
+
+
+def output_specs(meta: ModelMetadata) -> tuple[OutputSpec, ...]:
+    """The outputs as ``decode_response`` gives them (see ``output_spec``)."""
+    return tuple(
+        output_spec(m.name, TEXT if m.datatype == BYTES else V2_DTYPES[m.datatype], m.shape)
+        for m in meta.outputs
+    )
+
+
+def output_spec(name: str, kind: str, shape: tuple[int, ...]) -> OutputSpec:
+    """A server's output (a dtype or TEXT, -1 as any size) as this codec decodes it:
+    a tensor of that shape, or text as one flat list of strings."""
+    dims = tuple(None if d < 0 else d for d in shape)
+    if kind == TEXT:
+        dims = (None,) if None in dims else (math.prod(shape),)
+    return OutputSpec(name, kind, dims)
 
 
 # -- inference -----------------------------------------------------------------------

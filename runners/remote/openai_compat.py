@@ -50,7 +50,7 @@ from protocols import Param, Tensor, Value
 from protocols.config import Table
 from protocols.errors import ConfigError
 
-from ..base import ModelInfo, Outputs, TextSpec, check_inputs, gather
+from ..base import TEXT, ModelInfo, Outputs, OutputSpec, TextSpec, check_inputs, gather
 from ..errors import BadInput, ModelNotFound, RunnerError
 from .config import EndpointConfig
 from .errors import BackendError, BackendFailed, BackendGarbage, BackendRejected
@@ -76,6 +76,20 @@ POOLINGS = ("none", "mean")
 MESSAGE_OVERHEAD_TOKENS = 8  # a chat template's tokens around each message, at most, roughly
 PROMPT_MARGIN_TOKENS = 16  # BOS/EOS and friends
 MAX_DIMENSIONS = 65536
+# Texts and reasons are lists for a list of prompts; counts and tool calls come only
+# when the server sends them (see the module).
+GENERATE_OUTPUTS = (
+    OutputSpec("text", TEXT, (None,)),
+    OutputSpec("finish_reason", TEXT, (None,)),
+    OutputSpec("tool_calls", TEXT, (1,)),
+    OutputSpec("prompt_tokens", "int64", (1,)),
+    OutputSpec("completion_tokens", "int64", (1,)),
+)
+# Rows as wide as the model's, or as the param ``dimensions`` asks.
+EMBED_OUTPUTS = (
+    OutputSpec("embedding", "float32", (None, None)),
+    OutputSpec("prompt_tokens", "int64", (1,)),
+)
 T = TypeVar("T")
 
 
@@ -247,7 +261,9 @@ class OpenAIGenerateRunner(_OpenAIRunner):
             TextSpec("messages", max_items=1, max_chars=c.max_chars, required=False),
         )
         extra = {"api": c.api, "flavor": c.flavor, "backend_model": c.model}
-        return self._remote_info("text-generation", RUNNER, inputs, extra, streams=True)
+        return self._remote_info(
+            "text-generation", RUNNER, inputs, GENERATE_OUTPUTS, extra, streams=True
+        )
 
     async def _discover(self) -> None:
         entry = await self._find_model()
@@ -431,7 +447,7 @@ class OpenAIEmbedRunner(_OpenAIRunner):
         c = self.config
         inputs = (TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),)
         extra = {"api": c.api, "flavor": c.flavor, "backend_model": c.model}
-        return self._remote_info("embeddings", RUNNER, inputs, extra)
+        return self._remote_info("embeddings", RUNNER, inputs, EMBED_OUTPUTS, extra)
 
     async def _discover(self) -> None:
         entry = await self._find_model()

@@ -135,6 +135,8 @@ def parse_messages(model: str, text: str) -> list[dict[str, Any]]:
     message answers one by its ``tool_call_id`` (see openai_tools)."""
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise BadInput(f"{model}: input 'messages' is JSON nested too deeply") from None
     except ValueError as exc:
         raise BadInput(f"{model}: input 'messages' is not JSON: {exc}") from None
     if not isinstance(data, list) or not 1 <= len(data) <= MAX_MESSAGES:

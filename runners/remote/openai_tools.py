@@ -164,5 +164,7 @@ def _json(model: str, what: str, text: Any) -> Any:
         raise BadInput(f"{model}: {what} must be JSON text")
     try:
         return json.loads(text)
+    except RecursionError:
+        raise BadInput(f"{model}: {what} is JSON nested too deeply") from None
     except ValueError as exc:
         raise BadInput(f"{model}: {what} is not JSON: {exc}") from None

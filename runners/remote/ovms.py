@@ -4,8 +4,9 @@ OVMS speaks two REST protocols; ``api`` picks one per backend declaration:
 
 - ``kserve`` (KServe v2, ``/v2/...``): ``load`` asks the model is ready
   (``/v2/models/{m}[/versions/{v}]/ready``) and reads its metadata, which
-  becomes ``info.inputs`` (exact datatypes, shapes with -1 as any size), so a
-  wrong dtype or shape is refused here, before anything is sent;
+  becomes ``info.inputs`` and ``info.outputs`` (exact datatypes, shapes with -1
+  as any size), so a wrong dtype or shape is refused here, before anything is
+  sent;
 - ``tfserving`` (``/v1/...``): ``load`` reads the model's version statuses (one
   must be AVAILABLE, the pinned one if ``version`` is set) and its signature;
   ``infer`` posts ``:predict`` in columnar (``inputs``) or row (``instances``)
@@ -34,7 +35,7 @@ from protocols import Param, Tensor, Value
 from protocols.config import Table
 from protocols.errors import ConfigError
 
-from ..base import ModelInfo, Outputs, Runner, check_inputs
+from ..base import ModelInfo, Outputs, OutputSpec, Runner, check_inputs
 from ..errors import BadInput, ModelLoadError
 from . import kserve_v2, tfserving
 from .config import EndpointConfig
@@ -135,7 +136,12 @@ class OVMSRunner(Runner):
         self._model_status: dict[str, Any] = {}
         self.info = self._info(())
 
-    def _info(self, inputs: tuple[Any, ...], **extra: str | int | float | bool) -> ModelInfo:
+    def _info(
+        self,
+        inputs: tuple[Any, ...],
+        outputs: tuple[OutputSpec, ...] = (),
+        **extra: str | int | float | bool,
+    ) -> ModelInfo:
         c = self.config
         return ModelInfo(
             name=c.served_name,
@@ -145,6 +151,7 @@ class OVMSRunner(Runner):
             precision="unknown",
             max_batch=c.max_batch,
             inputs=inputs,
+            outputs=outputs,
             extra={
                 "backend": c.endpoint.name,
                 "api": c.api,
@@ -191,7 +198,8 @@ class OVMSRunner(Runner):
         }
         specs = kserve_v2.input_specs(meta, max_items=c.text_max_items, max_chars=c.text_max_chars)
         self._model_status = {"ready": True, "versions": list(meta.versions)}
-        self.info = self._info(specs, platform=meta.platform or "unknown")
+        outputs = kserve_v2.output_specs(meta)
+        self.info = self._info(specs, outputs, platform=meta.platform or "unknown")
 
     async def _load_tfserving(self) -> None:
         c = self.config
@@ -207,7 +215,7 @@ class OVMSRunner(Runner):
         )
         self._outputs = {name: kind for name, (kind, _) in sig.outputs.items()}
         specs = tfserving.input_specs(sig, max_items=c.text_max_items, max_chars=c.text_max_chars)
-        self.info = self._info(specs)
+        self.info = self._info(specs, tfserving.output_specs(sig))
 
     # -- inference ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..base import InputSpec, ModelInfo, Runner
+from ..base import InputSpec, ModelInfo, OutputSpec, Runner
 from ..errors import ModelLoadError, RunnerError
 from .endpoint import Endpoint
 from .errors import BackendError
@@ -53,6 +53,7 @@ class RemoteRunner(Runner):
         task: str,
         runner: str,
         inputs: tuple[InputSpec, ...],
+        outputs: tuple[OutputSpec, ...],
         extra: Mapping[str, str | int | float | bool],
         *,
         streams: bool = False,
@@ -68,6 +69,7 @@ class RemoteRunner(Runner):
             precision="unknown",
             max_batch=c.max_batch,
             inputs=inputs,
+            outputs=outputs,
             context_length=c.context_length,
             streams=streams,
             extra=extra,

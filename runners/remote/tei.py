@@ -23,7 +23,7 @@ import numpy as np
 
 from protocols import Param, Tensor, Value
 
-from ..base import ModelInfo, Outputs, TextSpec, check_inputs
+from ..base import ModelInfo, Outputs, OutputSpec, TextSpec, check_inputs
 from ..errors import BadInput, ModelNotFound
 from .errors import BackendGarbage
 from .openai_protocol import check_matrix
@@ -38,8 +38,9 @@ class TEIEmbedRunner(RemoteRunner):
     def _describe(self) -> ModelInfo:
         c = self.config
         inputs = (TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),)
+        outputs = (OutputSpec("embedding", "float32", (None, None)),)  # dim: once asked
         return self._remote_info(
-            "embeddings", "tei", inputs, {"api": c.api, "backend_model": c.model}
+            "embeddings", "tei", inputs, outputs, {"api": c.api, "backend_model": c.model}
         )
 
     async def _discover(self) -> None:
@@ -63,6 +64,7 @@ class TEIEmbedRunner(RemoteRunner):
             self.info,
             max_batch=max_batch,
             inputs=(TextSpec("text", max_items=max_batch, max_chars=self.config.max_chars),),
+            outputs=(OutputSpec("embedding", "float32", (None, int(probe.shape[1]))),),
             context_length=context,
             extra={**self.info.extra, "dim": int(probe.shape[1]), "backend_model": model_id},
         )

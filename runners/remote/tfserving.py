@@ -32,9 +32,9 @@ import numpy as np
 from protocols import Tensor, Value
 from protocols.tensors import MAX_NDIM
 
-from ..base import InputSpec, TensorSpec, TextSpec
+from ..base import InputSpec, OutputSpec, TensorSpec, TextSpec
 from .errors import BackendGarbage
-from .kserve_v2 import json_array
+from .kserve_v2 import json_array, output_spec
 
 TF_DTYPES: Mapping[str, str] = {
     "DT_FLOAT": "float32",
@@ -194,6 +194,11 @@ def input_specs(sig: Signature, *, max_items: int, max_chars: int) -> tuple[Inpu
     return tuple(specs)
 
 
+def output_specs(sig: Signature) -> tuple[OutputSpec, ...]:
+    """The outputs as ``decode_predict`` gives them: tensors, or text as a flat list."""
+    return tuple(output_spec(name, kind, shape) for name, (kind, shape) in sig.outputs.items())
+
+
 # -- predict -------------------------------------------------------------------------
 
 
@@ -224,6 +229,8 @@ def encode_preformatted(text: str, signature: str | None = None) -> dict[str, An
     """A caller's own JSON ``instances`` list, forwarded as it is once it parses."""
     try:
         instances = json.loads(text)
+    except RecursionError:
+        raise ValueError("'instances' is JSON nested too deeply") from None
     except ValueError as exc:
         raise ValueError(f"'instances' is not JSON: {exc}") from None
     if not isinstance(instances, list) or not instances:
