@@ -36,7 +36,6 @@ the work to a thread (``token_stream``) so the trio thread never blocks.
 from __future__ import annotations
 
 import abc
-import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing
@@ -45,7 +44,7 @@ from typing import TypeVar
 
 import trio
 
-from protocols import Param, Value
+from protocols import Param, Value, bounded_json
 
 from .base import TEXT, ModelInfo, Outputs, OutputSpec, Runner, TextSpec, check_inputs
 from .errors import BadInput, RunnerError
@@ -168,11 +167,9 @@ def _one_string(model: str, inputs: Mapping[str, Value], name: str) -> str | Non
 
 def _parse_messages(model: str, blob: str) -> tuple[Message, ...]:
     try:
-        items = json.loads(blob)
-    except RecursionError:
-        raise BadInput(f"{model}: input 'messages' is JSON nested too deeply") from None
-    except ValueError as exc:
-        raise BadInput(f"{model}: input 'messages' is not JSON: {exc}") from exc
+        items = bounded_json.loads(blob)
+    except bounded_json.BadJSON as exc:
+        raise BadInput(f"{model}: input 'messages' is {exc}") from None
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_MESSAGES:
         raise BadInput(f"{model}: input 'messages' must be a JSON list of 1 to {MAX_MESSAGES}")
     messages = []

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.gateway.bounded_json import MAX_DEPTH, BadJSON, loads, nests_within
+from protocols.bounded_json import MAX_DEPTH, BadJSON, loads, nests_within
 
 
 def nested(depth: int) -> str:

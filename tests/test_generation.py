@@ -78,7 +78,7 @@ BAD: dict[str, tuple[dict[str, Value], dict[str, Param], str]] = {
     "two prompts": ({"prompt": ["a", "b"]}, {}, "1 to 1"),
     "prompt too long": ({"prompt": "a" * (MAX_CHARS + 1)}, {}, "at most"),
     "messages not json": ({"messages": "[{"}, {}, "not JSON"),
-    "messages too deep": ({"messages": "[" * 50_000}, {}, "nested too deeply"),
+    "messages too deep": ({"messages": "[" * 50_000}, {}, "nested deeper than"),
     "messages not a list": ({"messages": '{"role": "user"}'}, {}, "JSON list"),
     "no messages": ({"messages": "[]"}, {}, "JSON list"),
     "bad role": ({"messages": '[{"role": "tool", "content": "x"}]'}, {}, r"messages\[0\]"),

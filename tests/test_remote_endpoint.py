@@ -106,6 +106,15 @@ async def test_garbage_json_is_a_backend_fault_not_retried(fake: FakeBackend) ->
     assert len(fake.requests_to("/x")) == 1
 
 
+async def test_an_answer_nested_past_any_sense_is_garbage_too(fake: FakeBackend) -> None:
+    """json.loads recurses: 100,000 brackets raised RecursionError, an untyped 500."""
+    fake.plan("/x", Reply(200, b"[" * 100_000 + b"]" * 100_000), OK)
+    async with Endpoint(config(fake.url)) as endpoint:
+        with pytest.raises(BackendGarbage, match="nested deeper than"):
+            await endpoint.call_json("GET", "/x", idempotent=True)
+        assert await endpoint.call_json("GET", "/x", idempotent=True) is not None  # serves on
+
+
 async def test_a_hang_becomes_a_timeout_at_the_deadline(fake: FakeBackend) -> None:
     fake.plan("/x", Reply(kind="hang"), OK)
     async with Endpoint(config(fake.url)) as endpoint:

@@ -27,10 +27,9 @@ from starlette.responses import Response
 from bootstrap.table import PeerTable, live_peers
 from node.errors import sole_error
 from node.observe.feed import Feed
-from protocols import Priority, Request, Result, SwarmError, Value
+from protocols import Priority, Request, Result, SwarmError, Value, bounded_json
 from runners.base import ModelInfo, gather
 
-from . import bounded_json
 from .config import GatewayConfig
 from .errors import HTTPFailure, error_response, swarm_error_response
 

@@ -46,9 +46,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from bootstrap.table import Peer, PeerTable, live_peers
 from node.json_values import BadValue, inputs_from_json, jsonable, params_from_json
 from node.observe.feed import Feed, Subscription, Topic, peer_summary
-from protocols import ErrorCode, Priority, Request, SwarmError, Value
+from protocols import ErrorCode, Priority, Request, SwarmError, Value, bounded_json
 
-from . import bounded_json
 from .app import MAX_DEADLINE_MS, Backend, find_model
 from .config import GatewayConfig
 from .errors import HTTPFailure

@@ -15,6 +15,8 @@ from typing import Any, Literal, Protocol
 import httpx
 import trio
 
+from protocols import bounded_json
+
 from .errors import (
     BackendError,
     BackendFailed,
@@ -138,8 +140,8 @@ def decode_json(where: str, data: bytes) -> Any:
     if not data.strip():
         return None
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return bounded_json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:  # BadJSON too: garbage, however deep
         raise BackendGarbage(f"{where}: the answer is not JSON: {exc}") from exc
 
 
@@ -151,7 +153,7 @@ def error_detail(data: bytes) -> str:
     """The message of an error body in the usual shapes (OpenAI, TEI, FastAPI), trimmed."""
     text = data.decode("utf-8", errors="replace").strip()
     try:
-        parsed = json.loads(text)
+        parsed = bounded_json.loads(text)
     except ValueError:
         return text[:MAX_ERROR_CHARS] or "(empty body)"
     message: Any = parsed

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from protocols import Tensor, Value
+from protocols import Tensor, Value, bounded_json
 from protocols.tensors import MAX_NDIM
 
 from ..base import TEXT, InputSpec, OutputSpec, TensorSpec, TextSpec
@@ -285,8 +285,8 @@ def decode_binary_response(
     try:
         # latin-1 maps each byte to one character, so the end index is a byte offset.
         _, end = json.JSONDecoder().raw_decode(data.decode("latin-1"))
-        header = json.loads(data[:end])
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = bounded_json.loads(data[:end])
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BackendGarbage(f"{where}: the answer does not start with a JSON header") from exc
     return decode_response(
         header, where, expect=expect, request_id=request_id, binary=bytes(data[end:])

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from protocols import Param, Tensor, Value
+from protocols import Param, Tensor, Value, bounded_json
 from protocols.config import Table
 from protocols.errors import ConfigError
 
@@ -556,6 +556,6 @@ def _joined(messages: list[dict[str, Any]]) -> str:
 
 def _loads(where: str, data: str) -> Any:
     try:
-        return json.loads(data)
-    except ValueError as exc:
+        return bounded_json.loads(data)
+    except ValueError as exc:  # BadJSON too
         raise BackendGarbage(f"{where}: a stream event is not JSON: {exc}") from exc

@@ -18,13 +18,12 @@ A body that lacks what the API promises is a ``BackendGarbage``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from protocols import Param
+from protocols import Param, bounded_json
 
 from ..errors import BadInput
 from .errors import BackendFailed, BackendGarbage
@@ -134,11 +133,9 @@ def parse_messages(model: str, text: str) -> list[dict[str, Any]]:
     an assistant's may carry ``tool_calls`` instead of content, and a ``tool``
     message answers one by its ``tool_call_id`` (see openai_tools)."""
     try:
-        data = json.loads(text)
-    except RecursionError:
-        raise BadInput(f"{model}: input 'messages' is JSON nested too deeply") from None
-    except ValueError as exc:
-        raise BadInput(f"{model}: input 'messages' is not JSON: {exc}") from None
+        data = bounded_json.loads(text)
+    except bounded_json.BadJSON as exc:
+        raise BadInput(f"{model}: input 'messages' is {exc}") from None
     if not isinstance(data, list) or not 1 <= len(data) <= MAX_MESSAGES:
         raise BadInput(f"{model}: input 'messages' must be a JSON array of 1 to {MAX_MESSAGES}")
     messages: list[dict[str, Any]] = []

@@ -16,9 +16,10 @@ checked too (``BackendGarbage``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
+
+from protocols import bounded_json
 
 from ..errors import BadInput
 from .errors import BackendGarbage
@@ -163,8 +164,6 @@ def _json(model: str, what: str, text: Any) -> Any:
     if not isinstance(text, str):
         raise BadInput(f"{model}: {what} must be JSON text")
     try:
-        return json.loads(text)
-    except RecursionError:
-        raise BadInput(f"{model}: {what} is JSON nested too deeply") from None
-    except ValueError as exc:
-        raise BadInput(f"{model}: {what} is not JSON: {exc}") from None
+        return bounded_json.loads(text)
+    except bounded_json.BadJSON as exc:
+        raise BadInput(f"{model}: {what} is {exc}") from None

@@ -21,7 +21,6 @@ numbers belong, a missing output): ``BackendGarbage`` otherwise.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from protocols import Tensor, Value
+from protocols import Tensor, Value, bounded_json
 from protocols.tensors import MAX_NDIM
 
 from ..base import InputSpec, OutputSpec, TensorSpec, TextSpec
@@ -228,11 +227,9 @@ def encode_rows(inputs: Mapping[str, Value], signature: str | None = None) -> di
 def encode_preformatted(text: str, signature: str | None = None) -> dict[str, Any]:
     """A caller's own JSON ``instances`` list, forwarded as it is once it parses."""
     try:
-        instances = json.loads(text)
-    except RecursionError:
-        raise ValueError("'instances' is JSON nested too deeply") from None
-    except ValueError as exc:
-        raise ValueError(f"'instances' is not JSON: {exc}") from None
+        instances = bounded_json.loads(text)
+    except bounded_json.BadJSON as exc:
+        raise ValueError(f"'instances' is {exc}") from None
     if not isinstance(instances, list) or not instances:
         raise ValueError("'instances' must be a non-empty JSON list")
     body: dict[str, Any] = {"instances": instances}
