@@ -72,6 +72,7 @@ WRK_THREADS = 2  # the machine this was written on has 2 cores; wrk needs few an
 WRK_TIMEOUT_S = 30  # as the Python client's: a slow answer is a latency, not an error
 WARM_S = 1  # wrk at 16 connections before a model's first point, not kept
 EXPECT = '"embedding"'  # in every good /v1/embeddings answer
+DRAIN_BOUND_S = 60  # after a run, the gateway answers 200 again within this
 
 
 def free_port() -> int:
@@ -132,20 +133,41 @@ async def throughput(
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         (await http.post("/v1/embeddings", json=body)).raise_for_status()
         await wrk(16, WARM_S)
+        await drain(http, body)
         for connections in args.connections:
-            await drain(http, body)
             before = Cpu.take(entry, worker)
             run = await wrk(connections, args.seconds)
             row = run.row()
-            row["cpu_cores"] = Cpu.take(entry, worker).cores_since(before)
+            after = Cpu.take(entry, worker)
+            row["cpu_cores"] = after.cores_since(before)
+            answered = max(1, run.raw["requests"])  # CPU per answer, good or not
+            row["cpu_ms_per_request"] = {
+                "gateway": 1000 * (after.gateway - before.gateway) / answered,
+                "worker": 1000 * (after.worker - before.worker) / answered,
+            }
+            row["after"] = await drain(http, body)
             rows.append(row)
-        await drain(http, body)
+            progress(
+                f"    {connections:>4} connections: {row['req_per_s']:.1f} req/s, "
+                f"p99 {row['p99_ms']:.1f} ms, {row['errors']} errors"
+                f"{'' if row['clean'] else ' (' + row['last_bad_body'][:120] + ')'}"
+            )
     return rows
 
 
-async def drain(http: httpx.AsyncClient, body: dict[str, Any]) -> None:
-    """One request answered: what the last run left queued at the nodes is done by then."""
-    (await http.post("/v1/embeddings", json=body)).raise_for_status()
+async def drain(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """Until one request is answered 200: what the last run left queued is done by then.
+
+    Returns how long that took and what the gateway answered meanwhile (a run that
+    overloaded the worker can leave the entry refusing it for a while).
+    """
+    t, refused = time.perf_counter(), list[str]()
+    with trio.fail_after(DRAIN_BOUND_S):
+        while (answer := await http.post("/v1/embeddings", json=body)).status_code != 200:
+            if len(refused) < 5:
+                refused.append(f"{answer.status_code} {answer.text[:160]}")
+            await trio.sleep(0.2)
+    return {"s": time.perf_counter() - t, "refused": refused}
 
 
 async def added(url: str, swarm: SwarmClient, pairs: int) -> dict[str, Any]:
@@ -235,6 +257,8 @@ async def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         try:
             models = [f"fake:{FAKE}:0", f"fake:{STREAMER}:200", REAL]
             worker_args = [a for m in models for a in ("--model", m)]
+            if args.max_queue is not None:
+                worker_args += ["--max-queue", str(args.max_queue)]
             # The worker keeps its data dir (the converted model) in the cache dir.
             worker = await start_node(data, "gateway-worker", worker_args)
             nodes.append(worker)
@@ -273,49 +297,71 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def flaws(row: dict[str, Any]) -> list[str]:
+    """Why a wrk run is not a throughput figure (req/s counts good answers only)."""
+    out = []
+    if row["starved"]:
+        out.append(
+            f"{row['answers']} answers to {row['clients']} connections in {row['seconds']} s"
+            " (requests still waiting when wrk stops are counted nowhere)"
+        )
+    if row["non_2xx"]:
+        out.append(f"{row['non_2xx']} non-2xx answers")
+    if row["malformed"]:
+        out.append(f"{row['malformed']} 2xx answers without {EXPECT}")
+    errors = [f"{k} {n}" for k, n in row["socket_errors"].items() if n]
+    if errors:
+        out.append(f"socket errors: {', '.join(errors)}")
+    return out
+
+
 def report(r: dict[str, Any]) -> Summary:
     summary = Summary()
     m = r["machine"]
     print(f"\nMachine: {m['cpus']} CPUs ({m['cpu']}), Python {m['python']}")
     print(f"Load average before: {m['load_before']}, after: {m['load_after']}")
-    print(
-        f"Processes: the entry node (gateway + routing) and the worker, each a `swarm daemon`;"
-        f" {m['wrk']}\n  with -t{r['wrk_threads']} (fewer where there are fewer connections);"
-        f" this process drives the pairs and streams.\n  All share the machine's"
-        f" {m['cpus']} cores: the gateway has no core of its own (see the cores used)."
-    )
+    print(f"Processes: each its own; all share the machine's {m['cpus']} cores (none is pinned)")
+    print("   entry: a `swarm daemon` serving no model: the gateway and the routing hop")
+    queue = r["max_queue"] if r["max_queue"] is not None else "the default, 64"
+    print(f"   worker: a `swarm daemon` serving the models, --max-queue {queue}")
+    print(f"   load: {m['wrk']}, -t{r['wrk_threads']} at most (-t1 for one connection)")
+    print("   this process: the paired HTTP/libp2p calls and the streams; idle while wrk runs")
     print()
     print(
         f"1. Throughput through the gateway, POST /v1/embeddings (entry -> worker), "
         f"wrk, {r['seconds']} s per point"
     )
     print(
-        f"   {'model':<18}{'conns':>6}{'req/s':>8}{'p50':>10}{'p90':>10}{'p99':>10}"
-        f"  {'cores: gateway':>14}{'worker':>7}{'wrk':>6}{'machine':>8}"
+        f"   {'model':<17}{'conns':>6}{'req/s':>8}{'p50':>10}{'p90':>10}{'p99':>10}"
+        f"  {'CPU ms/req: gw':>14}{'worker':>7}  {'cores: gw':>9}{'worker':>7}{'wrk':>5}"
+        f"{'machine':>8}"
     )
     runs = bad = 0
     for model, rows in r["throughput"].items():
         for row in rows:
-            c = row["cpu_cores"]
+            c, per = row["cpu_cores"], row["cpu_ms_per_request"]
             runs += 1
             print(
-                f"   {model:<18}{row['clients']:>6}{row['req_per_s']:>8.1f}"
-                f"{row['p50_ms']:>8.2f}ms{row['p90_ms']:>8.2f}ms{row['p99_ms']:>8.2f}ms"
-                f"  {c['gateway']:>14.2f}{c['worker']:>7.2f}{c['wrk']:>6.2f}{c['machine']:>8.2f}"
+                f"   {model:<17}{row['clients']:>6}{row['req_per_s']:>8.1f}"
+                f"{row['p50_ms']:>8.1f}ms{row['p90_ms']:>8.1f}ms{row['p99_ms']:>8.1f}ms"
+                f"  {per['gateway']:>14.2f}{per['worker']:>7.2f}"
+                f"  {c['gateway']:>9.2f}{c['worker']:>7.2f}{c['wrk']:>5.2f}{c['machine']:>8.2f}"
             )
             if not row["clean"]:
                 bad += 1
-                e = row["socket_errors"]
+                print(f"      NOT a throughput figure: {'; '.join(flaws(row))}")
+                if row["non_2xx"]:
+                    print(f"      last: {row['last_bad_status']} {row['last_bad_body'][:150]}")
+            if row["after"]["refused"]:
                 print(
-                    f"      NOT a throughput figure: {row['non_2xx']} non-2xx (last status "
-                    f"{row['last_bad_status']}), {row['malformed']} 2xx without {EXPECT}, socket "
-                    f"errors connect {e['connect']} read {e['read']} write {e['write']} "
-                    f"timeout {e['timeout']}; req/s counts good answers only"
+                    f"      after it: {row['after']['s']:.1f} s to a 200; meanwhile "
+                    f"{row['after']['refused'][0][:140]}"
                 )
-    print("   (conns: wrk's keep-alive connections, each one request at a time; cores: CPU")
-    print("   seconds per second of the entry, the worker, wrk and the whole machine)")
+    print("   (conns: wrk's keep-alive connections, each one request at a time; CPU ms/req:")
+    print("   CPU of the entry (gw: gateway + routing) and of the worker per answer; cores:")
+    print("   CPU seconds per second of the entry, the worker, wrk and the whole machine)")
     summary.add(
-        "wrk runs free of non-2xx and socket errors",
+        "wrk runs clean (all 2xx, no socket errors)",
         f"{runs - bad} of {runs}",
         "all",
         not bad,
@@ -362,6 +408,12 @@ def main() -> int:
         help="wrk connection counts, comma-separated (default 1,16,64,256)",
     )
     parser.add_argument("--wrk-threads", type=int, default=WRK_THREADS, help="wrk -t at most")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        help="the worker's --max-queue (default: the daemon's, 64 waiting per model; more "
+        "connections than that plus the running jobs get 429s, which are reported)",
+    )
     parser.add_argument("--pairs", type=int, default=300, help="HTTP/libp2p pairs")
     parser.add_argument("--runs", type=int, default=10, help="streamed runs per path")
     parser.add_argument("--quick", action="store_true", help="2 s points, 100 pairs, 5 runs")
@@ -401,6 +453,7 @@ def main() -> int:
         "machine": machine,
         "load_generator": "wrk",
         "wrk_threads": args.wrk_threads,
+        "max_queue": args.max_queue,
         "seconds": args.seconds,
         **results,
         "load_after": load_after,

@@ -9,9 +9,10 @@ file per model) POSTs one JSON body, checks every answer in a ``response()``
 hook (a status outside 2xx is counted, and so is a 2xx whose body lacks the
 field the route must return), and prints its figures from ``done()`` as one
 JSON line, so nothing is parsed from wrk's text. A run with any non-2xx
-answer, malformed body or socket error (connect, read, write, timeout) is not
-a throughput figure: ``WrkRun.clean`` says so, and its req/s counts good
-answers only.
+answer, malformed body or socket error (connect, read, write, timeout), or
+with fewer answers than connections (requests still waiting when wrk stops are
+counted nowhere), is not a throughput figure: ``WrkRun.clean`` says so, and
+its req/s counts good answers only.
 
 Errors: ``WrkMissing`` when there is no wrk binary (the Debian package is
 ``wrk``); ``RuntimeError`` when wrk fails or prints no figures.
@@ -49,33 +50,37 @@ function setup(thread)
 end
 
 function init(args)
-  non2xx, malformed, bad_status = 0, 0, 0
+  non2xx, malformed, bad_status, bad_body = 0, 0, 0, ""
 end
 
 function response(status, headers, body)
   if status < 200 or status > 299 then
     non2xx = non2xx + 1
     bad_status = status
+    bad_body = string.sub(body, 1, 240)
   elseif not string.find(body, expect, 1, true) then
     malformed = malformed + 1
   end
 end
 
 function done(summary, latency, requests)
-  local non2xx, malformed, bad_status = 0, 0, 0
+  local non2xx, malformed, bad_status, bad_body = 0, 0, 0, ""
   for _, thread in ipairs(threads) do
     non2xx = non2xx + thread:get("non2xx")
     malformed = malformed + thread:get("malformed")
-    if thread:get("bad_status") ~= 0 then bad_status = thread:get("bad_status") end
+    if thread:get("bad_status") ~= 0 then
+      bad_status, bad_body = thread:get("bad_status"), thread:get("bad_body")
+    end
   end
+  bad_body = string.gsub(bad_body, '[%c"\\]', "?")  -- a JSON string without escapes
   local e = summary.errors
   local mean, stdev = 0, 0
   if summary.requests > 0 then mean, stdev = latency.mean, latency.stdev end
   local out = {
     string.format('"duration_us":%.0f,"requests":%.0f,"bytes":%.0f',
       summary.duration, summary.requests, summary.bytes),
-    string.format('"non_2xx":%d,"malformed":%d,"last_bad_status":%d',
-      non2xx, malformed, bad_status),
+    string.format('"non_2xx":%d,"malformed":%d,"last_bad_status":%d,"last_bad_body":"%s"',
+      non2xx, malformed, bad_status, bad_body),
     string.format('"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}',
       e.connect, e.read, e.write, e.status, e.timeout),
     string.format('"mean_us":%.1f,"stdev_us":%.1f,"max_us":%.0f', mean, stdev, latency.max),
@@ -142,8 +147,14 @@ class WrkRun:
         return int(self.raw["non_2xx"]) + int(self.raw["malformed"])
 
     @property
+    def starved(self) -> bool:
+        """Fewer answers than connections: some waited the whole run, and wrk counts
+        no request it stopped waiting for (neither as an error nor in the latencies)."""
+        return bool(self.raw["requests"] < self.connections)
+
+    @property
     def clean(self) -> bool:
-        return self.raw["requests"] > 0 and not self.bad and not any(self.socket_errors.values())
+        return not self.starved and not self.bad and not any(self.socket_errors.values())
 
     def row(self) -> dict[str, Any]:
         """The JSON row; ``clients``/``requests``/``errors``/``req_per_s``/p50/p99 as before."""
@@ -155,11 +166,14 @@ class WrkRun:
             "threads": self.threads,
             "seconds": self.seconds,
             "requests": good,
+            "answers": int(self.raw["requests"]),  # good or not
             "errors": self.bad + sum(self.socket_errors.values()),
             "non_2xx": int(self.raw["non_2xx"]),
             "malformed": int(self.raw["malformed"]),
             "last_bad_status": int(self.raw["last_bad_status"]),
+            "last_bad_body": str(self.raw["last_bad_body"]),
             "socket_errors": self.socket_errors,
+            "starved": self.starved,
             "clean": self.clean,
             "req_per_s": good / took if took > 0 else 0.0,
             **{f"{k}_ms": v for k, v in ms.items()},
@@ -196,7 +210,8 @@ async def run_wrk(
         err = done.stderr.decode(errors="replace")
         raise RuntimeError(f"wrk exited {done.returncode} without its figures:\n{out}{err}")
     raw = json.loads(line[len(MARK) :])
-    if not all(math.isfinite(float(v)) for v in raw.values() if not isinstance(v, dict)):
+    numbers = [v for v in raw.values() if isinstance(v, int | float)]
+    if not all(math.isfinite(float(v)) for v in numbers):
         raise RuntimeError(f"wrk reported figures that are not numbers: {line}")
     return WrkRun(connections, threads, seconds, raw)
 
