@@ -58,7 +58,7 @@ from bench_gateway_lib.wrk import (
     wrk_version,
 )
 from bench_report import Summary, cpu_model
-from bench_swarm_lib.swarm import NodeProc, machine_busy, start_node, stop_all
+from bench_swarm_lib.swarm import NodeProc, machine_busy, start_node, stop_all, warnings
 from trio_websocket import open_websocket_url
 
 from node.client import SwarmClient
@@ -290,6 +290,7 @@ async def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                 out["streaming"] = await streamed(url, swarm, args.runs)
         finally:
             await stop_all(nodes)
+            out["node_warnings"] = warnings(Path(tmp)) + warnings(data)
     return out
 
 
@@ -389,6 +390,10 @@ def report(r: dict[str, Any]) -> Summary:
             f"   {label:<26} first chunk {f['first_chunk_ms']:7.2f} ms, "
             f"{f['chunks_per_s']:6.1f} chunks/s"
         )
+    if r.get("node_warnings"):
+        print("\nWarnings the nodes logged:")
+        for line in r["node_warnings"]:
+            print(f"   {line}")
     print("\nSummary (targets from issue 6; clean runs: issue 11)")
     width = max(len(row["figure"]) for row in summary)
     for row in summary:
