@@ -39,7 +39,7 @@ class ContainedRunner(WrappedRunner):
             log.info("%s: starting %s", self.info.name, engine_ops.describe_argv(argv))
             await engine_ops.start(self.config, self.engine)
             self._started = True
-            await engine_ops.wait_ready(self.config)
+            await engine_ops.wait_ready(self.config, self.config.ready_timeout_s)
         else:
             log.warning("%s: %s", self.info.name, status.describe())
         await self.inner.load()

@@ -65,6 +65,7 @@ class ContainerConfig:
     env_pass: tuple[str, ...] = ()  # names copied from docker's environment
     env_file: str | None = None
     extra_args: tuple[str, ...] = ()  # appended to the server's own arguments
+    ready_timeout_s: float = 300.0  # for the health route to answer 200 after start
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -81,6 +82,8 @@ class ContainerConfig:
             raise ConfigError("model_path: a host directory without ':'")
         if not re.fullmatch(r"all|[0-9]+(,[0-9]+)*", self.gpu_devices):
             raise ConfigError("gpu_devices: 'all' or device numbers such as '0,1'")
+        if not 0 < self.ready_timeout_s <= 86400:
+            raise ConfigError("ready_timeout_s: expected more than 0 and at most 86400")
         for key, _ in self.env:
             if not _ENV_NAME.fullmatch(key):
                 raise ConfigError(f"env: {key!r} is not a variable name")
@@ -109,7 +112,7 @@ class ContainerConfig:
     def from_table(cls, table: Table) -> ContainerConfig:
         """Fields: kind, name, model_name, host_port (required); image, model_path,
         bind_host, gpu, gpu_devices, env (a table of strings), env_pass, env_file,
-        extra_args. The caller calls ``table.done()``."""
+        extra_args, ready_timeout_s. The caller calls ``table.done()``."""
         env_table = table.table("env")
         env = (
             ()
@@ -131,6 +134,7 @@ class ContainerConfig:
                 env_pass=table.texts("env_pass", ()),
                 env_file=table.text("env_file", None),
                 extra_args=table.texts("extra_args", ()),
+                ready_timeout_s=table.number("ready_timeout_s", 300.0, low=0.001, high=86400),
             )
         except ConfigError as exc:
             if table.where in str(exc):  # a field error from Table: already says where
