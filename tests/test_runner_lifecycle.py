@@ -1,0 +1,181 @@
+"""Every runner built is closed, loaded or not: what ``load`` and ``close`` leave behind.
+
+A runner whose ``load`` fails, or is cancelled midway, must leave nothing it
+started: no open HTTP client (observed on the real httpx transport the
+endpoint closes), no container (observed through FakeDocker, a real program
+standing in for the docker client, which logs every call). ``close`` is safe
+whether ``load`` ran, failed, was cancelled or never ran, and twice; wrappers
+(batching, container) hand it to the runner inside in every case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from fake_backend import Reply
+from fake_docker import FakeDocker
+from fake_ovms import MODEL, FakeOVMS
+
+from protocols.config import Table
+from runners.base import Runner
+from runners.batching import BatchConfig, BatchingRunner
+from runners.errors import ModelLoadError, ModelNotFound
+from runners.remote.contained import ContainedRunner
+from runners.remote.container import ContainerConfig
+from runners.remote.openai_compat import OpenAICompatConfig, build_runner
+from runners.remote.ovms import OVMSConfig, OVMSRunner
+from runners.torch_classify import TorchClassifyRunner
+from runners.torch_embed import TorchEmbedRunner
+from runners.torch_generate import TorchGenerateRunner
+
+
+class Watched(httpx.AsyncHTTPTransport):
+    """A real transport that remembers being closed (the endpoint's client closes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await super().aclose()
+
+
+def ovms_config(url: str, model: str = MODEL, **fields: Any) -> OVMSConfig:
+    table = Table({"name": "ovms", "base_url": url, "model": model, "retries": 0, **fields}, "m")
+    config = OVMSConfig.from_table(table)
+    table.done()
+    return config
+
+
+def port_of(url: str) -> int:
+    port = httpx.URL(url).port
+    assert port is not None
+    return port
+
+
+def container(url: str, **fields: Any) -> ContainerConfig:
+    base: dict[str, Any] = {
+        "kind": "ovms",
+        "name": "swarm-test-ovms",
+        "model_name": MODEL,
+        "host_port": port_of(url),
+        "model_path": "/srv/models/affine",
+        "ready_timeout_s": 0.3,
+    }
+    return ContainerConfig(**{**base, **fields})
+
+
+# -- OVMS: a failed load closes its endpoint ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("api", "path", "reply", "error"),
+    [
+        ("kserve", f"/v2/models/{MODEL}", Reply(500, {"error": "boom"}), ModelLoadError),
+        ("kserve", f"/v2/models/{MODEL}/ready", Reply(404, {"error": "gone"}), ModelNotFound),
+        ("tfserving", f"/v1/models/{MODEL}/metadata", Reply(200, {"x": 1}), ModelLoadError),
+        ("tfserving", f"/v1/models/{MODEL}", Reply(500, {"error": "boom"}), ModelLoadError),
+    ],
+)
+async def test_ovms_failed_load_closes_its_endpoint(
+    api: str, path: str, reply: Reply, error: type[Exception]
+) -> None:
+    with FakeOVMS() as ovms:
+        ovms.plan(path, reply)
+        transport = Watched()
+        runner = OVMSRunner(ovms_config(ovms.url, api=api), transport=transport)
+        with pytest.raises(error):
+            await runner.load()
+        assert transport.closed  # before any close: the failed load let go of it
+        assert runner.status()["loaded"] is False
+        await runner.close()
+        await runner.close()
+
+
+async def test_ovms_load_without_an_available_version_closes_its_endpoint() -> None:
+    with FakeOVMS() as ovms:
+        transport = Watched()
+        runner = OVMSRunner(ovms_config(ovms.url, "warming", api="tfserving"), transport=transport)
+        with pytest.raises(ModelLoadError, match="LOADING"):
+            await runner.load()
+        assert transport.closed
+
+
+async def test_ovms_load_cancelled_midway_closes_its_endpoint() -> None:
+    with FakeOVMS() as ovms:
+        ovms.plan(f"/v2/models/{MODEL}", Reply(kind="hang"))
+        transport = Watched()
+        runner = OVMSRunner(ovms_config(ovms.url), transport=transport)
+        with trio.move_on_after(0.5) as scope:
+            await runner.load()
+        assert scope.cancelled_caught
+        assert transport.closed
+        await runner.close()
+
+
+async def test_ovms_loads_again_after_a_failed_load() -> None:
+    with FakeOVMS() as ovms:
+        ovms.plan(f"/v2/models/{MODEL}", Reply(500, {"error": "boom"}))
+        runner = OVMSRunner(ovms_config(ovms.url))
+        with pytest.raises(ModelLoadError):
+            await runner.load()
+        await runner.load()  # a fresh endpoint, not the closed one
+        try:
+            assert runner.status()["loaded"] is True
+            assert runner.status()["endpoint"]["breaker"] == "closed"
+        finally:
+            await runner.close()
+        assert runner.status()["loaded"] is False
+
+
+async def test_wrappers_close_the_runner_inside_after_a_failed_load(tmp_path: Path) -> None:
+    with FakeOVMS() as ovms:
+        ovms.plan(f"/v2/models/{MODEL}", Reply(500, {"error": "boom"}))
+        transport = Watched()
+        inner = OVMSRunner(ovms_config(ovms.url), transport=transport)
+        runner = BatchingRunner(inner, BatchConfig(max_batch=4))
+        with pytest.raises(ModelLoadError):
+            await runner.load()
+        await runner.close()
+        assert transport.closed and inner.status()["loaded"] is False
+
+
+# -- close on runners never loaded --------------------------------------------------------
+
+
+def _openai(**fields: Any) -> Runner:
+    table = Table({"name": "m", "base_url": "http://127.0.0.1:9", **fields}, "m")
+    config = OpenAICompatConfig.from_table(table)
+    table.done()
+    return build_runner(config)
+
+
+NEVER_LOADED: dict[str, Callable[[Path], Runner]] = {
+    "ovms": lambda d: OVMSRunner(ovms_config("http://127.0.0.1:9")),
+    "openai-generate": lambda d: _openai(),
+    "openai-embed": lambda d: _openai(task="embeddings"),
+    "tei": lambda d: _openai(api="tei"),
+    "batching": lambda d: BatchingRunner(_openai(), BatchConfig(max_batch=2)),
+    "container": lambda d: ContainedRunner(
+        _openai(), container("http://127.0.0.1:9"), engine=FakeDocker(d).engine
+    ),
+    "torch-classify": lambda d: TorchClassifyRunner(d),
+    "torch-embed": lambda d: TorchEmbedRunner(),
+    "torch-generate": lambda d: TorchGenerateRunner(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NEVER_LOADED))
+async def test_close_without_load_is_safe_and_idempotent(kind: str, tmp_path: Path) -> None:
+    runner = NEVER_LOADED[kind](tmp_path)
+    await runner.close()
+    await runner.close()
+    with trio.CancelScope() as scope:  # even from a cancelled scope
+        scope.cancel()
+        await runner.close()
