@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from fake_backend import Reply
+from fake_backend import FakeBackend, Reply
 from fake_docker import FakeDocker
 from fake_ovms import MODEL, FakeOVMS
 
@@ -132,6 +132,108 @@ async def test_ovms_loads_again_after_a_failed_load() -> None:
         finally:
             await runner.close()
         assert runner.status()["loaded"] is False
+
+
+# -- container mode: a failed load stops the container it started ---------------------
+
+
+def after_run(docker: FakeDocker) -> list[str]:
+    commands = docker.commands()
+    assert commands[:2] == ["info", "run"], commands
+    return commands[2:]
+
+
+async def test_container_whose_health_wait_fails_is_stopped_and_removed(tmp_path: Path) -> None:
+    docker = FakeDocker(tmp_path)
+    with FakeBackend() as server:  # no routes: the health route answers 404, never ready
+        transport = Watched()
+        inner = OVMSRunner(ovms_config(server.url), transport=transport)
+        runner = ContainedRunner(inner, container(server.url), engine=docker.engine)
+        with pytest.raises(ModelLoadError, match=r"not ready after 0.3 s \(HTTP 404\)"):
+            await runner.load()
+        assert after_run(docker) == ["stop", "rm"]
+        stop, rm = docker.calls()[2:]
+        assert stop[-1] == rm[-1] == "swarm-test-ovms"
+        assert runner.status()["mode"] == "api"  # nothing runs in a container any more
+        await runner.close()
+        await runner.close()
+        assert after_run(docker) == ["stop", "rm"]  # stopped once: close finds nothing to stop
+        assert not server.requests_to(f"/v2/models/{MODEL}/ready")  # inner never loaded
+
+
+async def test_container_load_cancelled_in_the_health_wait_is_stopped(tmp_path: Path) -> None:
+    docker = FakeDocker(tmp_path)
+    with FakeBackend() as server:
+        runner = ContainedRunner(
+            OVMSRunner(ovms_config(server.url)),
+            container(server.url, ready_timeout_s=30),
+            engine=docker.engine,
+        )
+        with trio.move_on_after(1.5) as scope:
+            await runner.load()
+        assert scope.cancelled_caught
+        assert after_run(docker) == ["stop", "rm"]
+        await runner.close()
+        assert after_run(docker) == ["stop", "rm"]
+
+
+async def test_container_load_cancelled_in_docker_run_is_removed(tmp_path: Path) -> None:
+    """``docker run`` killed midway may have created the container: it goes too."""
+    docker = FakeDocker(tmp_path, run_mode="hang")
+    with FakeBackend() as server:
+        runner = ContainedRunner(
+            OVMSRunner(ovms_config(server.url)), container(server.url), engine=docker.engine
+        )
+        with trio.move_on_after(1.5) as scope:
+            await runner.load()
+        assert scope.cancelled_caught
+        assert after_run(docker) == ["stop", "rm"]
+
+
+async def test_container_docker_run_refused_stops_nothing(tmp_path: Path) -> None:
+    """docker said no: nothing of ours runs, and a container of that name is not ours."""
+    docker = FakeDocker(tmp_path, run_mode="fail")
+    with FakeBackend() as server:
+        runner = ContainedRunner(
+            OVMSRunner(ovms_config(server.url)), container(server.url), engine=docker.engine
+        )
+        with pytest.raises(ModelLoadError, match=r"docker run failed: .*Conflict"):
+            await runner.load()
+        await runner.close()
+        assert after_run(docker) == []
+
+
+async def test_container_whose_inner_load_fails_is_stopped(tmp_path: Path) -> None:
+    docker = FakeDocker(tmp_path)
+    with FakeOVMS() as ovms:  # healthy, but without the model asked for
+        transport = Watched()
+        inner = OVMSRunner(ovms_config(ovms.url, "no-such-model"), transport=transport)
+        runner = ContainedRunner(inner, container(ovms.url), engine=docker.engine)
+        with pytest.raises(ModelNotFound):
+            await runner.load()
+        assert transport.closed
+        assert after_run(docker) == ["stop", "rm"]
+
+
+async def test_container_loaded_then_closed_through_batching(tmp_path: Path) -> None:
+    """The chain the catalog builds: container around batching around the OVMS runner."""
+    docker = FakeDocker(tmp_path)
+    with FakeOVMS() as ovms:
+        transport = Watched()
+        inner = OVMSRunner(ovms_config(ovms.url), transport=transport)
+        batching = BatchingRunner(inner, BatchConfig(max_batch=4))
+        runner = ContainedRunner(batching, container(ovms.url), engine=docker.engine)
+        await runner.load()
+        await runner.load()  # idempotent: no second container
+        assert after_run(docker) == []
+        assert runner.status()["mode"] == "container"
+        run = docker.calls()[1]
+        assert run[run.index("--name") + 1] == "swarm-test-ovms"
+        await runner.close()
+        assert transport.closed
+        assert after_run(docker) == ["stop", "rm"]
+        await runner.close()
+        assert after_run(docker) == ["stop", "rm"]
 
 
 async def test_wrappers_close_the_runner_inside_after_a_failed_load(tmp_path: Path) -> None:

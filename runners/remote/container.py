@@ -16,11 +16,13 @@ forwards to the started server is the same as in API mode.
   engine, so the node can print "no container engine (docker info: ...):
   running in API mode" at start.
 - ``start``, ``stop`` and ``wait_ready`` run docker and poll the server's
-  health route with every wait bounded, on trio.
+  health route with every wait bounded, on trio. ``start`` leaves no
+  container behind when it fails; ``stop`` stops and removes, shielded.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -36,6 +38,7 @@ from protocols.errors import ConfigError
 
 from ..errors import ModelLoadError
 
+log = logging.getLogger(__name__)
 KINDS = ("ovms", "vllm")
 DEFAULT_IMAGES = {"ovms": "openvino/model_server:latest", "vllm": "vllm/vllm-openai:latest"}
 CONTAINER_PORT = {"ovms": 8000, "vllm": 8000}
@@ -215,13 +218,29 @@ def detect_engine(
     return EngineStatus(True, f"{engine} {version}")
 
 
+def rm_argv(name: str, engine: str = "docker") -> list[str]:
+    return [engine, "rm", "--force", name]
+
+
 async def start(config: ContainerConfig, engine: str = "docker", timeout_s: float = 600) -> str:
-    """Run the container (pulling the image may take minutes); its id."""
-    with trio.move_on_after(timeout_s) as scope:
-        done = await trio.run_process(
-            run_argv(config, engine), capture_stdout=True, capture_stderr=True, check=False
-        )
+    """Run the container (pulling the image may take minutes); its id.
+
+    Either a container runs when this returns, or none of ours is left: a
+    ``docker run`` cut short (the timeout, or cancellation) may have created
+    the container already, so it is stopped and removed before the error
+    leaves. A ``docker run`` that fails on its own started nothing, and a
+    container already holding the name is not ours: nothing is removed then.
+    """
+    try:
+        with trio.move_on_after(timeout_s) as scope:
+            done = await trio.run_process(
+                run_argv(config, engine), capture_stdout=True, capture_stderr=True, check=False
+            )
+    except BaseException:
+        await stop(config.name, engine)
+        raise
     if scope.cancelled_caught:
+        await stop(config.name, engine)
         raise ModelLoadError(f"{config.name}: docker run took over {timeout_s:g} s")
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip()[:400]
@@ -230,11 +249,19 @@ async def start(config: ContainerConfig, engine: str = "docker", timeout_s: floa
 
 
 async def stop(name: str, engine: str = "docker", grace_s: int = 10) -> None:
-    """Stop (and so remove: it runs with --rm) the container; absent is fine."""
-    with trio.move_on_after(grace_s + 20):
-        await trio.run_process(
-            stop_argv(name, grace_s, engine), capture_stdout=True, capture_stderr=True, check=False
-        )
+    """Stop the container, then remove it; absent is fine. Shielded from cancellation
+    (it is what cleans up after one) and bounded.
+
+    ``--rm`` removes a container that ran once it stops, but not one that was
+    only created (a ``docker run`` cut short): ``rm --force`` takes that too.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(grace_s + 30):
+        for argv in (stop_argv(name, grace_s, engine), rm_argv(name, engine)):
+            try:
+                await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+            except OSError as exc:  # the engine itself is gone: nothing more to do here
+                log.warning("%s: %s: %s", name, describe_argv(argv), exc)
+                return
 
 
 async def wait_ready(
