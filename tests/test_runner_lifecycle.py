@@ -10,6 +10,7 @@ whether ``load`` ran, failed, was cancelled or never ran, and twice; wrappers
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from runners.remote.container import ContainerConfig
 from runners.remote.openai_compat import OpenAICompatConfig, build_runner
 from runners.remote.ovms import OVMSConfig, OVMSRunner
 from runners.torch_classify import TorchClassifyRunner
+from runners.torch_device import Resolved, TorchPlacement, build_on, resolve
 from runners.torch_embed import TorchEmbedRunner
 from runners.torch_generate import TorchGenerateRunner
 
@@ -281,3 +283,25 @@ async def test_close_without_load_is_safe_and_idempotent(kind: str, tmp_path: Pa
     with trio.CancelScope() as scope:  # even from a cancelled scope
         scope.cancel()
         await runner.close()
+
+
+# -- torch: a failed build leaves nothing of the model behind ------------------------------
+
+
+def test_a_failed_torch_build_leaves_no_model_alive() -> None:
+    """``build_on`` clears the failed build's frames: the half-built network is freed
+    while the error is still held (on a GPU, its memory then goes back to the device)."""
+    import torch
+
+    resolved = resolve(TorchPlacement("cpu", "fp32"))
+    made: list[weakref.ref[torch.nn.Module]] = []
+
+    def build(where: Resolved) -> torch.nn.Module:
+        network = torch.nn.Linear(256, 256).to(where.device)
+        made.append(weakref.ref(network))
+        raise RuntimeError("out of memory, say")
+
+    with pytest.raises(ModelLoadError, match=r"tiny: cannot load on cpu: out of memory") as caught:
+        build_on(resolved, build, "tiny")
+    assert isinstance(caught.value.__cause__, RuntimeError)  # the cause is kept...
+    assert made[0]() is None  # ...but not the network its frames held
