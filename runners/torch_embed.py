@@ -19,15 +19,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import trio
 
 from protocols.config import Table
 from protocols.errors import ConfigError
 
 from . import convert_minilm as recipe
 from .base import run_blocking
-from .errors import ModelLoadError
 from .openvino_embed import MiniLMRunner, _Tokens, tokenize
-from .torch_device import Resolved, TorchPlacement, resolve
+from .torch_device import Resolved, TorchPlacement, build_on, release, resolve
 
 MODEL_NAME = recipe.MODEL_NAME
 FloatArray = np.ndarray[Any, np.dtype[np.float32]]
@@ -58,6 +58,7 @@ class TorchEmbedRunner(MiniLMRunner):
         placement = self.config.placement
         # Device and dtype say "auto" until loaded.
         super().__init__("torch", placement.device, placement.dtype, self.config.concurrency)
+        self._resolved: Resolved | None = None  # where the loaded model is
 
     async def load(self) -> None:
         async with self._load_lock:
@@ -67,6 +68,15 @@ class TorchEmbedRunner(MiniLMRunner):
             where = session.resolved
             self.info = replace(self.info, device=where.device_name, precision=where.precision)
             self._session = session
+            self._resolved = where
+
+    async def close(self) -> None:
+        """Drop the model and give its GPU memory back; safe in any state, and twice."""
+        resolved, self._resolved = self._resolved, None
+        await super().close()
+        if resolved is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(release, resolved)
 
 
 class _Session:
@@ -82,17 +92,16 @@ class _Session:
 
     @classmethod
     def open(cls, config: TorchEmbedConfig) -> _Session:
-        resolved = resolve(config.placement)
-        try:
-            from transformers import AutoModel
+        return build_on(resolve(config.placement), cls._build, MODEL_NAME)
 
-            source = recipe.model_dir()
-            tokenizer = recipe.load_tokenizer(source / recipe.TOKENIZER)
-            model = AutoModel.from_pretrained(str(source), dtype=resolved.dtype)
-            model = model.to(resolved.device).eval()
-        except Exception as exc:
-            raise ModelLoadError(f"{MODEL_NAME}: cannot load on torch: {exc}") from exc
-        return cls(model, tokenizer, resolved)
+    @classmethod
+    def _build(cls, resolved: Resolved) -> _Session:
+        from transformers import AutoModel
+
+        source = recipe.model_dir()
+        tokenizer = recipe.load_tokenizer(source / recipe.TOKENIZER)
+        model = AutoModel.from_pretrained(str(source), dtype=resolved.dtype)
+        return cls(model.to(resolved.device).eval(), tokenizer, resolved)
 
     def embed(self, request: list[str] | _Tokens) -> FloatArray:
         torch = self._torch

@@ -31,7 +31,7 @@ from protocols.errors import ConfigError
 
 from . import convert_smollm2 as recipe
 from .base import ModelInfo, run_blocking
-from .errors import BadInput, ModelLoadError
+from .errors import BadInput
 from .generation import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -46,7 +46,7 @@ from .generation import (
     input_specs,
 )
 from .token_stream import Emit
-from .torch_device import Resolved, TorchPlacement, resolve
+from .torch_device import Resolved, TorchPlacement, build_on, release, resolve
 
 MODEL_NAME = recipe.MODEL_NAME
 
@@ -99,6 +99,7 @@ class TorchGenerateRunner(GenerationRunner):
         super().__init__(info, self.config.max_new_tokens)
         self._limiter = trio.CapacityLimiter(1)
         self._load_lock = trio.Lock()
+        self._resolved: Resolved | None = None  # where the loaded model is
 
     async def load(self) -> None:
         """Read the GGUF into torch on the configured device. Idempotent."""
@@ -109,6 +110,16 @@ class TorchGenerateRunner(GenerationRunner):
             where = engine.resolved
             self.info = replace(self.info, device=where.device_name, precision=where.precision)
             self._engine = engine
+            self._resolved = where
+
+    async def close(self) -> None:
+        """Drop the model and give its GPU memory back; safe in any state, and twice.
+        A generation still in its thread holds its own reference and finishes first."""
+        resolved, self._resolved = self._resolved, None
+        await super().close()
+        if resolved is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(release, resolved)
 
 
 class _TorchEngine(Engine):
@@ -141,19 +152,17 @@ class _TorchEngine(Engine):
 
     @classmethod
     def open(cls, config: TorchGenerateConfig) -> _TorchEngine:
-        resolved = resolve(config.placement)
-        try:
-            source = recipe.gguf_path()
+        def build(resolved: Resolved) -> _TorchEngine:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            source = recipe.gguf_path()
             tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
             model = AutoModelForCausalLM.from_pretrained(
                 source.parent, gguf_file=source.name, dtype=resolved.dtype
             )
-            model = model.to(resolved.device).eval()
-        except Exception as exc:
-            raise ModelLoadError(f"{MODEL_NAME}: cannot load on torch: {exc}") from exc
-        return cls(model, tokenizer, resolved, config)
+            return cls(model.to(resolved.device).eval(), tokenizer, resolved, config)
+
+        return build_on(resolve(config.placement), build, MODEL_NAME)
 
     def generate(self, request: Request, emit: Emit) -> Completion:
         torch = self._torch

@@ -26,7 +26,8 @@ from protocols.errors import ConfigError
 from runners import imagenet, ir_cache
 from runners.errors import BadInput, ModelLoadError
 from runners.ov_classify import OVClassifyConfig, OVClassifyRunner
-from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner, resolve_device
+from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner
+from runners.torch_device import TorchPlacement, resolve
 
 DAISY = 985
 NO_CUDA = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
@@ -67,7 +68,8 @@ def ov_int8(classify_models: Path) -> OVClassifyRunner:
 
 @pytest.fixture(scope="session")
 def torch_cpu(classify_models: Path) -> TorchClassifyRunner:
-    runner = TorchClassifyRunner(classify_models, TorchClassifyConfig(device="cpu"))
+    config = TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
+    runner = TorchClassifyRunner(classify_models, config)
     trio.run(runner.load)
     return runner
 
@@ -221,7 +223,7 @@ def test_preprocessing_matches_torch_antialiased_resize(flower: np.ndarray) -> N
 
 def test_answers_are_the_declared_outputs() -> None:
     """Both classifiers answer through imagenet.answer and declare imagenet.OUTPUTS."""
-    info = TorchClassifyRunner(Path("unused"), TorchClassifyConfig(device="cpu")).info
+    info = TorchClassifyRunner(Path("unused"), TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))).info
     assert info.outputs == imagenet.OUTPUTS == OVClassifyRunner(Path("unused")).info.outputs
     logits = np.random.default_rng(0).normal(size=(2, imagenet.CLASSES)).astype(np.float32)
     for want_logits in (False, True):
@@ -240,21 +242,35 @@ def test_configs_name_the_bad_field() -> None:
         OVClassifyConfig.from_table(Table({"precision": "int2"}, "models[0]"))
     with pytest.raises(ConfigError, match=r"unknown field\(s\) top_k"):
         OVClassifyConfig.from_table(Table({"top_k": 3}, "models[0]"))
-    with pytest.raises(ConfigError, match=r"models\[1\]\.dtype: fp16 runs on CUDA only"):
+    # The torch classifier reads device and dtype as every torch runner does (torch_device).
+    with pytest.raises(ConfigError, match=r"models\[1\]\.dtype: fp16 is refused on the CPU"):
         TorchClassifyConfig.from_table(Table({"device": "cpu", "dtype": "fp16"}, "models[1]"))
-    with pytest.raises(ConfigError, match=r"models\[1\]\.device"):
+    with pytest.raises(ConfigError, match=r"models\[1\]\.device: expected auto, cpu, cuda"):
         TorchClassifyConfig.from_table(Table({"device": "gpu"}, "models[1]"))
+    with pytest.raises(ConfigError, match=r"models\[1\]\.dtype"):
+        TorchClassifyConfig.from_table(Table({"dtype": "int8"}, "models[1]"))
+    with pytest.raises(ConfigError, match=r"models\[1\]\.concurrency"):
+        TorchClassifyConfig.from_table(Table({"concurrency": 17}, "models[1]"))
     parsed = TorchClassifyConfig.from_table(Table({"device": "CUDA:1", "dtype": "bf16"}, "m"))
-    assert (parsed.device, parsed.dtype) == ("cuda:1", "bf16")
+    assert parsed.placement == TorchPlacement("cuda:1", "bf16")
+    default = TorchClassifyConfig.from_table(Table({}, "m"))
+    assert default.placement == TorchPlacement("auto", "fp32")  # fp32 unless asked, as before
+    assert default == TorchClassifyConfig()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU says")
-def test_torch_device_resolution_without_a_gpu() -> None:
-    assert resolve_device("auto", "fp32") == "cpu"
-    with pytest.raises(ModelLoadError, match=r"device cuda:1 is not available here; available"):
-        resolve_device("cuda:1", "fp32")
-    with pytest.raises(ModelLoadError, match="fp16 runs on CUDA only"):
-        resolve_device("auto", "fp16")
+async def test_torch_device_resolution_without_a_gpu(tmp_path: Path) -> None:
+    assert resolve(TorchPlacement("auto", "fp32")).device_name == "cpu"
+    assert resolve(TorchPlacement("auto", "auto")).precision == "fp32"
+    for placement, message in (
+        (TorchPlacement("cuda:1", "fp32"), "device cuda:1 asked for, but torch sees no CUDA GPU"),
+        (TorchPlacement("auto", "fp16"), "dtype fp16 is refused on the CPU"),
+    ):
+        runner = TorchClassifyRunner(tmp_path, TorchClassifyConfig(placement=placement))
+        with pytest.raises(ModelLoadError, match=message):
+            await runner.load()
+        assert runner.info.device == placement.device  # still what was asked: not loaded
+        await runner.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -262,7 +278,8 @@ def test_torch_device_resolution_without_a_gpu() -> None:
 async def test_torch_on_cuda_matches_cpu(
     dtype: str, torch_cpu: TorchClassifyRunner, flower: np.ndarray, tmp_path: Path
 ) -> None:
-    runner = TorchClassifyRunner(tmp_path, TorchClassifyConfig(device="cuda", dtype=dtype))
+    config = TorchClassifyConfig(placement=TorchPlacement("cuda", dtype))
+    runner = TorchClassifyRunner(tmp_path, config)
     await runner.load()
     assert runner.info.device == "cuda:0" and runner.info.precision == dtype
     both = np.concatenate([flower, flower[:, ::-1]])
@@ -272,6 +289,13 @@ async def test_torch_on_cuda_matches_cpu(
     tolerance = {"fp32": 1e-2, "fp16": 0.1, "bf16": 0.5}[dtype]
     np.testing.assert_allclose(got["logits"], want["logits"], atol=tolerance)
     assert got["indices"][0, 0] == DAISY
+    # close gives the network's memory back to the device, not only to torch's cache.
+    assert runner._session is not None
+    weights = sum(p.numel() * p.element_size() for p in runner._session.model.parameters())
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    await runner.close()
+    assert torch.cuda.memory_allocated() <= allocated - weights
+    assert torch.cuda.memory_reserved() < reserved
 
 
 @pytest.mark.slow

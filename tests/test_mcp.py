@@ -319,7 +319,8 @@ async def test_list_backends_shows_backend_state_but_no_keys_or_addresses(
             answers = json.dumps([backends, await ok(mcp, "swarm_status")])
     [llm_row] = backends["models"]
     assert llm_row["name"] == "llm" and llm_row["runner"] == "openai-compat"
-    assert llm_row["state"]["breaker"] == "closed" and llm_row["state"]["keys"]
+    endpoint = llm_row["state"]["endpoint"]
+    assert endpoint["breaker"] == "closed" and endpoint["keys"]
     assert "gone" in backends["failed"] and routed["meta"]["served_by"] == node.peer_id
     assert secret not in answers
     assert server.url not in answers

@@ -55,7 +55,7 @@ async def test_backend_state_shows_in_status_and_record_without_its_address(
             async with SwarmClient.connect(node.addrs[0]) as client:
                 record = await client.record()
             state = record.body["view"]["runners"]["llm"]
-            assert state["breaker"] == "closed" and state["model"] == "base-model"
+            assert state["endpoint"]["breaker"] == "closed" and state["model"] == "base-model"
             assert record.body["circuits"] == {"llm": "closed"}
             assert server.url not in repr(record.body)
 

@@ -236,7 +236,7 @@ async def test_a_consumer_may_leave_a_stream_early(llama_url: str) -> None:
             async for chunk in chunks:
                 assert chunk["text"]
                 break
-        assert runner.status()["in_flight"] == 0
+        assert runner.status()["endpoint"]["in_flight"] == 0
         out = await runner.infer({"prompt": FRANCE}, GREEDY)  # the one slot is free again
         assert "Paris" in str(out["text"])
     finally:

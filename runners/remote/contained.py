@@ -6,7 +6,9 @@ so it starts the container, waits for the server's health route, then loads
 the inner runner. If there is no engine, it says so once, at start-up, in the
 log and in ``swarm status`` ("no container engine (...): running in API
 mode"), and loads the inner runner against the configured URL, as in API mode.
-A container it started is stopped on ``close``.
+A container it started is stopped and removed on ``close``, and at once when
+the health wait or the inner runner's load fails or is cancelled: a runner
+that did not load leaves no container running.
 """
 
 from __future__ import annotations
@@ -24,34 +26,53 @@ log = logging.getLogger(__name__)
 
 
 class ContainedRunner(WrappedRunner):
+    """``inner`` in front of a server this runner starts in a container (see the module)."""
+
     def __init__(self, inner: Runner, config: ContainerConfig, engine: str = "docker") -> None:
         super().__init__(inner, {"container": config.kind})
         self.config = config
         self.engine = engine
         self.engine_status: EngineStatus | None = None
-        self._started = False
+        self._started = False  # a container of ours may be running: close stops it
+        self._load_lock = trio.Lock()
 
     async def load(self) -> None:
-        status = await trio.to_thread.run_sync(engine_ops.detect_engine, self.engine)
-        self.engine_status = status
-        if status.available:
-            argv = engine_ops.run_argv(self.config, self.engine)
-            log.info("%s: starting %s", self.info.name, engine_ops.describe_argv(argv))
-            await engine_ops.start(self.config, self.engine)
-            self._started = True
-            await engine_ops.wait_ready(self.config)
-        else:
-            log.warning("%s: %s", self.info.name, status.describe())
-        await self.inner.load()
+        """Start the container (where an engine runs), wait for it, load ``inner``.
+
+        Idempotent: a container already started is not started again. If any
+        step fails or is cancelled, the container started is stopped and
+        removed before the error leaves (``start`` itself leaves none behind).
+        """
+        async with self._load_lock:
+            if not self._started:
+                status = await trio.to_thread.run_sync(engine_ops.detect_engine, self.engine)
+                self.engine_status = status
+                if not status.available:
+                    log.warning("%s: %s", self.info.name, status.describe())
+                    await self.inner.load()
+                    return
+                argv = engine_ops.run_argv(self.config, self.engine)
+                log.info("%s: starting %s", self.info.name, engine_ops.describe_argv(argv))
+                await engine_ops.start(self.config, self.engine)
+                self._started = True
+            try:
+                await engine_ops.wait_ready(self.config, self.config.ready_timeout_s)
+                await self.inner.load()
+            except BaseException:
+                await self._stop()
+                raise
 
     async def close(self) -> None:
+        """Close ``inner``, then stop the container; both whatever the other does."""
         try:
             await self.inner.close()
         finally:
-            if self._started:
-                with trio.CancelScope(shield=True):
-                    await engine_ops.stop(self.config.name, self.engine)
-                self._started = False
+            await self._stop()
+
+    async def _stop(self) -> None:
+        if self._started:
+            self._started = False
+            await engine_ops.stop(self.config.name, self.engine)  # shielded, bounded
 
     def status(self) -> dict[str, Any] | None:
         inner = self.inner.status()

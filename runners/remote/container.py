@@ -16,11 +16,13 @@ forwards to the started server is the same as in API mode.
   engine, so the node can print "no container engine (docker info: ...):
   running in API mode" at start.
 - ``start``, ``stop`` and ``wait_ready`` run docker and poll the server's
-  health route with every wait bounded, on trio.
+  health route with every wait bounded, on trio. ``start`` leaves no
+  container behind when it fails; ``stop`` stops and removes, shielded.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -36,6 +38,7 @@ from protocols.errors import ConfigError
 
 from ..errors import ModelLoadError
 
+log = logging.getLogger(__name__)
 KINDS = ("ovms", "vllm")
 DEFAULT_IMAGES = {"ovms": "openvino/model_server:latest", "vllm": "vllm/vllm-openai:latest"}
 CONTAINER_PORT = {"ovms": 8000, "vllm": 8000}
@@ -65,6 +68,7 @@ class ContainerConfig:
     env_pass: tuple[str, ...] = ()  # names copied from docker's environment
     env_file: str | None = None
     extra_args: tuple[str, ...] = ()  # appended to the server's own arguments
+    ready_timeout_s: float = 300.0  # for the health route to answer 200 after start
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -81,6 +85,8 @@ class ContainerConfig:
             raise ConfigError("model_path: a host directory without ':'")
         if not re.fullmatch(r"all|[0-9]+(,[0-9]+)*", self.gpu_devices):
             raise ConfigError("gpu_devices: 'all' or device numbers such as '0,1'")
+        if not 0 < self.ready_timeout_s <= 86400:
+            raise ConfigError("ready_timeout_s: expected more than 0 and at most 86400")
         for key, _ in self.env:
             if not _ENV_NAME.fullmatch(key):
                 raise ConfigError(f"env: {key!r} is not a variable name")
@@ -109,7 +115,7 @@ class ContainerConfig:
     def from_table(cls, table: Table) -> ContainerConfig:
         """Fields: kind, name, model_name, host_port (required); image, model_path,
         bind_host, gpu, gpu_devices, env (a table of strings), env_pass, env_file,
-        extra_args. The caller calls ``table.done()``."""
+        extra_args, ready_timeout_s. The caller calls ``table.done()``."""
         env_table = table.table("env")
         env = (
             ()
@@ -131,6 +137,7 @@ class ContainerConfig:
                 env_pass=table.texts("env_pass", ()),
                 env_file=table.text("env_file", None),
                 extra_args=table.texts("extra_args", ()),
+                ready_timeout_s=table.number("ready_timeout_s", 300.0, low=0.001, high=86400),
             )
         except ConfigError as exc:
             if table.where in str(exc):  # a field error from Table: already says where
@@ -211,13 +218,29 @@ def detect_engine(
     return EngineStatus(True, f"{engine} {version}")
 
 
+def rm_argv(name: str, engine: str = "docker") -> list[str]:
+    return [engine, "rm", "--force", name]
+
+
 async def start(config: ContainerConfig, engine: str = "docker", timeout_s: float = 600) -> str:
-    """Run the container (pulling the image may take minutes); its id."""
-    with trio.move_on_after(timeout_s) as scope:
-        done = await trio.run_process(
-            run_argv(config, engine), capture_stdout=True, capture_stderr=True, check=False
-        )
+    """Run the container (pulling the image may take minutes); its id.
+
+    Either a container runs when this returns, or none of ours is left: a
+    ``docker run`` cut short (the timeout, or cancellation) may have created
+    the container already, so it is stopped and removed before the error
+    leaves. A ``docker run`` that fails on its own started nothing, and a
+    container already holding the name is not ours: nothing is removed then.
+    """
+    try:
+        with trio.move_on_after(timeout_s) as scope:
+            done = await trio.run_process(
+                run_argv(config, engine), capture_stdout=True, capture_stderr=True, check=False
+            )
+    except BaseException:
+        await stop(config.name, engine)
+        raise
     if scope.cancelled_caught:
+        await stop(config.name, engine)
         raise ModelLoadError(f"{config.name}: docker run took over {timeout_s:g} s")
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip()[:400]
@@ -226,11 +249,19 @@ async def start(config: ContainerConfig, engine: str = "docker", timeout_s: floa
 
 
 async def stop(name: str, engine: str = "docker", grace_s: int = 10) -> None:
-    """Stop (and so remove: it runs with --rm) the container; absent is fine."""
-    with trio.move_on_after(grace_s + 20):
-        await trio.run_process(
-            stop_argv(name, grace_s, engine), capture_stdout=True, capture_stderr=True, check=False
-        )
+    """Stop the container, then remove it; absent is fine. Shielded from cancellation
+    (it is what cleans up after one) and bounded.
+
+    ``--rm`` removes a container that ran once it stops, but not one that was
+    only created (a ``docker run`` cut short): ``rm --force`` takes that too.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(grace_s + 30):
+        for argv in (stop_argv(name, grace_s, engine), rm_argv(name, engine)):
+            try:
+                await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+            except OSError as exc:  # the engine itself is gone: nothing more to do here
+                log.warning("%s: %s: %s", name, describe_argv(argv), exc)
+                return
 
 
 async def wait_ready(

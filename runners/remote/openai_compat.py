@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import httpx
 import numpy as np
 
 from protocols import Param, Tensor, Value, bounded_json
@@ -171,15 +172,24 @@ class OpenAICompatConfig:
             raise ConfigError(f"{table.where}: {exc}") from None
 
 
-def build_runner(config: OpenAICompatConfig, **endpoint_options: Any) -> RemoteRunner:
-    """An unloaded runner for ``config``; ``endpoint_options`` go to ``Endpoint`` (tests)."""
+def build_runner(
+    config: OpenAICompatConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RemoteRunner[OpenAICompatConfig]:
+    """An unloaded runner for ``config``; ``transport`` and ``environ`` as for
+    ``RemoteRunner`` (tests)."""
+    runner: type[RemoteRunner[OpenAICompatConfig]]
     if config.api == "tei":
         from .tei import TEIEmbedRunner
 
-        return TEIEmbedRunner(config, **endpoint_options)
-    if config.task == "embeddings":
-        return OpenAIEmbedRunner(config, **endpoint_options)
-    return OpenAIGenerateRunner(config, **endpoint_options)
+        runner = TEIEmbedRunner
+    elif config.task == "embeddings":
+        runner = OpenAIEmbedRunner
+    else:
+        runner = OpenAIGenerateRunner
+    return runner(config, transport=transport, environ=environ)
 
 
 def context_length_of(entry: Mapping[str, Any] | None) -> int | None:
@@ -201,8 +211,19 @@ def context_length_of(entry: Mapping[str, Any] | None) -> int | None:
     return None
 
 
-class _OpenAIRunner(RemoteRunner):
+def openai_status(config: OpenAICompatConfig) -> dict[str, Any]:
+    """The family's part of ``status``: the model as the server names it, api and flavor."""
+    return {"model": config.model, "api": config.api, "flavor": config.flavor}
+
+
+class _OpenAIRunner(RemoteRunner[OpenAICompatConfig]):
     """What both OpenAI tasks share: the models list and the 404-means-no-model rule."""
+
+    def _status(self) -> dict[str, Any]:
+        return openai_status(self.config)
+
+    def _health_path(self) -> str:
+        return "/health" if self.config.flavor == "vllm" else "/v1/models"
 
     async def list_models(self) -> list[dict[str, Any]]:
         """The server's ``/v1/models`` entries (base models and, on vLLM, adapters)."""
@@ -254,6 +275,9 @@ class _Plan:
 class OpenAIGenerateRunner(_OpenAIRunner):
     """Text generation over ``/v1/completions`` and ``/v1/chat/completions`` (see module)."""
 
+    # LoRA adapters the server has, where the flavor tells (None: not known).
+    adapters: frozenset[str] | None = None
+
     def _describe(self) -> ModelInfo:
         c = self.config
         inputs = (
@@ -262,7 +286,13 @@ class OpenAIGenerateRunner(_OpenAIRunner):
         )
         extra = {"api": c.api, "flavor": c.flavor, "backend_model": c.model}
         return self._remote_info(
-            "text-generation", RUNNER, inputs, GENERATE_OUTPUTS, extra, streams=True
+            "text-generation",
+            RUNNER,
+            inputs,
+            GENERATE_OUTPUTS,
+            extra,
+            streams=True,
+            context_length=c.context_length,
         )
 
     async def _discover(self) -> None:
@@ -447,7 +477,9 @@ class OpenAIEmbedRunner(_OpenAIRunner):
         c = self.config
         inputs = (TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),)
         extra = {"api": c.api, "flavor": c.flavor, "backend_model": c.model}
-        return self._remote_info("embeddings", RUNNER, inputs, EMBED_OUTPUTS, extra)
+        return self._remote_info(
+            "embeddings", RUNNER, inputs, EMBED_OUTPUTS, extra, context_length=c.context_length
+        )
 
     async def _discover(self) -> None:
         entry = await self._find_model()

@@ -19,7 +19,11 @@ an unknown model or version (HTTP 404) -> ``BackendModelMissing`` (a
 ModelNotFound: MODEL_NOT_FOUND); inputs the server refuses -> ``BackendRejected``
 (a BadInput: BAD_REQUEST); an answer that does not check -> ``BackendGarbage``;
 a server that cannot be reached -> ``BackendUnreachable`` (NOT_EXECUTED).
-``load`` turns any other backend failure into ``ModelLoadError``.
+
+Its lifecycle and status are every remote runner's (``runner.RemoteRunner``):
+``load`` opens the endpoint and reads the model's status and metadata; a load
+that fails or is cancelled closes the endpoint again; an unknown model stays
+``BackendModelMissing``, any other backend failure becomes ``ModelLoadError``.
 """
 
 from __future__ import annotations
@@ -35,12 +39,12 @@ from protocols import Param, Tensor, Value
 from protocols.config import Table
 from protocols.errors import ConfigError
 
-from ..base import ModelInfo, Outputs, OutputSpec, Runner, check_inputs
+from ..base import InputSpec, ModelInfo, Outputs, OutputSpec, check_inputs
 from ..errors import BadInput, ModelLoadError
 from . import kserve_v2, tfserving
 from .config import EndpointConfig
-from .endpoint import Endpoint
-from .errors import BackendBusy, BackendError, BackendGarbage, BackendModelMissing, BackendRejected
+from .errors import BackendBusy, BackendGarbage, BackendModelMissing, BackendRejected
+from .runner import RemoteRunner
 
 APIS = ("kserve", "tfserving")
 FORMATS = ("columnar", "rows")
@@ -76,6 +80,11 @@ class OVMSConfig:
             raise ConfigError("version: expected a version number from 1, or 'latest'")
         if min(self.max_batch, self.text_max_items, self.text_max_chars) < 1:
             raise ConfigError("max_batch, text_max_items and text_max_chars must be at least 1")
+
+    @property
+    def name(self) -> str:
+        """The swarm's name for the model (``RemoteConfig``)."""
+        return self.served_name
 
     @property
     def version_text(self) -> str | None:
@@ -122,37 +131,33 @@ def build_ovms_runner(config: OVMSConfig) -> OVMSRunner:
     return OVMSRunner(config)
 
 
-class OVMSRunner(Runner):
+class OVMSRunner(RemoteRunner[OVMSConfig]):
     """Forwards inference to one OVMS model (see the module)."""
 
     def __init__(
-        self, config: OVMSConfig, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: OVMSConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.config = config
-        self.concurrency = config.endpoint.max_concurrency
-        self._transport = transport
-        self._endpoint: Endpoint | None = None
         self._outputs: dict[str, str] = {}  # name -> swarm dtype, or "text"
         self._model_status: dict[str, Any] = {}
-        self.info = self._info(())
+        super().__init__(config, transport=transport, environ=environ)
 
-    def _info(
+    def _describe(
         self,
-        inputs: tuple[Any, ...],
+        inputs: tuple[InputSpec, ...] = (),
         outputs: tuple[OutputSpec, ...] = (),
-        **extra: str | int | float | bool,
+        **extra: str,
     ) -> ModelInfo:
         c = self.config
-        return ModelInfo(
-            name=c.served_name,
-            task=c.task,
-            runner="ovms",
-            device="remote",
-            precision="unknown",
-            max_batch=c.max_batch,
-            inputs=inputs,
-            outputs=outputs,
-            extra={
+        return self._remote_info(
+            c.task,
+            "ovms",
+            inputs,
+            outputs,
+            {
                 "backend": c.endpoint.name,
                 "api": c.api,
                 "server_model": c.model,
@@ -161,31 +166,26 @@ class OVMSRunner(Runner):
             },
         )
 
-    @property
-    def endpoint(self) -> Endpoint:
-        if self._endpoint is None:
-            raise ModelLoadError(f"{self.config.served_name}: not loaded")
-        return self._endpoint
+    def _status(self) -> dict[str, Any]:
+        """The model as last seen: its version statuses, readiness."""
+        c = self.config
+        return {
+            "model": c.model,
+            "api": c.api,
+            "version": c.version_text or "latest",
+            "model_status": dict(self._model_status),
+        }
 
-    # -- lifecycle ----------------------------------------------------------------
+    def _health_path(self) -> str:
+        return kserve_v2.SERVER_READY  # OVMS serves it whichever API a model is used by
 
-    async def load(self) -> None:
-        if self._endpoint is None:
-            self._endpoint = Endpoint(self.config.endpoint, transport=self._transport)
-        try:
-            if self.config.api == "kserve":
-                await self._load_kserve()
-            else:
-                await self._load_tfserving()
-        except BackendModelMissing:
-            raise
-        except BackendError as exc:
-            raise ModelLoadError(f"{self.config.served_name}: {exc}") from exc
+    # -- discovery (the shared ``load`` runs it) ------------------------------------
 
-    async def close(self) -> None:
-        if self._endpoint is not None:
-            await self._endpoint.aclose()
-            self._endpoint = None
+    async def _discover(self) -> None:
+        if self.config.api == "kserve":
+            await self._load_kserve()
+        else:
+            await self._load_tfserving()
 
     async def _load_kserve(self) -> None:
         c = self.config
@@ -199,7 +199,7 @@ class OVMSRunner(Runner):
         specs = kserve_v2.input_specs(meta, max_items=c.text_max_items, max_chars=c.text_max_chars)
         self._model_status = {"ready": True, "versions": list(meta.versions)}
         outputs = kserve_v2.output_specs(meta)
-        self.info = self._info(specs, outputs, platform=meta.platform or "unknown")
+        self.info = self._describe(specs, outputs, platform=meta.platform or "unknown")
 
     async def _load_tfserving(self) -> None:
         c = self.config
@@ -215,7 +215,7 @@ class OVMSRunner(Runner):
         )
         self._outputs = {name: kind for name, (kind, _) in sig.outputs.items()}
         specs = tfserving.input_specs(sig, max_items=c.text_max_items, max_chars=c.text_max_chars)
-        self.info = self._info(specs, tfserving.output_specs(sig))
+        self.info = self._describe(specs, tfserving.output_specs(sig))
 
     # -- inference ----------------------------------------------------------------
 
@@ -315,17 +315,6 @@ class OVMSRunner(Runner):
         """OVMS ``GET /v1/config``: every served model's version statuses."""
         body = await self.endpoint.call_json("GET", tfserving.CONFIG_STATUS, idempotent=True)
         return tfserving.parse_config_status(body, f"{self.config.endpoint.name}: config")
-
-    def status(self) -> dict[str, Any]:
-        """Plain data for ``swarm status``: the model as last seen, and the endpoint's state."""
-        c = self.config
-        return {
-            "model": c.model,
-            "api": c.api,
-            "version": c.version_text or "latest",
-            "model_status": dict(self._model_status),
-            "endpoint": self._endpoint.status() if self._endpoint is not None else None,
-        }
 
     async def _call(
         self, method: str, path: str, body: Any, headers: Mapping[str, str] | None = None

@@ -26,22 +26,30 @@ from protocols import Param, Tensor, Value
 from ..base import ModelInfo, Outputs, OutputSpec, TextSpec, check_inputs
 from ..errors import BadInput, ModelNotFound
 from .errors import BackendGarbage
+from .openai_compat import OpenAICompatConfig, openai_status
 from .openai_protocol import check_matrix
 from .runner import RemoteRunner
 
 PARAMS = ("normalize", "truncate")
 
 
-class TEIEmbedRunner(RemoteRunner):
+class TEIEmbedRunner(RemoteRunner[OpenAICompatConfig]):
     """A TEI server's embedding model (see the module)."""
 
     def _describe(self) -> ModelInfo:
         c = self.config
         inputs = (TextSpec("text", max_items=c.max_batch, max_chars=c.max_chars),)
         outputs = (OutputSpec("embedding", "float32", (None, None)),)  # dim: once asked
+        extra = {"api": c.api, "backend_model": c.model}
         return self._remote_info(
-            "embeddings", "tei", inputs, outputs, {"api": c.api, "backend_model": c.model}
+            "embeddings", "tei", inputs, outputs, extra, context_length=c.context_length
         )
+
+    def _status(self) -> dict[str, Any]:
+        return openai_status(self.config)
+
+    def _health_path(self) -> str:
+        return "/health"
 
     async def _discover(self) -> None:
         name = self.config.name

@@ -88,12 +88,15 @@ def engine_pairs(data_dir: Path) -> list[tuple[str, Callable[[], Runner], Callab
     from runners.openvino_embed import OpenVINOEmbedRunner
     from runners.ov_classify import OVClassifyRunner
     from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner
+    from runners.torch_device import TorchPlacement
 
     return [
         (
             "efficientnet-lite0",
             lambda: OVClassifyRunner(data_dir),
-            lambda: TorchClassifyRunner(data_dir, TorchClassifyConfig(device="cpu")),
+            lambda: TorchClassifyRunner(
+                data_dir, TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
+            ),
         ),
         ("all-minilm-l6-v2", lambda: OpenVINOEmbedRunner(data_dir), TorchMiniLM),
     ]
