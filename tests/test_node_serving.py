@@ -20,6 +20,7 @@ from support import eventually
 from bootstrap.addrs import peer_info
 from node.client import SwarmClient, new_request_id
 from node.daemon import Node
+from node.jobs.outbound import Caller
 from node.net.framed import FramedStream
 from node.net.host import running_host
 from protocols import (
@@ -301,3 +302,35 @@ async def test_an_unexpected_failure_tells_the_peer_nothing_of_our_internals(
         with trio.fail_after(10), pytest.raises(RemoteError) as again:
             await client.infer("bug", {"text": "y"}, request_id="second")
         assert again.value.code is ErrorCode.INTERNAL and "second" in again.value.message
+
+
+async def test_streams_over_the_idle_cap_are_dropped_in_the_callers_task(
+    node_factory: NodeFactory,
+) -> None:
+    """A stream the pool has no room for is reset before the call returns, by the
+    caller, never by a background task that outlives it."""
+
+    class Spawned(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            self.names.append(task.name)
+
+    async with node_factory(models=("fake:echo",)) as node:
+        peer = peer_info(node.addrs[0]).peer_id
+        async with running_host(None, ()) as host:
+            await host.connect(peer_info(node.addrs[0]))
+            caller = Caller(host, max_idle=1)
+            spawned = Spawned()
+            trio.lowlevel.add_instrument(spawned)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for k in range(6):
+                        request = Request(f"r{k}", "echo", {"text": f"t{k}"})
+                        nursery.start_soon(caller.call, peer, request)
+            finally:
+                trio.lowlevel.remove_instrument(spawned)
+                await caller.close()
+    assert sum(name.endswith("Caller.call") for name in spawned.names) == 6  # it saw them
+    assert not [name for name in spawned.names if "reset" in name], spawned.names

@@ -89,7 +89,8 @@ class Caller:
             raise
         finally:
             if clean and reuse and not stream.closed:
-                self._give_back(key, stream)
+                if not self._give_back(key, stream):
+                    await stream.reset()  # over the idle cap: dropped at once, in this task
             else:
                 await stream.close()
 
@@ -103,14 +104,13 @@ class Caller:
         pool = self._idle.get(key)
         return pool.pop() if pool else None
 
-    def _give_back(self, key: str, stream: FramedStream) -> None:
+    def _give_back(self, key: str, stream: FramedStream) -> bool:
+        """Pool ``stream`` for the next call to ``key``; False when the pool is full."""
         pool = self._idle.setdefault(key, [])
-        if len(pool) < self._max_idle:
-            pool.append(stream)
-        else:
-            stream.closed = True
-            # Over the idle cap: close it without holding up the caller.
-            trio.lowlevel.spawn_system_task(stream.reset)
+        if len(pool) >= self._max_idle:
+            return False
+        pool.append(stream)
+        return True
 
     async def _open(self, peer_id: Any) -> FramedStream:
         # Two tries: a stream opened on a connection that libp2p is just closing (two
