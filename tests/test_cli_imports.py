@@ -65,7 +65,7 @@ def test_a_usage_error_imports_nothing_heavy_either() -> None:
 
 def test_the_help_names_the_defaults_of_the_modules_that_own_them() -> None:
     """node.defaults copies the router's strategies so the parser need not import it."""
-    assert STRATEGIES == tuple(str(s) for s in Strategy)
+    assert tuple(str(s) for s in Strategy) == STRATEGIES
     done, _ = imported("daemon", "--help")
     assert "{least-loaded,round-robin,best-performance,local-first}" in done.stdout
     assert "/ip4/0.0.0.0/tcp/7420" in done.stdout and "127.0.0.1:8470" in done.stdout

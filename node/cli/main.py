@@ -4,7 +4,10 @@ Flags are parsed once (``parser``) into typed configs; nothing below reads argv
 or env. Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
 
 A command imports what it uses when it runs, not before: ``swarm --help``
-costs argparse and two modules of constants.
+costs argparse, and ``swarm submit`` to this machine's daemon, through its
+local socket (``local_client``), costs trio and the wire, never libp2p. Only a
+command that goes through libp2p (``--peer``, or a daemon without a socket)
+imports it.
 """
 
 from __future__ import annotations
@@ -126,14 +129,25 @@ async def _daemon(args: argparse.Namespace) -> int:
 
 
 async def _with_client(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]]) -> T:
-    """``use`` a client of the node the command asks: ``--peer``, else the daemon of
-    ``--data-dir``.
+    """``use`` a client of the node the command asks: ``--peer`` over libp2p; else the
+    daemon of ``--data-dir``, on its local socket when it answers, else over libp2p.
 
     Raises ConfigError when there is no daemon to ask.
     """
     if args.peer:
         return await _over_libp2p(args, str(args.peer), use)
     state = _daemon_state(args)
+    if state.get("socket"):
+        from node.errors import PeerUnavailable
+
+        from .local_client import LocalClient
+
+        path = Path(state["socket"])
+        async with LocalClient.connect(path, peer_id=str(state.get("peer_id"))) as client:
+            try:
+                return await use(client)
+            except PeerUnavailable as exc:  # nothing was sent: libp2p is safe to try
+                log.info("the daemon's socket does not answer (%s); trying libp2p", exc)
     return await _over_libp2p(args, str(state["addrs"][0]), use)
 
 
