@@ -300,7 +300,7 @@ async def _submit(args: argparse.Namespace) -> int:
         return 1
     from dataclasses import replace
 
-    from .render import result_json, result_text
+    from .results import result_json, result_text  # not .render: no rich for a result
 
     result = replace(result, meta={**result.meta, "took_ms": round(1000 * took_s, 3)})
     print(result_json(result) if args.json else result_text(result), flush=True)
