@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import NodeFactory
+from support import eventually
 
 from node.cli.local_client import LocalClient
 from node.client import SwarmClient
@@ -149,6 +150,21 @@ async def test_errors_come_typed_as_on_the_wire(node_factory: NodeFactory) -> No
             await client.infer("echo", {"text": "x"}, params={"fail": "BAD_REQUEST"})
         assert raised.value.code == ErrorCode.BAD_REQUEST
         assert (await client.infer("echo", {"text": "x"})).meta["served_by"] == node.peer_id
+
+
+async def test_deadline_and_cancel_reach_the_daemon(node_factory: NodeFactory) -> None:
+    async with (
+        node_factory(models=("fake:slow:3000",)) as node,
+        LocalClient.connect(socket_of(node)) as client,
+    ):
+        with pytest.raises(RemoteError) as raised:
+            await client.infer("slow", {"text": "x"}, deadline_s=0.2)
+        assert raised.value.code == ErrorCode.DEADLINE_EXCEEDED
+        began = trio.current_time()
+        with trio.move_on_after(0.3):  # the caller gives up: a Cancel goes to the daemon
+            await client.infer("slow", {"text": "x"})
+        await eventually(lambda: node.services.service.in_flight == 0, timeout_s=2)
+        assert trio.current_time() - began < 2.5  # stopped, not run out (3 s)
 
 
 # --- who may connect -----------------------------------------------------------------------

@@ -178,6 +178,7 @@ class LocalSocket:
         self._hello_timeout_s = hello_timeout_s
         self.connections = 0  # accepted so far
         self.refused_users = 0  # connections from another user
+        self._warned_uids: set[int] = set()  # each logged once (a bounded few)
 
     async def run(self, *, task_status: TaskStatus[Path | None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; the socket file is removed on the way out.
@@ -276,7 +277,9 @@ class LocalSocket:
         uid = _peer_uid(stream.socket)
         if uid not in (os.geteuid(), 0):
             self.refused_users += 1
-            log.warning("local socket: refused a connection from uid %d", uid)
+            if uid not in self._warned_uids and len(self._warned_uids) < MAX_CONNECTIONS:
+                self._warned_uids.add(uid)
+                log.warning("local socket: refused uid %d (only this user and root)", uid)
             await _refuse(stream, ErrorCode.UNAUTHORIZED, "this daemon serves its own user only")
             return
         buffered = bytearray()
