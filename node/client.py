@@ -11,7 +11,6 @@ sent as tensors.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,25 +22,14 @@ from libp2p import generate_new_ed25519_identity
 from bootstrap.addrs import peer_info
 from capabilities.signing import VerifiedRecord
 from node.errors import PeerUnavailable
+from node.jobs.call import DEADLINE_GRACE_S, client_request
+from node.jobs.call import new_request_id as new_request_id
 from node.jobs.outbound import Caller, OnChunk
 from node.membership.caps import RecordSigner, exchange_records
 from node.net.host import running_host
-from protocols import (
-    DEFAULT_LIMITS,
-    Limits,
-    Param,
-    Priority,
-    Request,
-    Result,
-    Tensor,
-    Value,
-)
+from protocols import DEFAULT_LIMITS, Limits, Param, Priority, Result, Value
 
 CONNECT_TIMEOUT_S = 10.0
-
-
-def new_request_id() -> str:
-    return secrets.token_hex(8)
 
 
 class SwarmClient:
@@ -105,30 +93,26 @@ class SwarmClient:
         served it and after how many attempts. Raises RemoteError (with its ``code`` and
         ``retry``) when the node answers with an error.
         """
-        request = Request(
-            id=request_id or new_request_id(),
-            model=model,
-            inputs={k: _as_value(v) for k, v in inputs.items()},
-            params=dict(params or {}),
+        request = client_request(
+            model,
+            inputs,
+            params=params,
             priority=priority,
-            deadline_ms=None if deadline_s is None else max(1, int(deadline_s * 1000)),
+            deadline_s=deadline_s,
             stream=on_chunk is not None,
+            request_id=request_id,
             strategy=strategy,
         )
         if deadline_s is None:
             return await self._caller.call(self.peer, request, on_chunk)
         # Stop waiting a little after the node's own deadline, so its typed error wins.
-        with trio.fail_after(deadline_s + 1.0):
+        with trio.fail_after(deadline_s + DEADLINE_GRACE_S):
             return await self._caller.call(self.peer, request, on_chunk)
 
     async def record(self) -> VerifiedRecord:
         """The node's verified record: hardware, models, and its view of the swarm."""
         hello = RecordSigner(self._key_pair, dict).heartbeat(0, {}, client=True)
         return (await exchange_records(self._host, self.peer, hello)).record
-
-
-def _as_value(value: Value | np.ndarray[Any, Any]) -> Value:
-    return Tensor.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def submit(address: str, model: str, inputs: Mapping[str, Any], **options: Any) -> Result:

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.data_dir import DEFAULT_DATA_DIR
+from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before node.defaults
 from node.gateway.config import GatewayConfig
 from node.jobs.router import RouterConfig
 from node.membership.config import MembershipConfig
 from protocols import DEFAULT_LIMITS, Limits
 from protocols.errors import ConfigError
 from runners.catalog import DEFAULT_MODEL, ModelSpec
-
-DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7420"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Start: identity from the data dir, the model registry loaded (the default model
 is converted once and cached), hardware probed off the trio thread, host
 listening, then ``_wire`` builds every service into one frozen ``Services``
-record, and discovery and the gateway start. Stop (``Node.stop``, wired to
+record, and discovery, the gateway and the local socket (``node.net.local``, for
+the CLI of this machine) start. Stop (``Node.stop``, wired to
 SIGINT/SIGTERM by the CLI): new work is refused, work in flight gets the grace
 period, what is left is cut off with a typed error, then the host is closed with
 its listener and every runner built is closed. Every task lives in this nursery
@@ -35,7 +36,7 @@ from bootstrap.table import live_peers
 from capabilities.hardware import Hardware, probe
 from node import status
 from node.config import NodeConfig
-from node.data_dir import remove_state, write_state
+from node.data_dir import CLIENT_KEY, IDENTITY_KEY, SOCKET_FILE, remove_state, write_state
 from node.errors import NodeError, sole_error
 from node.gateway.app import Backend, swarm_models
 from node.gateway.config import GatewayConfig
@@ -45,11 +46,13 @@ from node.jobs.inbound import InferHandler
 from node.jobs.outbound import Caller
 from node.jobs.router import Router
 from node.jobs.service import InferenceService
-from node.membership.caps import CapsHandler, Received, RecordSigner
+from node.membership.caps import CapsHandler, Received, RecordSigner, answer_client
 from node.membership.peers import Membership
 from node.models import ModelRegistry
+from node.net import local
 from node.net.access import AccessPolicy
-from node.net.host import load_or_create_identity, running_host
+from node.net.frames import SocketFramed
+from node.net.host import load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
 from node.services import Services
@@ -116,7 +119,7 @@ class Node:
     async def run(self, *, task_status: TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key_pair = load_or_create_identity(cfg.data_dir / "identity.key")
+        key_pair = load_or_create_identity(cfg.data_dir / IDENTITY_KEY)
         try:
             await self.models.load_all()
             hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
@@ -267,6 +270,8 @@ class Node:
                 if cfg.http is not None:
                     gateway = await self._start_gateway(nursery, cfg.http)
                     self._services = s = dataclasses.replace(s, gateway=gateway)
+                if (listening := await self._start_local_socket(nursery, s)) is not None:
+                    self._services = s = dataclasses.replace(s, local=listening)
                 write_state(cfg.data_dir, status.daemon_state(s, os.getpid()))
                 log.info("node %s ready on %s", s.peer_id, ", ".join(s.addrs))
                 task_status.started(self)
@@ -324,6 +329,26 @@ class Node:
             # An inbound record can land while the nursery closes; then it is not saved.
             with contextlib.suppress(RuntimeError):
                 self._nursery.start_soon(store.remember, peer_id, addrs)
+
+    # -- local socket -------------------------------------------------------------------
+
+    async def _start_local_socket(
+        self, nursery: trio.Nursery, s: Services
+    ) -> local.LocalSocket | None:
+        """The data dir's socket for this machine's CLI (node.net.local): jobs and the
+        client view, each connection taken for the data dir's client identity."""
+        client_id = peer_id_of(load_or_create_identity(self.config.data_dir / CLIENT_KEY))
+
+        async def infer(stream: SocketFramed, peer_id: str) -> None:
+            await s.inbound.serve(stream, peer_id, idle_timeout_s=local.IDLE_TIMEOUT_S)
+
+        async def view(stream: SocketFramed, peer_id: str) -> None:
+            client_view = lambda: s.signer.view(status.client_view(self.services))  # noqa: E731
+            await answer_client(stream, peer_id, self.access, client_view)
+
+        path, handlers = self.config.data_dir / SOCKET_FILE, {"infer": infer, "view": view}
+        served = local.LocalSocket(path, handlers, peer_id=client_id, limits=self.config.limits)
+        return served if await nursery.start(served.run) is not None else None
 
     # -- gateway ------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 ``~/.swarm/`` (or ``--data-dir``): ``identity.key`` (the node's), ``client.key``
 (the CLI's), ``config.toml``, ``peerstore.sqlite``, ``models/`` and, while a
-daemon runs, ``daemon.json``: its pid, peer id, addresses and gateway URL.
+daemon runs, ``daemon.json`` (its pid, peer id, addresses, gateway URL and local
+socket) and ``daemon.sock``, the socket the CLI of this machine reaches it on.
 Nothing here imports the rest of the node, so the CLI reads it cheaply.
 """
 
@@ -15,6 +16,10 @@ from typing import Any
 
 DEFAULT_DATA_DIR = Path("~/.swarm").expanduser()
 STATE_FILE = "daemon.json"
+CONFIG_FILE = "config.toml"  # read when present, or named by --config
+IDENTITY_KEY = "identity.key"  # the node's libp2p identity
+CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
+SOCKET_FILE = "daemon.sock"  # the running daemon's local socket (node.net.local)
 
 
 def write_state(data_dir: Path, state: dict[str, Any]) -> None:
@@ -30,8 +35,9 @@ def remove_state(data_dir: Path) -> None:
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:
-    """The running daemon's pid, peer id, addresses and gateway URL (``http``, None
-    when off), if one is running there."""
+    """The running daemon's pid, peer id, addresses, gateway URL (``http``, None
+    when off) and local socket (``socket``, None when it has none), if one is
+    running there."""
     path = data_dir / STATE_FILE
     try:
         state: dict[str, Any] = json.loads(path.read_text())

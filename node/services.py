@@ -1,7 +1,7 @@
 """The running node as one frozen record: every service the wiring built.
 
 ``node.daemon`` builds it once the host listens (and again, replaced, when the
-gateway is up); status views (``node.status``) are pure functions of it, so
+gateway and the local socket are up); status views (``node.status``) are pure functions of it, so
 nothing reads a half-built node: there is no attribute that is None until
 serving and no assert that says so.
 """
@@ -25,6 +25,7 @@ from node.membership.caps import CapsHandler, RecordSigner
 from node.membership.peers import Membership
 from node.models import ModelRegistry
 from node.net.access import AccessPolicy
+from node.net.local import LocalSocket
 from node.observe.feed import Feed
 from node.observe.metrics import NodeMetrics
 
@@ -52,3 +53,4 @@ class Services:
     store: PeerStore
     dht: ModelDHT | None  # None with --no-dht
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
+    local: LocalSocket | None = None  # set once the local socket listens; None without one

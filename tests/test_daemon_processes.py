@@ -49,6 +49,7 @@ READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 CLI_TIMEOUT_S = 30.0
 STATE_FILE = "daemon.json"
+SOCKET_FILE = "daemon.sock"
 READY = re.compile(r"swarm node (\S+) ready")
 LISTENING = re.compile(r"  listening on (\S+)")
 TCP_PORT = re.compile(r"/tcp/(\d+)/")
@@ -199,7 +200,7 @@ class Daemon:
         self.proc.send_signal(signum)
 
     def wait_stopped_cleanly(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Exit code 0 in time, its port closed, its daemon.json gone."""
+        """Exit code 0 in time, its port closed, its daemon.json and socket gone."""
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -209,6 +210,7 @@ class Daemon:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
         assert not (self.data_dir / STATE_FILE).exists()
+        assert not (self.data_dir / SOCKET_FILE).exists()
 
     def kill(self) -> None:
         """Kill its process group if it still runs; reap it. Safe to call twice."""

@@ -34,7 +34,7 @@ NODE_ORDER: list[set[str]] = [
     {"node.models"},
     {"node.jobs", "node.membership"},
     {"node.observe", "node.net"},
-    {"node.errors", "node.json_values", "node.data_dir"},
+    {"node.errors", "node.json_values", "node.data_dir", "node.defaults"},
 ]
 PURE_FORBIDDEN = ("trio", "libp2p", "anyio", "httpx")
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from node.config import DEFAULT_LISTEN, NodeConfig
+from node.config import NodeConfig
+from node.data_dir import CONFIG_FILE as CONFIG_FILE  # re-exported: their home was here
+from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
+from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.membership.config import MembershipConfig
@@ -34,8 +37,6 @@ from runners.catalog import (
 
 T = TypeVar("T")
 
-CONFIG_FILE = "config.toml"  # in the data dir: read when present, or named by --config
-DEFAULT_HTTP = "127.0.0.1:8470"  # the gateway's port when none is given; busy: a free one
 HTTP_OFF = "off"
 TABLES = frozenset({"node", "http", "models", "backends", "router"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -1,7 +1,13 @@
 """The ``swarm`` command: daemon, submit, status.
 
-Flags are parsed once here into typed configs; nothing below reads argv or env.
-Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
+Flags are parsed once (``parser``) into typed configs; nothing below reads argv
+or env. Exit codes: 0 done, 1 the request failed (typed error printed), 2 bad usage.
+
+A command imports what it uses when it runs, not before: ``swarm --help``
+costs argparse, and ``swarm submit`` to this machine's daemon, through its
+local socket (``local_client``), costs trio and the wire, never libp2p. Only a
+command that goes through libp2p (``--peer``, or a daemon without a socket)
+imports it.
 """
 
 from __future__ import annotations
@@ -14,60 +20,54 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
-from importlib import resources
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-import trio
-from rich.console import Console, RenderableType
+from node.data_dir import CLIENT_KEY, CONFIG_FILE, IDENTITY_KEY, read_state
 
-from node.client import SwarmClient
-from node.config import DEFAULT_LISTEN, NodeConfig
-from node.daemon import Node
-from node.data_dir import DEFAULT_DATA_DIR, read_state
-from node.errors import sole_error
-from node.jobs.router import Strategy
-from node.json_values import jsonable
-from node.net.access import key_fingerprint, load_swarm_key, new_swarm_key_text
-from node.net.host import build_host, load_or_create_identity
-from node.observe import logs
-from protocols import Chunk, Priority, RemoteError, SwarmError, Value
-from protocols.errors import ConfigError
+from . import parser
 
-from . import config_file
-from .render import (
-    model_rows,
-    models_table,
-    peers_table,
-    plain_console,
-    result_json,
-    result_text,
-    status_table,
-    to_text,
-)
+if TYPE_CHECKING:
+    import numpy as np
+    from rich.console import RenderableType
+
+    from node.client import SwarmClient
+    from protocols import Chunk, Result, Value
+
+    from .local_client import Client, Record
 
 log = logging.getLogger("swarm")
 T = TypeVar("T")
-CLIENT_KEY = "client.key"  # the identity swarm submit/status/peers use
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    from node.errors import sole_error
+    from node.observe import logs
+    from protocols import SwarmError
+    from protocols.errors import ConfigError
+
     try:
-        if args.func is _daemon:
+        if args.command == "daemon":
+            from node import daemon  # noqa: F401  (libp2p first: logs.configure must follow it)
+
+            from . import config_file
+
             # The daemon's config file may set the log level and format: read it first.
             args.node_config, level, log_format = config_file.node_config(args)
         else:
             level, log_format = args.log_level or "WARNING", args.log_format or "text"
+        args.logs = (level, log_format)
         logs.configure(level, json_lines=log_format == "json")
+        func = COMMANDS[args.command]
         # Commands that touch no network (keygen, id) are plain functions.
-        run = trio.run if inspect.iscoroutinefunction(args.func) else (lambda f, a: f(a))
-        code: int = run(args.func, args)
+        if inspect.iscoroutinefunction(func):
+            import trio
+
+            code: int = trio.run(func, args)
+        else:
+            code = func(args)
     except BaseException as raised:
         exc = sole_error(raised)  # a nursery wraps the error that ends it in a group
         if isinstance(exc, KeyboardInterrupt):
@@ -83,235 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="swarm", description="Peer-to-peer inference node.")
-    p.add_argument(
-        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for daemon, else WARNING)"
-    )
-    p.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        help="text lines (the default), or one JSON object per line (with request_id) for "
-        "log collectors",
-    )
-    sub = p.add_subparsers(required=True, metavar="COMMAND")
-
-    d = sub.add_parser(
-        "daemon",
-        help="run a node",
-        description=(
-            f"Run a node. Every flag can be set in DATA_DIR/{config_file.CONFIG_FILE} "
-            "('swarm init' writes one listing them all); a flag given here wins, and the "
-            "repeatable ones add to the file's lists."
-        ),
-    )
-    _data_dir(d)
-    d.add_argument(
-        "--listen",
-        action="append",
-        metavar="MULTIADDR",
-        help=f"address to listen on (repeatable; replaces the file's; default {DEFAULT_LISTEN})",
-    )
-    d.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="a peer to dial and forward to (repeatable)",
-    )
-    d.add_argument(
-        "--model",
-        action="append",
-        metavar="SPEC",
-        help=(
-            "a model to serve (repeatable): all-minilm-l6-v2 (the default), efficientnet-lite0, "
-            "fake:NAME[:LATENCY_MS], or KIND:key=value,... (see README: Models)"
-        ),
-    )
-    d.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help=(
-            f"[node], [http], [[models]], [backends.NAME] and [router] tables "
-            f"(default DATA_DIR/{config_file.CONFIG_FILE} if present)"
-        ),
-    )
-    d.add_argument(
-        "--no-models", action="store_true", default=None, help="serve nothing; only forward"
-    )
-    d.add_argument(
-        "--strategy",
-        choices=[str(x) for x in Strategy],
-        help="how this node picks where a job runs, unless the job says (default least-loaded)",
-    )
-    d.add_argument(
-        "--max-queue", type=int, metavar="N", help="waiting requests per model (default 64)"
-    )
-    d.add_argument(
-        "--grace",
-        type=float,
-        metavar="SECONDS",
-        help="seconds to finish work at shutdown (default 10)",
-    )
-    d.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="join the swarm through this peer; also a DHT seed (repeatable)",
-    )
-    d.add_argument(
-        "--mdns",
-        action=argparse.BooleanOptionalAction,
-        help="look for peers on the LAN (default on)",
-    )
-    d.add_argument(
-        "--dht", action=argparse.BooleanOptionalAction, help="run the Kademlia DHT (default on)"
-    )
-    d.add_argument(
-        "--heartbeat",
-        type=float,
-        metavar="SECONDS",
-        help="how often linked peers prove they are alive (default 5)",
-    )
-    d.add_argument(
-        "--dead-after",
-        type=float,
-        metavar="SECONDS",
-        help="drop a peer silent for this long (default 15)",
-    )
-    d.add_argument(
-        "--cuda-probe",
-        action=argparse.BooleanOptionalAction,
-        help="import torch at start to find CUDA devices (default on)",
-    )
-    d.add_argument(
-        "--allow",
-        action="append",
-        default=[],
-        metavar="PEER_ID",
-        help="only these peers may use this node (repeatable)",
-    )
-    d.add_argument(
-        "--allow-file",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="FILE",
-        help="allowed peer ids, one per line (repeatable)",
-    )
-    d.add_argument(
-        "--http",
-        metavar="HOST:PORT|off",
-        help=(
-            "serve the OpenAI-compatible and KServe v2 HTTP gateway here (default "
-            f"{config_file.DEFAULT_HTTP}, or a free port on 127.0.0.1 when that one is "
-            "busy; off: none)"
-        ),
-    )
-    d.add_argument(
-        "--http-token-env",
-        metavar="VAR",
-        help="the environment variable holding the gateway's bearer token",
-    )
-    d.add_argument(
-        "--http-insecure",
-        action="store_true",
-        default=None,
-        help="allow the gateway beyond loopback without a token",
-    )
-    d.set_defaults(func=_daemon)
-
-    s = sub.add_parser("submit", help="submit a job and print its result")
-    _data_dir(s)
-    s.add_argument(
-        "--peer",
-        metavar="MULTIADDR",
-        help="the node to submit to (default: the daemon running in --data-dir)",
-    )
-    s.add_argument("model", metavar="MODEL")
-    s.add_argument("texts", nargs="*", metavar="INPUT", help="input text(s), sent as 'text'")
-    s.add_argument(
-        "--tensor",
-        action="append",
-        default=[],
-        metavar="NAME=FILE.npy",
-        help="a tensor input from a .npy file (repeatable)",
-    )
-    s.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a model parameter; VALUE is parsed as JSON when it can be",
-    )
-    s.add_argument(
-        "--input-name",
-        default="text",
-        metavar="NAME",
-        help="the input the INPUT texts go to (default text; prompt for text generation)",
-    )
-    s.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
-    s.add_argument(
-        "--strategy",
-        choices=[str(x) for x in Strategy],
-        help="how the node picks the peer that runs it (default: the node's)",
-    )
-    s.add_argument("--deadline", type=float, metavar="SECONDS", help="give up after this long")
-    s.add_argument("--stream", action="store_true", help="print chunks as they arrive")
-    _json_flag(s)
-    s.set_defaults(func=_submit)
-
-    k = sub.add_parser("keygen", help="write a new swarm key for a private swarm")
-    k.add_argument("path", type=Path, metavar="FILE", help="where to write it (e.g. swarm.key)")
-    _json_flag(k)
-    k.set_defaults(func=_keygen)
-
-    i = sub.add_parser("id", help="print this data dir's node and client peer ids")
-    _data_dir(i)
-    _json_flag(i)
-    i.set_defaults(func=_id)
-
-    st = sub.add_parser("status", help="show a node's hardware, models and load")
-    _data_dir(st)
-    st.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
-    _json_flag(st)
-    st.set_defaults(func=_status)
-
-    mo = sub.add_parser("models", help="list the models a node and its peers serve")
-    _data_dir(mo)
-    mo.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
-    _json_flag(mo)
-    mo.set_defaults(func=_models_cmd)
-
-    ini = sub.add_parser("init", help="write a commented config.toml into the data dir")
-    _data_dir(ini)
-    ini.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
-    _json_flag(ini)
-    ini.set_defaults(func=_init)
-
-    pe = sub.add_parser("peers", help="list the peers a node knows")
-    _data_dir(pe)
-    pe.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
-    pe.add_argument("--model", metavar="NAME", help="only peers that serve this model")
-    _json_flag(pe)
-    pe.set_defaults(func=_peers)
-
-    mc = sub.add_parser("mcp", help="serve the node's MCP tools on stdin/stdout")
-    mc.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="the daemon's")
-    mc.add_argument("--url", help="the daemon's HTTP gateway (default: from its daemon.json)")
-    mc.add_argument("--http-token-env", metavar="VAR", help="the gateway's bearer token")
-    mc.set_defaults(func=_mcp)
-    return p
-
-
-def _json_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout, for scripts")
+    return parser.build()
 
 
 async def _mcp(args: argparse.Namespace) -> int:
     """MCP on stdio, forwarding to the running daemon's /mcp (see node/mcp/bridge.py)."""
     from node.mcp import bridge  # the MCP SDK takes ~0.4 s to import: only this command pays
+    from protocols.errors import ConfigError
 
     token = os.environ.get(args.http_token_env) if args.http_token_env else None
     if args.http_token_env and not token:
@@ -320,22 +98,12 @@ async def _mcp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--swarm-key",
-        type=Path,
-        metavar="FILE",
-        help="join the private swarm of this key (default: DATA_DIR/swarm.key if it exists)",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        help=f"identity, models and state (default {DEFAULT_DATA_DIR})",
-    )
-
-
 async def _daemon(args: argparse.Namespace) -> int:
+    import trio
+
+    from node.config import NodeConfig
+    from node.daemon import Node
+
     config: NodeConfig = args.node_config
     node = Node(config)
     async with trio.open_nursery() as nursery:
@@ -357,21 +125,87 @@ async def _daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _swarm_key(args: argparse.Namespace) -> str | None:
-    return config_file.swarm_key_or_default(args.swarm_key, args.data_dir)
+# --- reaching a node ---------------------------------------------------------------------
 
 
-def _connect(args: argparse.Namespace, target: str) -> AbstractAsyncContextManager[SwarmClient]:
-    """A client with this data dir's client identity and swarm key.
+async def _with_client(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]]) -> T:
+    """``use`` a client of the node the command asks: ``--peer`` over libp2p; else the
+    daemon of ``--data-dir``, on its local socket when it answers, else over libp2p.
+
+    Raises ConfigError when there is no daemon to ask.
+    """
+    if args.peer:
+        return await _over_libp2p(args, str(args.peer), use)
+    state = _daemon_state(args)
+    if state.get("socket"):
+        from node.errors import PeerUnavailable
+
+        from .local_client import LocalClient
+
+        path = Path(state["socket"])
+        async with LocalClient.connect(path, peer_id=str(state.get("peer_id"))) as client:
+            try:
+                return await use(client)
+            except PeerUnavailable as exc:  # nothing was sent: libp2p is safe to try
+                log.info("the daemon's socket does not answer (%s); trying libp2p", exc)
+    return await _over_libp2p(args, str(state["addrs"][0]), use)
+
+
+async def _over_libp2p(
+    args: argparse.Namespace, target: str, use: Callable[[Client], Awaitable[T]]
+) -> T:
+    async with _connect(args, target) as client:
+        return await use(client)
+
+
+@contextlib.asynccontextmanager
+async def _connect(args: argparse.Namespace, target: str) -> AsyncIterator[SwarmClient]:
+    """A libp2p client with this data dir's client identity and swarm key.
 
     Not the node's own identity: a peer connected to both the daemon and the CLI
     under one peer id would take one for the other (one connection per peer).
     """
+    from node.client import SwarmClient
+    from node.net.host import load_or_create_identity
+    from node.observe import logs
+
+    from . import config_file
+
+    level, log_format = args.logs
+    logs.configure(level, json_lines=log_format == "json")  # again, now that libp2p is in
     key_pair = load_or_create_identity(args.data_dir.expanduser() / CLIENT_KEY)
-    return SwarmClient.connect(target, swarm_key=_swarm_key(args), key_pair=key_pair)
+    swarm_key = config_file.swarm_key_or_default(args.swarm_key, args.data_dir)
+    async with SwarmClient.connect(target, swarm_key=swarm_key, key_pair=key_pair) as client:
+        yield client
+
+
+def _daemon_state(args: argparse.Namespace) -> dict[str, Any]:
+    """daemon.json of ``--data-dir``'s running daemon; ConfigError when none runs."""
+    from protocols.errors import ConfigError
+
+    state = read_state(args.data_dir.expanduser())
+    if state is None or not state.get("addrs"):
+        raise ConfigError(
+            f"no daemon is running with data dir {args.data_dir}; start one with "
+            "'swarm daemon' or give --peer MULTIADDR"
+        )
+    return state
+
+
+async def _record(args: argparse.Namespace) -> Record:
+    async def ask(client: Client) -> Record:
+        return await client.record()
+
+    return await _with_client(args, ask)
+
+
+# --- commands ----------------------------------------------------------------------------
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    from node.net.access import key_fingerprint, load_swarm_key, new_swarm_key_text
+    from protocols.errors import ConfigError
+
     path: Path = args.path
     if path.exists():
         raise ConfigError(f"{path} exists; not overwriting a swarm key")
@@ -391,7 +225,11 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    path = args.data_dir.expanduser() / config_file.CONFIG_FILE
+    from importlib import resources
+
+    from protocols.errors import ConfigError
+
+    path = args.data_dir.expanduser() / CONFIG_FILE
     if path.exists() and not args.force:
         raise ConfigError(f"{path} exists; not overwriting it (--force to replace)")
     template = resources.files("node.cli").joinpath("default_config.toml").read_text()
@@ -404,13 +242,216 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _id(args: argparse.Namespace) -> int:
+    from node.net.host import load_or_create_identity, peer_id_of
+
+    data_dir = args.data_dir.expanduser()
+    ids = {}
+    for what, name in (("node", IDENTITY_KEY), ("client", CLIENT_KEY)):
+        ids[what] = peer_id_of(load_or_create_identity(data_dir / name))
+    if args.json:
+        _print_json(ids)
+    else:
+        for what, peer_id in ids.items():
+            print(f"{peer_id}  {what}")
+    return 0
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    import trio
+
+    from protocols import Priority, RemoteError
+
+    inputs = _inputs(args)
+    params = dict(_param(p) for p in args.param)
+    on_chunk = _print_chunk(args.json) if args.stream else None
+
+    async def run(client: Client) -> tuple[Result, float]:
+        started = trio.current_time()
+        result = await client.infer(
+            args.model,
+            inputs,
+            params=params,
+            priority=Priority.parse(args.priority),
+            deadline_s=args.deadline,
+            on_chunk=on_chunk,
+            strategy=args.strategy,
+        )
+        return result, trio.current_time() - started
+
+    try:
+        result, took_s = await _with_client(args, run)
+    except RemoteError as exc:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "error": {
+                            "code": str(exc.code),
+                            "message": exc.message,
+                            "retry": exc.retry.value,
+                            "retry_after_ms": exc.retry_after_ms,
+                        }
+                    }
+                )
+            )
+        else:
+            print(f"error {exc.code}: {exc.message} (retry: {exc.retry.value})", file=sys.stderr)
+        return 1
+    from dataclasses import replace
+
+    from .results import result_json, result_text  # not .render: no rich for a result
+
+    result = replace(result, meta={**result.meta, "took_ms": round(1000 * took_s, 3)})
+    print(result_json(result) if args.json else result_text(result), flush=True)
+    return 0
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Value | np.ndarray[Any, Any]]:
+    from protocols.errors import ConfigError
+
+    inputs: dict[str, Value | np.ndarray[Any, Any]] = {}
+    if args.texts:
+        texts = args.texts[0] if len(args.texts) == 1 else list(args.texts)
+        inputs[args.input_name] = texts
+    for spec in args.tensor:
+        import numpy as np
+
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--tensor takes NAME=FILE.npy, not {spec!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not inputs:
+        raise ConfigError("give an INPUT text or a --tensor")
+    return inputs
+
+
+def _param(text: str) -> tuple[str, Any]:
+    from protocols.errors import ConfigError
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--param takes KEY=VALUE, not {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _print_chunk(as_json: bool) -> Callable[[Chunk], Awaitable[None]]:
+    from node.json_values import jsonable
+
+    async def on_chunk(chunk: Chunk) -> None:
+        if as_json:
+            print(json.dumps({"chunk": chunk.seq, "outputs": jsonable(chunk.outputs)}), flush=True)
+            return
+        for value in chunk.outputs.values():
+            text = value if isinstance(value, str) else repr(value)
+            print(text, end="" if isinstance(value, str) else "\n", flush=True)
+
+    return on_chunk
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from protocols.errors import ConfigError
+
+    from .render import status_table
+
+    if not args.peer:
+        try:
+            _daemon_state(args)
+        except ConfigError:
+            return await _local_status(args)
+    # The gateway's URL is this machine's business: known for the local daemon only.
+    state = None if args.peer else read_state(args.data_dir.expanduser())
+    gateway = state.get("http") if state else None
+    record = await _record(args)
+    if args.json:
+        _print_json(
+            {"peer_id": record.peer_id, "seq": record.seq, "gateway": gateway, **record.body}
+        )
+    else:
+        _show(status_table(record.peer_id, record.body, gateway))
+    return 0
+
+
+async def _peers(args: argparse.Namespace) -> int:
+    from .render import peers_table
+
+    record = await _record(args)
+    view = record.body.get("view", {})
+    rows = view.get("peers", [])
+    if args.model:
+        wanted = args.model.lower()
+        rows = [r for r in rows if wanted in [m.lower() for m in r.get("models", [])]]
+    if args.json:
+        _print_json({"peer_id": record.peer_id, "peers": rows})
+    else:
+        _show(peers_table(rows, view.get("discovery", {})))
+    return 0
+
+
+async def _models_cmd(args: argparse.Namespace) -> int:
+    from .render import model_rows, models_table
+
+    record = await _record(args)
+    rows = model_rows(record.body)
+    if args.json:
+        _print_json({"peer_id": record.peer_id, "models": rows})
+    else:
+        _show(models_table(rows))
+    return 0
+
+
+async def _local_status(args: argparse.Namespace) -> int:
+    """No daemon to ask: show what this machine has, and say so."""
+    import trio
+
+    from capabilities.hardware import probe
+
+    from .render import status_table
+
+    hardware = await trio.to_thread.run_sync(probe)
+    body: Mapping[str, Any] = {"hardware": hardware.describe(), "models": []}
+    note = f"no daemon running with data dir {args.data_dir}; this machine:"
+    if args.json:
+        _print_json({"daemon": None, "gateway": None, **body})
+    else:
+        print(note)
+        _show(status_table("(not running)", body))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "daemon": _daemon,
+    "submit": _submit,
+    "keygen": _keygen,
+    "id": _id,
+    "status": _status,
+    "models": _models_cmd,
+    "init": _init,
+    "peers": _peers,
+    "mcp": _mcp,
+}
+
+
+# --- output ------------------------------------------------------------------------------
+
+
 def _print_json(data: Any) -> None:
     """One indented JSON document; keys in the order the command built them."""
+    from node.json_values import jsonable
+
     print(json.dumps(jsonable(data), indent=2), flush=True)
 
 
 def _show(renderable: RenderableType) -> None:
     """Print a table: coloured on a terminal, plain text (80 columns) when piped."""
+    from .render import plain_console, to_text
+
     console = plain_console()
     if console.is_terminal:
         console.print(renderable)
@@ -425,6 +466,8 @@ def _progress(message: str) -> Iterator[None]:
     Logs still say what happens (conversions, with their times); the spinner
     only shows that the command has not hung.
     """
+    from rich.console import Console
+
     console = Console(stderr=True)
     if not console.is_terminal:
         yield
@@ -445,175 +488,6 @@ def _progress(message: str) -> Iterator[None]:
         finally:
             for handler in handlers:
                 handler.setStream(stderr)
-
-
-async def _models_cmd(args: argparse.Namespace) -> int:
-    async with _connect(args, _target(args)) as client:
-        record = await client.record()
-    rows = model_rows(record.body)
-    if args.json:
-        _print_json({"peer_id": record.peer_id, "models": rows})
-    else:
-        _show(models_table(rows))
-    return 0
-
-
-def _id(args: argparse.Namespace) -> int:
-    data_dir = args.data_dir.expanduser()
-    ids = {}
-    for what, name in (("node", "identity.key"), ("client", CLIENT_KEY)):
-        key_pair = load_or_create_identity(data_dir / name)
-        ids[what] = build_host(key_pair).get_id().to_base58()
-    if args.json:
-        _print_json(ids)
-    else:
-        for what, peer_id in ids.items():
-            print(f"{peer_id}  {what}")
-    return 0
-
-
-def _target(args: argparse.Namespace) -> str:
-    if args.peer:
-        return str(args.peer)
-    state = read_state(args.data_dir.expanduser())
-    if state is None or not state.get("addrs"):
-        raise ConfigError(
-            f"no daemon is running with data dir {args.data_dir}; start one with "
-            "'swarm daemon' or give --peer MULTIADDR"
-        )
-    return str(state["addrs"][0])
-
-
-async def _submit(args: argparse.Namespace) -> int:
-    inputs = _inputs(args)
-    params = dict(_param(p) for p in args.param)
-    on_chunk = _print_chunk(args.json) if args.stream else None
-    async with _connect(args, _target(args)) as client:
-        started = trio.current_time()
-        try:
-            result = await client.infer(
-                args.model,
-                inputs,
-                params=params,
-                priority=Priority.parse(args.priority),
-                deadline_s=args.deadline,
-                on_chunk=on_chunk,
-                strategy=args.strategy,
-            )
-        except RemoteError as exc:
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "error": {
-                                "code": str(exc.code),
-                                "message": exc.message,
-                                "retry": exc.retry.value,
-                                "retry_after_ms": exc.retry_after_ms,
-                            }
-                        }
-                    )
-                )
-            else:
-                print(
-                    f"error {exc.code}: {exc.message} (retry: {exc.retry.value})", file=sys.stderr
-                )
-            return 1
-    took_ms = round(1000 * (trio.current_time() - started), 3)
-    result = replace(result, meta={**result.meta, "took_ms": took_ms})
-    print(result_json(result) if args.json else result_text(result), flush=True)
-    return 0
-
-
-def _inputs(args: argparse.Namespace) -> dict[str, Value | np.ndarray[Any, Any]]:
-    inputs: dict[str, Value | np.ndarray[Any, Any]] = {}
-    if args.texts:
-        texts = args.texts[0] if len(args.texts) == 1 else list(args.texts)
-        inputs[args.input_name] = texts
-    for spec in args.tensor:
-        name, sep, path = spec.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--tensor takes NAME=FILE.npy, not {spec!r}")
-        try:
-            inputs[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
-    if not inputs:
-        raise ConfigError("give an INPUT text or a --tensor")
-    return inputs
-
-
-def _param(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--param takes KEY=VALUE, not {text!r}")
-    try:
-        return key, json.loads(raw)
-    except ValueError:
-        return key, raw
-
-
-def _print_chunk(as_json: bool) -> Any:
-    async def on_chunk(chunk: Chunk) -> None:
-        if as_json:
-            print(json.dumps({"chunk": chunk.seq, "outputs": jsonable(chunk.outputs)}), flush=True)
-            return
-        for value in chunk.outputs.values():
-            text = value if isinstance(value, str) else repr(value)
-            print(text, end="" if isinstance(value, str) else "\n", flush=True)
-
-    return on_chunk
-
-
-async def _status(args: argparse.Namespace) -> int:
-    try:
-        target = _target(args)
-    except ConfigError:
-        if args.peer:
-            raise
-        return await _local_status(args)
-    # The gateway's URL is this machine's business: known for the local daemon only.
-    state = None if args.peer else read_state(args.data_dir.expanduser())
-    gateway = state.get("http") if state else None
-    async with _connect(args, target) as client:
-        record = await client.record()
-    if args.json:
-        _print_json(
-            {"peer_id": record.peer_id, "seq": record.seq, "gateway": gateway, **record.body}
-        )
-    else:
-        _show(status_table(record.peer_id, record.body, gateway))
-    return 0
-
-
-async def _peers(args: argparse.Namespace) -> int:
-    async with _connect(args, _target(args)) as client:
-        record = await client.record()
-    view = record.body.get("view", {})
-    rows = view.get("peers", [])
-    if args.model:
-        wanted = args.model.lower()
-        rows = [r for r in rows if wanted in [m.lower() for m in r.get("models", [])]]
-    if args.json:
-        _print_json({"peer_id": record.peer_id, "peers": rows})
-    else:
-        _show(peers_table(rows, view.get("discovery", {})))
-    return 0
-
-
-async def _local_status(args: argparse.Namespace) -> int:
-    """No daemon to ask: show what this machine has, and say so."""
-    from capabilities.hardware import probe
-
-    hardware = await trio.to_thread.run_sync(probe)
-    body: Mapping[str, Any] = {"hardware": hardware.describe(), "models": []}
-    note = f"no daemon running with data dir {args.data_dir}; this machine:"
-    if args.json:
-        _print_json({"daemon": None, "gateway": None, **body})
-    else:
-        print(note)
-        _show(status_table("(not running)", body))
-    return 0
 
 
 if __name__ == "__main__":

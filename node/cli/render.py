@@ -1,4 +1,5 @@
-"""How results and status read on a terminal, and as JSON for scripts.
+"""How status, peers and models read on a terminal, and as JSON for scripts (a
+job's result: ``results``, re-exported here).
 
 The ``*_table`` functions build rich renderables from plain data (a record
 body, rows); ``to_text`` shows what they print as on a plain terminal, which
@@ -9,54 +10,17 @@ colour when stdout is not a terminal.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.table import Column, Table
 from rich.text import Text
 
-from node.json_values import jsonable
-from protocols import Result, Tensor, Value
-
-
-def result_json(result: Result, extra: Mapping[str, Any] | None = None) -> str:
-    body = {"id": result.id, "outputs": jsonable(result.outputs), "meta": dict(result.meta)}
-    return json.dumps({**body, **(extra or {})})
-
-
-def value_text(value: Value) -> str:
-    if isinstance(value, Tensor):
-        array = value.numpy()
-        head = np.array2string(array.reshape(-1)[:6], precision=4, separator=", ")
-        more = " ..." if array.size > 6 else ""
-        return f"{value.dtype}{list(value.shape)} {head}{more}"
-    return repr(value)
-
-
-def result_text(result: Result) -> str:
-    """Outputs, then who served the job and how long it took, in lines that fit 80
-    columns (a peer id is 52 characters)."""
-    lines = [f"{name}: {value_text(value)}" for name, value in result.outputs.items()]
-    meta = result.meta
-    served = str(meta.get("served_by", "?"))
-    lines.append(f"served by {served} ({meta.get('runner', '?')} on {meta.get('device', '?')})")
-    route = []
-    if meta.get("forwarded_by"):
-        route.append(f"forwarded by {meta['forwarded_by']}")
-    attempts = meta.get("attempts")
-    if isinstance(attempts, int) and attempts > 1:
-        route.append(f"after {attempts} attempts")
-    if route:
-        lines.append(", ".join(route))
-    took = f"ran {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
-    if meta.get("took_ms") is not None:
-        took += f"; {meta['took_ms']} ms in all"
-    lines.append(took)
-    return "\n".join(lines)
+from .results import result_json as result_json
+from .results import result_text as result_text
+from .results import value_text as value_text
 
 
 def plain_console(file: Any = None, *, width: int | None = None) -> Console:

@@ -6,12 +6,19 @@ not read for 5 s). Each request runs in its own child task. Whatever goes wrong
 with one stream (garbage, a vanished peer, a runner failure) ends in a typed
 Error to that peer, or in silence if the peer is gone, and never reaches the
 rest of the node.
+
+``serve`` is the whole serving side for one framed stream and its caller's
+authenticated peer id; the libp2p handler (``__call__``) and the daemon's local
+socket (``node.net.local``, which attributes a connection to the data dir's
+client identity) both hand their streams to it, so a job is served the same
+whichever way it came, allow-list included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +27,7 @@ import trio
 from node.errors import ConnectionLost
 from node.net.access import AccessPolicy
 from node.net.framed import FramedStream
+from node.net.frames import Framed
 from protocols import (
     DEFAULT_LIMITS,
     Cancel,
@@ -65,23 +73,47 @@ class InferHandler:
         await self._all_answered.wait()
 
     async def __call__(self, raw_stream: Any) -> None:
+        """libp2p's stream handler for /swarm/infer."""
         stream = FramedStream(raw_stream, self._limits)
+        await self.serve(stream, stream.peer_id)
+
+    async def serve(
+        self, stream: Framed, peer_id: str, *, idle_timeout_s: float | None = None
+    ) -> None:
+        """Serve the exchanges ``peer_id`` sends on ``stream`` until it ends; closes it.
+
+        With ``idle_timeout_s`` the stream is closed once nothing has arrived for
+        that long while no request of it runs.
+        """
         exchange = Exchange(Role.SERVER)
-        if not self._access.permits(stream.peer_id):
+        if not self._access.permits(peer_id):
             await self._reply(stream, exchange, Error("", ErrorCode.UNAUTHORIZED, "not allowed"))
             await stream.close()
             return
         try:
             async with trio.open_nursery() as nursery:
-                await self._read(stream, exchange, nursery)
+                await self._read(stream, peer_id, exchange, nursery, idle_timeout_s)
         finally:
             await stream.close()
 
-    async def _read(self, stream: FramedStream, exchange: Exchange, nursery: trio.Nursery) -> None:
+    async def _read(
+        self,
+        stream: Framed,
+        peer_id: str,
+        exchange: Exchange,
+        nursery: trio.Nursery,
+        idle_timeout_s: float | None,
+    ) -> None:
         active: dict[str, trio.CancelScope] = {}
         try:
             while True:
-                message = await stream.receive()
+                with trio.move_on_after(idle_timeout_s or math.inf) as waiting:
+                    message = await stream.receive()
+                if waiting.cancelled_caught:
+                    if active:
+                        continue  # a request runs: the caller waits for it, not idle
+                    log.debug("stream from %s idle for %s s: closing it", peer_id, idle_timeout_s)
+                    return
                 if message is None:
                     return  # the caller is done sending; a running request still answers
                 exchange.receive(message)
@@ -97,18 +129,18 @@ class InferHandler:
                     self._unanswered += 1
                     nursery.start_soon(self._serve, stream, exchange, message, scope, active)
         except RemoteProtocolError as exc:
-            log.info("peer %s broke the protocol: %s", stream.peer_id, exc)
+            log.info("peer %s broke the protocol: %s", peer_id, exc)
             nursery.cancel_scope.cancel()
             await self._reply(
                 stream, exchange, Error(exchange.request_id or "", exc.code, str(exc))
             )
         except ConnectionLost as exc:
-            log.info("stream from %s lost: %s", stream.peer_id, exc.__cause__ or exc)
+            log.info("stream from %s lost: %s", peer_id, exc.__cause__ or exc)
             nursery.cancel_scope.cancel()
 
     async def _serve(
         self,
-        stream: FramedStream,
+        stream: Framed,
         exchange: Exchange,
         request: Request,
         scope: trio.CancelScope,
@@ -158,7 +190,7 @@ class InferHandler:
         if self._unanswered == 0:
             self._all_answered.set()
 
-    async def _reply(self, stream: FramedStream, exchange: Exchange, reply: Result | Error) -> None:
+    async def _reply(self, stream: Framed, exchange: Exchange, reply: Result | Error) -> None:
         try:
             exchange.send(reply)
         except LocalProtocolError:
@@ -186,6 +218,6 @@ def _error_for(request_id: str, exc: SwarmError) -> Error:
     return Error(request_id, exc.code, str(exc), retry_after)
 
 
-async def _send_quietly(stream: FramedStream, message: Error) -> None:
+async def _send_quietly(stream: Framed, message: Error) -> None:
     with contextlib.suppress(ConnectionLost, ProtocolError):
         await stream.send(message)

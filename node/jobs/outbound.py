@@ -3,39 +3,28 @@
 Streams are reused: a pool of idle streams per peer, because a new stream per
 small call costs several times a round trip. A stream goes back to the pool
 only after a clean exchange; one that was cancelled, broke, or saw a protocol
-error is closed instead, so a late chunk can never reach the next caller.
+error is closed instead, so a late chunk can never reach the next caller. One
+exchange on a stream is ``call.exchange``, which the local-socket client shares.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from libp2p.custom_types import TProtocol
 
-from node.errors import ConnectionLost, PeerUnavailable
+from node.errors import PeerUnavailable
 from node.net.framed import FramedStream
-from protocols import (
-    DEFAULT_LIMITS,
-    INFER_PROTOCOL,
-    Cancel,
-    Chunk,
-    Error,
-    Exchange,
-    Limits,
-    RemoteError,
-    Request,
-    Result,
-    Role,
-    State,
-)
+from protocols import DEFAULT_LIMITS, INFER_PROTOCOL, Limits, RemoteError, Request, Result
+
+from .call import OnChunk, exchange
+
+__all__ = ["Caller", "OnChunk", "exchange"]
 
 log = logging.getLogger(__name__)
 
-OnChunk = Callable[[Chunk], Awaitable[None]]
 OPEN_TIMEOUT_S = 5.0
 
 
@@ -124,36 +113,3 @@ class Caller:
         except Exception as exc:  # libp2p raises many types for an unreachable peer
             raise PeerUnavailable(f"cannot open a stream to {peer_id}: {exc}") from exc
         raise PeerUnavailable(f"no stream to {peer_id} within {OPEN_TIMEOUT_S} s, twice")
-
-
-async def exchange(stream: FramedStream, request: Request, on_chunk: OnChunk | None) -> Result:
-    """One request and its answer on ``stream``, which must be idle."""
-    exchange = Exchange(Role.CALLER)
-    exchange.send(request)
-    try:
-        await stream.send(request)
-    except ConnectionLost as exc:
-        raise PeerUnavailable(f"the request could not be sent: {exc}") from exc
-    try:
-        while True:
-            message = await stream.receive()
-            if message is None:
-                raise ConnectionLost(f"{stream.peer_id} closed the stream without answering")
-            exchange.receive(message)
-            if isinstance(message, Chunk):
-                if on_chunk is not None and exchange.state is State.ACTIVE:
-                    await on_chunk(message)
-            elif isinstance(message, Result):
-                return message
-            elif isinstance(message, Error):
-                raise RemoteError(
-                    message.code, message.message, retry_after_ms=message.retry_after_ms
-                )
-    except trio.Cancelled:
-        # Tell the peer to stop; the stream is then closed, never reused.
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            cancel = Cancel(request.id)
-            exchange.send(cancel)
-            with contextlib.suppress(ConnectionLost):
-                await stream.send(cancel)
-        raise

@@ -21,6 +21,11 @@ A *client* (``swarm status``, the Python client) opens with a heartbeat marked
 discovery problems, counters) and is not added to anyone's peer table.
 Every record is verified (signature, peer id, time) and must come from the
 peer at the other end of the authenticated connection.
+
+A CLI on the daemon's own machine asks on the local socket instead
+(``answer_client``): no record of its own to verify there, since the kernel
+vouches for the connecting user, but the same allow-list check and the same
+record in answer.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from capabilities.signing import RecordRejected, VerifiedRecord, sign_record, ve
 from node.errors import ConnectionLost, PeerUnavailable
 from node.net.access import AccessPolicy
 from node.net.framed import FramedStream
-from protocols import CAPS_PROTOCOL, CapabilityRecord, RemoteProtocolError
+from node.net.frames import Framed
+from protocols import CAPS_PROTOCOL, CapabilityRecord, Error, ErrorCode, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +258,19 @@ class CapsStreams:
         idle, self._idle = list(self._idle.values()), {}
         for stream in idle:
             await stream.close()
+
+
+async def answer_client(
+    stream: Framed, peer_id: str, access: AccessPolicy, view: Callable[[], CapabilityRecord]
+) -> None:
+    """Send ``view()``, this node's record for clients, to ``peer_id`` on ``stream``,
+    an already authenticated one (the local socket). Refused by the allow-list: a
+    typed UNAUTHORIZED, as /swarm/infer answers."""
+    if not access.permits(peer_id):
+        await stream.send(Error("", ErrorCode.UNAUTHORIZED, "not allowed"))
+        return
+    with trio.fail_after(EXCHANGE_TIMEOUT_S):
+        await stream.send(view())
 
 
 async def exchange_records(host: Any, peer_id: Any, ours: CapabilityRecord) -> Received:

@@ -25,6 +25,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.identity_utils import load_identity, save_identity
 from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -50,6 +51,11 @@ def load_or_create_identity(path: Path) -> Any:
     save_identity(key_pair, path)  # written 0600 by libp2p
     log.info("created a new identity in %s", path)
     return key_pair
+
+
+def peer_id_of(key_pair: Any) -> str:
+    """The peer id (base58) a host with ``key_pair`` has."""
+    return str(ID.from_pubkey(key_pair.public_key).to_base58())
 
 
 def build_host(key_pair: Any | None = None, *, psk: str | None = None) -> Any:
