@@ -223,7 +223,9 @@ def test_preprocessing_matches_torch_antialiased_resize(flower: np.ndarray) -> N
 
 def test_answers_are_the_declared_outputs() -> None:
     """Both classifiers answer through imagenet.answer and declare imagenet.OUTPUTS."""
-    info = TorchClassifyRunner(Path("unused"), TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))).info
+    info = TorchClassifyRunner(
+        Path("unused"), TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
+    ).info
     assert info.outputs == imagenet.OUTPUTS == OVClassifyRunner(Path("unused")).info.outputs
     logits = np.random.default_rng(0).normal(size=(2, imagenet.CLASSES)).astype(np.float32)
     for want_logits in (False, True):
