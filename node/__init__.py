@@ -13,6 +13,8 @@ Sub-packages, by concern (imports go from the top of this list down, never up):
                   dispatch with failover, the inbound and outbound stream sides
 - ``membership``  who is in the swarm: the peer table fed by discovery, records and
                   heartbeats, and the caps protocol that carries them
+- ``reach``       across NAT routers: reachability by dial-back, the addresses
+                  announced, relay v2 (service and reservations), circuits, DCUtR
 - ``observe``     what the node tells about itself: live feed, metrics, logs
 - ``net``         the libp2p host, framed streams, and who may use this node
 

@@ -33,6 +33,7 @@ NODE_ORDER: list[set[str]] = [
     {"node.client"},
     {"node.models"},
     {"node.jobs", "node.membership"},
+    {"node.reach"},  # membership links through it; it reads the table through callables
     {"node.observe", "node.net"},
     {"node.errors", "node.json_values", "node.data_dir", "node.defaults"},
 ]
