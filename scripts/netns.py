@@ -148,7 +148,10 @@ class NatTopology:
         self.home_ips: list[list[str]] = []
 
     def ip_of(self, ns: str) -> str:
-        for names, ips in ((self.public, self.public_ips), *zip(self.homes, self.home_ips)):
+        for names, ips in (
+            (self.public, self.public_ips),
+            *zip(self.homes, self.home_ips, strict=True),
+        ):
             if ns in names:
                 return ips[names.index(ns)]
         raise KeyError(ns)
