@@ -40,6 +40,7 @@ import contextlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import secrets
 import statistics
@@ -170,6 +171,12 @@ class Check(Protocol):
     def describe(self) -> str: ...
 
 
+def _down(value: float) -> float:
+    """``value`` to 6 decimals, rounded down: a minimum shown never reaches a floor
+    it missed (0.9999996 against 1.0 reads 0.999999, not 1.0)."""
+    return math.floor(value * 1e6 + 1e-6) / 1e6  # + a hair: 1 - 2e-16 is still 1
+
+
 def _cosines(reference: Array, got: Array) -> Array:
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(got, dtype=np.float64)
@@ -188,7 +195,7 @@ class EmbeddingCheck:
         if got.shape != reference.shape or not np.isfinite(got).all():
             return Verdict(False, {"cosine_min": 0.0})
         low = float(np.min(_cosines(reference, got)))
-        return Verdict(low >= self.min_cosine, {"cosine_min": round(low, 6)})
+        return Verdict(low >= self.min_cosine, {"cosine_min": _down(low)})
 
     def describe(self) -> str:
         return f"cosine >= {self.min_cosine:g} per probe row"
@@ -213,7 +220,7 @@ class ClassificationCheck:
         low = float(np.min(_cosines(reference, got)))
         passed = top1 == len(reference) and top5 >= self.min_top5 and low >= self.min_cosine
         figures = {"top1_equal": top1, "probes": len(reference), "top5_min": top5}
-        return Verdict(passed, {**figures, "cosine_min": round(low, 6)})
+        return Verdict(passed, {**figures, "cosine_min": _down(low)})
 
     def describe(self) -> str:
         text = f"top-1 equal and top-5 overlap >= {self.min_top5}/5 per probe"

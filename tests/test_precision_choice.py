@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import NodeFactory
 
+from node.cli.render import status_text
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners import ov_choice
@@ -353,3 +355,27 @@ async def test_the_cached_choice_is_reused_without_measuring(
     got = await second.infer({"text": ["a sentence", "another one"]}, {})
     assert got["embedding"] is not None
     await second.close()
+
+
+@pytest.mark.slow
+async def test_swarm_status_shows_the_choice_and_why(
+    node_factory: NodeFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    """A real node serving the default model: its status (``swarm status --json``)
+    carries the runner's choice with its figures, and the text says what and why."""
+    linked_copy(models_dir, tmp_path / "real" / "models")
+    async with node_factory("real", models=(MODEL_NAME,)) as node:
+        body = node.status()
+    state = body["view"]["runners"][MODEL_NAME]
+    precision = state["precision"]
+    assert precision["mode"] == "auto" and precision["source"] == "cache"
+    assert {t["candidate"] for t in precision["candidates"]} >= {"fp32/f32", "int8/f32"}
+    (model,) = body["models"]
+    assert (model["precision"], model["inference_precision"]) == (
+        precision["weights"],
+        precision["inference"],
+    )
+    text = " ".join(status_text(body.pop("peer_id"), body).split())
+    head = f"precision {precision['chosen']} (auto, measured earlier): "
+    assert f"backend {MODEL_NAME}: {head}" in text
+    assert precision["why"] in text
