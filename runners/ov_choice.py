@@ -12,20 +12,21 @@ either one at ``auto`` by default, and this module picks it:
    A value the user wrote is the only one tried for that setting. The first
    candidate, fp32/f32 or what the user pinned at full precision, is the
    *safe* one: the reference every other is checked against, and the fallback.
-2. ``measure``: each candidate runs a handful of fixed probe rows once (its
+2. ``Bench``: each candidate runs a handful of fixed probe rows once (its
    outputs are checked against the safe candidate's by the model's ``Check``:
-   embedding cosine, or top-1/top-5 agreement) and then a few timed runs of
-   the same batch, in alternating rounds so that other work on the machine
-   falls on every candidate alike.
-3. ``decide``: the fastest candidate that passed, if it beats the safe one by
-   ``MIN_GAIN`` (a smaller gain is within the noise of a few runs and not
-   worth any drift); else the safe one.
+   embedding cosine, or top-1/top-5 agreement), then a few timed runs of the
+   same batch in rounds alternating with the safe candidate, so other work on
+   the machine falls on both alike: its speedup is the ratio of the two.
+3. ``decide``: the candidate that passed with the best speedup, if that is at
+   least ``MIN_GAIN`` (a smaller gain is within the noise of a few runs and
+   not worth any drift); else the safe one.
 
 The choice, its figures and why, is kept as ``precision-<key>.json`` in the
 model's dir of the models cache, keyed by everything that could change the
 answer (model files, device name and capabilities, OpenVINO version,
 candidates, check thresholds, hint), so a restart opens the chosen candidate
-only and measures nothing. A device that cannot be asked (virtual devices such
+only and measures nothing; delete the file to measure again (say, after a
+first start on a busy machine). A device that cannot be asked (virtual devices such
 as ``AUTO:GPU,CPU``, or one that is not here) is not measured: the safe
 candidate is used, and ``compile_for`` reports an absent device as before.
 
@@ -232,11 +233,13 @@ class ClassificationCheck:
 
 @dataclass(frozen=True, slots=True)
 class Trial:
-    """One candidate's figures: speed on the probe batch and its check."""
+    """One candidate's figures: its check, and its speed on the probe batch, also as a
+    ratio to the safe candidate timed in the same window (what the decision uses)."""
 
     candidate: Candidate
     passed: bool
     rows_per_s: float | None = None
+    speedup: float | None = None
     figures: Mapping[str, float] = field(default_factory=dict)
     error: str = ""
 
@@ -244,6 +247,8 @@ class Trial:
         out: dict[str, Any] = {"candidate": self.candidate.label, "passed": self.passed}
         if self.rows_per_s is not None:
             out["rows_per_s"] = round(self.rows_per_s, 1)
+        if self.speedup is not None:
+            out["speedup"] = round(self.speedup, 3)
         out.update(self.figures)
         if self.error:
             out["error"] = self.error
@@ -251,64 +256,78 @@ class Trial:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Trial:
-        rows = data.get("rows_per_s")
-        reserved = {"candidate", "passed", "rows_per_s", "error"}
+        rows, speedup = data.get("rows_per_s"), data.get("speedup")
+        reserved = {"candidate", "passed", "rows_per_s", "speedup", "error"}
         figures = {k: v for k, v in data.items() if k not in reserved}
         return cls(
             Candidate.parse(str(data["candidate"])),
             bool(data["passed"]),
             None if rows is None else float(rows),
+            None if speedup is None else float(speedup),
             {k: v if isinstance(v, int) else float(v) for k, v in figures.items()},
             str(data.get("error", "")),
         )
 
 
-def measure(
-    compiled: Sequence[tuple[Candidate, Any]],
-    feed: Feed,
-    check: Check,
-    *,
-    rounds: int = ROUNDS,
-    runs: int = RUNS,
-) -> list[Trial]:
-    """Check and time each compiled candidate on ``feed``; the first is the reference.
+class Bench:
+    """The safe candidate's probe outputs and infer request: every other candidate is
+    checked against those outputs and timed beside that request, in alternating
+    rounds, so other work on the machine falls on both alike. All methods block.
 
-    Blocks for about ``(1 + rounds * runs)`` inferences per candidate. Each
-    candidate gets its own infer request (which copies the inputs in: a
-    compiled model's ``__call__`` would share them, and OpenVINO may then reuse
-    that memory for later work). A candidate other than the first whose run
-    fails is recorded as failed; the first one's failure is a ModelLoadError.
+    Each candidate gets an infer request of its own, which copies the inputs in
+    (a compiled model's ``__call__`` would share them, and OpenVINO may reuse
+    shared input memory for later work, changing the probe under us).
     """
-    rows = len(next(iter(feed.values())))
-    requests: dict[Candidate, Any] = {}
-    outputs: dict[Candidate, Array] = {}
-    failed: dict[Candidate, str] = {}
-    for index, (candidate, model) in enumerate(compiled):
+
+    def __init__(
+        self, safe: Candidate, compiled: Any, feed: Feed, check: Check, *, rounds: int = ROUNDS
+    ) -> None:
+        self.safe = safe
+        self.check = check
+        self.rounds = rounds
+        self.feed = dict(feed)
+        self.rows = len(next(iter(self.feed.values())))
+        self.times: list[float] = []  # the safe candidate's, over every window
         try:
-            request = model.create_infer_request()
-            outputs[candidate] = np.array(request.infer(dict(feed))[0], copy=True)  # + warm-up
-            requests[candidate] = request
+            self.request = compiled.create_infer_request()
+            self.reference = np.array(self.request.infer(self.feed)[0], copy=True)
         except Exception as exc:
-            if index == 0:
-                raise ModelLoadError(f"{candidate.label} fails its probe: {exc}") from exc
-            failed[candidate] = f"does not run: {exc}"[:300]
-    times: dict[Candidate, list[float]] = {c: [] for c in requests}
-    for _ in range(rounds):
-        for candidate, request in requests.items():
-            for _ in range(runs):
-                started = time.perf_counter()
-                request.infer(dict(feed))
-                times[candidate].append(time.perf_counter() - started)
-    reference = outputs[compiled[0][0]]
-    trials = []
-    for candidate, _ in compiled:
-        if candidate in failed:
-            trials.append(Trial(candidate, False, error=failed[candidate]))
-            continue
-        verdict = check.judge(reference, outputs[candidate])
-        speed = rows / statistics.median(times[candidate])
-        trials.append(Trial(candidate, verdict.passed, speed, verdict.figures))
-    return trials
+            raise ModelLoadError(f"{safe.label} fails the precision probe: {exc}") from exc
+
+    def _timed(self, request: Any) -> list[float]:
+        times = []
+        for _ in range(RUNS):
+            started = time.perf_counter()
+            request.infer(self.feed)
+            times.append(time.perf_counter() - started)
+        return times
+
+    def trial(self, candidate: Candidate, compiled: Any) -> Trial:
+        """Check ``candidate`` and time it against the safe one; a run that fails is
+        a failed trial, not an error."""
+        try:
+            request = compiled.create_infer_request()
+            got = np.array(request.infer(self.feed)[0], copy=True)  # doubles as warm-up
+            mine: list[float] = []
+            theirs: list[float] = []
+            for _ in range(self.rounds):
+                theirs += self._timed(self.request)
+                mine += self._timed(request)
+        except Exception as exc:
+            return Trial(candidate, False, error=f"does not run: {exc}"[:300])
+        self.times += theirs
+        verdict = self.check.judge(self.reference, got)
+        speed = self.rows / statistics.median(mine)
+        speedup = statistics.median(theirs) / statistics.median(mine)
+        return Trial(candidate, verdict.passed, speed, speedup, verdict.figures)
+
+    def safe_trial(self) -> Trial:
+        if not self.times:  # nothing else ran: time it alone
+            for _ in range(self.rounds):
+                self.times += self._timed(self.request)
+        verdict = self.check.judge(self.reference, self.reference)
+        speed = self.rows / statistics.median(self.times)
+        return Trial(self.safe, True, speed, 1.0, verdict.figures)
 
 
 # --------------------------------------------------------------------------- deciding
@@ -373,23 +392,21 @@ class Choice:
 def decide(
     plan: Plan, trials: Sequence[Trial], *, min_gain: float = MIN_GAIN
 ) -> tuple[Candidate, str]:
-    """The candidate to use and why. Pure."""
-    safe = next(t for t in trials if t.candidate == plan.safe)
-    base = safe.rows_per_s or 0.0
-    others = [t for t in trials if t is not safe and t.passed and t.rows_per_s]
+    """The candidate to use and why: the one that passed with the best speedup over the
+    safe one, if that is at least ``min_gain``; else the safe one. Pure."""
+    others = [t for t in trials if t.candidate != plan.safe and t.passed and t.speedup]
     if not others:
         return plan.safe, f"no faster candidate passed the check; {plan.safe.label} kept"
-    best = max(others, key=lambda t: t.rows_per_s or 0.0)
-    speed = best.rows_per_s or 0.0
-    ratio = speed / base if base else float("inf")
-    if ratio < min_gain:
+    best = max(others, key=lambda t: t.speedup or 0.0)
+    gain = best.speedup or 0.0
+    if gain < min_gain:
         return plan.safe, (
-            f"{best.candidate.label} passed but ran only {ratio:.2f}x {plan.safe.label} "
+            f"{best.candidate.label} passed but ran only {gain:.2f}x {plan.safe.label} "
             f"(needs {min_gain:g}x); {plan.safe.label} kept"
         )
     return best.candidate, (
-        f"fastest candidate that passed the check, {speed:.0f} rows/s, "
-        f"{ratio:.2f}x {plan.safe.label}"
+        f"fastest candidate that passed the check, {gain:.2f}x {plan.safe.label} "
+        f"({best.rows_per_s or 0:.0f} rows/s at batch 8)"
     )
 
 
@@ -474,20 +491,35 @@ async def open_chosen(
     cached = await trio.to_thread.run_sync(read_choice, directory, key)
     if cached is not None and cached.chosen in plan.candidates:
         return await open_candidate(cached.chosen), cached
-    opened: dict[Candidate, T] = {plan.safe: await open_candidate(plan.safe)}
-    failed: list[Trial] = []
+    safe = await open_candidate(plan.safe)
+    probe = await trio.to_thread.run_sync(feed, safe)
+    bench = await trio.to_thread.run_sync(Bench, plan.safe, compiled_of(safe), probe, check)
+    # At most three compiled models at once (the safe one, the best so far, the
+    # one being tried), not every candidate: MiniLM's first load peaks at 485 MiB
+    # RSS rather than 667 (266 once loaded).
+    best: tuple[Candidate, float, T] = (plan.safe, 1.0, safe)
+    trials: list[Trial] = []
     for candidate in plan.candidates[1:]:
         try:
-            opened[candidate] = await open_candidate(candidate)
+            opened = await open_candidate(candidate)
         except ModelLoadError as exc:
             log.info("%s: %s is not a candidate here: %s", name, candidate.label, exc)
-            failed.append(Trial(candidate, False, error=str(exc)[:300]))
-    probe = await trio.to_thread.run_sync(feed, opened[plan.safe])
-    compiled = [(c, compiled_of(o)) for c, o in opened.items()]
-    trials = await trio.to_thread.run_sync(measure, compiled, probe, check)
-    order = {c: i for i, c in enumerate(plan.candidates)}
-    every = tuple(sorted([*trials, *failed], key=lambda t: order[t.candidate]))
+            trials.append(Trial(candidate, False, error=str(exc)[:300]))
+            continue
+        trial = await trio.to_thread.run_sync(bench.trial, candidate, compiled_of(opened))
+        trials.append(trial)
+        if trial.passed and (trial.speedup or 0.0) > best[1]:
+            best = (candidate, trial.speedup or 0.0, opened)
+        del opened
+    every = (await trio.to_thread.run_sync(bench.safe_trial), *trials)
     winner, why = decide(plan, every)
+    if winner == plan.safe:
+        chosen_opened = safe
+    elif winner == best[0]:
+        chosen_opened = best[2]
+    else:  # decide() and the loop rank alike; should they not, open the winner afresh
+        chosen_opened = await open_candidate(winner)
+    del bench, best, safe
     device = "" if plan.facts is None else f"{plan.facts.device}: {plan.facts.name}"
     choice = Choice(
         winner, plan.mode, "measured", why, check.describe(), every, round(time.time()), device
@@ -497,4 +529,4 @@ async def open_chosen(
         await trio.to_thread.run_sync(write_choice, directory, key, choice)
     except OSError as exc:  # the choice still holds for this run; the next one measures again
         log.warning("%s: cannot keep the precision choice in %s: %s", name, directory, exc)
-    return opened[winner], choice
+    return chosen_opened, choice

@@ -156,7 +156,7 @@ async def test_auto_precision_is_measured_once(
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(ov_choice, "measure", refuse)
+    monkeypatch.setattr(ov_choice, "Bench", refuse)
     again = ov_runner(ov_auto.model_dir.parent)
     await again.load()
     status, first = again.status(), ov_auto.status()

@@ -164,29 +164,34 @@ INT8 = Candidate("int8", "f32")
 PLAN = ov_choice.Plan((SAFE, BF16, INT8), "auto")
 
 
+def tried(candidate: Candidate, passed: bool, speedup: float) -> Trial:
+    """A trial at ``speedup`` over a safe candidate doing 100 rows/s."""
+    return Trial(candidate, passed, 100.0 * speedup, speedup)
+
+
 def test_the_fastest_candidate_that_passed_wins() -> None:
-    trials = [Trial(SAFE, True, 100.0), Trial(BF16, True, 280.0), Trial(INT8, True, 190.0)]
+    trials = [tried(SAFE, True, 1.0), tried(BF16, True, 2.8), tried(INT8, True, 1.9)]
     winner, why = ov_choice.decide(PLAN, trials)
     assert winner == BF16 and "2.80x fp32/f32" in why
-    failing = [Trial(SAFE, True, 100.0), Trial(BF16, False, 280.0), Trial(INT8, True, 190.0)]
+    failing = [tried(SAFE, True, 1.0), tried(BF16, False, 2.8), tried(INT8, True, 1.9)]
     assert ov_choice.decide(PLAN, failing)[0] == INT8
 
 
 def test_the_safe_candidate_is_kept_when_nothing_faster_passed() -> None:
-    none_passed = [Trial(SAFE, True, 100.0), Trial(BF16, False, 280.0), Trial(INT8, False, 190.0)]
+    none_passed = [tried(SAFE, True, 1.0), tried(BF16, False, 2.8), tried(INT8, False, 1.9)]
     winner, why = ov_choice.decide(PLAN, none_passed)
     assert winner == SAFE and "no faster candidate passed" in why
-    broken = [Trial(SAFE, True, 100.0), Trial(BF16, False, error="does not compile")]
+    broken = [tried(SAFE, True, 1.0), Trial(BF16, False, error="does not compile")]
     assert ov_choice.decide(PLAN, broken)[0] == SAFE
-    tie = [Trial(SAFE, True, 100.0), Trial(BF16, True, 103.0), Trial(INT8, True, 80.0)]
+    tie = [tried(SAFE, True, 1.0), tried(BF16, True, 1.03), tried(INT8, True, 0.8)]
     winner, why = ov_choice.decide(PLAN, tie)
     assert winner == SAFE and "needs 1.05x" in why
 
 
 def test_a_choice_reads_back_as_written(tmp_path: Path) -> None:
     trials = (
-        Trial(SAFE, True, 100.0, {"cosine_min": 1.0}),
-        Trial(BF16, True, 280.0, {"cosine_min": 0.99998}),
+        Trial(SAFE, True, 100.0, 1.0, {"cosine_min": 1.0}),
+        Trial(BF16, True, 280.0, 2.8, {"cosine_min": 0.99998}),
         Trial(INT8, False, error="does not convert"),
     )
     choice = Choice(BF16, "auto", "measured", "fastest", "cosine >= 0.999", trials, 1.0, "CPU: x")
@@ -263,10 +268,10 @@ async def test_auto_chooses_a_candidate_that_passed_its_check(models_dir: Path) 
         assert trial["rows_per_s"] > 0
     chosen = trials[precision["chosen"]]
     assert chosen["passed"] and chosen["cosine_min"] >= AUTO_MIN_COSINE
-    fastest = max((t for t in trials.values() if t["passed"]), key=lambda t: t["rows_per_s"])
+    fastest = max((t for t in trials.values() if t["passed"]), key=lambda t: t["speedup"])
     safe = trials["fp32/f32"]
-    gain = fastest["rows_per_s"] / safe["rows_per_s"]
-    assert chosen is (fastest if gain >= ov_choice.MIN_GAIN else safe)
+    assert safe["speedup"] == 1.0
+    assert chosen is (fastest if fastest["speedup"] >= ov_choice.MIN_GAIN else safe)
     assert (runner.info.precision, runner.info.extra["inference_precision"]) == (
         precision["weights"],
         precision["inference"],
@@ -344,7 +349,7 @@ async def test_the_cached_choice_is_reused_without_measuring(
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(ov_choice, "measure", refuse)
+    monkeypatch.setattr(ov_choice, "Bench", refuse)
     second = OpenVINOEmbedRunner(copy, config)
     await second.load()
     second_status = second.status()
