@@ -392,22 +392,33 @@ class Choice:
 def decide(
     plan: Plan, trials: Sequence[Trial], *, min_gain: float = MIN_GAIN
 ) -> tuple[Candidate, str]:
-    """The candidate to use and why: the one that passed with the best speedup over the
-    safe one, if that is at least ``min_gain``; else the safe one. Pure."""
+    """The candidate to use and why. Pure.
+
+    Of the candidates that passed, the one with the best speedup over the safe
+    one, if that is at least ``min_gain``; else the safe one. Candidates within
+    ``min_gain`` of the best count as just as fast (a few timed runs cannot
+    tell them apart), and of those the one closest to the reference (highest
+    ``cosine_min``) wins, so that noise does not trade accuracy for nothing.
+    """
     others = [t for t in trials if t.candidate != plan.safe and t.passed and t.speedup]
     if not others:
         return plan.safe, f"no faster candidate passed the check; {plan.safe.label} kept"
-    best = max(others, key=lambda t: t.speedup or 0.0)
-    gain = best.speedup or 0.0
-    if gain < min_gain:
+    fastest = max(t.speedup or 0.0 for t in others)
+    if fastest < min_gain:
+        best = max(others, key=lambda t: t.speedup or 0.0)
         return plan.safe, (
-            f"{best.candidate.label} passed but ran only {gain:.2f}x {plan.safe.label} "
+            f"{best.candidate.label} passed but ran only {fastest:.2f}x {plan.safe.label} "
             f"(needs {min_gain:g}x); {plan.safe.label} kept"
         )
-    return best.candidate, (
-        f"fastest candidate that passed the check, {gain:.2f}x {plan.safe.label} "
-        f"({best.rows_per_s or 0:.0f} rows/s at batch 8)"
+    tied = [t for t in others if (t.speedup or 0.0) * min_gain >= fastest]
+    best = max(tied, key=lambda t: (t.figures.get("cosine_min", 0.0), t.speedup or 0.0))
+    why = (
+        f"fastest candidate that passed the check, {best.speedup or 0.0:.2f}x "
+        f"{plan.safe.label} ({best.rows_per_s or 0.0:.0f} rows/s at batch 8)"
     )
+    if len(tied) > 1:
+        why = f"{why}; the closest to {plan.safe.label} of {len(tied)} within {min_gain:g}x"
+    return best.candidate, why
 
 
 # --------------------------------------------------------------------------- the cache
@@ -494,10 +505,6 @@ async def open_chosen(
     safe = await open_candidate(plan.safe)
     probe = await trio.to_thread.run_sync(feed, safe)
     bench = await trio.to_thread.run_sync(Bench, plan.safe, compiled_of(safe), probe, check)
-    # At most three compiled models at once (the safe one, the best so far, the
-    # one being tried), not every candidate: MiniLM's first load peaks at 485 MiB
-    # RSS rather than 667 (266 once loaded).
-    best: tuple[Candidate, float, T] = (plan.safe, 1.0, safe)
     trials: list[Trial] = []
     for candidate in plan.candidates[1:]:
         try:
@@ -506,20 +513,15 @@ async def open_chosen(
             log.info("%s: %s is not a candidate here: %s", name, candidate.label, exc)
             trials.append(Trial(candidate, False, error=str(exc)[:300]))
             continue
-        trial = await trio.to_thread.run_sync(bench.trial, candidate, compiled_of(opened))
-        trials.append(trial)
-        if trial.passed and (trial.speedup or 0.0) > best[1]:
-            best = (candidate, trial.speedup or 0.0, opened)
+        trials.append(await trio.to_thread.run_sync(bench.trial, candidate, compiled_of(opened)))
+        # Let it go: at most two compiled models at once. MiniLM's first load peaks
+        # at 485 MiB RSS this way, 667 with every candidate held (266 once loaded).
         del opened
     every = (await trio.to_thread.run_sync(bench.safe_trial), *trials)
     winner, why = decide(plan, every)
-    if winner == plan.safe:
-        chosen_opened = safe
-    elif winner == best[0]:
-        chosen_opened = best[2]
-    else:  # decide() and the loop rank alike; should they not, open the winner afresh
-        chosen_opened = await open_candidate(winner)
-    del bench, best, safe
+    del bench
+    chosen_opened = safe if winner == plan.safe else await open_candidate(winner)
+    del safe
     device = "" if plan.facts is None else f"{plan.facts.device}: {plan.facts.name}"
     choice = Choice(
         winner, plan.mode, "measured", why, check.describe(), every, round(time.time()), device
