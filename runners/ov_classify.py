@@ -174,7 +174,7 @@ class OVClassifyRunner(Runner):
                 plan,
                 open_candidate=self._open_candidate,
                 compiled_of=lambda c: c,
-                feed=lambda _: {recipe.INPUT: precision_probe()},
+                feeds=lambda _: ({recipe.INPUT: precision_probe()},) * 2,
                 check=ov_choice.ClassificationCheck(
                     self.config.auto_min_top5, self.config.auto_min_cosine
                 ),

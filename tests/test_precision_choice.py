@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import NodeFactory
+from test_runner_openvino import TEXTS
 
 from node.cli.render import status_text
+from protocols import Tensor
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners import ov_choice
@@ -294,7 +296,18 @@ async def test_auto_chooses_a_candidate_that_passed_its_check(models_dir: Path) 
         precision["inference"],
     )
     assert status["summary"].startswith(f"precision {precision['chosen']} (auto")
+    # Texts the probe never saw (one of 256 tokens of a repeated word): the choice
+    # keeps them within the floor of fp32/f32 too.
+    reference = OpenVINOEmbedRunner(
+        models_dir, EmbedConfig(precision="fp32", inference_precision="f32")
+    )
+    await reference.load()
+    got, want = [(await r.infer({"text": TEXTS}, {}))["embedding"] for r in (runner, reference)]
+    assert isinstance(got, Tensor) and isinstance(want, Tensor)
+    cosine = np.sum(got.numpy() * want.numpy(), axis=1)
+    assert cosine.min() >= AUTO_MIN_COSINE, cosine
     await runner.close()
+    await reference.close()
 
 
 @pytest.mark.slow
