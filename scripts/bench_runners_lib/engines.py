@@ -84,22 +84,40 @@ def torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-def engine_pairs(data_dir: Path) -> list[tuple[str, Callable[[], Runner], Callable[[], Runner]]]:
-    """(model, OpenVINO builder, torch builder) for each model compared."""
-    from runners.openvino_embed import OpenVINOEmbedRunner
-    from runners.ov_classify import OVClassifyRunner
+ENGINES = ("openvino", "openvino-f32", "torch")
+
+
+def engine_pairs(data_dir: Path) -> list[tuple[str, dict[str, Callable[[], Runner]]]]:
+    """(model, builders by engine) for each model compared: OpenVINO at its default
+    (auto) precision, OpenVINO pinned to fp32/f32 (the default before auto), torch."""
+    from runners.openvino_embed import EmbedConfig, OpenVINOEmbedRunner
+    from runners.ov_classify import OVClassifyConfig, OVClassifyRunner
+    from runners.ov_device import OVOptions
     from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner
     from runners.torch_device import TorchPlacement
 
+    f32 = OVOptions(precision="fp32", inference_precision="f32")
     return [
         (
             "efficientnet-lite0",
-            lambda: OVClassifyRunner(data_dir),
-            lambda: TorchClassifyRunner(
-                data_dir, TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
-            ),
+            {
+                "openvino": lambda: OVClassifyRunner(data_dir),
+                "openvino-f32": lambda: OVClassifyRunner(data_dir, OVClassifyConfig(options=f32)),
+                "torch": lambda: TorchClassifyRunner(
+                    data_dir, TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
+                ),
+            },
         ),
-        ("all-minilm-l6-v2", lambda: OpenVINOEmbedRunner(data_dir), TorchMiniLM),
+        (
+            "all-minilm-l6-v2",
+            {
+                "openvino": lambda: OpenVINOEmbedRunner(data_dir),
+                "openvino-f32": lambda: OpenVINOEmbedRunner(
+                    data_dir, EmbedConfig(precision="fp32", inference_precision="f32")
+                ),
+                "torch": TorchMiniLM,
+            },
+        ),
     ]
 
 
@@ -112,13 +130,13 @@ def engine_inputs(model: str, batch: int) -> dict[str, Any]:
 
 
 async def bench_engines(data_dir: Path, budget: Budget) -> Figures:
-    """Both engines of a model loaded at once and timed in alternating blocks."""
+    """The engines of a model loaded at once and timed in alternating blocks."""
     threads = await trio.to_thread.run_sync(torch_threads)
     out: Figures = {"torch_threads": threads, "models": {}}
-    for model, make_ov, make_torch in engine_pairs(data_dir):
+    for model, makers in engine_pairs(data_dir):
         rows: Figures = {}
         runners: dict[str, Runner] = {}
-        for engine, make in (("openvino", make_ov), ("torch", make_torch)):
+        for engine, make in makers.items():
             runner = runners[engine] = make()
             t = time.perf_counter()
             await runner.load()
@@ -156,20 +174,22 @@ def _caller(runner: Runner, inputs: dict[str, Any]) -> Callable[[], Awaitable[An
 
 def report_engines(r: Figures, targets: Targets) -> None:
     print("1. OpenVINO vs torch eager on CPU, one caller, engines timed in alternating blocks")
-    print(f"   (torch.set_num_threads({r['torch_threads']}); OpenVINO: the runners' defaults,")
-    print("   LATENCY hint, one request over all cores; rows/s = batch / median latency;")
-    print("   MiniLM's timings include tokenizing, the same tokenizer for both)")
-    head = f"  {'model':<20}{'batch':>6} {'engine':<9}{'median':>10}{'p90':>10}{'rows/s':>10}"
-    print(head + f"{'ov/torch':>10}")
+    print(f"   (torch.set_num_threads({r['torch_threads']}); openvino: the runners' defaults,")
+    print("   auto precision, LATENCY hint, one request over all cores; openvino-f32: the")
+    print("   same pinned to fp32/f32; rows/s = batch / median latency; MiniLM's timings")
+    print("   include tokenizing, the same tokenizer for all)")
+    head = f"  {'model':<20}{'batch':>6} {'engine':<13}{'median':>10}{'p90':>10}{'rows/s':>10}"
+    print(head + f"{'x torch':>10}")
     for model, rows in r["models"].items():
         for batch in BATCHES:
-            ov = rows["openvino"]["batches"][batch]
             pt = rows["torch"]["batches"][batch]
-            ratio = ov["rows_per_s"] / pt["rows_per_s"]
-            for engine, f in (("openvino", ov), ("torch", pt)):
-                extra = f"{ratio:9.2f}x" if engine == "openvino" else ""
+            ratio = rows["openvino"]["batches"][batch]["rows_per_s"] / pt["rows_per_s"]
+            for engine in ENGINES:
+                f = rows[engine]["batches"][batch]
+                x = f["rows_per_s"] / pt["rows_per_s"]
+                extra = f"{x:9.2f}x" if engine != "torch" else ""
                 print(
-                    f"  {model:<20}{batch:>6} {engine:<9}{f['median_ms']:>8.1f}ms"
+                    f"  {model:<20}{batch:>6} {engine:<13}{f['median_ms']:>8.1f}ms"
                     f"{f['p90_ms']:>8.1f}ms{f['rows_per_s']:>10.1f}{extra}"
                 )
             if batch == 8:
@@ -178,7 +198,7 @@ def report_engines(r: Figures, targets: Targets) -> None:
                 r["models"][model]["ratio_batch8"] = ratio
         loads = ", ".join(
             f"{e} {rows[e]['load_s']} s{' (converted)' if rows[e]['converted'] else ''}"
-            for e in ("openvino", "torch")
+            for e in ENGINES
         )
         print(f"  {model} load: {loads}")
         chosen = rows["openvino"].get("precision")
