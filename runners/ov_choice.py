@@ -19,15 +19,16 @@ either one at ``auto`` by default, and this module picks it:
    other work on the machine falls on both alike: its speedup is the ratio.
 3. ``decide``: the candidate that passed with the best speedup, if that is at
    least ``MIN_GAIN`` (a smaller gain is within the noise of a few runs and
-   not worth any drift); else the safe one.
+   not worth any drift); else the safe one. Of candidates within ``MIN_GAIN``
+   of the best, the one closest to the reference wins.
 
 The choice, its figures and why, is kept as ``precision-<key>.json`` in the
 model's dir of the models cache, keyed by everything that could change the
 answer (model files, device name and capabilities, OpenVINO version,
 candidates, check thresholds, hint), so a restart opens the chosen candidate
 only and measures nothing; delete the file to measure again (say, after a
-first start on a busy machine). A device that cannot be asked (virtual devices such
-as ``AUTO:GPU,CPU``, or one that is not here) is not measured: the safe
+first start on a busy machine). A device that cannot be asked (a virtual one
+such as ``AUTO:GPU,CPU``, or one that is not here) is not measured: the safe
 candidate is used, and ``compile_for`` reports an absent device as before.
 
 Errors: the safe candidate's failures (conversion, compilation, its probe)
