@@ -94,7 +94,7 @@ class BatchingRunner(WrappedRunner):
 
     def status(self) -> dict[str, Any] | None:
         inner = self.inner.status() or {}
-        return {"batching": {"calls": self.calls, "rows": self.rows, **inner}}
+        return {**inner, "batching": {"calls": self.calls, "rows": self.rows}}
 
     async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
         keyed = _key(inputs, params)

@@ -50,8 +50,8 @@ from protocols.errors import ConfigError
 from .base import Runner
 from .batching import BatchConfig, BatchingRunner
 from .fake import FakeRunner
+from .openvino_embed import AUTO_MIN_COSINE, EmbedConfig, OpenVINOEmbedRunner
 from .openvino_embed import MODEL_NAME as MINILM
-from .openvino_embed import EmbedConfig, OpenVINOEmbedRunner
 from .ov_device import OVOptions
 
 DEFAULT_MODEL = MINILM
@@ -84,8 +84,9 @@ class Kind:
 def _read_embed(table: Table) -> EmbedConfig:
     table.text("name", MINILM, choices=(MINILM,))
     # The compile options every OpenVINO runner takes (device, hint, precision of
-    # the weights, inference precision), checked the same way.
-    options = OVOptions.from_table(table)
+    # the weights, inference precision), checked the same way; both precisions
+    # default to auto, measured at the first load (see runners.ov_choice).
+    options = OVOptions.from_table(table, measured=True)
     if options.precision == "int4":
         message = f"{table.where}.precision: {MINILM} takes fp32, fp16 or int8 weights"
         raise ModelSpecError(f"{message} (int4 moves its embeddings too far)")
@@ -98,6 +99,7 @@ def _read_embed(table: Table) -> EmbedConfig:
         convert_timeout_s=table.number("convert_timeout_s", 300.0, low=1.0, high=86400.0),
         inference_precision=options.inference_precision,
         precision=options.precision,
+        auto_min_cosine=table.number("auto_min_cosine", AUTO_MIN_COSINE, low=0.0, high=1.0),
     )
 
 

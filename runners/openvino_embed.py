@@ -10,6 +10,14 @@ Every load runs the probe texts the converter stored with their torch
 embeddings; a mismatch means the entry is damaged, so it is discarded and
 converted again once before giving up. The probe doubles as the warm-up.
 
+Precision: by default both the weights and the inference precision are
+``auto``, and the first load measures fp32/int8 weights at f32 and at every
+precision the device offers (bf16 on AMX Xeons) on ``PRECISION_PROBE``, and
+keeps the fastest whose embeddings stay within ``auto_min_cosine`` of fp32/f32
+(see ``ov_choice``; the choice is cached beside the IR). ``precision`` and
+``inference_precision`` set in the config are used as written. Each weight
+precision has its own cache root: fp32 in the model's dir, others in a subdir.
+
 OpenVINO infer requests must not be shared between threads, so the runner keeps
 one per allowed worker thread in a pool, and a ``trio.CapacityLimiter`` of the
 same size keeps the pool from running dry. Anything OpenVINO or the tokenizer
@@ -23,7 +31,7 @@ import json
 import logging
 import queue
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -35,7 +43,7 @@ from protocols import Param, Tensor, Value
 from protocols.errors import ConfigError
 
 from . import convert_minilm as recipe
-from . import ir_cache, ov_cache
+from . import ir_cache, ov_cache, ov_choice
 from .base import (
     ModelInfo,
     Outputs,
@@ -47,7 +55,8 @@ from .base import (
     run_blocking,
 )
 from .errors import BadInput, ModelLoadError, RunnerError
-from .ov_device import OVOptions, compile_for
+from .ov_choice import AUTO, Candidate
+from .ov_device import INFERENCE_PRECISIONS, OVOptions, compile_for
 
 MODEL_NAME = recipe.MODEL_NAME
 MAX_BATCH = 64
@@ -62,6 +71,53 @@ TYPE_VOCAB_SIZE = 2
 # put the probe at cosine 0.94, too far for an embedding model.
 PROBE_MIN_COSINE = {"fp32": 0.999, "fp16": 0.999, "int8": 0.99}
 PERFORMANCE_HINTS = frozenset({"LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"})
+# What an auto precision must keep: every probe row at cosine 0.999 or more to
+# fp32/f32. The same floor the fp32 IR is held to against torch (above), so a
+# faster precision may drift from OpenVINO fp32 as far as OpenVINO may drift
+# from the model's own framework, and no further: 0.999 is 2.6 degrees, well
+# inside the gaps that order search results. Measured on PRECISION_PROBE: bf16
+# 0.99997, f16 0.999999, int8 weights 0.9988 (on the log and CSV rows), so int8
+# is not chosen: it also misses 0.999 against torch on the tests' long texts.
+AUTO_MIN_COSINE = 0.999
+# The precision check's timed batch (ov_choice): 8 fixed texts, one word to ~40
+# tokens (so the batch carries padding), code, figures, and text that is not
+# English, the lengths embedding requests usually have.
+PRECISION_TIMED = (
+    "swarm",
+    "How many cores does this node have?",
+    "A peer-to-peer swarm serves inference to its members over libp2p.",
+    "The quick brown fox jumps over the lazy dog, again and again, until the dog "
+    "finally wakes up and chases it across the whole field and back.",
+    "Ünïcödé, тест, 日本語のテキスト, und ein deutscher Satz.",
+    "def add(a, b):\n    return a + b  # code is text too",
+    "Prices rose 3.2% in March; the index closed at 4,512.07 points.",
+    "Embeddings map sentences to vectors so that similar meanings end up close "
+    "together, which is what search, clustering and deduplication rely on.",
+)
+_PARAGRAPH = (
+    "A swarm node joins its peers over libp2p, learns from their signed records "
+    "which models each one serves and how busy it is, and sends every request to "
+    "the peer that can answer it soonest. When a peer disappears in the middle of "
+    "a job, the caller notices the broken stream at once and runs the job again "
+    "elsewhere if it is safe to repeat. Models run on OpenVINO or torch, on the "
+    "CPU or on a GPU, and the node converts each one once and keeps it in a cache "
+    "that two daemons may share without ever reading a half-written file. Text "
+    "embeddings, image labels and generated tokens all travel in the same small "
+    "binary frames, and a gateway speaks the HTTP dialects that existing clients "
+    "expect, so an application written for a hosted service can use the swarm "
+    "instead without changing a line. Status, metrics and a live page say what "
+    "each node does, what it refused and why, and how long its answers took."
+)
+_LOG = " ".join(
+    f"2026-03-14 12:{m:02d}:07 INFO node {m % 7} served {m * 3} jobs in {40 + m} ms;"
+    for m in range(20)
+)
+_CSV = " ".join(f"{i},{i * i},{i * 0.5}" for i in range(60))
+# The check's probe: the timed texts and three long ones at up to MAX_TOKENS: prose,
+# log lines, CSV rows. Reduced precision drifts further on long texts, most on
+# figures and repetition: int8 weights keep cosine 0.9993 on the prose and the
+# short texts but 0.9989 on the log and 0.9988 on the CSV (fp32/bf16: 0.99998).
+PRECISION_PROBE = (*PRECISION_TIMED, _PARAGRAPH, _LOG, _CSV)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,13 +134,19 @@ class EmbedConfig:
     performance_hint: str = "LATENCY"
     concurrency: int = 2  # worker threads, each with its own infer request
     convert_timeout_s: float = 300.0
-    inference_precision: str = "f32"  # what the device computes in (see ov_device)
-    precision: str = "fp32"  # the weights as stored: fp32, fp16, int8 or int4
+    # What the device computes in (see ov_device): f32, bf16, f16, or auto (measured).
+    inference_precision: str = AUTO
+    precision: str = AUTO  # the weights as stored: fp32, fp16, int8, or auto (measured)
+    auto_min_cosine: float = AUTO_MIN_COSINE  # what an auto precision must keep
 
     def __post_init__(self) -> None:
-        if self.precision not in PROBE_MIN_COSINE:
+        if self.precision not in (*PROBE_MIN_COSINE, AUTO):
             why = " (int4 moves its embeddings too far)" if self.precision == "int4" else ""
-            raise ConfigError(f"precision must be one of {sorted(PROBE_MIN_COSINE)}{why}")
+            raise ConfigError(f"precision must be one of {sorted(PROBE_MIN_COSINE)} or auto{why}")
+        if self.inference_precision not in INFERENCE_PRECISIONS:
+            raise ConfigError(f"inference_precision must be one of {sorted(INFERENCE_PRECISIONS)}")
+        if not 0.0 <= self.auto_min_cosine <= 1.0:
+            raise ConfigError("auto_min_cosine must be from 0 to 1")
         if self.performance_hint not in PERFORMANCE_HINTS:
             raise ConfigError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
         if self.concurrency < 1:
@@ -189,25 +251,67 @@ class OpenVINOEmbedRunner(MiniLMRunner):
         self.cache_root = Path(models_dir) / MODEL_NAME
         c = self.config
         super().__init__("openvino", c.device, c.precision, c.concurrency)
+        self._announce(c.precision, c.inference_precision)
+        self.choice: ov_choice.Choice | None = None  # the precision in use, once loaded
+
+    def root(self, weights: str) -> Path:
+        """Where entries of ``weights`` live: fp32 in the model's dir (where they were
+        before weights were a setting), others in a subdir each, since loading
+        prunes every other entry of its root."""
+        return self.cache_root if weights == "fp32" else self.cache_root / weights
 
     async def load(self) -> None:
-        """Find or make the IR, compile it and check it against its probe. Idempotent."""
+        """Choose the precision (measured once, then cached), find or make its IR,
+        compile it and check it against its probe. Idempotent."""
         async with self._load_lock:
             if self._session is not None:
                 return
-            precision = self.config.precision
-            parts = await self._blocking(_fingerprint_parts, precision)
-            self._session, _ = await ov_cache.open_or_convert(
-                self.cache_root,
-                parts,
-                lambda out: ["-m", "runners.convert_minilm", str(out), precision],
-                self._open,
+            c = self.config
+            facts = await self._blocking(ov_choice.device_facts, c.device)
+            plan = ov_choice.plan(c.precision, c.inference_precision, facts, c.device)
+            weights = sorted({candidate.weights for candidate in plan.candidates})
+            parts = {"model": MODEL_NAME, "hint": c.performance_hint}
+            for w in weights:
+                parts[f"ir-{w}"] = await self._blocking(cache_key, w)
+            session, choice = await ov_choice.open_chosen(
+                plan,
+                open_candidate=self._open_candidate,
+                compiled_of=lambda s: s.compiled,
+                feeds=_probe_feeds,
+                check=ov_choice.EmbeddingCheck(c.auto_min_cosine),
+                directory=self.cache_root,
+                parts=parts,
                 name=MODEL_NAME,
-                timeout_s=self.config.convert_timeout_s,
             )
+            self._session, self.choice = session, choice
+            self._announce(choice.chosen.weights, choice.chosen.inference)
 
-    async def _open(self, path: Path) -> _Session:
-        return await run_blocking(_Session.open, path, self.config, limiter=self._limiter)
+    def _announce(self, weights: str, inference: str) -> None:
+        extra = {**self.info.extra, "inference_precision": inference}
+        self.info = replace(self.info, precision=weights, extra=extra)
+
+    def status(self) -> dict[str, Any] | None:
+        if self.choice is None:
+            return None
+        return {"precision": self.choice.describe(), "summary": self.choice.summary()}
+
+    async def _open_candidate(self, candidate: Candidate) -> _Session:
+        weights = candidate.weights
+        parts = await self._blocking(_fingerprint_parts, weights)
+        session, _ = await ov_cache.open_or_convert(
+            self.root(weights),
+            parts,
+            lambda out: ["-m", "runners.convert_minilm", str(out), weights],
+            lambda path: self._open(path, candidate),
+            name=MODEL_NAME,
+            timeout_s=self.config.convert_timeout_s,
+        )
+        return session
+
+    async def _open(self, path: Path, candidate: Candidate) -> _Session:
+        return await run_blocking(
+            _Session.open, path, self.config, candidate, limiter=self._limiter
+        )
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Filesystem work of loading, in a thread; OS errors become ModelLoadError."""
@@ -221,6 +325,7 @@ class _Session:
     """A compiled model, its tokenizer and a pool of infer requests. All methods block."""
 
     def __init__(self, compiled: Any, tokenizer: Any, concurrency: int) -> None:
+        self.compiled = compiled
         self._tokenizer = tokenizer
         self._output = compiled.output(recipe.OUTPUT)
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -228,8 +333,9 @@ class _Session:
             self._requests.put(compiled.create_infer_request())
 
     @classmethod
-    def open(cls, path: Path, config: EmbedConfig) -> _Session:
-        """Compile the entry at ``path`` and prove it against its probe.
+    def open(cls, path: Path, config: EmbedConfig, candidate: Candidate) -> _Session:
+        """Compile the entry at ``path`` (its weights are ``candidate.weights``) to
+        compute in ``candidate.inference``, and prove it against its probe.
 
         Raises _CorruptEntry when the files do not load or give wrong numbers,
         ModelLoadError when the device refuses a model that is fine.
@@ -248,7 +354,7 @@ class _Session:
             options = OVOptions(
                 device=config.device,
                 performance_hint=config.performance_hint,
-                inference_precision=config.inference_precision,
+                inference_precision=candidate.inference,
             )
         except ConfigError as exc:
             raise ModelLoadError(f"{MODEL_NAME}: {exc}") from exc
@@ -261,7 +367,9 @@ class _Session:
         if got.shape != expected.shape:
             raise _CorruptEntry(f"{path.name}: probe shape {got.shape}, expected {expected.shape}")
         cosine = float(np.min(np.sum(got * expected, axis=1)))  # both sides are unit vectors
-        least = PROBE_MIN_COSINE[config.precision]
+        # Measured: bf16 and f16 arithmetic keep this probe at 0.9999 (fp32 weights)
+        # and 0.9995 (int8), inside the floors; damage gives cosines near 0.
+        least = PROBE_MIN_COSINE[candidate.weights]
         if not cosine >= least:
             raise _CorruptEntry(f"{path.name}: probe cosine {cosine:.6f} < {least}")
         return session
@@ -270,13 +378,7 @@ class _Session:
         tokens = self.tokenize(request) if isinstance(request, list) else request
         infer_request = self._requests.get()
         try:
-            result = infer_request.infer(
-                {
-                    "input_ids": tokens.input_ids,
-                    "attention_mask": tokens.attention_mask,
-                    "token_type_ids": tokens.token_type_ids,
-                }
-            )
+            result = infer_request.infer(_feed(tokens))
             embedding: FloatArray = np.array(result[self._output], dtype=np.float32)
         finally:
             self._requests.put(infer_request)
@@ -284,6 +386,21 @@ class _Session:
 
     def tokenize(self, texts: list[str]) -> _Tokens:
         return tokenize(self._tokenizer, texts)
+
+
+def _feed(tokens: _Tokens) -> dict[str, Int64Array]:
+    return {
+        "input_ids": tokens.input_ids,
+        "attention_mask": tokens.attention_mask,
+        "token_type_ids": tokens.token_type_ids,
+    }
+
+
+def _probe_feeds(session: _Session) -> tuple[dict[str, Int64Array], dict[str, Int64Array]]:
+    """The precision check's probe and timed batch as token arrays. Blocks."""
+    return _feed(session.tokenize(list(PRECISION_PROBE))), _feed(
+        session.tokenize(list(PRECISION_TIMED))
+    )
 
 
 def _parse(info: ModelInfo, inputs: Mapping[str, Value]) -> list[str] | _Tokens:

@@ -12,10 +12,18 @@ Two precisions are distinct on purpose:
 
 * ``precision`` is what the stored weights are (fp32, fp16, int8, int4); it
   changes the IR, so it is part of a cache key (see ``ov_precision``).
-* ``inference_precision`` is what the device computes in. It defaults to
-  ``f32``: on CPUs with bf16 support (this machine's) OpenVINO otherwise
-  computes in bf16 and EfficientNet-Lite0's logits move by ~0.13. ``auto``
-  leaves the device's own default.
+* ``inference_precision`` is what the device computes in: ``f32``, ``bf16``
+  or ``f16``. On CPUs with bf16 support OpenVINO computes in bf16 unless told
+  otherwise, and EfficientNet-Lite0's logits move by ~0.15.
+
+``auto`` means two things, by runner. The runners that carry a reference
+probe (all-MiniLM-L6-v2, EfficientNet-Lite0) read their options with
+``from_table(table, measured=True)``: both precisions default to ``auto``, and
+the runner measures which one to use on this device (see ``ov_choice``); a
+value the user writes is used as written. A model of the user's own (kind
+``openvino``) has nothing to check a precision against: its precisions default
+to ``fp32``/``f32``, ``precision = "auto"`` is refused, and
+``inference_precision = "auto"`` leaves the device's own default.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ from protocols.errors import ConfigError
 from .errors import ModelLoadError
 
 PERFORMANCE_HINTS = frozenset({"LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"})
+AUTO = "auto"
 PRECISIONS = frozenset({"fp32", "fp16", "int8", "int4"})
-INFERENCE_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "auto": None}
+INFERENCE_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", AUTO: None}
 MAX_INFER_REQUESTS = 64
 _PHYSICAL = r"[A-Z][A-Z0-9_]*(?:\.[0-9]+)?"
 _DEVICE = re.compile(rf"(?:{_PHYSICAL}|(?:AUTO|MULTI|HETERO|BATCH):{_PHYSICAL}(?:,{_PHYSICAL})*)")
@@ -62,15 +71,17 @@ class OVOptions:
             raise ConfigError(f"performance_hint must be one of {sorted(PERFORMANCE_HINTS)}")
         if not 0 <= self.infer_requests <= MAX_INFER_REQUESTS:
             raise ConfigError(f"infer_requests must be 0 (auto) to {MAX_INFER_REQUESTS}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}")
+        if self.precision not in PRECISIONS | {AUTO}:
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS | {AUTO})}")
         if self.inference_precision not in INFERENCE_PRECISIONS:
             raise ConfigError(f"inference_precision must be one of {sorted(INFERENCE_PRECISIONS)}")
 
     @classmethod
-    def from_table(cls, table: Table) -> OVOptions:
+    def from_table(cls, table: Table, *, measured: bool = False) -> OVOptions:
         """Read ``device``, ``performance_hint``, ``infer_requests``, ``precision``,
-        ``inference_precision`` (all optional) from ``table``; the caller calls ``done``."""
+        ``inference_precision`` (all optional) from ``table``; the caller calls ``done``.
+
+        ``measured``: the runner can measure its precision (both default to ``auto``)."""
         device = table.text("device", "CPU")
         if not _DEVICE.fullmatch(device.upper()):
             raise ConfigError(
@@ -87,9 +98,13 @@ class OVOptions:
             device=device.upper(),
             performance_hint=hint,
             infer_requests=table.integer("infer_requests", 0, high=MAX_INFER_REQUESTS),
-            precision=table.text("precision", "fp32", choices=PRECISIONS),
+            precision=table.text(
+                "precision",
+                AUTO if measured else "fp32",
+                choices=PRECISIONS | {AUTO} if measured else PRECISIONS,
+            ),
             inference_precision=table.text(
-                "inference_precision", "f32", choices=INFERENCE_PRECISIONS
+                "inference_precision", AUTO if measured else "f32", choices=INFERENCE_PRECISIONS
             ),
         )
 

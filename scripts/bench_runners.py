@@ -1,18 +1,23 @@
-"""Benchmark the runners: OpenVINO vs torch eager, dynamic batching, generation, forwarding.
+"""Benchmark the runners: OpenVINO vs torch eager, dynamic batching, OpenVINO precisions,
+generation, forwarding.
 
-Four sections, each measured in one run so the ratios compare like with like:
+Five sections, each measured in one run so the ratios compare like with like:
 
 1. engines: per model (EfficientNet-Lite0, all-MiniLM-L6-v2) and batch size (1,
    8, 32), latency (median, p90) and rows/s of the OpenVINO runner against torch
    eager on the same inputs, both called through trio the way the node calls
    them, both on the same cores (torch.set_num_threads = the CPU count; OpenVINO's
-   LATENCY hint spreads one request over all cores).
+   LATENCY hint spreads one request over all cores). The OpenVINO runners run at
+   their default, auto precision; the report says what each chose and why.
 2. batching: MiniLM under 32 concurrent single-text callers, BatchingRunner
    around the OpenVINO runner vs the bare runner (its own limiter queues them).
-3. generation: tokens/s and time to first token through each text-generation
+3. precision: per OpenVINO model, the auto choice with the figures it measured
+   at load, and every candidate it considered (weights x arithmetic), pinned and
+   timed in alternating blocks at batch 1, 8 and 32.
+4. generation: tokens/s and time to first token through each text-generation
    runner's stream() vs the same server read directly over SSE. Adding a runner
    is one entry in GENERATORS.
-4. forwarding: the overhead our layers add to a tiny backend request: the
+5. forwarding: the overhead our layers add to a tiny backend request: the
    OpenAI runner's infer() vs a raw POST with the same body, and the node hop
    (client -> node over libp2p -> runner) vs calling the runner in-process.
 
@@ -86,7 +91,7 @@ async def run(
         results["batching"] = await bench_batching(data_dir, budget, args.wait_ms)
         report_batching(results["batching"], targets)
     if "precision" in sections:
-        progress("precision (first run converts fp16/int8/int4 IRs)")
+        progress("precision (first run converts the int8 IRs and measures)")
         results["precision"] = await bench_precision(data_dir, budget)
         report_precision(results["precision"])
     if url is not None:

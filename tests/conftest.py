@@ -87,10 +87,14 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models dir holding the converted IR, made once for the whole session.
 
     Shared, so treat it as read-only: tests that damage a cache, or daemons
-    that would write to it, work on copies. The session's one conversion (they
-    cost ~10 s each) starts from a planted entry that looks whole (this build's
-    fingerprint, a manifest, matching file sizes) but holds garbage, so it also
-    proves that a damaged entry is detected, discarded and rebuilt: see
+    that would write to it, work on copies. It is made by the default (auto
+    precision) load, so it holds the fp32 and int8 entries and the measured
+    precision choice, and every default load after it (daemons on copies
+    included) opens the chosen entry without converting or measuring. The
+    fp32 conversion (they cost ~10 s each) starts from a planted entry that
+    looks whole (this build's fingerprint, a manifest, matching file sizes)
+    but holds garbage, so it also proves that a damaged entry is detected,
+    discarded and rebuilt: see
     test_runner_openvino.test_planted_damaged_entry_was_rebuilt.
     """
     path = tmp_path_factory.mktemp("models")

@@ -4,10 +4,13 @@ The real model converts once per session and precision into a shared models
 dir (a child process: fp32 ~15 s, int8 ~8 s). The test image is scikit-learn's
 ``flower.jpg``, a daisy (ImageNet class 985). torch eager on CPU is the
 reference for OpenVINO's logits; CUDA tests run only where torch sees a GPU.
+The runners compared with torch are pinned to f32 arithmetic; the default
+(auto, measured) precision has tests of its own here.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +26,7 @@ from support import undeclared
 from protocols import Tensor, Value
 from protocols.config import Table
 from protocols.errors import ConfigError
-from runners import imagenet, ir_cache
+from runners import imagenet, ir_cache, ov_choice
 from runners.errors import BadInput, ModelLoadError
 from runners.ov_classify import OVClassifyConfig, OVClassifyRunner
 from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner
@@ -54,14 +57,22 @@ def ov_runner(models: Path, **fields: Any) -> OVClassifyRunner:
 
 @pytest.fixture(scope="session")
 def ov_fp32(classify_models: Path) -> OVClassifyRunner:
-    runner = ov_runner(classify_models)
+    runner = ov_runner(classify_models, precision="fp32", inference_precision="f32")
     trio.run(runner.load)
     return runner
 
 
 @pytest.fixture(scope="session")
 def ov_int8(classify_models: Path) -> OVClassifyRunner:
-    runner = ov_runner(classify_models, precision="int8")
+    runner = ov_runner(classify_models, precision="int8", inference_precision="f32")
+    trio.run(runner.load)
+    return runner
+
+
+@pytest.fixture(scope="session")
+def ov_auto(ov_fp32: OVClassifyRunner, ov_int8: OVClassifyRunner) -> OVClassifyRunner:
+    """The default: precision measured on this machine (both IRs are converted by now)."""
+    runner = ov_runner(ov_fp32.model_dir.parent)
     trio.run(runner.load)
     return runner
 
@@ -99,6 +110,77 @@ async def test_flower_is_a_daisy_on_openvino(ov_fp32: OVClassifyRunner, flower: 
         "fp32",
     )
     assert info["inference_precision"] == "f32"
+    status = ov_fp32.status()
+    assert status is not None and status["precision"]["mode"] == "pinned"
+    assert status["precision"]["chosen"] == "fp32/f32"
+
+
+@pytest.mark.slow
+async def test_auto_precision_passed_its_check_and_keeps_the_daisy(
+    ov_auto: OVClassifyRunner, ov_fp32: OVClassifyRunner, flower: np.ndarray, china: np.ndarray
+) -> None:
+    status = ov_auto.status()
+    assert status is not None
+    precision = status["precision"]
+    assert (precision["mode"], precision["source"]) == ("auto", "measured")
+    assert precision["check"] == "top-1 equal and top-5 overlap >= 4/5 per probe"
+    trials = {t["candidate"]: t for t in precision["candidates"]}
+    cpu = ov_choice.device_facts("CPU")
+    assert cpu is not None
+    want = [c.label for c in ov_choice.plan("auto", "auto", cpu, "CPU").candidates]
+    assert list(trials) == want
+    for trial in trials.values():  # the recorded figures agree with the verdicts
+        meets = trial["top1_equal"] == trial["probes"] == 8 and trial["top5_min"] >= 4
+        assert trial["passed"] == meets, trial
+    chosen = trials[precision["chosen"]]
+    assert chosen["passed"] and chosen["rows_per_s"] > 0
+    assert (ov_auto.info.precision, ov_auto.info.extra["inference_precision"]) == (
+        precision["weights"],
+        precision["inference"],
+    )
+    assert ov_auto.cache_root == ov_auto.model_dir / precision["weights"]
+    # A real photograph the probe never saw: same top-1, most of the same top-5.
+    both = np.concatenate([flower[:, :400, :600], china[:, :400, :600]])
+    auto = await classify(ov_auto, image(both), top_k=5)
+    full = await classify(ov_fp32, image(both), top_k=5)
+    assert auto["labels"][0] == "daisy"
+    np.testing.assert_array_equal(auto["indices"][:, 0], full["indices"][:, 0])
+    for got, want_row in zip(auto["indices"], full["indices"], strict=True):
+        assert len(set(got) & set(want_row)) >= 4
+
+
+@pytest.mark.slow
+async def test_auto_precision_is_measured_once(
+    ov_auto: OVClassifyRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(ov_choice, "Bench", refuse)
+    again = ov_runner(ov_auto.model_dir.parent)
+    await again.load()
+    status, first = again.status(), ov_auto.status()
+    assert status is not None and first is not None
+    assert status["precision"] == {**first["precision"], "source": "cache"}
+    assert again.conversion_s is None and again.info == ov_auto.info
+
+
+@pytest.mark.slow
+async def test_auto_precision_falls_back_to_fp32_when_nothing_passes(
+    ov_auto: OVClassifyRunner, tmp_path: Path
+) -> None:
+    """Logits at cosine 1.0 to fp32/f32: no reduced precision gives that."""
+    copy = tmp_path / "models"
+    shutil.copytree(ov_auto.model_dir, copy / ov_auto.model_dir.name, copy_function=os.link)
+    runner = ov_runner(copy, auto_min_cosine=1.0)
+    await runner.load()
+    status = runner.status()
+    assert status is not None
+    precision = status["precision"]
+    assert (precision["chosen"], precision["source"]) == ("fp32/f32", "measured")
+    others = [t for t in precision["candidates"] if t["candidate"] != "fp32/f32"]
+    assert others and all(not t["passed"] and t["cosine_min"] < 1.0 for t in others)
+    assert runner.info.extra["inference_precision"] == "f32"
 
 
 @pytest.mark.slow
@@ -162,7 +244,7 @@ async def test_a_damaged_entry_is_converted_again(
 ) -> None:
     copy = tmp_path / "models"
     shutil.copytree(ov_fp32.cache_root.parent, copy / ov_fp32.cache_root.parent.name)
-    runner = ov_runner(copy)
+    runner = ov_runner(copy, precision="fp32", inference_precision="f32")
     (entry,) = runner.cache_root.glob(f"{ir_cache.ENTRY_PREFIX}*")
     weights = entry / "model.bin"
     data = bytearray(weights.read_bytes())

@@ -52,14 +52,20 @@ def reference() -> np.ndarray:
     return np.asarray(model.encode(TEXTS), dtype=np.float32)
 
 
+# The conversion's own numbers: fp32 weights computed in f32. The default (auto)
+# precision has tests of its own in test_precision_choice.py.
+REFERENCE = EmbedConfig(precision="fp32", inference_precision="f32")
+
+
 @pytest.fixture(scope="session")
 def runner(models_dir: Path) -> OpenVINOEmbedRunner:
-    """One loaded runner for the session (each load compiles and probes: ~0.4 s).
+    """One loaded runner for the session (each load compiles and probes: ~0.4 s),
+    pinned to fp32/f32.
 
     Its trio lock and limiter are not tied to one trio.run, so each test's own
     run may use it.
     """
-    r = OpenVINOEmbedRunner(models_dir)
+    r = OpenVINOEmbedRunner(models_dir, REFERENCE)
     trio.run(r.load)
     return r
 
@@ -68,6 +74,13 @@ def runner(models_dir: Path) -> OpenVINOEmbedRunner:
 def unloaded(tmp_path: Path) -> OpenVINOEmbedRunner:
     """Enough for ``check``, which must not need the model."""
     return OpenVINOEmbedRunner(tmp_path)
+
+
+def entries(root: Path) -> list[str]:
+    """The names of ``root``'s IR entries and staging dirs (not its int8/ subdir,
+    nor the cached precision choice)."""
+    prefixes = (ir_cache.ENTRY_PREFIX, ir_cache.STAGING_PREFIX, ir_cache.TRASH_PREFIX)
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(prefixes))
 
 
 def entry(models_dir: Path) -> Path:
@@ -240,8 +253,9 @@ def test_model_info_announces_the_model(unloaded: OpenVINOEmbedRunner) -> None:
         "all-minilm-l6-v2",
         "embeddings",
         "openvino",
-        "fp32",
+        "auto",  # until a load chooses
     )
+    assert info["inference_precision"] == "auto"
     assert info["dim"] == DIM and info["max_batch"] == MAX_BATCH
     assert info["context_length"] == MAX_TOKENS
     assert {s["name"]: s["required"] for s in info["inputs"]} == {
@@ -270,7 +284,7 @@ async def test_warm_cache_is_reused_not_converted(models_dir: Path) -> None:
         await runner.load()
     after = xml.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert [p.name for p in (models_dir / MODEL_NAME).iterdir()] == [entry(models_dir).name]
+    assert entries(models_dir / MODEL_NAME) == [entry(models_dir).name]
 
 
 @pytest.fixture
@@ -328,9 +342,9 @@ async def test_load_prunes_stale_entries_and_crash_leftovers(cache_copy: Path) -
     os.utime(old_tmp, (1.0, 1.0))
     live_tmp = root / f"{ir_cache.STAGING_PREFIX}live"  # maybe another daemon converting now
     live_tmp.mkdir()
-    runner = OpenVINOEmbedRunner(root.parent)
+    runner = OpenVINOEmbedRunner(root.parent, REFERENCE)
     await runner.load()
-    assert sorted(p.name for p in root.iterdir()) == sorted([cache_copy.name, live_tmp.name])
+    assert entries(root) == sorted([cache_copy.name, live_tmp.name])
 
 
 def test_planted_damaged_entry_was_rebuilt(models_dir: Path) -> None:
@@ -349,11 +363,12 @@ async def test_zeroed_weights_fail_the_probe_and_the_entry_is_dropped(cache_copy
     zero_in_place(cache_copy / convert_minilm.BIN)
     assert ir_cache.find(cache_copy.parent, key_of(cache_copy)) == cache_copy
 
-    runner = OpenVINOEmbedRunner(cache_copy.parent.parent, EmbedConfig(convert_timeout_s=0.001))
+    config = EmbedConfig(precision="fp32", inference_precision="f32", convert_timeout_s=0.001)
+    runner = OpenVINOEmbedRunner(cache_copy.parent.parent, config)
     with pytest.raises(ModelLoadError, match="conversion took over"):
         await runner.load()
     assert not runner.loaded
-    assert list(cache_copy.parent.iterdir()) == []  # damaged entry and staging both gone
+    assert entries(cache_copy.parent) == []  # damaged entry and staging both gone
 
 
 async def test_unusable_models_dir_is_a_load_error(tmp_path: Path) -> None:
@@ -378,15 +393,23 @@ def test_config_is_validated() -> None:
         EmbedConfig(performance_hint="FAST")
     with pytest.raises(ConfigError, match="concurrency"):
         EmbedConfig(concurrency=0)
+    with pytest.raises(ConfigError, match="inference_precision"):
+        EmbedConfig(inference_precision="fp32")  # that is a weights precision
+    with pytest.raises(ConfigError, match="int4 moves"):
+        EmbedConfig(precision="int4")
+    with pytest.raises(ConfigError, match="auto_min_cosine"):
+        EmbedConfig(auto_min_cosine=1.5)
 
 
 @pytest.mark.parametrize("precision", ["int8"])
 async def test_compressed_weights_stay_close_to_the_reference(
-    tmp_path: Path, reference: np.ndarray, precision: str
+    models_dir: Path, reference: np.ndarray, precision: str
 ) -> None:
-    """int8 weights (nncf, in the converter's child process): a cache entry of its
-    own, and embeddings within cosine 0.99 of sentence-transformers' fp32 ones."""
-    runner = OpenVINOEmbedRunner(tmp_path, EmbedConfig(precision=precision))
+    """int8 weights (nncf, in the converter's child process; the session's auto load
+    made them): a cache root of its own beside fp32's, and embeddings within cosine
+    0.99 of sentence-transformers' fp32 ones."""
+    config = EmbedConfig(precision=precision, inference_precision="f32")
+    runner = OpenVINOEmbedRunner(models_dir, config)
     await runner.load()
     try:
         got = await embed(runner, {"text": TEXTS})
@@ -394,7 +417,9 @@ async def test_compressed_weights_stay_close_to_the_reference(
         await runner.close()
     assert runner.info.precision == precision
     assert cache_key(precision) != cache_key()
-    assert ir_cache.find(tmp_path / MODEL_NAME, cache_key(precision)) is not None
+    assert runner.root(precision) == models_dir / MODEL_NAME / precision
+    assert ir_cache.find(runner.root(precision), cache_key(precision)) is not None
+    assert ir_cache.find(models_dir / MODEL_NAME, cache_key()) is not None  # fp32 kept
     cosine = np.sum(got * reference, axis=1) / np.linalg.norm(reference, axis=1)
     print(f"{precision}: cosine to fp32 min {cosine.min():.5f}")
     assert cosine.min() > 0.99, cosine

@@ -179,6 +179,8 @@ def _runner_state(state: Mapping[str, Any]) -> str:
     if isinstance(batching, Mapping) and batching.get("calls"):
         mean = batching.get("rows", 0) / batching["calls"]
         parts.append(f"batched {batching['calls']} calls, mean {mean:.1f} rows")
+    if state.get("summary"):  # e.g. an OpenVINO runner's measured precision and why
+        parts.append(str(state["summary"]))
     return ", ".join(parts) or "-"
 
 

@@ -1,4 +1,5 @@
-"""Sections 1 and 2: OpenVINO vs torch eager per model and batch, and dynamic batching."""
+"""Sections 1 to 3: OpenVINO vs torch eager per model and batch, dynamic batching, and
+the OpenVINO precisions the auto choice considers, each pinned and timed."""
 
 from __future__ import annotations
 
@@ -83,22 +84,40 @@ def torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-def engine_pairs(data_dir: Path) -> list[tuple[str, Callable[[], Runner], Callable[[], Runner]]]:
-    """(model, OpenVINO builder, torch builder) for each model compared."""
-    from runners.openvino_embed import OpenVINOEmbedRunner
-    from runners.ov_classify import OVClassifyRunner
+ENGINES = ("openvino", "openvino-f32", "torch")
+
+
+def engine_pairs(data_dir: Path) -> list[tuple[str, dict[str, Callable[[], Runner]]]]:
+    """(model, builders by engine) for each model compared: OpenVINO at its default
+    (auto) precision, OpenVINO pinned to fp32/f32 (the default before auto), torch."""
+    from runners.openvino_embed import EmbedConfig, OpenVINOEmbedRunner
+    from runners.ov_classify import OVClassifyConfig, OVClassifyRunner
+    from runners.ov_device import OVOptions
     from runners.torch_classify import TorchClassifyConfig, TorchClassifyRunner
     from runners.torch_device import TorchPlacement
 
+    f32 = OVOptions(precision="fp32", inference_precision="f32")
     return [
         (
             "efficientnet-lite0",
-            lambda: OVClassifyRunner(data_dir),
-            lambda: TorchClassifyRunner(
-                data_dir, TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
-            ),
+            {
+                "openvino": lambda: OVClassifyRunner(data_dir),
+                "openvino-f32": lambda: OVClassifyRunner(data_dir, OVClassifyConfig(options=f32)),
+                "torch": lambda: TorchClassifyRunner(
+                    data_dir, TorchClassifyConfig(placement=TorchPlacement("cpu", "fp32"))
+                ),
+            },
         ),
-        ("all-minilm-l6-v2", lambda: OpenVINOEmbedRunner(data_dir), TorchMiniLM),
+        (
+            "all-minilm-l6-v2",
+            {
+                "openvino": lambda: OpenVINOEmbedRunner(data_dir),
+                "openvino-f32": lambda: OpenVINOEmbedRunner(
+                    data_dir, EmbedConfig(precision="fp32", inference_precision="f32")
+                ),
+                "torch": TorchMiniLM,
+            },
+        ),
     ]
 
 
@@ -111,19 +130,22 @@ def engine_inputs(model: str, batch: int) -> dict[str, Any]:
 
 
 async def bench_engines(data_dir: Path, budget: Budget) -> Figures:
-    """Both engines of a model loaded at once and timed in alternating blocks."""
+    """The engines of a model loaded at once and timed in alternating blocks."""
     threads = await trio.to_thread.run_sync(torch_threads)
     out: Figures = {"torch_threads": threads, "models": {}}
-    for model, make_ov, make_torch in engine_pairs(data_dir):
+    for model, makers in engine_pairs(data_dir):
         rows: Figures = {}
         runners: dict[str, Runner] = {}
-        for engine, make in (("openvino", make_ov), ("torch", make_torch)):
+        for engine, make in makers.items():
             runner = runners[engine] = make()
             t = time.perf_counter()
             await runner.load()
             converted = getattr(runner, "conversion_s", None) is not None
             load_s = round(time.perf_counter() - t, 2)
             rows[engine] = {"load_s": load_s, "converted": converted, "batches": {}}
+            state = runner.status() or {}
+            if "precision" in state:  # the OpenVINO runners' auto choice, with its figures
+                rows[engine]["precision"] = state["precision"]
         for batch in BATCHES:
             inputs = engine_inputs(model, batch)
             calls = {engine: _caller(runner, inputs) for engine, runner in runners.items()}
@@ -152,20 +174,22 @@ def _caller(runner: Runner, inputs: dict[str, Any]) -> Callable[[], Awaitable[An
 
 def report_engines(r: Figures, targets: Targets) -> None:
     print("1. OpenVINO vs torch eager on CPU, one caller, engines timed in alternating blocks")
-    print(f"   (torch.set_num_threads({r['torch_threads']}); OpenVINO: the runners' defaults,")
-    print("   LATENCY hint, one request over all cores; rows/s = batch / median latency;")
-    print("   MiniLM's timings include tokenizing, the same tokenizer for both)")
-    head = f"  {'model':<20}{'batch':>6} {'engine':<9}{'median':>10}{'p90':>10}{'rows/s':>10}"
-    print(head + f"{'ov/torch':>10}")
+    print(f"   (torch.set_num_threads({r['torch_threads']}); openvino: the runners' defaults,")
+    print("   auto precision, LATENCY hint, one request over all cores; openvino-f32: the")
+    print("   same pinned to fp32/f32; rows/s = batch / median latency; MiniLM's timings")
+    print("   include tokenizing, the same tokenizer for all)")
+    head = f"  {'model':<20}{'batch':>6} {'engine':<13}{'median':>10}{'p90':>10}{'rows/s':>10}"
+    print(head + f"{'x torch':>10}")
     for model, rows in r["models"].items():
         for batch in BATCHES:
-            ov = rows["openvino"]["batches"][batch]
             pt = rows["torch"]["batches"][batch]
-            ratio = ov["rows_per_s"] / pt["rows_per_s"]
-            for engine, f in (("openvino", ov), ("torch", pt)):
-                extra = f"{ratio:9.2f}x" if engine == "openvino" else ""
+            ratio = rows["openvino"]["batches"][batch]["rows_per_s"] / pt["rows_per_s"]
+            for engine in ENGINES:
+                f = rows[engine]["batches"][batch]
+                x = f["rows_per_s"] / pt["rows_per_s"]
+                extra = f"{x:9.2f}x" if engine != "torch" else ""
                 print(
-                    f"  {model:<20}{batch:>6} {engine:<9}{f['median_ms']:>8.1f}ms"
+                    f"  {model:<20}{batch:>6} {engine:<13}{f['median_ms']:>8.1f}ms"
                     f"{f['p90_ms']:>8.1f}ms{f['rows_per_s']:>10.1f}{extra}"
                 )
             if batch == 8:
@@ -174,9 +198,13 @@ def report_engines(r: Figures, targets: Targets) -> None:
                 r["models"][model]["ratio_batch8"] = ratio
         loads = ", ".join(
             f"{e} {rows[e]['load_s']} s{' (converted)' if rows[e]['converted'] else ''}"
-            for e in ("openvino", "torch")
+            for e in ENGINES
         )
         print(f"  {model} load: {loads}")
+        chosen = rows["openvino"].get("precision")
+        if chosen:
+            print(f"  {model} OpenVINO precision: {chosen['chosen']} ({chosen['mode']}, ")
+            print(f"    {chosen['source']}): {chosen['why']}")
     print()
 
 
@@ -266,47 +294,96 @@ def report_batching(r: Figures, targets: Targets) -> None:
 # --------------------------------------------------------------------------- precision
 
 
-async def bench_precision(data_dir: Path, budget: Budget) -> Figures:
-    """all-MiniLM-L6-v2 on OpenVINO with fp32 and int8 weights, timed in alternating
-    blocks, and how far int8 moves the embeddings (cosine to fp32, per text)."""
+def precision_models(data_dir: Path) -> list[tuple[str, Callable[[Any], Runner]]]:
+    """(model, build(candidate or None for auto)) for each model with an auto precision."""
     from runners.openvino_embed import EmbedConfig, OpenVINOEmbedRunner
+    from runners.ov_classify import OVClassifyConfig, OVClassifyRunner
+    from runners.ov_device import OVOptions
 
-    runners = {p: OpenVINOEmbedRunner(data_dir, EmbedConfig(precision=p)) for p in ("fp32", "int8")}
-    out: Figures = {"batches": {}}
-    for precision, runner in runners.items():
+    def embed(c: Any) -> Runner:
+        if c is None:
+            return OpenVINOEmbedRunner(data_dir)
+        config = EmbedConfig(precision=c.weights, inference_precision=c.inference)
+        return OpenVINOEmbedRunner(data_dir, config)
+
+    def classify(c: Any) -> Runner:
+        if c is None:
+            return OVClassifyRunner(data_dir)
+        options = OVOptions(precision=c.weights, inference_precision=c.inference)
+        return OVClassifyRunner(data_dir, OVClassifyConfig(options=options))
+
+    return [("all-minilm-l6-v2", embed), ("efficientnet-lite0", classify)]
+
+
+async def bench_precision(data_dir: Path, budget: Budget) -> Figures:
+    """Per model, what the auto precision chose here (with the figures it measured at
+    load), then every candidate it considered, pinned, timed in alternating blocks;
+    for MiniLM also each candidate's cosine to fp32/f32 over 32 texts."""
+    from runners.ov_choice import Candidate
+
+    out: Figures = {"models": {}}
+    for model, build in precision_models(data_dir):
+        auto = build(None)
         started = time.perf_counter()
-        await runner.load()
-        out[f"{precision}_load_s"] = round(time.perf_counter() - started, 2)
-    probe = {"text": texts(32, seed=99)}
-    vectors = {}
-    for precision, runner in runners.items():
-        embedding = (await runner.infer(probe, {}))["embedding"]
-        assert isinstance(embedding, Tensor)
-        vectors[precision] = embedding.numpy()
-    cosine = np.sum(vectors["fp32"] * vectors["int8"], axis=1)  # unit vectors
-    out["cosine_min"], out["cosine_mean"] = float(cosine.min()), float(cosine.mean())
-    for batch in BATCHES:
-        inputs = engine_inputs("all-minilm-l6-v2", batch)
-        calls = {p: _caller(runner, inputs) for p, runner in runners.items()}
-        out["batches"][batch] = {
-            p: {"median_ms": ms(statistics.median(t)), "rows_per_s": batch / statistics.median(t)}
-            for p, t in (await alternated(calls, budget)).items()
-        }
-    for runner in runners.values():
-        await runner.close()
+        await auto.load()
+        load_s = round(time.perf_counter() - started, 2)
+        choice = (auto.status() or {})["precision"]
+        await auto.close()
+        labels = [t["candidate"] for t in choice.get("candidates", ())] or [choice["chosen"]]
+        runners = {label: build(Candidate.parse(label)) for label in labels}
+        for runner in runners.values():
+            await runner.load()
+        figures: Figures = {"auto": choice, "auto_load_s": load_s, "batches": {}}
+        if model == "all-minilm-l6-v2":
+            probe = {"text": texts(32, seed=99)}
+            vectors = {}
+            for label, runner in runners.items():
+                embedding = (await runner.infer(probe, {}))["embedding"]
+                assert isinstance(embedding, Tensor)
+                vectors[label] = embedding.numpy()
+            reference = vectors[labels[0]]
+            figures["cosine_min"] = {
+                label: float(np.min(np.sum(v * reference, axis=1))) for label, v in vectors.items()
+            }
+        for batch in BATCHES:
+            inputs = engine_inputs(model, batch)
+            calls = {label: _caller(runner, inputs) for label, runner in runners.items()}
+            figures["batches"][batch] = {
+                label: {
+                    "median_ms": ms(statistics.median(t)),
+                    "rows_per_s": batch / statistics.median(t),
+                }
+                for label, t in (await alternated(calls, budget)).items()
+            }
+        for runner in runners.values():
+            await runner.close()
+        out["models"][model] = figures
     return out
 
 
 def report_precision(r: Figures) -> None:
-    print("3. all-MiniLM-L6-v2 on OpenVINO: fp32 vs int8 weights (nncf), alternating blocks")
-    print(f"  {'batch':>6}{'fp32 ms':>10}{'int8 ms':>10}{'int8/fp32 rows/s':>18}")
-    for batch, f in r["batches"].items():
-        ratio = f["int8"]["rows_per_s"] / f["fp32"]["rows_per_s"]
-        r["batches"][batch]["ratio"] = ratio
-        fp32, int8 = f["fp32"]["median_ms"], f["int8"]["median_ms"]
-        print(f"  {batch:>6}{fp32:>10.1f}{int8:>10.1f}{ratio:>17.2f}x")
-    print(
-        f"  int8 embeddings vs fp32: cosine min {r['cosine_min']:.5f}, mean {r['cosine_mean']:.5f}"
-        f" (32 texts); load fp32 {r['fp32_load_s']} s, int8 {r['int8_load_s']} s"
-    )
+    print("3. OpenVINO precisions: what auto chose, and every candidate it tried, pinned")
+    print("   (weights/arithmetic; rows/s from the median of alternating blocks; x = vs the")
+    print("   first, fp32/f32)")
+    for model, f in r["models"].items():
+        choice = f["auto"]
+        took = f"{choice['source']}, load {f['auto_load_s']} s"
+        print(f"  {model}: auto chose {choice['chosen']} ({took})")
+        print(f"    {choice['why']}; check: {choice.get('check', '-')}")
+        for trial in choice.get("candidates", ()):
+            shown = {k: v for k, v in trial.items() if k not in ("candidate", "passed")}
+            verdict = "passed" if trial["passed"] else "FAILED"
+            print(f"    at load: {trial['candidate']:<10} {verdict:<7} {shown}")
+        labels = list(next(iter(f["batches"].values())))
+        print(f"  {'batch':>8}" + "".join(f"{label:>16}" for label in labels))
+        for batch, row in f["batches"].items():
+            base = row[labels[0]]["rows_per_s"]
+            cells = [
+                f"{row[label]['rows_per_s']:8.1f} {row[label]['rows_per_s'] / base:5.2f}x"
+                for label in labels
+            ]
+            print(f"  {batch:>8}" + "".join(f"{cell:>16}" for cell in cells))
+        if "cosine_min" in f:
+            cosines = ", ".join(f"{k} {v:.5f}" for k, v in f["cosine_min"].items())
+            print(f"    cosine min to {labels[0]} over 32 texts: {cosines}")
     print()
