@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in milliseconds
 PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
+API_KEY_HEADER = "x-api-key"  # Anthropic's clients send their key here, not as a bearer
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 EmitFor = Callable[[int, Mapping[str, Value]], Awaitable[None]]  # job index, its chunk
@@ -233,8 +234,11 @@ def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler
 
 
 def authorize(request: HTTPRequest, token: str) -> None:
-    """HTTPFailure 401 unless the request carries ``Authorization: Bearer <token>``."""
+    """HTTPFailure 401 unless the request carries ``Authorization: Bearer <token>`` or,
+    as Anthropic's clients send their key, ``x-api-key: <token>``."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    matches = hmac.compare_digest(given.strip().encode(), token.encode())
-    if scheme.lower() != "bearer" or not matches:
-        raise HTTPFailure(401, "this gateway needs 'Authorization: Bearer <token>'", "unauthorized")
+    if scheme.lower() != "bearer":
+        given = request.headers.get(API_KEY_HEADER, "")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        message = "this gateway needs 'Authorization: Bearer <token>' (or 'x-api-key: <token>')"
+        raise HTTPFailure(401, message, "unauthorized")
