@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from trio_typing import TaskStatus
 
-from . import kserve, openai, page, responses, ws
+from . import anthropic, kserve, openai, page, responses, ws
 from .app import Backend, guarded, json_object, read_json
 from .config import GatewayConfig, is_loopback
 from .errors import HTTPFailure, error_response
@@ -96,6 +96,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             Route("/models/unload", unload, methods=["POST"]),
             *openai.routes(backend, config),
             *responses.routes(backend, config),
+            *anthropic.routes(backend, config),
             *kserve.routes(backend, config),
             *ws.routes(backend, config),
             *page.routes(backend, config),
