@@ -1,4 +1,4 @@
-"""What the gateway's generation APIs share: a swarm job from a conversation, and its answer.
+"""What the gateway's model APIs share: a swarm job from a conversation, and its answer.
 
 OpenAI's chat and completions, the Responses API, Anthropic's Messages and
 Ollama's chat and generate each read their own body in their own names; what
@@ -20,6 +20,8 @@ they ask of a model is the same few things, and those meet here:
   calls it made (whole) and the token counts the model reported (0 where it
   reported none). ``complete`` runs a job while its client waits; ``stream``
   hands each piece of text to ``on_text`` as it comes.
+- ``embed``: texts as one embedding job, its vectors and the input tokens
+  the embedder counted (OpenAI's embeddings, Ollama's embed).
 
 Errors: ``HTTPFailure`` 400 naming the field in the API's own words, or the
 swarm's ``SwarmError`` of the job.
@@ -32,15 +34,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request as HTTPRequest
 
-from protocols import Param, Request, Value
+from protocols import Param, Request, Tensor, Value
 from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER  # takes max_tokens, tools
 
-from .app import Backend, options, run_while_connected
+from .app import Backend, new_id, options, run_while_connected
 from .errors import HTTPFailure
 
 GENERATION_TASKS = frozenset({"text-generation", "fake"})
+EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
 OnText = Callable[[str], Awaitable[None]]
 
 
@@ -280,3 +284,43 @@ def arguments(call: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise HTTPFailure(502, "a tool call's arguments are not a JSON object", "bad_output")
     return value
+
+
+def input_texts(body: Mapping[str, Any], key: str) -> list[str]:
+    """What to embed: a string or a non-empty list of strings."""
+    texts = body.get(key)
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise HTTPFailure(400, f"'{key}' must be a string or a list of strings", "invalid_input")
+    return texts
+
+
+async def embed(
+    backend: Backend, http: HTTPRequest, model: Mapping[str, Any], texts: list[str]
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
+    """``texts`` embedded by ``model`` in one job: the rows (float32 [n, d]) and the
+    input tokens it counted."""
+    check_task(model, EMBEDDING_TASKS, "embeddings")
+    how = options(http)
+    request = Request(
+        id=new_id("emb"),
+        model=str(model["name"]),
+        inputs={"text": texts},
+        deadline_ms=how.deadline_ms,
+        priority=how.priority,
+    )
+    result = await run_while_connected(backend, http, request)
+    vectors = result.outputs.get("embedding")
+    if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
+        raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
+    return vectors.numpy().astype("<f4"), token_count(result.outputs)
+
+
+def token_count(outputs: Mapping[str, Value]) -> int:
+    """Input tokens an embedder reported: ``tokens`` per row, or a ``prompt_tokens``
+    total; 0 when it counted none (a backend that does not say)."""
+    per_row = outputs.get("tokens")
+    if isinstance(per_row, Tensor) and per_row.dtype.startswith(("int", "uint")):
+        return int(per_row.numpy().sum())
+    return count(outputs, "prompt_tokens")

@@ -47,7 +47,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocols import Param, Request, Tensor, Value
+from protocols import Param, Request, Value
 from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER  # takes max_tokens, tools
 
 from .app import (
@@ -59,7 +59,6 @@ from .app import (
     new_id,
     options,
     read_json,
-    run_while_connected,
     while_connected,
 )
 from .config import GatewayConfig
@@ -67,9 +66,10 @@ from .errors import HTTPFailure
 from .generate import (
     GENERATION_TASKS,
     Sampling,
-    check_task,
     count,
+    embed,
     first,
+    input_texts,
     integer,
     limit,
     number,
@@ -87,7 +87,6 @@ MAX_CHOICES = 8  # n: each choice is a job of its own
 # by name rather than ignored, so nobody gets an answer without the tool calls or
 # log probabilities they asked for.
 UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs")
-EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
 
 
 def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
@@ -107,35 +106,17 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
     async def embeddings(request: HTTPRequest) -> Response:
         body = json_object(await read_json(request, config.max_body))
         model = find_model(backend, body.get("model"))
-        check_task(model, EMBEDDING_TASKS, "embeddings")
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise HTTPFailure(400, "'input' must be a string or a list of strings", "invalid_input")
+        texts = input_texts(body, "input")
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise HTTPFailure(400, "'encoding_format' must be float or base64", "invalid_input")
         if body.get("dimensions") is not None:
             raise HTTPFailure(400, "'dimensions' is not supported", "unsupported_parameter")
-        how = options(request)
-        job = Request(
-            id=new_id("emb"),
-            model=model["name"],
-            inputs={"text": texts},
-            deadline_ms=how.deadline_ms,
-            priority=how.priority,
-        )
-        result = await run_while_connected(backend, request, job)
-        vectors = result.outputs.get("embedding")
-        if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
-            raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
-        rows = vectors.numpy().astype("<f4")
+        rows, tokens = await embed(backend, request, model, texts)
         data = [
             {"object": "embedding", "index": i, "embedding": _vector(row, encoding)}
             for i, row in enumerate(rows)
         ]
-        tokens = _token_count(result.outputs)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         answer = {"object": "list", "data": data, "model": model["name"], "usage": usage}
         return JSONResponse(answer)
@@ -325,16 +306,6 @@ async def _generate(
             await write({**head, "choices": [], "usage": _usage(last)})
 
     return EventStream(produce)
-
-
-def _token_count(outputs: Mapping[str, Value]) -> int:
-    """Input tokens an embedder reported: ``tokens`` per row, or a ``prompt_tokens``
-    total; 0 when it counted none (a backend that does not say)."""
-    per_row = outputs.get("tokens")
-    if isinstance(per_row, Tensor) and per_row.dtype.startswith(("int", "uint")):
-        return int(per_row.numpy().sum())
-    total = outputs.get("prompt_tokens")
-    return total if type(total) is int else 0
 
 
 async def _ignore(index: int, outputs: Mapping[str, Value]) -> None:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from trio_typing import TaskStatus
 
-from . import anthropic, kserve, openai, page, responses, ws
+from . import anthropic, kserve, ollama, openai, page, responses, ws
 from .app import Backend, guarded, json_object, read_json
 from .config import GatewayConfig, is_loopback
 from .errors import HTTPFailure, error_response
@@ -97,6 +97,7 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             *openai.routes(backend, config),
             *responses.routes(backend, config),
             *anthropic.routes(backend, config),
+            *ollama.routes(backend, config),
             *kserve.routes(backend, config),
             *ws.routes(backend, config),
             *page.routes(backend, config),
