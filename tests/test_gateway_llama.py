@@ -7,6 +7,8 @@ chat completions and on the Responses, Anthropic and Ollama APIs, whose clients
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -20,14 +22,13 @@ from runners.catalog import parse_model_spec
 pytestmark = pytest.mark.slow  # a real model server in a child process
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 8}
+MESSAGES = [{"role": "user", "content": "Count to five."}]
 
 
-async def test_generation_through_the_gateway_matches_the_server(
-    node_factory: NodeFactory,
-    llama_url: str,  # noqa: F811 (the imported fixture)
-) -> None:
-    spec = parse_model_spec(f"openai:name={MODEL},base_url={llama_url},flavor=llama-cpp-python")
-    messages = [{"role": "user", "content": "Count to five."}]
+@asynccontextmanager
+async def llm_gateway(node_factory: NodeFactory, server: str) -> AsyncIterator[str]:
+    """The URL of a gateway node that serves nothing; its peer serves the llama server."""
+    spec = parse_model_spec(f"openai:name={MODEL},base_url={server},flavor=llama-cpp-python")
     async with (
         node_factory("llm", models=(spec,)) as serving,
         node_factory(
@@ -35,7 +36,15 @@ async def test_generation_through_the_gateway_matches_the_server(
         ) as gateway,
     ):
         assert gateway.gateway is not None
-        url = gateway.gateway.url
+        yield gateway.gateway.url
+
+
+async def test_generation_through_the_gateway_matches_the_server(
+    node_factory: NodeFactory,
+    llama_url: str,  # noqa: F811 (the imported fixture)
+) -> None:
+    messages = MESSAGES
+    async with llm_gateway(node_factory, llama_url) as url:
         ours = await official(
             url, lambda c: c.completions.create(model=MODEL, prompt=FRANCE, **GREEDY)
         )
@@ -81,16 +90,8 @@ async def test_every_chat_api_answers_as_the_server_does(
     from test_gateway_anthropic import sdk
     from test_gateway_ollama import client
 
-    spec = parse_model_spec(f"openai:name={MODEL},base_url={llama_url},flavor=llama-cpp-python")
-    messages = [{"role": "user", "content": "Count to five."}]
-    async with (
-        node_factory("llm", models=(spec,)) as serving,
-        node_factory(
-            "gateway", models=(), peers=(serving.addrs[0],), http=GatewayConfig()
-        ) as gateway,
-    ):
-        assert gateway.gateway is not None
-        url = gateway.gateway.url
+    messages = MESSAGES
+    async with llm_gateway(node_factory, llama_url) as url:
         responded = await official(
             url,
             lambda c: c.responses.create(

@@ -6,8 +6,6 @@ tool calls from FakeVLLM behind a peer."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -16,13 +14,11 @@ import numpy as np
 import pytest
 import trio
 from conftest import NodeFactory
-from test_gateway import TOKEN, swarm, words
+from test_gateway import TEXTS, TOKEN, minilm_swarm, swarm, words
 from test_gateway_responses import request_ids
 from test_gateway_tools import WEATHER
 from test_gateway_tools import swarm as tool_swarm
 
-from node.client import SwarmClient
-from node.gateway import GatewayConfig
 from protocols import Tensor
 from runners.openvino_embed import DIM, MODEL_NAME
 
@@ -185,17 +181,8 @@ async def test_real_embeddings_through_ollamas_routes(
     node_factory: NodeFactory, models_dir: Any, tmp_path: Any
 ) -> None:
     """all-MiniLM-L6-v2 (OpenVINO) on a peer, asked with the official ollama client."""
-    target = tmp_path / "real" / "models" / MODEL_NAME
-    target.parent.mkdir(parents=True)
-    shutil.copytree(models_dir / MODEL_NAME, target, copy_function=os.link)
-    texts = ["a cat sits on the mat", "a kitten sits on a rug", "stock markets fell today"]
-    async with (
-        node_factory("real", models=(MODEL_NAME,)) as real,
-        node_factory("gateway", models=(), peers=(real.addrs[0],), http=GatewayConfig()) as gateway,
-        SwarmClient.connect(real.addrs[0]) as swarm_client,
-    ):
-        assert gateway.gateway is not None
-        url = gateway.gateway.url
+    texts = TEXTS
+    async with minilm_swarm(node_factory, models_dir, tmp_path) as (url, swarm_client):
         many = await client(url, lambda c: c.embed(model=MODEL_NAME, input=texts))
         one = await client(url, lambda c: c.embeddings(model=MODEL_NAME, prompt=texts[0]))
         shown = await client(url, lambda c: c.show(MODEL_NAME))

@@ -60,12 +60,13 @@ from .generate import (
     not_text,
     number,
     params,
+    produce,
     refuse,
-    stream,
     strings,
     tool_params,
+    wants_stream,
 )
-from .sse import EventStream, Write
+from .sse import EventStream
 
 KNOWN = frozenset(
     {
@@ -108,29 +109,18 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             top_k=integer(body, "top_k"),
             stop=strings(body, "stop_sequences"),
         )
-        wanted = body.get("stream", False)
-        if not isinstance(wanted, bool):
-            raise HTTPFailure(400, "stream: must be true or false", "invalid_input")
+        wanted = wants_stream(body)
         ident, name = f"msg_{uuid.uuid4().hex}", str(model["name"])
         chosen = params(model, sampling, tools)
         swarm_job = job(ident, request, model, messages=turns, params=chosen, stream=wanted)
         if not wanted:
             return JSONResponse(message(ident, name, await complete(backend, request, swarm_job)))
-        events = Events(ident, name)
-
-        async def produce(write: Write) -> None:
-            async def on_text(piece: str) -> None:
-                for each in events.text(piece):
-                    await write(each)
-
-            answer = await stream(backend, swarm_job, on_text)
-            for each in events.end(answer):
-                await write(each)
+        streamed = produce(backend, swarm_job, Events(ident, name))
 
         def failed(status: int, text: str, code: str) -> dict[str, Any]:
             return error_body(status, text, code, path=PATH)
 
-        return EventStream(produce, named=True, path=PATH, failed=failed)
+        return EventStream(streamed, named=True, path=PATH, failed=failed)
 
     return [Route(PATH, create, methods=["POST"])]
 

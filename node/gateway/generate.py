@@ -19,7 +19,9 @@ they ask of a model is the same few things, and those meet here:
 - ``Answer``: what a finished job said: its text, why it stopped, the tool
   calls it made (whole) and the token counts the model reported (0 where it
   reported none). ``complete`` runs a job while its client waits; ``stream``
-  hands each piece of text to ``on_text`` as it comes.
+  hands each piece of text to ``on_text`` as it comes, and ``produce`` writes
+  a streamed job as an API's ``Frames`` (its events or lines, built by a
+  pure object of that API's module).
 - ``embed``: texts as one embedding job, its vectors and the input tokens
   the embedder counted (OpenAI's embeddings, Ollama's embed).
 
@@ -32,7 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from starlette.requests import Request as HTTPRequest
@@ -42,6 +44,7 @@ from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER  # takes max_to
 
 from .app import Backend, new_id, options, run_while_connected
 from .errors import HTTPFailure
+from .sse import Produce, Write
 
 GENERATION_TASKS = frozenset({"text-generation", "fake"})
 EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
@@ -248,6 +251,41 @@ async def stream(backend: Backend, request: Request, on_text: OnText) -> Answer:
 
     await backend.execute(request, emit)
     return Answer.of(last, text="".join(pieces))
+
+
+def wants_stream(body: Mapping[str, Any], *, default: bool = False) -> bool:
+    """``stream``: true or false (absent or null: ``default``)."""
+    wanted = body.get("stream")
+    if wanted is None:
+        return default
+    if not isinstance(wanted, bool):
+        raise HTTPFailure(400, "'stream' must be true or false", "invalid_input")
+    return wanted
+
+
+class Frames(Protocol):
+    """An API's frames for one streamed answer (pure: each call returns frames to write)."""
+
+    def text(self, piece: str) -> list[dict[str, Any]]:
+        """The frames for one more piece of text."""
+
+    def end(self, answer: Answer) -> list[dict[str, Any]]:
+        """The frames after the last piece."""
+
+
+def produce(backend: Backend, request: Request, frames: Frames) -> Produce:
+    """What a streamed answer runs: ``request``, its text written as ``frames`` say."""
+
+    async def run(write: Write) -> None:
+        async def on_text(piece: str) -> None:
+            for each in frames.text(piece):
+                await write(each)
+
+        answer = await stream(backend, request, on_text)
+        for each in frames.end(answer):
+            await write(each)
+
+    return run
 
 
 def first(value: Value | None, default: str) -> str:

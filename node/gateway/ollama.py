@@ -55,6 +55,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from protocols import Request
 from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER
 
 from .app import Backend, find_model, guarded, json_object, read_json
@@ -75,12 +76,13 @@ from .generate import (
     not_text,
     number,
     params,
+    produce,
     refuse,
-    stream,
     strings,
     tool_params,
+    wants_stream,
 )
-from .sse import NDJSONStream, Write
+from .sse import NDJSONStream
 
 VERSION = "0.12.0"  # the Ollama release whose documented API these routes follow
 EPOCH = "1970-01-01T00:00:00Z"  # models here have no file, so no modification time
@@ -158,7 +160,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         model = model_of(body)
         turns = conversation(body.get("messages"), model)
         tools = tool_params(model, body.get("tools"), None)
-        ident, wanted = _request_id(), _stream(body)
+        ident, wanted = _request_id(), wants_stream(body, default=True)
         chosen = params(model, sampling(body.get("options")), tools)
         swarm_job = job(ident, request, model, messages=turns, params=chosen, stream=wanted)
         return await _answer(backend, request, swarm_job, Lines(model, began, chat=True), ident)
@@ -175,7 +177,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             return JSONResponse(
                 {**lines.head(), "response": "", "done": True, "done_reason": "load"}
             )
-        ident, wanted = _request_id(), _stream(body)
+        ident, wanted = _request_id(), wants_stream(body, default=True)  # as Ollama does
         chosen = params(model, sampling(body.get("options")))
         if raw:
             if system:
@@ -233,13 +235,6 @@ def _sorted(backend: Backend) -> list[Mapping[str, Any]]:
 
 def _request_id() -> str:
     return f"ollama-{uuid.uuid4().hex}"
-
-
-def _stream(body: Mapping[str, Any]) -> bool:
-    wanted = body.get("stream", True)  # Ollama streams unless told not to
-    if not isinstance(wanted, bool | None):
-        raise HTTPFailure(400, "'stream' must be true or false", "invalid_input")
-    return wanted is not False
 
 
 def details(described: Mapping[str, Any]) -> dict[str, Any]:
@@ -401,25 +396,25 @@ class Lines:
             "eval_count": answer.completion_tokens,
         }
 
+    def text(self, piece: str) -> list[dict[str, Any]]:
+        return [self.piece(piece)]
+
+    def end(self, answer: Answer) -> list[dict[str, Any]]:
+        """Tool calls in a line of their own, as Ollama sends them, then the last line."""
+        calls = [self.piece("", answer.tool_calls)] if self.chat and answer.tool_calls else []
+        return [*calls, self.done(answer, whole=False)]
+
 
 async def _answer(
-    backend: Backend, http: HTTPRequest, swarm_job: Any, lines: Lines, ident: str
+    backend: Backend, http: HTTPRequest, swarm_job: Request, lines: Lines, ident: str
 ) -> Response:
     headers = {"x-request-id": ident}
     if not swarm_job.stream:
         answer = await complete(backend, http, swarm_job)
         return JSONResponse(lines.done(answer, whole=True), headers=headers)
 
-    async def produce(write: Write) -> None:
-        async def on_text(piece: str) -> None:
-            await write(lines.piece(piece))
-
-        answer = await stream(backend, swarm_job, on_text)
-        if lines.chat and answer.tool_calls:
-            await write(lines.piece("", answer.tool_calls))
-        await write(lines.done(answer, whole=False))
-
     def failed(status: int, message: str, code: str) -> dict[str, Any]:
         return {"error": message}
 
-    return NDJSONStream(produce, path="/api/", failed=failed, headers=headers)
+    streamed = produce(backend, swarm_job, lines)
+    return NDJSONStream(streamed, path="/api/", failed=failed, headers=headers)

@@ -61,11 +61,12 @@ from .generate import (
     not_text,
     number,
     params,
+    produce,
     refuse,
-    stream,
     tool_params,
+    wants_stream,
 )
-from .sse import EventStream, Write
+from .sse import EventStream
 
 PATH = "/v1/responses"
 KNOWN = frozenset(
@@ -110,9 +111,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             temperature=number(body, "temperature"),
             top_p=number(body, "top_p"),
         )
-        wanted = body.get("stream", False)
-        if not isinstance(wanted, bool):
-            raise HTTPFailure(400, "'stream' must be true or false", "invalid_input")
+        wanted = wants_stream(body)
         ident = f"resp_{uuid.uuid4().hex}"
         chosen = params(model, sampling, tools)
         swarm_job = job(ident, request, model, messages=turns, params=chosen, stream=wanted)
@@ -120,17 +119,8 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         if not wanted:
             return JSONResponse(shape.finished(await complete(backend, request, swarm_job)))
         events = Events(shape)
-
-        async def produce(write: Write) -> None:
-            async def on_text(piece: str) -> None:
-                for each in events.text(piece):
-                    await write(each)
-
-            answer = await stream(backend, swarm_job, on_text)
-            for each in events.end(answer):
-                await write(each)
-
-        return EventStream(produce, named=True, path=PATH, failed=events.error)
+        streamed = produce(backend, swarm_job, events)
+        return EventStream(streamed, named=True, path=PATH, failed=events.error)
 
     return [Route(PATH, create, methods=["POST"])]
 
