@@ -1,11 +1,12 @@
 """The gateway's shared plumbing: what it asks of the node, body reading, auth.
 
-Routes (``openai.py``, ``kserve.py``, ``health``) see the node only through
-``Backend``: run a Request, list the models the swarm serves with their
-descriptions, and this node's status. So the HTTP side holds no routing of its
+Routes (``openai.py``, ``responses.py``, ``anthropic.py``, ``ollama.py``,
+``kserve.py``, ``health``; the generation APIs share ``generate.py``) see the
+node only through ``Backend``: run a Request, list the models the swarm serves
+with their descriptions, and this node's status. So the HTTP side holds no routing of its
 own: every request becomes a swarm ``Request`` run by ``InferenceService``,
 routed and failed over like one that came over libp2p. Two optional headers
-carry what swarm requests have and OpenAI's API lacks: ``X-Swarm-Deadline-Ms``
+carry what swarm requests have and the APIs lack: ``X-Swarm-Deadline-Ms``
 (the request's time budget; past it, 504) and ``X-Swarm-Priority`` (high,
 normal or low: the admission order on the node that runs it).
 """
