@@ -235,7 +235,13 @@ async def test_tool_use_and_its_result_cross_the_swarm(node_factory: NodeFactory
                     {
                         "role": "user",
                         "content": [
-                            {"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}
+                            {"type": "tool_result", "tool_use_id": use.id, "content": "sunny"},
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "x",
+                                "content": "no",
+                                "is_error": True,
+                            },
                         ],
                     },
                 ],
@@ -264,7 +270,8 @@ async def test_tool_use_and_its_result_cross_the_swarm(node_factory: NodeFactory
     assert sent[0]["tools"] == [WEATHER] and sent[0]["tool_choice"] == "auto"
     assert sent[1]["messages"][1]["tool_calls"][0]["id"] == "call_1"
     assert sent[1]["messages"][2] == {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
-    assert second.content[0].text == "the tool said: sunny" and second.stop_reason == "end_turn"
+    assert sent[1]["messages"][3] == {"role": "tool", "tool_call_id": "x", "content": "Error: no"}
+    assert second.content[0].text == "the tool said: Error: no" and second.stop_reason == "end_turn"
     kinds = [e.type for e in events]
     assert kinds == [
         "message_start",

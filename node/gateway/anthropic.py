@@ -6,7 +6,8 @@ What a body may say, and what becomes of it (``generate`` runs the job):
   ``messages``: user and assistant turns whose content is a string or
   blocks: ``text`` blocks (joined), an assistant's ``tool_use`` blocks (its
   tool calls) and a user's ``tool_result`` blocks (a tool turn answering
-  ``tool_use_id``). ``cache_control`` on a block changes nothing here.
+  ``tool_use_id``; with ``is_error`` its text begins "Error: ").
+  ``cache_control`` on a block changes nothing here.
 - ``max_tokens`` (required, as Anthropic requires it), ``stop_sequences``,
   ``temperature``, ``top_p``, ``top_k``; ``metadata`` changes nothing.
 - ``tools`` (``{name, description, input_schema}``) go in chat's shape to
@@ -155,6 +156,8 @@ def conversation(body: Mapping[str, Any], model: Mapping[str, Any]) -> list[dict
                 calls.append(_call(at, block))
             elif kind == "tool_result" and role == "user":
                 answer = _text(f"{at}.content", block.get("content", ""), model)
+                if block.get("is_error"):  # chat's tool turns have no flag: the text says it
+                    answer = f"Error: {answer}"
                 results.append({"role": "tool", "tool_call_id": _id(at, block), "content": answer})
             else:
                 texts.append(block)
