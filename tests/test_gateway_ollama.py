@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import trio
 from conftest import NodeFactory
+from gateway_stub import failing, stub_gateway
 from test_gateway import TEXTS, TOKEN, minilm_swarm, swarm, words
 from test_gateway_responses import request_ids
 from test_gateway_tools import WEATHER
 from test_gateway_tools import swarm as tool_swarm
 
-from protocols import Tensor
+from protocols import ErrorCode, Tensor
 from runners.openvino_embed import DIM, MODEL_NAME
 
 ASK = [{"role": "user", "content": "hi"}]
@@ -195,3 +196,28 @@ async def test_real_embeddings_through_ollamas_routes(
     assert many.prompt_eval_count == 22  # word pieces plus [CLS] and [SEP], as on /v1
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert shown.capabilities == ["embedding"]
+
+
+async def test_a_failure_mid_stream_is_a_last_error_line() -> None:
+    from ollama import ResponseError
+
+    body = {"model": "gen", "messages": ASK}
+    async with stub_gateway(failing(ErrorCode.DEADLINE_EXCEEDED, ["so far "])) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            raw = await http.post("/api/chat", json=body)
+            before = await http.post("/api/chat", json={**body, "stream": False})
+
+        def read(c: Any) -> list[Any]:
+            seen: list[Any] = []
+            try:
+                seen.extend(c.chat(model="gen", messages=ASK, stream=True))
+            except ResponseError as exc:
+                seen.append(exc)
+            return seen
+
+        seen = await client(url, read)
+    lines = [json.loads(line) for line in raw.text.splitlines()]
+    assert raw.status_code == 200 and lines[0]["message"]["content"] == "so far "
+    assert list(lines[-1]) == ["error"] and "DEADLINE_EXCEEDED" in lines[-1]["error"]
+    assert seen[0].message.content == "so far " and isinstance(seen[-1], ResponseError)
+    assert before.status_code == 504 and list(before.json()) == ["error"]

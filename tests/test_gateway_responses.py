@@ -14,11 +14,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import NodeFactory
+from gateway_stub import failing, stub_gateway
 from test_gateway import official, swarm, words
 from test_gateway_tools import WEATHER
 from test_gateway_tools import swarm as tool_swarm
 
 from node.observe import logs
+from protocols import ErrorCode
 
 ASK = [{"role": "user", "content": "hi"}]
 FUNCTION = {"type": "function", **WEATHER["function"]}  # the Responses API's flat shape
@@ -204,3 +206,26 @@ async def test_a_failure_answers_in_the_responses_shape(
         )
     assert late.status_code == 504, late.text
     assert late.json()["error"]["code"] == "deadline_exceeded"
+
+
+async def test_a_failure_mid_stream_is_an_error_event() -> None:
+    """After the first event a failure is the stream's last event, numbered on."""
+    body = {"model": "gen", "input": "x", "stream": True}
+    async with stub_gateway(failing(ErrorCode.OVERLOADED, ["so far "])) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            raw = await http.post("/v1/responses", json=body)
+            before = await http.post("/v1/responses", json={**body, "stream": False})
+        events = await official(url, lambda c: list(c.responses.create(**body)))
+    assert raw.status_code == 200 and "data: [DONE]" not in raw.text
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "error",
+    ]
+    assert events[-1].sequence_number == 5 and events[-1].code == "overloaded"
+    assert "OVERLOADED" in events[-1].message
+    assert before.status_code == 429 and before.headers["retry-after"] == "1"
+    assert before.json()["error"]["type"] == "rate_limit_error"
