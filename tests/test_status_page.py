@@ -456,6 +456,13 @@ async def test_playground_chats_compares_and_classifies_in_a_real_browser(
                 seen["classify_route"] = route(driver)
                 seen["bold"] = driver.find_elements(By.CSS_SELECTOR, "#classify-labels b")
                 seen["log"] = driver.get_log("browser")
+
+                # Without its script the playground stays hidden and the page works as before.
+                driver.execute_cdp_cmd("Network.enable", {})
+                driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/playground.js"]})
+                driver.get(f"{url}/")
+                wait_for_nodes(driver, {gw.peer_id, a.peer_id, b.peer_id})
+                seen["without"] = driver.find_element(By.ID, "playground").is_displayed()
                 return seen
             finally:
                 driver.quit()
@@ -487,7 +494,54 @@ async def test_playground_chats_compares_and_classifies_in_a_real_browser(
     assert seen["classify_route"]["servedBy"] == a.peer_id
 
     assert [e["message"] for e in seen["log"] if e["level"] == "SEVERE"] == []
+    assert seen["without"] is False
     assert shot.stat().st_size > 10_000
     if os.environ.get(SAVE_ENV):
         PLAYGROUND_SHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, PLAYGROUND_SHOT)
+
+
+@pytest.mark.slow
+async def test_playground_chats_with_a_real_smollm2_peer(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """SmolLM2-135M-Instruct (OpenVINO GenAI) on a peer: the chat goes as messages
+    (the model's template renders them), streamed token by token into the page."""
+    from runners.openvino_genai import MODEL_NAME as SMOLLM2
+    from runners.openvino_genai import OpenVINOGenAIRunner
+
+    webdriver = browser_or_skip()
+    models = tmp_path / "smollm2-models"
+    converting = OpenVINOGenAIRunner(models)  # the GGUF to IR, once (~25 s on 2 cores)
+    await converting.load()
+    await converting.close()
+    async with (
+        node_factory("llm", models=(), runners=[OpenVINOGenAIRunner(models)]) as llm,
+        node_factory("gw", models=(), peers=(llm.addrs[0],), http=GatewayConfig(token=TOKEN)) as gw,
+    ):
+        assert gw.gateway is not None
+        url = gw.gateway.url
+
+        def drive() -> dict[str, Any]:
+            from selenium.webdriver.common.by import By
+
+            driver = start_browser(webdriver, tmp_path / "chromium-profile")
+            try:
+                driver.get(f"{url}/?token={TOKEN}")
+                choose(driver, SMOLLM2)
+                driver.find_element(By.ID, "chat-input").send_keys("What is the capital of France?")
+                driver.find_element(By.ID, "chat-send").click()
+                wait_for(driver, "the answer", lambda: route(driver).get("servedBy"), 120)
+                return {
+                    "answer": read(driver, "#chat-log .msg.assistant")[0],
+                    "route": route(driver),
+                    "log": driver.get_log("browser"),
+                }
+            finally:
+                driver.quit()
+
+        seen = await trio.to_thread.run_sync(drive)
+    answer = seen["answer"]
+    assert "Paris" in answer["text"] and int(answer["chunks"]) >= 2  # streamed
+    assert (seen["route"]["servedBy"], seen["route"]["forwardedBy"]) == (llm.peer_id, gw.peer_id)
+    assert [e["message"] for e in seen["log"] if e["level"] == "SEVERE"] == []
