@@ -38,6 +38,7 @@ from runners.fake import FakeRunner
 from runners.openvino_embed import MODEL_NAME
 
 X = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 0.0]], dtype=np.float32)
+BIG = np.zeros((1, 2_400_000), dtype=np.float32)
 TOKEN = "grpc-s3cret"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
 TIMEOUT_S = 30.0
@@ -272,6 +273,9 @@ async def test_refusals_carry_grpc_status_codes(node_factory: NodeFactory) -> No
             "deadline": refusal(
                 lambda: client.infer("slow", [x], client_timeout=0.3, headers=BEARER)
             ),
+            "too_large": refusal(  # 9.6 MB: over the port's 8 MiB
+                lambda: client.infer("echo", [tensor("x", BIG, "FP32")], headers=BEARER)
+            ),
             "still_ready": client.is_model_ready("echo", headers=BEARER),
             "after": client.infer("echo", [x], headers=BEARER).as_numpy("embedding"),
         }
@@ -316,6 +320,7 @@ async def test_refusals_carry_grpc_status_codes(node_factory: NodeFactory) -> No
     assert got["priority"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "x-swarm-priority" in got["priority"]["message"]
     assert got["deadline"]["status"] == "StatusCode.DEADLINE_EXCEEDED"
+    assert got["too_large"]["status"] == "StatusCode.RESOURCE_EXHAUSTED"
     assert got["still_ready"] is True and got["after"].shape == (2, 8)
 
 
