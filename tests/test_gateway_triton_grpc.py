@@ -411,6 +411,7 @@ async def test_concurrent_grpc_calls_do_not_stall_the_trio_loop(
             in_flight_after = server.services.service.in_flight
             await eventually(lambda: bool(answers), TIMEOUT_S)
             stop.set()
+    print(f"libp2p job in {1000 * took:.1f} ms, the loop late by {1000 * max(lags):.1f} ms at most")
     text = answer.outputs["text"]
     assert isinstance(text, str) and len(text.split()) == 3  # FakeRunner's three words
     assert took < 0.5 and in_flight_after == CONCURRENT  # answered while all 32 waited
