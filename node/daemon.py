@@ -82,6 +82,7 @@ class Node:
         self._serving = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._client_id = ""  # this data dir's CLI identity: one of the node's own clients
 
     @property
     def services(self) -> Services:
@@ -187,6 +188,7 @@ class Node:
         """
         cfg = self.config
         peer_id = host.get_id().to_base58()
+        self._client_id = peer_id_of(load_or_create_identity(cfg.data_dir / CLIENT_KEY))
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
         membership = Membership(
             host,
@@ -206,7 +208,12 @@ class Node:
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
         )
         service = InferenceService(
-            self.models.runners, node_id=peer_id, max_queue=cfg.max_queue, forwarder=dispatcher
+            self.models.runners,
+            node_id=peer_id,
+            max_queue=cfg.max_queue,
+            forwarder=dispatcher,
+            fairness=cfg.fairness,
+            own_clients=(self._client_id,),
         )
         metrics = NodeMetrics(peer_id, lambda: status.live_figures(self.services))
         feed = self.feed
@@ -337,7 +344,7 @@ class Node:
     ) -> local.LocalSocket | None:
         """The data dir's socket for this machine's CLI (node.net.local): jobs and the
         client view, each connection taken for the data dir's client identity."""
-        client_id = peer_id_of(load_or_create_identity(self.config.data_dir / CLIENT_KEY))
+        client_id = self._client_id
 
         async def infer(stream: SocketFramed, peer_id: str) -> None:
             await s.inbound.serve(stream, peer_id, idle_timeout_s=local.IDLE_TIMEOUT_S)
@@ -371,7 +378,8 @@ class Node:
         return gateway
 
     def _gateway(self, config: GatewayConfig) -> Gateway:
-        """The HTTP gateway: its requests run through the service like any client's."""
+        """The HTTP gateway: its requests run through the service like any client's,
+        held against ``GATEWAY`` (the node's own clients) in the fair-share ledger."""
         s = self.services
         backend = Backend(
             execute=s.service.execute,

@@ -5,7 +5,8 @@ then lays the flags given on the command line over it (a flag given wins; the re
 ones, --peer --bootstrap --allow --allow-file --model, add to the file's lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
-are read by the catalog and the router, as before.
+are read by the catalog and the router, as before; [fairness] by the fair-share
+ledger (``node.jobs.fairness``), --fair-share overriding its ``enabled``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from node.data_dir import CONFIG_FILE as CONFIG_FILE  # re-exported: their home 
 from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
 from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
@@ -38,7 +40,7 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "models", "backends", "router"})
+TABLES = frozenset({"node", "http", "models", "backends", "router", "fairness"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -64,6 +66,7 @@ FLAG_KEYS: dict[str, str] = {
     "http_token_env": "http.token_env",
     "http_insecure": "http.insecure",
     "strategy": "router.strategy",
+    "fair_share": "fairness.enabled",
     "model": "models",
 }
 NOT_IN_FILE = {
@@ -182,6 +185,19 @@ def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> Ro
     return router
 
 
+def _fairness(args: argparse.Namespace, config: dict[str, Any], source: str) -> FairnessConfig:
+    """config.toml's [fairness] table; --fair-share / --no-fair-share overrides enabled."""
+    table = config.get("fairness")
+    fairness = (
+        FairnessConfig()
+        if table is None
+        else FairnessConfig.from_table(Table(table, f"{source}: fairness"))
+    )
+    if args.fair_share is not None:
+        fairness = dataclasses.replace(fairness, enabled=args.fair_share)
+    return fairness
+
+
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     """The node's config: config.toml's values, with the flags given laid over them.
 
@@ -213,6 +229,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
             _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
         ),
         router=_router(args, file, source),
+        fairness=_fairness(args, file, source),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],
