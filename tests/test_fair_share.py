@@ -10,14 +10,20 @@ the driver is scripts/bench_fairness_lib/flood.py, which the benchmark runs too.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
+import trio
 from bench_fairness_lib.flood import Flood, flood
 from conftest import NodeFactory
 from libp2p import generate_new_ed25519_identity
+from support import eventually
 
+from node.client import SwarmClient
 from node.jobs.fairness import FairnessConfig
+from node.net.host import peer_id_of
+from protocols import Request
 
 SERVICE_S = 0.020
 P_JOBS = 25
@@ -67,3 +73,40 @@ async def test_a_light_peer_is_served_promptly_while_another_floods(
         # measured (29 of 31 refused): the targets are not met.
         assert result.p.refused >= P_JOBS // 2
         assert not meets_targets(result)
+
+
+async def test_a_forwarder_is_accountable_for_the_clients_it_vouches_for(
+    node_factory: NodeFactory,
+) -> None:
+    """Clients X and Y send to a, which forwards to b: at b the jobs are a's, divided
+    between the origins a names (X and Y, as a authenticated them), never theirs."""
+    x, y = generate_new_ed25519_identity(), generate_new_ed25519_identity()
+    x_id, y_id = peer_id_of(x), peer_id_of(y)
+    async with (
+        node_factory("b", models=("fake:slow:300",)) as b,
+        node_factory("a", models=(), peers=(b.addrs[0],)) as a,
+        SwarmClient.connect(a.addrs[0], key_pair=x) as from_x,
+        SwarmClient.connect(a.addrs[0], key_pair=y) as from_y,
+    ):
+        origins: list[str | None] = []
+        service = b.services.service
+        feed_start = service.on_start
+        assert feed_start is not None
+
+        def started(request: Request) -> None:
+            origins.append(request.origin)
+            feed_start(request)
+
+        service.on_start = started
+        gate = service.gates["slow"]
+        async with trio.open_nursery() as nursery:
+            for client in (from_x, from_x, from_y):
+                nursery.start_soon(functools.partial(client.infer, "slow", {"text": "t"}))
+            await eventually(lambda: gate.waiting == 2, timeout_s=10)
+            assert gate.queued_by() == {a.peer_id: 2}  # one share: a's
+            assert set(gate.origins(a.peer_id)) <= {x_id, y_id}
+        at_b = service.shares()["peers"]
+        at_a = a.services.service.shares()["peers"]
+    assert sorted(origins) == sorted([x_id, x_id, y_id])
+    assert [(r["peer"], r["served"]) for r in at_b] == [(a.peer_id, 3)]
+    assert {r["peer"]: r["served"] for r in at_a} == {x_id: 2, y_id: 1}

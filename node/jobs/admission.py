@@ -87,6 +87,10 @@ class PriorityGate:
         """Requests waiting, per holder."""
         return dict(self._queued_by)
 
+    def origins(self, holder: str) -> dict[str, int]:
+        """Requests of ``holder`` waiting, per origin (with fair share)."""
+        return self._room.origins(holder)
+
     def retry_after_ms(self) -> int:
         backlog = (self.waiting + self.running) / self.concurrency
         return max(1, int(1000 * self.ewma_s * max(backlog, 1.0)))

@@ -219,6 +219,16 @@ class FairQueue(Generic[T]):
                     out[name] = out.get(name, 0) + h.queued
         return out
 
+    def origins(self, holder: str) -> dict[str, int]:
+        """Waiters of ``holder`` per origin, over all priorities."""
+        out: dict[str, int] = {}
+        for level in self._levels.values():
+            h = level.holders.get(holder)
+            for name, o in (h.origins if h is not None else {}).items():
+                if o.items:
+                    out[name] = out.get(name, 0) + len(o.items)
+        return out
+
     def push(self, who: Who, priority: Priority, item: T) -> None:
         self._levels[priority].push(who, item)
 
