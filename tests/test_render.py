@@ -89,7 +89,7 @@ def test_status_shows_each_peers_share_in_80_columns() -> None:
     text = status_text("me", body)
     assert all(len(line) <= 80 for line in text.splitlines()), text
     lines = [" ".join(line.split()) for line in text.splitlines()]
-    assert "fair share on, 6 peers tracked, 1 refused, over budget: queued 1, high 3" in lines
+    assert "fairness on, 6 peers tracked, 1 refused, over budget: queued 1, high 3" in lines
     assert "PEER W QUEUED IN FLIGHT SERVED REFUSED OVER BUDGET SHARE FAIR" in lines
     # a asked most lately; its share of the work beside the one its weight gives it
     # among those with work (five peers of weight 1 and the gateway, of 4).

@@ -102,7 +102,7 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         )
     fairness = view.get("fairness")
     if isinstance(fairness, Mapping):
-        row("fair share", _fairness_line(fairness))
+        row("fairness", _fairness_line(fairness))
     routing = view.get("routing", {})
     if routing:
         broken = routing.get("peer_breakers", {})
