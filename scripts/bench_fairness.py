@@ -17,7 +17,9 @@ generator; each peer is a ``SwarmClient`` with a libp2p identity of its own.
    daemons started together, one fair and one FIFO, serving a 0 ms fake; one
    caller keeps ``--callers`` jobs in flight at one of them for a window, the
    windows alternating between the two, so load on the machine falls on both
-   alike; jobs per second each and their ratio. In process: one model's gate
+   alike (ABBA); jobs per second each, the median of each window pair's ratio, and
+   the serving process's CPU per job (from /proc: what the rest of the machine does
+   moves it less than it moves throughput). In process: one model's gate
    (``node.jobs.admission.PriorityGate``) cycled by 64 waiting tasks of one
    peer with a body that takes no time, fair vs FIFO, and fair with 64 peers
    (the fair queue picks the least start tag by a scan of the busy peers),
@@ -116,33 +118,42 @@ def _ms(value: float | None) -> str:
 
 async def end_to_end(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     nodes: list[NodeProc] = []
-    jobs: dict[str, list[float]] = {"fair": [], "fifo": []}
+    rates: dict[str, list[float]] = {"fair": [], "fifo": []}
+    cpu = {"fair": 0.0, "fifo": 0.0}  # the serving process's CPU seconds in its windows
+    done = {"fair": 0, "fifo": 0}
     try:
         for name, flag in (("fair", "--fair-share"), ("fifo", "--no-fair-share")):
             nodes.append(await start_node(root, f"cost-{name}", ["--model", "fake:zero:0", flag]))
+        procs = dict(zip(("fair", "fifo"), nodes, strict=True))
         key = generate_new_ed25519_identity()  # one peer, as both nodes see it
         async with (
-            SwarmClient.connect(nodes[0].addr, key_pair=key) as fair_client,
-            SwarmClient.connect(nodes[1].addr, key_pair=key) as fifo_client,
+            SwarmClient.connect(procs["fair"].addr, key_pair=key) as fair_client,
+            SwarmClient.connect(procs["fifo"].addr, key_pair=key) as fifo_client,
         ):
             clients = {"fair": fair_client, "fifo": fifo_client}
             for client in clients.values():  # warm both: streams opened, code paths hot
                 await _load(client, args.callers, args.warm)
-            for i in range(2 * args.cost_windows):
-                name = ("fair", "fifo")[i % 2] if (i // 2) % 2 == 0 else ("fifo", "fair")[i % 2]
-                done = await _load(clients[name], args.callers, args.cost_window)
-                jobs[name].append(done / args.cost_window)
+            for i in range(args.cost_windows):
+                for name in ("fair", "fifo") if i % 2 == 0 else ("fifo", "fair"):  # ABBA
+                    before = procs[name].cpu_s()
+                    jobs = await _load(clients[name], args.callers, args.cost_window)
+                    cpu[name] += procs[name].cpu_s() - before
+                    done[name] += jobs
+                    rates[name].append(jobs / args.cost_window)
     finally:
         await stop_all(nodes)
-    fair, fifo = statistics.median(jobs["fair"]), statistics.median(jobs["fifo"])
+    pairs = [f / o for f, o in zip(rates["fair"], rates["fifo"], strict=True) if o]
+    per_job = {k: 1000 * cpu[k] / done[k] if done[k] else 0.0 for k in cpu}
     return {
         "callers": args.callers,
         "window_s": args.cost_window,
-        "fair_jobs_per_s": jobs["fair"],
-        "fifo_jobs_per_s": jobs["fifo"],
-        "fair_median": fair,
-        "fifo_median": fifo,
-        "ratio": fair / fifo if fifo else 0.0,
+        "fair_jobs_per_s": rates["fair"],
+        "fifo_jobs_per_s": rates["fifo"],
+        "fair_median": statistics.median(rates["fair"]),
+        "fifo_median": statistics.median(rates["fifo"]),
+        "ratio": statistics.median(pairs) if pairs else 0.0,  # of each window pair's ratio
+        "server_cpu_ms_per_job": per_job,
+        "cpu_ratio": per_job["fair"] / per_job["fifo"] if per_job["fifo"] else 0.0,
     }
 
 
@@ -194,7 +205,12 @@ async def cost(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         f"   end to end, {e2e['callers']} callers of one peer, 0 ms model: fair "
         f"{e2e['fair_median']:.0f} jobs/s, FIFO {e2e['fifo_median']:.0f} jobs/s "
         f"(medians of {len(e2e['fair_jobs_per_s'])} windows of {e2e['window_s']:g} s each), "
-        f"ratio {e2e['ratio']:.3f}"
+        f"ratio {e2e['ratio']:.3f} (median of the windows' pairs)"
+    )
+    cpu = e2e["server_cpu_ms_per_job"]
+    print(
+        f"   the serving process's CPU per job: fair {cpu['fair']:.3f} ms, FIFO "
+        f"{cpu['fifo']:.3f} ms, ratio {e2e['cpu_ratio']:.3f}"
     )
     rates: dict[str, list[float]] = {"fifo": [], "fair": [], "fair64": []}
     for i in range(args.cost_windows):
@@ -265,6 +281,13 @@ def report(r: dict[str, Any]) -> Summary:
             f">= {TARGET_COST:g}",
             ratio >= TARGET_COST,
         )
+        cpu = r["cost"]["end_to_end"]["cpu_ratio"]
+        summary.add(
+            "fair/FIFO server CPU per job, one peer",
+            f"{cpu:.3f}",
+            f"<= {1 / TARGET_COST:.3f}",
+            0 < cpu <= 1 / TARGET_COST,
+        )
         gate = r["cost"]["gate"]["ratio_one_peer"]
         summary.add("fair/FIFO gate grants/s, one peer", f"{gate:.3f}", "(in process)", True)
     print("\nSummary (targets from issue 14)")
@@ -310,8 +333,8 @@ def main() -> int:
     parser.add_argument("--p-jobs", type=int, default=30, help="P's jobs per flood")
     parser.add_argument("--warm", type=float, default=1.0, help="seconds of G before P starts")
     parser.add_argument("--callers", type=int, default=16, help="one peer's jobs in flight (cost)")
-    parser.add_argument("--cost-window", type=float, default=3.0, help="seconds per cost window")
-    parser.add_argument("--cost-windows", type=int, default=4, help="windows per kind (cost)")
+    parser.add_argument("--cost-window", type=float, default=1.5, help="seconds per cost window")
+    parser.add_argument("--cost-windows", type=int, default=10, help="windows per kind (cost)")
     parser.add_argument("--gate-window", type=float, default=1.0, help="seconds per gate window")
     parser.add_argument("--seed", type=int, default=None, help="the flood's jitter (printed)")
     parser.add_argument("--quick", action="store_true", help="one round, short windows")
@@ -321,7 +344,7 @@ def main() -> int:
     if not args.only or not args.only <= set(SECTIONS):
         parser.error(f"--only takes {', '.join(SECTIONS)}")
     if args.quick:
-        args.rounds, args.p_jobs, args.cost_window, args.cost_windows = 1, 15, 1.5, 2
+        args.rounds, args.p_jobs, args.cost_window, args.cost_windows = 1, 15, 1.0, 4
         args.gate_window = 0.5
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 32)
