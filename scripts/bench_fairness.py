@@ -13,17 +13,20 @@ generator; each peer is a ``SwarmClient`` with a libp2p identity of its own.
    first served), in the same run, alternating which goes first by round. The
    driver is scripts/bench_fairness_lib/flood.py (tests/test_fair_share.py runs
    it too).
-2. cost: what fair queueing costs against FIFO with one peer. End to end: two
-   daemons started together, one fair and one FIFO, serving a 0 ms fake; one
-   caller keeps ``--callers`` jobs in flight at one of them for a window, the
-   windows alternating between the two, so load on the machine falls on both
-   alike (ABBA); jobs per second each, the median of each window pair's ratio, and
-   the serving process's CPU per job (from /proc: what the rest of the machine does
-   moves it less than it moves throughput). In process: one model's gate
+2. cost: what fair queueing costs against FIFO with one peer. End to end: three
+   daemons started together, one fair, one FIFO and a second FIFO one (the
+   control: what two identical nodes differ by on this machine), serving a 0 ms
+   fake; one caller keeps ``--callers`` jobs in flight at one of them for a
+   window, the windows taking turns (each node first in turn), so load on the
+   machine falls on all alike; jobs per second each, the median of each window
+   pair's ratio, and the serving process's CPU per job (from /proc: what the
+   rest of the machine does moves it less than it moves throughput). In process: one model's gate
    (``node.jobs.admission.PriorityGate``) cycled by 64 waiting tasks of one
    peer with a body that takes no time, fair vs FIFO, and fair with 64 peers
    (the fair queue picks the least start tag by a scan of the busy peers),
-   slot grants per second, alternating too.
+   slot grants per second, alternating too; and the service's whole path
+   (``InferenceService.execute``: ledger, gate, a 0 ms fake) in CPU microseconds
+   per job, fair vs FIFO.
 3. verification: the other half of issue 14's benchmark (extra load of spot
    checks at 1%, 10%, 100%; jobs until a lying peer is held back) lives with
    the verification work; ``--only verification`` says so until it lands here.
@@ -35,6 +38,7 @@ killed on the way out, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,7 +60,10 @@ from libp2p import generate_new_ed25519_identity
 from node.client import SwarmClient
 from node.jobs.admission import PriorityGate
 from node.jobs.fair_queue import Who
-from protocols import Priority, RemoteError
+from node.jobs.fairness import FairnessConfig
+from node.jobs.service import InferenceService
+from protocols import Priority, RemoteError, Request
+from runners.fake import FakeRunner
 
 SECTIONS = ("fairness", "cost", "verification")
 SERVICE_MS = 20.0
@@ -116,44 +123,59 @@ def _ms(value: float | None) -> str:
 # --------------------------------------------------------------------------- 2. cost
 
 
-async def end_to_end(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    nodes: list[NodeProc] = []
-    rates: dict[str, list[float]] = {"fair": [], "fifo": []}
-    cpu = {"fair": 0.0, "fifo": 0.0}  # the serving process's CPU seconds in its windows
-    done = {"fair": 0, "fifo": 0}
+KINDS = {"fair": "--fair-share", "fifo": "--no-fair-share", "fifo2": "--no-fair-share"}
+
+
+async def end_to_end(root: Path, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """Jobs/s and the serving process's CPU per job of a fair node, a FIFO one and a
+    second FIFO one (the control: what two identical nodes differ by here), started
+    in a seeded random order (the first started measured ~3% more CPU per job than
+    the others, whichever policy it ran)."""
+    procs: dict[str, NodeProc] = {}
+    rates: dict[str, list[float]] = {k: [] for k in KINDS}
+    cpu = dict.fromkeys(KINDS, 0.0)  # each serving process's CPU seconds in its windows
+    done = dict.fromkeys(KINDS, 0)
     try:
-        for name, flag in (("fair", "--fair-share"), ("fifo", "--no-fair-share")):
-            nodes.append(await start_node(root, f"cost-{name}", ["--model", "fake:zero:0", flag]))
-        procs = dict(zip(("fair", "fifo"), nodes, strict=True))
-        key = generate_new_ed25519_identity()  # one peer, as both nodes see it
-        async with (
-            SwarmClient.connect(procs["fair"].addr, key_pair=key) as fair_client,
-            SwarmClient.connect(procs["fifo"].addr, key_pair=key) as fifo_client,
-        ):
-            clients = {"fair": fair_client, "fifo": fifo_client}
-            for client in clients.values():  # warm both: streams opened, code paths hot
+        order = list(KINDS)
+        rng.shuffle(order)
+        for name in order:
+            flag = KINDS[name]
+            procs[name] = await start_node(root, f"cost-{name}", ["--model", "fake:zero:0", flag])
+        key = generate_new_ed25519_identity()  # one peer, as every node sees it
+        async with contextlib.AsyncExitStack() as stack:
+            clients = {
+                name: await stack.enter_async_context(SwarmClient.connect(proc.addr, key_pair=key))
+                for name, proc in procs.items()
+            }
+            for client in clients.values():  # warm each: streams opened, code paths hot
                 await _load(client, args.callers, args.warm)
+            kinds = list(KINDS)
             for i in range(args.cost_windows):
-                for name in ("fair", "fifo") if i % 2 == 0 else ("fifo", "fair"):  # ABBA
+                for name in kinds[i % 3 :] + kinds[: i % 3]:  # each kind first in turn
                     before = procs[name].cpu_s()
                     jobs = await _load(clients[name], args.callers, args.cost_window)
                     cpu[name] += procs[name].cpu_s() - before
                     done[name] += jobs
                     rates[name].append(jobs / args.cost_window)
     finally:
-        await stop_all(nodes)
-    pairs = [f / o for f, o in zip(rates["fair"], rates["fifo"], strict=True) if o]
-    per_job = {k: 1000 * cpu[k] / done[k] if done[k] else 0.0 for k in cpu}
+        await stop_all(list(procs.values()))
+
+    def ratio(a: str, b: str) -> float:
+        pairs = [x / y for x, y in zip(rates[a], rates[b], strict=True) if y]
+        return statistics.median(pairs) if pairs else 0.0
+
+    per_job = {k: 1000 * cpu[k] / done[k] if done[k] else 0.0 for k in KINDS}
     return {
         "callers": args.callers,
         "window_s": args.cost_window,
-        "fair_jobs_per_s": rates["fair"],
-        "fifo_jobs_per_s": rates["fifo"],
-        "fair_median": statistics.median(rates["fair"]),
-        "fifo_median": statistics.median(rates["fifo"]),
-        "ratio": statistics.median(pairs) if pairs else 0.0,  # of each window pair's ratio
+        "started": order,
+        "jobs_per_s": rates,
+        "medians": {k: statistics.median(v) for k, v in rates.items()},
+        "ratio": ratio("fair", "fifo"),  # the median of each window pair's ratio
+        "control_ratio": ratio("fifo2", "fifo"),
         "server_cpu_ms_per_job": per_job,
         "cpu_ratio": per_job["fair"] / per_job["fifo"] if per_job["fifo"] else 0.0,
+        "control_cpu_ratio": per_job["fifo2"] / per_job["fifo"] if per_job["fifo"] else 0.0,
     }
 
 
@@ -199,18 +221,41 @@ async def gate_rate(fair: bool, peers: int, window_s: float) -> float:
     return grants / window_s
 
 
-async def cost(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    e2e = await end_to_end(root, args)
-    print(
-        f"   end to end, {e2e['callers']} callers of one peer, 0 ms model: fair "
-        f"{e2e['fair_median']:.0f} jobs/s, FIFO {e2e['fifo_median']:.0f} jobs/s "
-        f"(medians of {len(e2e['fair_jobs_per_s'])} windows of {e2e['window_s']:g} s each), "
-        f"ratio {e2e['ratio']:.3f} (median of the windows' pairs)"
+async def service_us(fair: bool, jobs: int) -> float:
+    """CPU microseconds per job through ``InferenceService.execute`` (ledger, gate, a
+    0 ms fake runner), one client, in this process: the node's path without the wire."""
+    service = InferenceService(
+        {"zero": FakeRunner("zero")},
+        node_id="bench",
+        max_queue=64,
+        fairness=FairnessConfig(enabled=fair),
     )
-    cpu = e2e["server_cpu_ms_per_job"]
+    request = Request("r", "zero", {"text": "x"})
+
+    async def no_chunks(_: Any) -> None:
+        return None
+
+    began = time.process_time()
+    for _ in range(jobs):
+        await service.execute(request, no_chunks, client="one-peer")
+    return 1e6 * (time.process_time() - began) / jobs
+
+
+async def cost(root: Path, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    e2e = await end_to_end(root, args, rng)
+    m, cpu = e2e["medians"], e2e["server_cpu_ms_per_job"]
+    print(
+        f"   end to end, {e2e['callers']} callers of one peer, 0 ms model, "
+        f"{args.cost_windows} windows of {e2e['window_s']:g} s per node: jobs/s (median) fair "
+        f"{m['fair']:.0f}, FIFO {m['fifo']:.0f}, FIFO again {m['fifo2']:.0f}; fair/FIFO "
+        f"{e2e['ratio']:.3f}, control FIFO/FIFO {e2e['control_ratio']:.3f} (medians of the "
+        f"windows' pair ratios)"
+    )
     print(
         f"   the serving process's CPU per job: fair {cpu['fair']:.3f} ms, FIFO "
-        f"{cpu['fifo']:.3f} ms, ratio {e2e['cpu_ratio']:.3f}"
+        f"{cpu['fifo']:.3f} ms, FIFO again {cpu['fifo2']:.3f} ms; fair/FIFO "
+        f"{e2e['cpu_ratio']:.3f}, control {e2e['control_cpu_ratio']:.3f} (started in the order "
+        f"{', '.join(e2e['started'])})"
     )
     rates: dict[str, list[float]] = {"fifo": [], "fair": [], "fair64": []}
     for i in range(args.cost_windows):
@@ -232,7 +277,18 @@ async def cost(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         f"fair (1 peer) {medians['fair']:.0f} ({gate['ratio_one_peer']:.3f}x), "
         f"fair (64 peers) {medians['fair64']:.0f} ({gate['ratio_64_peers']:.3f}x)"
     )
-    return {"end_to_end": e2e, "gate": gate}
+    per_job: dict[str, list[float]] = {"fair": [], "fifo": []}
+    for i in range(args.cost_windows):
+        for kind in ("fair", "fifo") if i % 2 == 0 else ("fifo", "fair"):
+            per_job[kind].append(await service_us(kind == "fair", args.service_jobs))
+    path = {k: statistics.median(v) for k, v in per_job.items()}
+    print(
+        f"   in process, the service's path per job (ledger, gate, 0 ms fake), one peer: "
+        f"fair {path['fair']:.1f} us, FIFO {path['fifo']:.1f} us "
+        f"(+{path['fair'] - path['fifo']:.1f} us, {path['fair'] / path['fifo']:.3f}x)"
+    )
+    service = {"jobs": args.service_jobs, "us_per_job": per_job, "medians": path}
+    return {"end_to_end": e2e, "gate": gate, "service": service}
 
 
 # --------------------------------------------------------------------------- report
@@ -281,15 +337,21 @@ def report(r: dict[str, Any]) -> Summary:
             f">= {TARGET_COST:g}",
             ratio >= TARGET_COST,
         )
-        cpu = r["cost"]["end_to_end"]["cpu_ratio"]
+        e2e = r["cost"]["end_to_end"]
+        cpu = e2e["cpu_ratio"]
         summary.add(
             "fair/FIFO server CPU per job, one peer",
             f"{cpu:.3f}",
             f"<= {1 / TARGET_COST:.3f}",
             0 < cpu <= 1 / TARGET_COST,
         )
+        control = f"{e2e['control_ratio']:.3f} / {e2e['control_cpu_ratio']:.3f}"
+        summary.add("control FIFO/FIFO: jobs/s / CPU", control, "(the noise floor)", True)
         gate = r["cost"]["gate"]["ratio_one_peer"]
         summary.add("fair/FIFO gate grants/s, one peer", f"{gate:.3f}", "(in process)", True)
+        path = r["cost"]["service"]["medians"]
+        extra = path["fair"] - path["fifo"]
+        summary.add("fair share's extra CPU per job", f"{extra:.1f} us", "(in process)", True)
     print("\nSummary (targets from issue 14)")
     width = max((len(row["figure"]) for row in summary), default=10)
     for row in summary:
@@ -312,7 +374,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             results["fairness"] = await fairness(root, args, rng)
         if "cost" in args.only:
             print("2. Cost of fair queueing against FIFO, one peer")
-            results["cost"] = await cost(root, args)
+            results["cost"] = await cost(root, args, rng)
         if "verification" in args.only:
             print(
                 "3. Verification (spot-check load at 1/10/100%, jobs until a lying peer is held "
@@ -336,6 +398,9 @@ def main() -> int:
     parser.add_argument("--cost-window", type=float, default=1.5, help="seconds per cost window")
     parser.add_argument("--cost-windows", type=int, default=10, help="windows per kind (cost)")
     parser.add_argument("--gate-window", type=float, default=1.0, help="seconds per gate window")
+    parser.add_argument(
+        "--service-jobs", type=int, default=5000, help="jobs per in-process service run (cost)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="the flood's jitter (printed)")
     parser.add_argument("--quick", action="store_true", help="one round, short windows")
     parser.add_argument("--json", type=Path, help="also write the figures here")
