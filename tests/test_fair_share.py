@@ -1,7 +1,7 @@
 """Issue 14's measurement as a test: one node serving a 20 ms fake model, peer G
 keeping 96 jobs in flight, peer P sending one every 200 ms. With fair share on,
 every job of P is answered, its p95 stays under 5x the service time, and the
-node still serves at capacity, answering every job it ran; with it off (first
+node still serves at capacity (its one slot busy), answering every job it ran; with it off (first
 come, first served, as before) the same run fails those targets: P is refused.
 
 Real nodes and clients on loopback (G and P are libp2p identities of their own);
@@ -27,13 +27,17 @@ from protocols import Request
 
 SERVICE_S = 0.020
 P_JOBS = 25
+# The one slot busy at least this share of P's window: 94% on a quiet machine, ~88%
+# at load 4 on 2 cores, FIFO alike (the handoff between jobs, on one trio loop with
+# G's 96 callers and the node, grows with the machine's load).
+CAPACITY = 0.8
 
 
 def meets_targets(result: Flood) -> bool:
     return (
         result.p.ok == result.p_sent
         and result.p_quantile(0.95) < 5 * SERVICE_S
-        and result.capacity_use >= 0.85
+        and result.capacity_use >= CAPACITY
     )
 
 
@@ -66,7 +70,7 @@ async def test_a_light_peer_is_served_promptly_while_another_floods(
     if fair:
         assert result.p.ok == P_JOBS and result.p.refused == 0
         assert result.p_quantile(0.95) < 5 * SERVICE_S
-        assert result.capacity_use >= 0.85  # G's flood still keeps the one slot busy
+        assert result.capacity_use >= CAPACITY  # G's flood still keeps the one slot busy
         assert meets_targets(result)
     else:
         # First come, first served: G's queue is full whenever P comes, as issue 14
