@@ -52,7 +52,7 @@ from node.models import ModelRegistry
 from node.net import local
 from node.net.access import AccessPolicy
 from node.net.frames import SocketFramed
-from node.net.host import load_or_create_identity, peer_id_of, running_host
+from node.net.host import check_listen, load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
 from node.services import Services
@@ -120,6 +120,7 @@ class Node:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_pair = load_or_create_identity(cfg.data_dir / IDENTITY_KEY)
+        check_listen(cfg.listen)  # a held port fails the start now, not after model loads
         try:
             await self.models.load_all()
             hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
