@@ -150,7 +150,7 @@ class ModelDHT:
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         mode = DHTMode.SERVER if self._config.server else DHTMode.CLIENT
         own = self._own_addrs
-        host = self._host if own is None else _Announcing(self._host, own)
+        host: Any = self._host if own is None else _Announcing(self._host, own)
         dht = KadDHT(host, mode)  # registers the KAD handler in server mode
         dht._inbound_limiter = trio.CapacityLimiter(self._config.max_inbound_streams)
         quiet = _QuietKad()
