@@ -131,16 +131,15 @@ def wide_addrs(
     ``/p2p-circuit`` addresses through relays, announced in every mode.
     """
     base: list[str] = []
-    if mode is Mode.PRIVATE:
-        pass
-    elif loopback_only(listening):
-        base += listening
-    elif mode is Mode.PUBLIC and not public_addrs:
-        base += [a for a in listening if scope(a) is not Scope.LOOPBACK]
-    else:
-        gone = {without_peer_id(a) for a in refuted}
+    if mode is not Mode.PRIVATE:
         base += public_addrs
-        base += [a for a in listening if scope(a) is Scope.GLOBAL and a not in gone]
+        if loopback_only(listening):
+            base += listening
+        elif mode is Mode.PUBLIC and not public_addrs:
+            base += [a for a in listening if scope(a) is not Scope.LOOPBACK]
+        else:
+            gone = {without_peer_id(a) for a in refuted}
+            base += [a for a in listening if scope(a) is Scope.GLOBAL and a not in gone]
     if reach is Reach.PUBLIC and mode is not Mode.PRIVATE:
         base += [a for a in confirmed if scope(a) is not None]
     out: list[str] = []
