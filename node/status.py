@@ -119,6 +119,7 @@ def select_peer(
             "device": c.device,
             "score": round(c.score, 6),
             "probe": c.probe,
+            "path": c.path,
         }
 
     chosen = preview.chosen
