@@ -165,11 +165,9 @@ def test_status_says_whether_the_node_is_reachable_and_why_jobs_are_slower() -> 
     assert "reach private: behind a NAT: 0000peer sees us at 10.88.0.11" in joined
     assert "address none announced (peers outside the LAN cannot dial this node)" in lines
     assert "relays none held" in lines
-    assert f"forwarded echo via {m[-8:]}: no provider of it is linked here" in joined
+    assert f"indirect echo via {m[-8:]}: no provider of it is linked here" in joined
     assert "2 job(s) answered through another peer" in lines
-    assert "dial-backs 2 answered us, 0 unanswered; for peers 1 reached, 0 not, 3 refused" in (
-        joined
-    )
+    assert "dialback 2 answered us, 0 unanswered; for peers 1 reached, 0 not, 3 refused" in (joined)
     public = {**body, "addrs": ["/ip4/10.88.0.2/tcp/7420/p2p/12D3KooWself"]}
     public["view"] = {
         "peers": [],
@@ -178,4 +176,4 @@ def test_status_says_whether_the_node_is_reachable_and_why_jobs_are_slower() -> 
     lines = plain(status_text("12D3KooWself", public))
     assert "address /ip4/10.88.0.2/tcp/7420/p2p/12D3KooWself" in lines
     assert "relays none held, offering one to peers" in lines
-    assert not any(line.startswith("forwarded") for line in lines)
+    assert not any(line.startswith("indirect") for line in lines)

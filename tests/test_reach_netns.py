@@ -264,5 +264,5 @@ def test_a_job_reaches_a_natted_provider_through_a_peer_that_links_it(natted: Sw
     ).stdout  # fmt: skip
     assert all(len(line) <= 80 for line in text.splitlines())
     flat = " ".join(" ".join(line.split()) for line in text.splitlines())
-    assert "reach private: behind a NAT" in flat and "forwarded echo via" in flat
+    assert "reach private: behind a NAT" in flat and "indirect echo via" in flat
     assert "1 job(s) answered through another peer" in flat

@@ -177,12 +177,12 @@ def _reach_rows(row: Any, body: Mapping[str, Any], reach: Mapping[str, Any]) -> 
     row("relays", f"{held} held{offered}")
     for model, entry in (reach.get("forwarding") or {}).items():
         via = ", ".join(str(p)[-8:] for p in entry.get("via", [])[:3])
-        row("forwarded", f"{model} via {via}: {entry.get('why', '')}")
+        row("indirect", f"{model} via {via}: {entry.get('why', '')}")
     if reach.get("forwarding") or reach.get("forwarded_jobs"):
         row("", f"{reach.get('forwarded_jobs', 0)} job(s) answered through another peer")
     asked, served = reach.get("asked") or {}, reach.get("dialbacks") or {}
     row(
-        "dial-backs",
+        "dialback",
         f"{asked.get('answers', 0)} answered us, {asked.get('no_answer', 0)} unanswered; "
         f"for peers {served.get('dials_ok', 0)} reached, {served.get('dials_failed', 0)} "
         f"not, {served.get('refused', 0)} refused",
