@@ -34,7 +34,7 @@ def describe(s: Services) -> dict[str, Any]:
     extra = {"circuits": circuits} if circuits else {}
     reach = record_keys(
         s.reach.verdict.reach,
-        s.reach.offers_relay(),
+        s.reach.relay_entry(),
         forwardable(s.membership.table, (m.name for m in models)),
     )
     return {**body, **extra, **reach, "peers": s.membership.peer_sample()}

@@ -150,7 +150,7 @@ def test_status_says_whether_the_node_is_reachable_and_why_jobs_are_slower() -> 
                 "reach": "private",
                 "why": "behind a NAT: 0000peer sees us at 10.88.0.11 and could not dial "
                 "10.88.0.11:7420 back",
-                "relays": [],
+                "relays_held": [],
                 "relay_offered": False,
                 "forwarding": {"echo": {"via": [m], "why": FORWARDED_WHY}},
                 "forwarded_jobs": 2,
@@ -171,9 +171,14 @@ def test_status_says_whether_the_node_is_reachable_and_why_jobs_are_slower() -> 
     public = {**body, "addrs": ["/ip4/10.88.0.2/tcp/7420/p2p/12D3KooWself"]}
     public["view"] = {
         "peers": [],
-        "reach": {"reach": "public", "why": "dialled back", "relays": [], "relay_offered": True},
+        "reach": {
+            "reach": "public",
+            "why": "dialled back",
+            "relays": {"held": [{"relay": "12D3KooWrelayOne"}]},  # the relay manager's view
+            "relay_offered": True,
+        },
     }
     lines = plain(status_text("12D3KooWself", public))
     assert "address /ip4/10.88.0.2/tcp/7420/p2p/12D3KooWself" in lines
-    assert "relays none held, offering one to peers" in lines
+    assert "relays relayOne held, offering one to peers" in lines
     assert not any(line.startswith("indirect") for line in lines)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from bootstrap.table import PeerTable, RecordVerified
+from bootstrap.table import apply as table_apply
 from node.reach.addresses import (
     MAX_CANDIDATES,
     Scope,
@@ -32,6 +34,7 @@ from node.reach.reachability import (
     apply,
     next_asks,
 )
+from node.reach.records import reach_of, record_keys, relay_candidates
 from protocols.errors import ConfigError
 
 PID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
@@ -281,3 +284,32 @@ def test_a_peer_that_did_not_answer_waits_before_it_is_asked_again() -> None:
     state = apply(state, Addresses(state.own_ips, state.candidates, 1, 52.0))
     assert next_asks(state, ["peerR"]) == ["peerR"]
     assert state.failures == 1
+
+
+# -- record keys --------------------------------------------------------------------------
+
+
+def test_record_keys_and_relay_candidates_read_records_defensively() -> None:
+    entry = {"reservations": 64, "reserved": []}
+    assert record_keys(Reach.PUBLIC, entry, ["b", "A", "b"]) == {
+        "reach": "public",
+        "relay": entry,
+        "forwards": ["A", "b"],
+    }
+    assert record_keys(Reach.PRIVATE) == {"reach": "private"}
+    table = PeerTable()
+    bodies: dict[str, dict[str, object]] = {
+        "relay1": {"reach": "public", "relay": entry, "addrs": ["/ip4/10.88.0.1/tcp/7420"]},
+        "relay2": {"relay": entry, "addrs": [CIRCUIT, "/ip4/10.88.0.2/tcp/7420"]},  # older
+        "liar": {"reach": "private", "relay": entry, "addrs": ["/ip4/10.88.0.3/tcp/7420"]},
+        "plain": {"reach": "public", "relay": True, "addrs": ["/ip4/10.88.0.4/tcp/7420"]},
+        "nowhere": {"reach": "public", "relay": entry, "addrs": [CIRCUIT]},
+        "junk": {"reach": 7, "relay": "yes", "models": "x"},
+    }
+    for pid, body in bodies.items():
+        table = table_apply(table, RecordVerified(pid, 1, body, at=1.0))
+    assert reach_of(bodies["junk"]) is Reach.UNKNOWN and reach_of(None) is Reach.UNKNOWN
+    assert relay_candidates(table) == [
+        ("relay1", ("/ip4/10.88.0.1/tcp/7420",)),
+        ("relay2", ("/ip4/10.88.0.2/tcp/7420",)),
+    ]

@@ -171,10 +171,15 @@ def _reach_rows(row: Any, body: Mapping[str, Any], reach: Mapping[str, Any]) -> 
     row("reach", f"{verdict}: {reach.get('why', '')}")
     if not body.get("addrs"):
         row("address", "none announced (peers outside the LAN cannot dial this node)")
-    relays = [str(r)[-8:] for r in reach.get("relays") or []]
-    held = ", ".join(relays) if relays else "none"
+    held = reach.get("relays_held")
+    if held is None:  # the relay manager's own view: {"held": [{"relay": id, ...}]}
+        relays_view = reach.get("relays")
+        entries = relays_view.get("held", []) if isinstance(relays_view, Mapping) else []
+        held = [e.get("relay") for e in entries if isinstance(e, Mapping)]
+    relays = [str(r)[-8:] for r in held or []]
+    shown = ", ".join(relays) if relays else "none"
     offered = ", offering one to peers" if reach.get("relay_offered") else ""
-    row("relays", f"{held} held{offered}")
+    row("relays", f"{shown} held{offered}")
     for model, entry in (reach.get("forwarding") or {}).items():
         via = ", ".join(str(p)[-8:] for p in entry.get("via", [])[:3])
         row("indirect", f"{model} via {via}: {entry.get('why', '')}")

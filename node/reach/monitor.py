@@ -10,11 +10,12 @@ the reducer; the verdict and the address policy (``node.reach.addresses``) are
 then read off the state by the record, the DHT, the relay manager and status.
 
 What it takes from the layers above, as callables (reach sits below membership):
-the linked peers' ids, a wait for membership changes, and from the relay manager
-this node's circuit addresses, the relays it holds and whether it offers a
-relay. The IPs peers see us at come from dial-back answers and from identify
-(py-libp2p records every ``observed_addr`` in the host's observed-address
-manager; ``addrs(min_observers=1)`` lists them).
+the linked peers' ids, a wait for membership changes, and from the relay work
+this node's circuit addresses and the relays it holds (``Relays.circuit_addrs``,
+``Relays.held``) and the relay it offers (``RelayService.record_entry``). The
+relay work reads ``is_public()`` back. The IPs peers see us at come from
+dial-back answers and from identify (py-libp2p records every ``observed_addr``
+in the host's observed-address manager; ``addrs(min_observers=1)`` lists them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -57,8 +58,8 @@ def _nothing() -> tuple[str, ...]:
     return ()
 
 
-def _no() -> bool:
-    return False
+def _none() -> Mapping[str, Any] | None:
+    return None
 
 
 class ReachMonitor:
@@ -71,7 +72,7 @@ class ReachMonitor:
         wait_changed: Callable[[], Awaitable[None]],
         circuit_addrs: Callable[[], Sequence[str]] = _nothing,
         relays_held: Callable[[], Sequence[str]] = _nothing,
-        offers_relay: Callable[[], bool] = _no,
+        relay_entry: Callable[[], Mapping[str, Any] | None] = _none,
         on_change: Callable[[], None] | None = None,
         psk: str | None = None,
         access: AccessPolicy | None = None,
@@ -86,7 +87,7 @@ class ReachMonitor:
         self._wait_changed = wait_changed
         self.circuit_addrs = circuit_addrs
         self.relays_held = relays_held
-        self.offers_relay = offers_relay
+        self.relay_entry = relay_entry
         self.on_change = on_change
         self._clock = clock
         self.server = DialBackServer(psk=psk, access=access, limits=limits)
@@ -154,8 +155,8 @@ class ReachMonitor:
             "confirmed": list(v.confirmed),
             "refuted": list(v.refuted),
             "observed": self.observed_ips(),
-            "relays": list(self.relays_held()),
-            "relay_offered": bool(self.offers_relay()),
+            "relays_held": list(self.relays_held()),
+            "relay_offered": self.relay_entry() is not None,
             "asked": {"answers": s.answers_in, "no_answer": s.failures},
             "dialbacks": self.server.describe(),
         }

@@ -4,10 +4,12 @@ A node's full record body carries, beside ``addrs`` (its wide addresses, see
 ``node.reach.addresses``)::
 
     "reach":    "public" | "private" | "unknown"   # the verdict (reachability)
-    "relay":    true | false                       # it offers circuit relay v2 now
+    "relay":    {limits..., "reserved": [ids]}     # only while it offers circuit relay v2
     "forwards": ["model", ...]                     # models it can pass a job on to
 
-``reach`` and ``relay`` let NATed peers pick relays (``relay_candidates``).
+``reach`` and ``relay`` let NATed peers pick relays (``relay_candidates``); the
+``relay`` entry is the relay service's own (``RelayService.record_entry``: its
+limits and who holds a reservation), absent while it offers none.
 ``forwards`` serves swarms with no relay: the models served by linked peers
 whose record does not say "public" (others may not be able to dial them), so a
 node that cannot reach such a provider sends the job to a peer that can
@@ -32,9 +34,14 @@ FORWARDS_KEY = "forwards"
 MAX_FORWARDS = 64  # model names in one record
 
 
-def record_keys(reach: Reach, offers_relay: bool, forwards: Iterable[str] = ()) -> dict[str, Any]:
-    """The reach keys of this node's record body."""
-    body: dict[str, Any] = {REACH_KEY: str(reach), RELAY_KEY: bool(offers_relay)}
+def record_keys(
+    reach: Reach, relay: Mapping[str, Any] | None = None, forwards: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The reach keys of this node's record body (``relay``: the relay service's
+    entry while it offers one, else None)."""
+    body: dict[str, Any] = {REACH_KEY: str(reach)}
+    if relay is not None:
+        body[RELAY_KEY] = dict(relay)
     names = sorted(set(forwards), key=str.casefold)[:MAX_FORWARDS]
     if names:
         body[FORWARDS_KEY] = names
@@ -50,13 +57,18 @@ def reach_of(body: Mapping[str, Any] | None) -> Reach:
         return Reach.UNKNOWN
 
 
+def offers_relay(body: Mapping[str, Any] | None) -> bool:
+    """Whether a peer's record says it offers a relay (and does not say it is private)."""
+    body = body or {}
+    return isinstance(body.get(RELAY_KEY), Mapping) and reach_of(body) is not Reach.PRIVATE
+
+
 def relay_candidates(table: PeerTable) -> list[tuple[str, tuple[str, ...]]]:
-    """Linked peers whose record says public and relay: (peer id, direct addresses),
-    by peer id. The relay manager of a NATed node picks its relays among these."""
+    """Linked peers whose record offers a relay: (peer id, direct addresses), by peer
+    id. The relay manager of a NATed node picks its relays among these."""
     found = []
     for peer in live_peers(table):
-        body = peer.body or {}
-        if reach_of(body) is Reach.PUBLIC and body.get(RELAY_KEY) is True:
+        if offers_relay(peer.body):
             direct = tuple(a for a in peer.addrs if endpoint(a) is not None)
             if direct:
                 found.append((peer.peer_id, direct))
