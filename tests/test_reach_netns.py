@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ from node.cli import parser as cli_parser
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PREFIX = "swr"  # namespaces swr<pid>-...
+PREFIX = "swr"  # namespaces swr<pid>-... (the shared swarm's)
+PREFIX_3 = "swq"  # the three-node test's (it runs first, alone)
 PORT = 7420
 READY_BOUND_S = 40.0  # four interpreters importing libp2p at once on two cores
 VERDICT_BOUND_S = 20.0  # a NATed node's dial-back waits out a dropped SYN (4 s)
@@ -152,45 +153,97 @@ def verdict_is(daemon: Daemon, want: str) -> Callable[[], dict[str, Any]]:
     return check
 
 
+@contextmanager
+def daemons_in(
+    top: NatTopology,
+    root: Path,
+    first: tuple[str, str, list[str]],
+    *rest: tuple[str, str, list[str]],
+) -> Iterator[tuple[dict[str, Daemon], float]]:
+    """``first`` (name, namespace, flags) started and ready, then the ``rest`` with
+    ``--bootstrap`` it; yields them by name and when the last ones were started."""
+    daemons: list[Daemon] = []
+    try:
+        name, ns, args = first
+        boot = start(root, name, ns, *args)
+        daemons.append(boot)
+        boot.peer_id = wait_for(f"{name} ready", ready(boot), READY_BOUND_S, daemons)
+        flag = ["--bootstrap", f"/ip4/{top.ip_of(ns)}/tcp/{PORT}/p2p/{boot.peer_id}"]
+        daemons += [start(root, name, ns, *args, *flag) for name, ns, args in rest]
+        started = time.monotonic()
+        for d in daemons[1:]:
+            d.peer_id = wait_for(f"{d.name} ready", ready(d), READY_BOUND_S, daemons)
+        yield {d.name: d for d in daemons}, started
+    finally:
+        for d in daemons:
+            if d.proc.poll() is None:
+                with suppress(ProcessLookupError):
+                    os.killpg(d.proc.pid, signal.SIGTERM)
+        for d in daemons:
+            try:
+                d.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(d.proc.pid, signal.SIGKILL)
+                d.proc.wait(5)
+
+
+def skip_without_nat(prefix: str) -> None:
+    if why := why_nat_cannot_be_made(prefix):
+        pytest.skip(why)
+    remove_stale_namespaces(prefix)
+
+
 @pytest.fixture(scope="module")
 def natted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    if why := why_nat_cannot_be_made(PREFIX):
-        pytest.skip(why)
-    remove_stale_namespaces(PREFIX)
+    skip_without_nat(PREFIX)
     root = tmp_path_factory.mktemp("natted")
     with nat_topology(prefix=PREFIX, public_hosts=2, homes=(1, 1)) as top:
-        r_ns, p_ns = top.public
-        daemons: list[Daemon] = []
-        try:
-            r = start(root, "r", r_ns, "--no-models")
-            daemons.append(r)
-            r.peer_id = wait_for("R ready", ready(r), READY_BOUND_S, daemons)
-            boot = ["--bootstrap", f"/ip4/{top.public_ips[0]}/tcp/{PORT}/p2p/{r.peer_id}"]
-            p = start(root, "p", p_ns, "--model", "fake:pub", *boot)
-            a = start(root, "a", top.homes[0][0], "--no-models", *boot)
-            b = start(root, "b", top.homes[1][0], "--model", "fake:echo", *boot)
-            started = time.monotonic()
-            daemons += [p, a, b]
-            for d in (p, a, b):
-                d.peer_id = wait_for(f"{d.name} ready", ready(d), READY_BOUND_S, daemons)
-            yield Swarm(top, r, p, a, b, started)
-        finally:
-            for d in daemons:
-                if d.proc.poll() is None:
-                    with suppress(ProcessLookupError):
-                        os.killpg(d.proc.pid, signal.SIGTERM)
-            for d in daemons:
-                try:
-                    d.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    with suppress(ProcessLookupError):
-                        os.killpg(d.proc.pid, signal.SIGKILL)
-                    d.proc.wait(5)
+        (r_ns, p_ns), (a_ns, b_ns) = top.public, (top.homes[0][0], top.homes[1][0])
+        with daemons_in(
+            top,
+            root,
+            ("r", r_ns, ["--no-models"]),
+            ("p", p_ns, ["--model", "fake:pub"]),
+            ("a", a_ns, ["--no-models"]),
+            ("b", b_ns, ["--model", "fake:echo"]),
+        ) as (d, started):
+            yield Swarm(top, d["r"], d["p"], d["a"], d["b"], started)
 
 
 def reach(daemon: Daemon) -> dict[str, Any]:
     found: dict[str, Any] = swarm(daemon, "status")["view"]["reach"]
     return found
+
+
+def test_three_nodes_a_job_reaches_the_provider_through_the_one_peer_that_can(
+    tmp_path: Path,
+) -> None:
+    """Only R (public, no relay, no models) links B; A's job for B's model takes the
+    hops A -> R -> B, and R is the peer A's status names."""
+    skip_without_nat(PREFIX_3)
+    with nat_topology(prefix=PREFIX_3, public_hosts=1, homes=(1, 1)) as top:
+        (r_ns,), (a_ns, b_ns) = top.public, (top.homes[0][0], top.homes[1][0])
+        with daemons_in(
+            top,
+            tmp_path,
+            ("r", r_ns, ["--no-models"]),
+            ("a", a_ns, ["--no-models"]),
+            ("b", b_ns, ["--model", "fake:echo"]),
+        ) as (d, started):
+            r, a, b = d["r"], d["a"], d["b"]
+
+            def through_r() -> dict[str, Any]:
+                found: dict[str, Any] = reach(a)["forwarding"].get("echo", {})
+                return found
+
+            entry = wait_for("A knows echo through R", through_r, LINK_BOUND_S, [r, a, b])
+            known = time.monotonic() - started
+            result = swarm(a, "submit", "echo", "two hops")
+            assert entry["via"] == [r.peer_id]
+            assert result["meta"]["served_by"] == b.peer_id
+            assert result["meta"]["via"] == r.peer_id
+            print(f"three nodes: A knew echo through R {known:.1f} s after the start")
 
 
 def test_natted_nodes_learn_they_are_private_and_announce_no_private_address(
