@@ -313,3 +313,14 @@ def test_record_keys_and_relay_candidates_read_records_defensively() -> None:
         ("relay1", ("/ip4/10.88.0.1/tcp/7420",)),
         ("relay2", ("/ip4/10.88.0.2/tcp/7420",)),
     ]
+
+
+def test_a_peer_on_this_machine_neither_confirms_nor_reveals_a_nat() -> None:
+    listening = ("/ip4/10.0.0.5/tcp/7420",)  # an explicit LAN address, no loopback
+    state = started(listening, linked=1)
+    state = answer(state, "sibling", "127.0.0.1", failed("/ip4/127.0.0.1/tcp/7420"))
+    assert state.verdict.reach is Reach.UNKNOWN  # not "private": it is just next door
+    state = answer(state, "sibling", "127.0.0.1", ok("/ip4/127.0.0.1/tcp/7420"), at=2.0)
+    assert state.verdict.reach is Reach.UNKNOWN  # nor "public"
+    state = answer(state, "lan", "10.0.0.5", ok(listening[0]), at=3.0)
+    assert state.verdict.reach is Reach.PUBLIC and state.verdict.by == ("lan",)

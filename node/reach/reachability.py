@@ -16,7 +16,9 @@ The rules (``--reachability auto``):
   is any, only such peers' answers count: a peer on our own LAN sees us at our
   private address and can dial it, which says nothing of the world beyond our
   router. Without NAT evidence (a flat network, a public IP on the interface,
-  one machine) every answer counts.
+  one machine) every answer counts. A peer that sees us at a loopback address
+  is on this machine: its answer counts only for a node that listens on
+  loopback alone (a swarm on one machine), and is never NAT evidence.
 - Public: an address confirmed by ``needed`` distinct counted peers, where
   ``needed`` is 2, or 1 while this node links only one peer (a two-node swarm has
   no second opinion to ask). One lying peer cannot make us public while a second
@@ -41,6 +43,7 @@ asked again at once; the verdict keeps using them until newer ones arrive.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -212,6 +215,8 @@ def counted_answers(state: ReachState) -> list[Answered]:
         for a in state.answers.values()
         if a.observed is not None and state.now - a.at <= state.config.answer_valid_s
     ]
+    if not _all_loopback_ips(state.own_ips):  # a peer on this machine says nothing of others
+        fresh = [a for a in fresh if not _loopback_ip(a.observed)]
     nat = any(a.observed not in state.own_ips for a in fresh)
     return sorted(
         (a for a in fresh if not nat or a.observed not in state.own_ips),
@@ -282,6 +287,17 @@ def _private_why(
             f"dial {addr} back"
         )
     return f"{_short(peer)} could not dial {addr} back (a firewall?)"
+
+
+def _loopback_ip(text: str | None) -> bool:
+    try:
+        return text is not None and ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def _all_loopback_ips(ips: frozenset[str]) -> bool:
+    return bool(ips) and all(_loopback_ip(ip) for ip in ips)
 
 
 def _all_loopback(addrs: Sequence[str]) -> bool:
