@@ -16,6 +16,7 @@ from node.gateway.config import GatewayConfig
 from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig
 from node.membership.config import MembershipConfig
+from node.reach.config import ReachConfig
 from protocols import DEFAULT_LIMITS, Limits
 from protocols.errors import ConfigError
 from runners.catalog import DEFAULT_MODEL, ModelSpec
@@ -37,6 +38,7 @@ class NodeConfig:
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers
+    reach: ReachConfig = field(default_factory=ReachConfig)  # publicly reachable, and how known
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
     http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off

@@ -52,9 +52,10 @@ from node.models import ModelRegistry
 from node.net import local
 from node.net.access import AccessPolicy
 from node.net.frames import SocketFramed
-from node.net.host import load_or_create_identity, peer_id_of, running_host
+from node.net.host import check_listen, load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
+from node.reach.monitor import ReachMonitor
 from node.services import Services
 from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, CapabilityRecord, Request
 from protocols.errors import ConfigError
@@ -121,6 +122,7 @@ class Node:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_pair = load_or_create_identity(cfg.data_dir / IDENTITY_KEY)
+        check_listen(cfg.listen)  # a held port fails the start now, not after model loads
         try:
             await self.models.load_all()
             hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
@@ -236,9 +238,18 @@ class Node:
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
         membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
-        dht = ModelDHT(host, membership.events.clone()) if cfg.dht else None
+        reach = ReachMonitor(
+            host,
+            cfg.reach,
+            peers=lambda: [p.peer_id for p in live_peers(membership.table)],
+            wait_changed=membership.wait_changed,
+            psk=cfg.swarm_key,
+            access=self.access,
+        )
+        dht = ModelDHT(host, membership.events.clone(), announce=reach.wide) if cfg.dht else None
         if dht is not None:
             membership.finder = dht.find_providers
+            reach.on_change = dht.reannounce
         return Services(
             config=cfg,
             peer_id=peer_id,
@@ -260,6 +271,7 @@ class Node:
             metrics=metrics,
             store=store,
             dht=dht,
+            reach=reach,
         )
 
     async def _serve(self, task_status: TaskStatus[Node]) -> None:
@@ -268,6 +280,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(s.membership.run)
+                await nursery.start(s.reach.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)
                 own_load = lambda: s.service.load().describe()  # noqa: E731

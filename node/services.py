@@ -28,13 +28,14 @@ from node.net.access import AccessPolicy
 from node.net.local import LocalSocket
 from node.observe.feed import Feed
 from node.observe.metrics import NodeMetrics
+from node.reach.monitor import ReachMonitor
 
 
 @dataclass(frozen=True, slots=True)
 class Services:
     config: NodeConfig
     peer_id: str
-    addrs: tuple[str, ...]  # dialable multiaddrs, with /p2p/<peer id>
+    addrs: tuple[str, ...]  # every address we listen on, with /p2p/<peer id> (this machine's use)
     host: Any  # the libp2p host
     hardware: Hardware
     models: ModelRegistry
@@ -52,5 +53,6 @@ class Services:
     metrics: NodeMetrics
     store: PeerStore
     dht: ModelDHT | None  # None with --no-dht
+    reach: ReachMonitor  # reachability, and the addresses records and the DHT announce
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
     local: LocalSocket | None = None  # set once the local socket listens; None without one

@@ -16,21 +16,28 @@ from capabilities.record import record_body
 from node.jobs.router import Candidate, LocalNode
 from node.json_values import jsonable
 from node.observe.metrics import Live
+from node.reach.records import FORWARDED_WHY, forwardable, forwarded_only, record_keys
 from node.services import Services
 from protocols import Priority
 
 
 def describe(s: Services) -> dict[str, Any]:
     """The body of this node's full capability record (load travels in heartbeats)."""
+    models = s.models.infos()
     body = record_body(
-        addrs=list(s.addrs),
+        addrs=list(s.reach.wide()),  # what any peer may dial (node.reach.addresses)
         hardware=s.hardware,
-        models=s.models.infos(),
+        models=models,
         load=s.service.load(),
     )
     circuits = s.models.circuits()
     extra = {"circuits": circuits} if circuits else {}
-    return {**body, **extra, "peers": s.membership.peer_sample()}
+    reach = record_keys(
+        s.reach.verdict.reach,
+        s.reach.relay_entry(),
+        forwardable(s.membership.table, (m.name for m in models)),
+    )
+    return {**body, **extra, **reach, "peers": s.membership.peer_sample()}
 
 
 def client_view(s: Services) -> dict[str, Any]:
@@ -45,6 +52,7 @@ def client_view(s: Services) -> dict[str, Any]:
         "routing": routing_view(s),
         # Each peer's share of this node: its jobs here, what it got, who is over budget.
         "fairness": s.service.shares(),
+        "reach": reach_view(s),
         "models_failed": dict(s.models.failed),
         "access": {
             "private_swarm": s.config.swarm_key is not None,
@@ -58,6 +66,18 @@ def status(s: Services) -> dict[str, Any]:
     """What ``swarm status --json`` shows of this node, as plain JSON data."""
     record = s.signer.view(client_view(s))
     return {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}
+
+
+def reach_view(s: Services) -> dict[str, Any]:
+    """Reachability and why, what is announced, relays held, and the models reached
+    only through other peers (and why that is slower)."""
+    only = forwarded_only(s.membership.table, (m.name for m in s.models.infos()))
+    forwarding = {model: {"via": via, "why": FORWARDED_WHY} for model, via in only.items()}
+    return {
+        **s.reach.describe(),
+        "forwarding": forwarding,
+        "forwarded_jobs": s.dispatcher.via_jobs,
+    }
 
 
 def routing_view(s: Services) -> dict[str, Any]:
@@ -101,6 +121,7 @@ def select_peer(
             "device": c.device,
             "score": round(c.score, 6),
             "probe": c.probe,
+            "path": c.path,
         }
 
     chosen = preview.chosen

@@ -2,7 +2,8 @@
 
 The file is read once, here, into a frozen ``FileSettings``; ``node_config``
 then lays the flags given on the command line over it (a flag given wins; the repeatable
-ones, --peer --bootstrap --allow --allow-file --model, add to the file's lists).
+ones, --peer --bootstrap --allow --allow-file --public-addr --model, add to the file's
+lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
 are read by the catalog and the router, as before; [fairness] by the fair-share
@@ -27,6 +28,7 @@ from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
+from node.reach.config import Mode, ReachConfig
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners.catalog import (
@@ -51,6 +53,8 @@ FLAG_KEYS: dict[str, str] = {
     "bootstrap": "node.bootstrap",
     "mdns": "node.mdns",
     "dht": "node.dht",
+    "reachability": "node.reachability",
+    "public_addr": "node.public_addrs",
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
     "max_queue": "node.max_queue",
@@ -84,6 +88,8 @@ class FileSettings:
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
     dht: bool = True
+    reachability: str = "auto"
+    public_addrs: tuple[str, ...] = ()
     heartbeat: float = 5.0
     dead_after: float = 15.0
     max_queue: int = 64
@@ -129,6 +135,10 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
         bootstrap=node.texts("bootstrap", ()),
         mdns=node.flag("mdns", d.mdns),
         dht=node.flag("dht", d.dht),
+        reachability=node.text(
+            "reachability", d.reachability, choices=tuple(m.value for m in Mode)
+        ),
+        public_addrs=node.texts("public_addrs", ()),
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
         max_queue=node.integer("max_queue", d.max_queue, low=0, high=1_000_000),
@@ -230,6 +240,10 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         ),
         router=_router(args, file, source),
         fairness=_fairness(args, file, source),
+        reach=ReachConfig(
+            mode=Mode(args.reachability or f.reachability),
+            public_addrs=(*f.public_addrs, *args.public_addr),
+        ),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from node.data_dir import CONFIG_FILE, DEFAULT_DATA_DIR
-from node.defaults import DEFAULT_HTTP, DEFAULT_LISTEN, STRATEGIES
+from node.defaults import DEFAULT_HTTP, DEFAULT_LISTEN, REACHABILITY, STRATEGIES
 
 
 def build() -> argparse.ArgumentParser:
@@ -106,6 +106,20 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--dht", action=argparse.BooleanOptionalAction, help="run the Kademlia DHT (default on)"
+    )
+    d.add_argument(
+        "--reachability",
+        choices=REACHABILITY,
+        help="whether peers can dial this node: learnt from peers that dial it back "
+        "(auto, the default), or said; private announces relayed addresses only",
+    )
+    d.add_argument(
+        "--public-addr",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="an address that reaches this node from anywhere (a port forwarded on the "
+        "router), announced as given; implies public (repeatable)",
     )
     d.add_argument(
         "--heartbeat",
