@@ -5,8 +5,8 @@ then lays the flags given on the command line over it (a flag given wins; the re
 ones, --peer --bootstrap --allow --allow-file --public-addr --model, add to the file's
 lists).
 A key this reader does not know is refused with the key and the file named:
-a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
-are read by the catalog and the router, as before.
+a typo must not be ignored silently. [[models]], [backends.NAME], [router] and
+[verify] are read by the catalog, the router and verification.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
 from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
 from node.jobs.router import RouterConfig, Strategy
+from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
 from node.reach.config import Mode, ReachConfig
@@ -40,7 +41,7 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "models", "backends", "router"})
+TABLES = frozenset({"node", "http", "models", "backends", "router", "verify"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -192,6 +193,16 @@ def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> Ro
     return router
 
 
+def _verify(config: dict[str, Any], source: str) -> VerifyConfig:
+    """config.toml's [verify] table: spot checks and the reputation they feed."""
+    table = config.get("verify")
+    return (
+        VerifyConfig()
+        if table is None
+        else VerifyConfig.from_table(Table(table, f"{source}: verify"))
+    )
+
+
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     """The node's config: config.toml's values, with the flags given laid over them.
 
@@ -227,6 +238,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
             mode=Mode(args.reachability or f.reachability),
             public_addrs=(*f.public_addrs, *args.public_addr),
         ),
+        verify=_verify(file, source),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],

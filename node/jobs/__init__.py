@@ -5,4 +5,7 @@
 pure ``router`` where it should go (scored candidates, ``peer_health``
 breakers) and sends it with ``outbound``, failing over by the error's code.
 ``admission`` is the per-model priority gate in front of local runners.
+``verify`` runs routed jobs again elsewhere (spot checks, ``verify: N``), the
+pure ``compare`` says whether two answers agree and ``judge`` who was wrong, and
+``reputation`` keeps what was found per peer and holds liars back from plans.
 """

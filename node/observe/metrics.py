@@ -9,7 +9,9 @@ and benchmarks), with two kinds of series:
   them; their latency as a histogram by model and where they ran;
 - read from the node at scrape time (a collector, so they are never stale):
   queue depth per model and priority, requests in flight, peers known by status,
-  each local backend's circuit state, each peer breaker's state, failovers.
+  each local backend's circuit state, each peer breaker's state, failovers,
+  and verification: judgements by verdict, and per peer checked the checks,
+  agreements and strikes counted and whether it is held back from routing now.
 
 Circuit states are exported as one gauge per state with value 1 for the current
 one (the Prometheus idiom for an enum), so a dashboard can count open circuits.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -41,6 +44,9 @@ class Live:
     backend_circuits: Mapping[str, str | None] = field(default_factory=dict)  # model -> state
     peer_circuits: Mapping[str, str | None] = field(default_factory=dict)  # peer -> state
     failovers: int = 0
+    # peer -> its reputation row (node.jobs.reputation.Reputation.describe)
+    reputation: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    verdicts: Mapping[str, int] = field(default_factory=dict)  # agree/disagree/unsure -> n
 
 
 class NodeMetrics:
@@ -124,6 +130,36 @@ class _Live(Collector):
             "Attempts after the first, over all jobs routed here.",
             value=live.failovers,
         )
+        yield from _verification(live)
+
+
+def _verification(live: Live) -> Iterator[Metric]:
+    verdicts = CounterMetricFamily(
+        "swarm_verify_judgements",
+        "Spot checks and verify jobs judged here, by verdict (agree, disagree, unsure).",
+        labels=["verdict"],
+    )
+    for verdict in ("agree", "disagree", "unsure"):
+        verdicts.add_metric([verdict], live.verdicts.get(verdict, 0))
+    yield verdicts
+    counts = {
+        "checked": "Checks of each peer's answers this node made.",
+        "agreed": "Checks where the peer's answer agreed.",
+        "strikes": "Checks that found the peer's answer wrong.",
+    }
+    for key, doc in counts.items():
+        family = CounterMetricFamily(f"swarm_peer_{key}", doc, labels=["peer"])
+        for peer, row in live.reputation.items():
+            family.add_metric([peer], float(row.get(key, 0)))
+        yield family
+    held = GaugeMetricFamily(
+        "swarm_peer_held_back",
+        "1 while this node holds the peer back from routing for wrong answers.",
+        labels=["peer"],
+    )
+    for peer, row in live.reputation.items():
+        held.add_metric([peer], 1.0 if row.get("held_back") else 0.0)
+    yield held
 
 
 def _states(name: str, doc: str, key: str, current: Mapping[str, str | None]) -> GaugeMetricFamily:
