@@ -257,3 +257,69 @@ async def test_checks_are_bounded_and_never_change_the_answer(
             assert stats["checks"] + stats["skipped"]["busy"] == 10
             assert waited_for_by_none >= 1
             assert stats["verdicts"] == {"agree": stats["checks"]}
+
+
+async def test_verify_through_the_gateway_openai_and_kserve(
+    node_factory: NodeFactory, seed: int
+) -> None:
+    import httpx
+
+    from node.gateway import GatewayConfig
+
+    async with (
+        node_factory("b", models=(f"fake:{MODEL}",)) as b,
+        node_factory("c", models=(f"fake:{MODEL}",)) as c,
+    ):
+        config = verify_config(seed, rate=0.0)
+        peers = (b.addrs[0], c.addrs[0])
+        async with node_factory(
+            "a", models=(), peers=peers, verify=config, http=GatewayConfig()
+        ) as a:
+            await wait_serving(a, (b, c))
+            assert a.gateway is not None
+            both = {b.peer_id, c.peer_id}
+            async with httpx.AsyncClient(base_url=a.gateway.url, timeout=30) as http:
+                emb = await http.post(
+                    "/v1/embeddings",
+                    json={"model": MODEL, "input": ["a", "b"]},
+                    headers={"X-Swarm-Verify": "1"},
+                )
+                chat = await http.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "verify": 1,
+                    },
+                )
+                v2 = await http.post(
+                    f"/v2/models/{MODEL}/infer",
+                    json={
+                        "inputs": [
+                            {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}
+                        ]
+                    },
+                    headers={"X-Swarm-Verify": "1"},
+                )
+                plain = await http.post("/v1/embeddings", json={"model": MODEL, "input": "a"})
+                bad = await http.post(
+                    "/v1/embeddings",
+                    json={"model": MODEL, "input": "a"},
+                    headers={"X-Swarm-Verify": "9"},
+                )
+                bad_body = await http.post(
+                    "/v1/embeddings", json={"model": MODEL, "input": "a", "verify": "one"}
+                )
+                streamed = await http.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": "p", "stream": True, "verify": 1},
+                )
+    for answer in (emb, chat, v2):
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-swarm-verify-verdict"] == "agree"
+        assert set(answer.headers["x-swarm-verify-nodes"].split(",")) == both
+    assert float(emb.headers["x-swarm-verify-min-cosine"]) == 1.0
+    assert plain.status_code == 200 and "x-swarm-verify-verdict" not in plain.headers
+    assert bad.status_code == 400 and "x-swarm-verify" in bad.text
+    assert bad_body.status_code == 400 and "verify" in bad_body.text
+    assert streamed.status_code == 400 and "streamed" in streamed.text
