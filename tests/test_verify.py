@@ -9,6 +9,7 @@ the ``seed`` fixture, printed with any failure; replay with SWARM_TEST_SEED.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +324,29 @@ async def test_verify_through_the_gateway_openai_and_kserve(
     assert bad.status_code == 400 and "x-swarm-verify" in bad.text
     assert bad_body.status_code == 400 and "verify" in bad_body.text
     assert streamed.status_code == 400 and "streamed" in streamed.text
+
+
+async def test_swarm_submit_verify_prints_how_the_runs_compared(
+    node_factory: NodeFactory, seed: int, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import json
+
+    from node.cli import main as cli
+
+    async with (
+        node_factory("b", models=(f"fake:{MODEL}",)) as b,
+        node_factory("c", models=(f"fake:{MODEL}",)) as c,
+    ):
+        config = verify_config(seed, rate=0.0)
+        peers = (b.addrs[0], c.addrs[0])
+        async with node_factory("a", models=(), peers=peers, verify=config) as a:
+            await wait_serving(a, (b, c))
+            submit = ["submit", "--data-dir", str(tmp_path / "cli"), "--peer", a.addrs[0]]
+            submit += [MODEL, "hello", "--verify", "1"]
+            assert await trio.to_thread.run_sync(cli.main, [*submit, "--json"]) == 0
+            meta = json.loads(capsys.readouterr().out)["meta"]
+            assert await trio.to_thread.run_sync(cli.main, submit) == 0
+            text = capsys.readouterr().out
+    assert (meta["verify_verdict"], meta["verify_ran"]) == ("agree", 2)
+    assert set(meta["verify_nodes"].split(",")) == {b.peer_id, c.peer_id}
+    assert "verify: agree (2 of 2 ran: " in text
