@@ -103,7 +103,7 @@ async def _window(client: SwarmClient, callers: int, seconds: float, tag: str) -
 async def load(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     nodes: list[NodeProc] = []
     rows: dict[float, list[dict[str, float]]] = {r: [] for r in RATES}
-    root.mkdir(parents=True, exist_ok=True)
+    await trio.Path(root).mkdir(parents=True, exist_ok=True)
     try:
         common = ["--heartbeat", "1", "--dead-after", "4"]
         workers = []
