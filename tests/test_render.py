@@ -51,7 +51,7 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
     assert "backend emb: batched 4 calls, mean 2.5 rows" in lines
     assert "routing least-loaded, 2 failovers, peers held back: 12345678 open" in lines
     assert any(line.startswith("llm text-generation openai-compat") for line in lines)
-    verification = " ".join(lines[lines.index(next(x for x in lines if "verification" in x)) :])
+    verification = " ".join(lines[lines.index(next(x for x in lines if "checks 5%" in x)) :])
     assert "checks 5% of routed jobs: 12 checks, 1 verify jobs" in verification
     assert "agree/disagree/unsure 11/2/0" in verification
     assert "held back for wrong answers: LIAR0001 (2 strikes in 4, 299.5 s left)" in verification

@@ -113,7 +113,7 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         )
     verification = view.get("verification", {})
     if verification:
-        row("verification", _verification(verification))
+        row("checks", _verification(verification))
     for source, problem in view.get("discovery", {}).items():
         row("discovery", f"{source}: {problem}")
     access = view.get("access", {})
@@ -232,7 +232,7 @@ def _verification(v: Mapping[str, Any]) -> str:
     rate = v.get("rate")
     share = f"{rate:.0%}" if isinstance(rate, int | float) else "?"
     return (
-        f"checks {share} of routed jobs: {v.get('checks', 0)} checks, "
+        f"{share} of routed jobs: {v.get('checks', 0)} checks, "
         f"{v.get('verified_jobs', 0)} verify jobs, agree/disagree/unsure {counts}; "
         f"held back for wrong answers: {', '.join(held) or 'none'}"
     )
