@@ -15,6 +15,7 @@ from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before no
 from node.gateway.config import GatewayConfig
 from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig
+from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.reach.config import ReachConfig
 from protocols import DEFAULT_LIMITS, Limits
@@ -39,6 +40,7 @@ class NodeConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers
     reach: ReachConfig = field(default_factory=ReachConfig)  # publicly reachable, and how known
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # spot checks, reputation
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
     http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off

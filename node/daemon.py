@@ -19,7 +19,9 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -44,8 +46,10 @@ from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
 from node.jobs.inbound import InferHandler
 from node.jobs.outbound import Caller
+from node.jobs.reputation import Reputation, ReputationFile
 from node.jobs.router import Router
 from node.jobs.service import InferenceService
+from node.jobs.verify import Verifier
 from node.membership.caps import CapsHandler, Received, RecordSigner, answer_client
 from node.membership.peers import Membership
 from node.models import ModelRegistry
@@ -57,7 +61,7 @@ from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
 from node.reach.monitor import ReachMonitor
 from node.services import Services
-from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, CapabilityRecord, Request
+from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, MAX_HOPS, CapabilityRecord, Request, Result
 from protocols.errors import ConfigError
 from runners.base import Runner
 
@@ -200,11 +204,15 @@ class Node:
             access=self.access,
         )
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
+        # What this node found of its peers' answers, as it was when it last stopped.
+        reputation_file = ReputationFile.in_data_dir(cfg.data_dir)
+        reputation = Reputation(cfg.verify.policy, time.time, reputation_file.load())
         planner = RouterPlanner(
             router,
             lambda: membership.table,
             lambda: status.local_node(self.services),
             lambda: self.services.dispatcher.in_flight,
+            held_back=reputation.held_back,
         )
         dispatcher = Dispatcher(
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
@@ -217,6 +225,19 @@ class Node:
             fairness=cfg.fairness,
             own_clients=(self._client_id,),
         )
+        verifier = Verifier(
+            cfg.verify,
+            peer_id,
+            reputation,
+            _Nodes(self),
+            plan=planner.plan,
+            attempt=dispatcher.attempt,
+            run_here=self._run_here,
+            rng=random.Random(cfg.verify.seed),
+            store=reputation_file,
+            max_attempts=cfg.router.max_attempts,
+        )
+        dispatcher.verifier = verifier
         metrics = NodeMetrics(peer_id, lambda: status.live_figures(self.services))
         feed = self.feed
 
@@ -264,6 +285,7 @@ class Node:
             router=router,
             planner=planner,
             dispatcher=dispatcher,
+            verifier=verifier,
             caller=caller,
             inbound=inbound,
             caps=caps,
@@ -274,6 +296,11 @@ class Node:
             reach=reach,
         )
 
+    async def _run_here(self, request: Request) -> Result:
+        """Run ``request`` on this node's own runner (a spot check's second run): as
+        a request that has come its last hop, it is never forwarded."""
+        return await self.services.service.execute(replace(request, hops=MAX_HOPS), _no_chunks)
+
     async def _serve(self, task_status: TaskStatus[Node]) -> None:
         cfg, s = self.config, self.services
         try:
@@ -281,6 +308,7 @@ class Node:
                 self._nursery = nursery
                 await nursery.start(s.membership.run)
                 await nursery.start(s.reach.run)
+                await nursery.start(s.verifier.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)
                 own_load = lambda: s.service.load().describe()  # noqa: E731
@@ -410,3 +438,20 @@ class Node:
         )
         grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
         return Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)
+
+
+class _Nodes:
+    """How each node announces a model, read off the running services (verification)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def entry(self, node: str, model: str) -> Mapping[str, Any] | None:
+        return status.model_entry(self._node.services, node, model)
+
+    def serves_here(self, model: str) -> bool:
+        return model.lower() in self._node.services.service.runners
+
+
+async def _no_chunks(chunk: Mapping[str, Any]) -> None:
+    """A spot check does not stream."""

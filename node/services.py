@@ -21,6 +21,7 @@ from node.jobs.inbound import InferHandler
 from node.jobs.outbound import Caller
 from node.jobs.router import Router
 from node.jobs.service import InferenceService
+from node.jobs.verify import Verifier
 from node.membership.caps import CapsHandler, RecordSigner
 from node.membership.peers import Membership
 from node.models import ModelRegistry
@@ -46,6 +47,7 @@ class Services:
     router: Router
     planner: RouterPlanner
     dispatcher: Dispatcher
+    verifier: Verifier  # spot checks, verify: N, and the reputation they feed
     caller: Caller
     inbound: InferHandler
     caps: CapsHandler

@@ -10,6 +10,7 @@ Backend addresses and keys never appear: the runners' states are shown without
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from capabilities.record import record_body
@@ -53,6 +54,7 @@ def client_view(s: Services) -> dict[str, Any]:
         # Each peer's share of this node: its jobs here, what it got, who is over budget.
         "fairness": s.service.shares(),
         "reach": reach_view(s),
+        "verification": s.verifier.describe(),
         "models_failed": dict(s.models.failed),
         "access": {
             "private_swarm": s.config.swarm_key is not None,
@@ -88,6 +90,21 @@ def routing_view(s: Services) -> dict[str, Any]:
         "failovers": s.dispatcher.failovers,
         "peer_breakers": described["peers"],
     }
+
+
+def model_entry(s: Services, node: str, model: str) -> Mapping[str, Any] | None:
+    """How ``node`` (this one, or a peer by its record) announces ``model``; None when
+    it does not serve it (verification compares answers by these entries)."""
+    want = model.casefold()
+    if node == s.peer_id:
+        entries: Any = [info.describe() for info in s.models.infos()]
+    else:
+        peer = s.membership.table.peers.get(node)
+        entries = (peer.body or {}).get("models") if peer is not None else None
+    for m in entries if isinstance(entries, list | tuple) else ():
+        if isinstance(m, Mapping) and str(m.get("name")).casefold() == want:
+            return m
+    return None
 
 
 def local_node(s: Services) -> LocalNode:
@@ -146,6 +163,8 @@ def live_figures(s: Services) -> Live:
         },
         failovers=s.dispatcher.failovers,
         shares=s.service.shares(),
+        reputation=s.verifier.reputation.describe(),
+        verdicts=dict(s.verifier.stats.verdicts),
     )
 
 

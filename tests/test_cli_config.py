@@ -269,3 +269,25 @@ def test_keygen_and_id_and_init_speak_json(
     assert set(wrote) == {"path", "bytes"}
     assert wrote["path"] == str((tmp_path / config_file.CONFIG_FILE).resolve())
     assert wrote["bytes"] == (tmp_path / config_file.CONFIG_FILE).stat().st_size
+
+
+def test_the_verify_table_of_the_template_reads_as_the_defaults(tmp_path: Path) -> None:
+    """Every `# key = value` line under [verify] in default_config.toml, switched on,
+    is accepted and is the default; a typo there is refused like anywhere else."""
+    from node.jobs.verify import VerifyConfig
+
+    template = (Path(cli.__file__).parent / "default_config.toml").read_text()
+    part = template[template.index("# [verify]") :]
+    on = re.sub(r"^# ([a-z_]+ = )", r"\1", part.replace("# [verify]", "[verify]"), flags=re.M)
+    path = tmp_path / "c.toml"
+    path.write_text(on)
+    config, _, _ = daemon_config("--config", str(path))
+    assert config.verify == VerifyConfig()
+    assert len(tomllib.loads(on)["verify"]) == 11  # every key is shown
+    path.write_text("[verify]\nrate = 0.5\nmin_strikes = 4\n")
+    config, _, _ = daemon_config("--config", str(path))
+    assert (config.verify.rate, config.verify.policy.min_strikes) == (0.5, 4)
+    for bad, named in (("rat = 0.1", "unknown field(s) rat"), ("rate = 2", "verify.rate")):
+        path.write_text(f"[verify]\n{bad}\n")
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            daemon_config("--config", str(path))

@@ -258,6 +258,49 @@ def test_origin_travels_when_set_and_old_peers_requests_still_decode() -> None:
             decoder.next_message()
 
 
+def _body(message: Message) -> dict[str, object]:
+    frames = encode(message, SMALL)
+    body: dict[str, object] = msgpack.unpackb(frames[0][4:], raw=False)
+    return body
+
+
+def test_verify_travels_only_when_asked() -> None:
+    """An old peer (it knows no ``verify``) decodes every request a node sends it
+    unless the job asked for verification, and a request from an old peer (no
+    ``verify`` key) reads as 0."""
+    assert "verify" not in _body(Request("q", "m", {}))
+    asked = Request("q", "m", {}, verify=2)
+    assert _body(asked)["verify"] == 2
+    decoder = Decoder(SMALL)
+    decoder.feed(wire(asked))
+    got = decoder.next_message()
+    assert isinstance(got, Request) and got.verify == 2
+    old = {k: v for k, v in _body(Request("q", "m", {})).items()}
+    decoder.feed(_framed(old))
+    got = decoder.next_message()
+    assert isinstance(got, Request) and got.verify == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 5, True, "1", 1.0])
+def test_verify_out_of_range_is_a_protocol_error(bad: object) -> None:
+    body = {**_body(Request("q", "m", {})), "verify": bad}
+    decoder = Decoder(SMALL)
+    decoder.feed(_framed(body))
+    with pytest.raises(ProtocolError):
+        decoder.next_message()
+
+
+@pytest.mark.parametrize("bad", [-1, 5, True])
+def test_a_request_refuses_a_verify_out_of_range(bad: int) -> None:
+    with pytest.raises(ValueError, match="verify"):
+        Request("q", "m", {}, verify=bad)
+
+
+def _framed(body: dict[str, object]) -> bytes:
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return len(packed).to_bytes(4, "big") + packed
+
+
 # ---------------------------------------------------------------------------
 # tensors that do not fit one frame
 

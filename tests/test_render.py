@@ -28,6 +28,21 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
                 "failovers": 2,
                 "peer_breakers": {"12D3KooWabcdefgh12345678": {"state": "open"}},
             },
+            "verification": {
+                "rate": 0.05,
+                "checks": 12,
+                "verified_jobs": 1,
+                "verdicts": {"agree": 11, "disagree": 2},
+                "peers": {
+                    "12D3KooWliarliarLIAR0001": {
+                        "strikes": 2,
+                        "checked": 4,
+                        "held_back": True,
+                        "held_for_s": 299.5,
+                    },
+                    "12D3KooWhonesthonest0002": {"strikes": 0, "checked": 9, "held_back": False},
+                },
+            },
         },
     }
     text = status_text("me", body)
@@ -37,6 +52,11 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
     assert "backend emb: batched 4 calls, mean 2.5 rows" in lines
     assert "routing least-loaded, 2 failovers, peers held back: 12345678 open" in lines
     assert any(line.startswith("llm text-generation openai-compat") for line in lines)
+    verification = " ".join(lines[lines.index(next(x for x in lines if "checks 5%" in x)) :])
+    assert "checks 5% of routed jobs: 12 checks, 1 verify jobs" in verification
+    assert "agree/disagree/unsure 11/2/0" in verification
+    assert "held back for wrong answers: LIAR0001 (2 strikes in 4, 299.5 s left)" in verification
+    assert "0002" not in verification
     assert all(len(line) <= 80 for line in text.splitlines())
 
 
@@ -50,6 +70,15 @@ def test_result_says_who_served_after_how_many_attempts() -> None:
     ]
     alone = result_text(Result("r2", {}, {"served_by": "B", "runner": "fake", "device": "cpu"}))
     assert alone.splitlines() == ["served by B (fake on cpu)", "ran ? ms, queued ? ms"]
+    verified = {
+        "verify": 1,
+        "verify_ran": 2,
+        "verify_verdict": "agree",
+        "verify_nodes": "12D3KooWAAAAAAAAaaaaaaaa,12D3KooWBBBBBBBBbbbbbbbb",
+        "verify_min_cosine": 0.999998,
+    }
+    lines = result_text(Result("r3", {}, verified)).splitlines()
+    assert "verify: agree (2 of 2 ran: aaaaaaaa bbbbbbbb), lowest cosine 0.999998" in lines
 
 
 def test_models_table_joins_this_node_and_its_peers() -> None:

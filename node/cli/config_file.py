@@ -7,7 +7,8 @@ lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
 are read by the catalog and the router, as before; [fairness] by the fair-share
-ledger (``node.jobs.fairness``), --fair-share overriding its ``enabled``.
+ledger (``node.jobs.fairness``), --fair-share overriding its ``enabled``;
+[verify] by verification (``node.jobs.verify``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
 from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
+from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
 from node.reach.config import Mode, ReachConfig
@@ -42,7 +44,7 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "models", "backends", "router", "fairness"})
+TABLES = frozenset({"node", "http", "models", "backends", "router", "fairness", "verify"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -208,6 +210,16 @@ def _fairness(args: argparse.Namespace, config: dict[str, Any], source: str) -> 
     return fairness
 
 
+def _verify(config: dict[str, Any], source: str) -> VerifyConfig:
+    """config.toml's [verify] table: spot checks and the reputation they feed."""
+    table = config.get("verify")
+    return (
+        VerifyConfig()
+        if table is None
+        else VerifyConfig.from_table(Table(table, f"{source}: verify"))
+    )
+
+
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     """The node's config: config.toml's values, with the flags given laid over them.
 
@@ -244,6 +256,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
             mode=Mode(args.reachability or f.reachability),
             public_addrs=(*f.public_addrs, *args.public_addr),
         ),
+        verify=_verify(file, source),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],

@@ -211,6 +211,14 @@ def build() -> argparse.ArgumentParser:
         help="how the node picks the peer that runs it (default: the node's)",
     )
     s.add_argument("--deadline", type=float, metavar="SECONDS", help="give up after this long")
+    s.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        choices=range(0, 5),
+        metavar="N",
+        help="run it on N more nodes (up to 4) and say whether the answers agree",
+    )
     s.add_argument("--stream", action="store_true", help="print chunks as they arrive")
     _json_flag(s)
     s.set_defaults(command="submit")

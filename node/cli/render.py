@@ -114,6 +114,9 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
             f"{routing.get('strategy')}, {routing.get('failovers', 0)} failovers, "
             f"peers held back: {held}",
         )
+    verification = view.get("verification", {})
+    if verification:
+        row("checks", _verification(verification))
     for source, problem in view.get("discovery", {}).items():
         row("discovery", f"{source}: {problem}")
     access = view.get("access", {})
@@ -281,6 +284,25 @@ def _runner_state(state: Mapping[str, Any]) -> str:
     if state.get("summary"):  # e.g. an OpenVINO runner's measured precision and why
         parts.append(str(state["summary"]))
     return ", ".join(parts) or "-"
+
+
+def _verification(v: Mapping[str, Any]) -> str:
+    """Checks made, their verdicts, and the peers held back for wrong answers."""
+    verdicts = v.get("verdicts", {})
+    counts = "/".join(str(verdicts.get(k, 0)) for k in ("agree", "disagree", "unsure"))
+    held = [
+        f"{peer[-8:]} ({row.get('strikes')} strikes in {row.get('checked')}, "
+        f"{row.get('held_for_s')} s left)"
+        for peer, row in (v.get("peers") or {}).items()
+        if row.get("held_back")
+    ]
+    rate = v.get("rate")
+    share = f"{rate:.0%}" if isinstance(rate, int | float) else "?"
+    return (
+        f"{share} of routed jobs: {v.get('checks', 0)} checks, "
+        f"{v.get('verified_jobs', 0)} verify jobs, agree/disagree/unsure {counts}; "
+        f"held back for wrong answers: {', '.join(held) or 'none'}"
+    )
 
 
 def _ms(value: Any) -> str:

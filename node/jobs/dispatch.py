@@ -22,6 +22,10 @@ attempt carries the caller's request id.
 
 Peers that fail are reported to the peer breakers, which keep them out of plans
 for a while (doubling on each failed probe); peers that answer close them.
+
+Verification (``node.jobs.verify``, when wired as ``verifier``) hooks in twice:
+a job that asks for ``verify`` is handed to it whole, and each answer a peer
+gave is offered to it for a spot check once it is on its way to the caller.
 """
 
 from __future__ import annotations
@@ -99,6 +103,14 @@ class Planner(Protocol):
     def abandon(self, peer_id: str) -> None: ...
 
 
+class Checks(Protocol):
+    """What the dispatcher needs of verification (``node.jobs.verify.Verifier``)."""
+
+    def offer(self, request: Request, result: Result, peer_id: str) -> None: ...
+
+    async def verified(self, request: Request, local: RunLocal | None) -> Result: ...
+
+
 class Providers(Protocol):
     """What the dispatcher needs of membership."""
 
@@ -131,6 +143,7 @@ class Dispatcher:
         self.in_flight: dict[str, int] = {}  # our requests at each peer, now
         self.failovers = 0  # attempts after the first, for status
         self.via_jobs = 0  # jobs answered through an intermediary, for status
+        self.verifier: Checks | None = None  # spot checks and verify: N (set by the wiring)
 
     def serves(self, model: str) -> bool:
         return self._providers.serves(model)
@@ -142,6 +155,8 @@ class Dispatcher:
         planner may choose it like any peer. Raises the last attempt's error,
         ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
         """
+        if request.verify and self.verifier is not None:
+            return await self.verifier.verified(request, local)
         tried: set[str] = set()
         relayed = 0
         last: SwarmError | None = None
@@ -189,6 +204,9 @@ class Dispatcher:
             meta: dict[str, Any] = {**result.meta, "attempts": attempts}
             if not choice.local:
                 meta["forwarded_by"] = self.self_id
+                # An intermediary passed on another's answer: not its own to check.
+                if self.verifier is not None and not choice.via:
+                    self.verifier.offer(request, result, choice.peer_id)
             if choice.via:
                 meta["via"] = choice.peer_id
                 self.via_jobs += 1
@@ -196,6 +214,20 @@ class Dispatcher:
         if last is not None:
             raise last
         raise ModelNotFound(f"no peer in the swarm is known to serve {request.model!r}")
+
+    async def attempt(
+        self, choice: Choice, request: Request, local: RunLocal | None = None
+    ) -> Result:
+        """``request`` at ``choice`` alone, no failover: verification's extra runs.
+        Raises PeerUnavailable when the peer's breaker admits no call now, and what
+        the run raised otherwise."""
+        if choice.local:
+            if local is None:
+                raise ModelNotFound(f"this node does not serve {request.model!r}")
+            return await local(_no_chunks)
+        if not self._planner.admit(choice.peer_id):
+            raise PeerUnavailable(f"{choice.peer_id} is held back by its breaker")
+        return await self._remote(choice.peer_id, request, _no_chunks)
 
     async def _remote(self, peer_id: str, request: Request, relay: Any) -> Result:
         left = trio.current_effective_deadline() - trio.current_time()
@@ -229,6 +261,10 @@ class Dispatcher:
                 self._planner.failure(peer_id)
             else:  # cancelled: no verdict on the peer
                 self._planner.abandon(peer_id)
+
+
+async def _no_chunks(chunk: Any) -> None:
+    """Verification's runs do not stream: nothing to relay."""
 
 
 def parse_strategy(text: str | None) -> Strategy | None:
@@ -273,6 +309,7 @@ class RouterPlanner:
         local: Callable[[], LocalNode],
         in_flight: Callable[[], Mapping[str, int]],
         paths: Callable[[], Mapping[str, str]] = dict,
+        held_back: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         """``paths``: each connected peer's connection kind ("direct", "hole-punched",
         "relayed"), from the circuits manager when there is one."""
@@ -281,6 +318,7 @@ class RouterPlanner:
         self._local = local
         self._in_flight = in_flight
         self._paths = paths
+        self._held_back = held_back  # peers reputation keeps out of plans now
 
     def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
         query = RouteRequest(
@@ -290,6 +328,7 @@ class RouterPlanner:
             exclude=exclude,
             size_bytes=request_bytes(request),
             via=request.hops == 0,  # a job forwarded to us goes to a provider, not further
+            held_back=self._held_back(),
         )
         found = self.router.plan(
             self._table(), self._local() if local else None, query, self._in_flight(), self._paths()
@@ -304,7 +343,12 @@ class RouterPlanner:
         The local node counts when it serves the model, as in ``forward``; peers are
         only those already linked (a real job with none would ask the DHT first).
         """
-        query = RouteRequest(model=model, strategy=parse_strategy(strategy), priority=priority)
+        query = RouteRequest(
+            model=model,
+            strategy=parse_strategy(strategy),
+            priority=priority,
+            held_back=self._held_back(),
+        )
         return self.router.preview(
             self._table(), self._local(), query, self._in_flight(), self._paths()
         )

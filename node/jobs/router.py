@@ -16,6 +16,8 @@ Candidates
     or whose half-open probe is already out, and nodes whose record says that
     model's backend circuit is "open". A peer whose breaker is half-open is a
     *probe*: at most one per plan, placed after all others.
+    Peers in ``request.held_back`` are left out too: this node found their answers
+    wrong (``node.jobs.reputation``). The local node is never held back.
 
     Intermediaries: when no node above qualifies and ``request.via`` allows it
     (the job was not forwarded to us already), linked peers whose record says
@@ -199,6 +201,7 @@ class RouteRequest:
     exclude: frozenset[str] = frozenset()  # node ids already tried (the local id too)
     size_bytes: int = 0  # the inputs' bytes (see Paths)
     via: bool = True  # intermediaries may be candidates (False once forwarded to us)
+    held_back: frozenset[str] = frozenset()  # peers reputation keeps out (not "tried")
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -209,6 +212,8 @@ class RouteRequest:
             object.__setattr__(self, "strategy", Strategy(self.strategy))
         if not isinstance(self.exclude, frozenset):
             raise ValueError("exclude must be a frozenset of node ids")
+        if not isinstance(self.held_back, frozenset):
+            raise ValueError("held_back must be a frozenset of node ids")
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +355,8 @@ class Router:
             for peer, entry in peers:
                 pid = peer.peer_id
                 if pid == self.self_id or pid in request.exclude or peer.body is None:
+                    continue
+                if pid in request.held_back:
                     continue
                 state = self.breakers.state(pid)
                 if state == BreakerState.OPEN or self.breakers.probing(pid):

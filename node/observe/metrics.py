@@ -9,7 +9,9 @@ and benchmarks), with two kinds of series:
   them; their latency as a histogram by model and where they ran;
 - read from the node at scrape time (a collector, so they are never stale):
   queue depth per model and priority, requests in flight, peers known by status,
-  each local backend's circuit state, each peer breaker's state, failovers.
+  each local backend's circuit state, each peer breaker's state, failovers,
+  and verification: judgements by verdict, and per peer checked the checks,
+  agreements and strikes counted and whether it is held back from routing now.
 
 Circuit states are exported as one gauge per state with value 1 for the current
 one (the Prometheus idiom for an enum), so a dashboard can count open circuits.
@@ -52,6 +54,9 @@ class Live:
     peer_circuits: Mapping[str, str | None] = field(default_factory=dict)  # peer -> state
     failovers: int = 0
     shares: Mapping[str, Any] = field(default_factory=dict)  # InferenceService.shares()
+    # peer -> its reputation row (node.jobs.reputation.Reputation.describe)
+    reputation: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    verdicts: Mapping[str, int] = field(default_factory=dict)  # agree/disagree/unsure -> n
 
 
 class NodeMetrics:
@@ -136,6 +141,7 @@ class _Live(Collector):
             value=live.failovers,
         )
         yield from _shares(live.shares)
+        yield from _verification(live)
 
 
 def _shares(shares: Mapping[str, Any]) -> Iterator[Metric]:
@@ -194,6 +200,35 @@ def _shares(shares: Mapping[str, Any]) -> Iterator[Metric]:
     for reason in ("rate", "in_flight", "queued", "high"):
         budget.add_metric([reason], float(totals.get(reason, 0)))
     yield budget
+
+
+def _verification(live: Live) -> Iterator[Metric]:
+    verdicts = CounterMetricFamily(
+        "swarm_verify_judgements",
+        "Spot checks and verify jobs judged here, by verdict (agree, disagree, unsure).",
+        labels=["verdict"],
+    )
+    for verdict in ("agree", "disagree", "unsure"):
+        verdicts.add_metric([verdict], live.verdicts.get(verdict, 0))
+    yield verdicts
+    counts = {
+        "checked": "Checks of each peer's answers this node made.",
+        "agreed": "Checks where the peer's answer agreed.",
+        "strikes": "Checks that found the peer's answer wrong.",
+    }
+    for key, doc in counts.items():
+        family = CounterMetricFamily(f"swarm_peer_{key}", doc, labels=["peer"])
+        for peer, row in live.reputation.items():
+            family.add_metric([peer], float(row.get(key, 0)))
+        yield family
+    held = GaugeMetricFamily(
+        "swarm_peer_held_back",
+        "1 while this node holds the peer back from routing for wrong answers.",
+        labels=["peer"],
+    )
+    for peer, row in live.reputation.items():
+        held.add_metric([peer], 1.0 if row.get("held_back") else 0.0)
+    yield held
 
 
 def _states(name: str, doc: str, key: str, current: Mapping[str, str | None]) -> GaugeMetricFamily:
