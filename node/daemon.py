@@ -55,6 +55,9 @@ from node.net.frames import SocketFramed
 from node.net.host import load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
+from node.reach.circuits import Circuits
+from node.reach.relay_service import RelayService
+from node.reach.relays import Relays
 from node.services import Services
 from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, CapabilityRecord, Request
 from protocols.errors import ConfigError
@@ -188,12 +191,29 @@ class Node:
         cfg = self.config
         peer_id = host.get_id().to_base58()
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
+        relay = RelayService(
+            host, cfg.relay_service, is_public=cfg.is_public, member=self.access.member
+        )
+        circuits = Circuits(
+            host,
+            relay.protocol,
+            guesses=lambda peer: status.relays_holding(self.services, peer),
+        )
+        relay.protocol.on_relayed = circuits.on_relayed
+        circuits.on_direct = caller.drop_idle  # pooled streams move off the relay
+        relays = Relays(
+            host,
+            cfg.relays,
+            is_public=cfg.is_public,
+            candidates=lambda: status.relay_candidates(self.services),
+        )
         membership = Membership(
             host,
             signer,
             lambda: self.services.service.load().describe(),
             cfg.membership,
             access=self.access,
+            connect=circuits.connect,
         )
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
         planner = RouterPlanner(
@@ -252,6 +272,9 @@ class Node:
             signer=signer,
             metrics=metrics,
             store=store,
+            relay=relay,
+            relays=relays,
+            circuits=circuits,
             dht=dht,
         )
 
@@ -260,7 +283,10 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(s.relay.run)
+                await nursery.start(s.circuits.run)
                 await nursery.start(s.membership.run)
+                await nursery.start(s.relays.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)
                 own_load = lambda: s.service.load().describe()  # noqa: E731

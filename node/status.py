@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from bootstrap.table import live_peers
 from capabilities.record import record_body
 from node.jobs.router import Candidate, LocalNode
 from node.json_values import jsonable
@@ -23,14 +24,58 @@ from protocols import Priority
 def describe(s: Services) -> dict[str, Any]:
     """The body of this node's full capability record (load travels in heartbeats)."""
     body = record_body(
-        addrs=list(s.addrs),
+        addrs=announced_addrs(s),
         hardware=s.hardware,
         models=s.models.infos(),
         load=s.service.load(),
     )
     circuits = s.models.circuits()
-    extra = {"circuits": circuits} if circuits else {}
+    extra: dict[str, Any] = {"circuits": circuits} if circuits else {}
+    if (relay := s.relay.record_entry()) is not None:
+        extra["relay"] = relay  # this node relays circuits, with these limits
     return {**body, **extra, "peers": s.membership.peer_sample()}
+
+
+def announced_addrs(s: Services) -> list[str]:
+    """The addresses this node's record names: its own (none when it is known to
+    be behind NAT: nobody outside could dial them), then its circuits through the
+    relays it holds. (node.reach.addresses' policy is to replace this.)"""
+    own = [] if s.config.is_public() is False else list(s.addrs)
+    return [*own, *s.relays.circuit_addrs()]
+
+
+def relay_candidates(s: Services) -> list[tuple[str, list[str]]]:
+    """Linked peers whose record offers a relay, with their direct addresses."""
+    out = []
+    for peer in live_peers(s.membership.table):
+        if isinstance((peer.body or {}).get("relay"), dict):
+            direct = [a for a in peer.addrs if "/p2p-circuit" not in a]
+            if direct:
+                out.append((peer.peer_id, direct))
+    return out
+
+
+def relays_holding(s: Services, peer_id: str) -> list[str]:
+    """Circuit addresses to ``peer_id`` through linked relays whose records say it
+    holds a reservation there (``/ip4/R/tcp/P/p2p/R/p2p-circuit``)."""
+    out = []
+    for relay, addrs in relay_candidates(s):
+        body = s.membership.table.peers[relay].body or {}
+        reserved = body.get("relay", {}).get("reserved")
+        if isinstance(reserved, list) and peer_id in reserved:
+            out += [f"{a}/p2p/{relay}/p2p-circuit" for a in addrs[:2]]
+    return out
+
+
+def reach_view(s: Services) -> dict[str, Any]:
+    """How this node is reached and reaches peers: its reachability, the relay it
+    offers, the reservations it holds, and each connected peer's kind of connection."""
+    return {
+        "reachability": s.config.reachability,
+        "relay_service": s.relay.describe(),
+        "relays": s.relays.describe(),
+        **s.circuits.describe(),
+    }
 
 
 def client_view(s: Services) -> dict[str, Any]:
@@ -43,6 +88,7 @@ def client_view(s: Services) -> dict[str, Any]:
         "caps": {"streams_in": s.caps.streams, "records_in": s.caps.exchanges},
         "runners": s.models.status(),
         "routing": routing_view(s),
+        "reach": reach_view(s),
         "models_failed": dict(s.models.failed),
         "access": {
             "private_swarm": s.config.swarm_key is not None,

@@ -244,3 +244,23 @@ def test_keygen_and_id_and_init_speak_json(
     assert set(wrote) == {"path", "bytes"}
     assert wrote["path"] == str((tmp_path / config_file.CONFIG_FILE).resolve())
     assert wrote["bytes"] == (tmp_path / config_file.CONFIG_FILE).stat().st_size
+
+
+def test_relay_service_flag_and_the_relay_table(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / config_file.CONFIG_FILE).write_text(
+        '[node]\nreachability = "public"\n\n[relay]\ncircuit_bytes = 1000\nreservations = 3\n'
+    )
+    config, _, _ = daemon_config("--data-dir", str(data_dir))
+    assert config.reachability == "public" and config.is_public() is True
+    assert config.relay_service.enabled
+    assert (config.relay_service.circuit_bytes, config.relay_service.reservations) == (1000, 3)
+    config, _, _ = daemon_config(
+        "--data-dir", str(data_dir), "--relay-service", "off", "--reachability", "private"
+    )
+    assert not config.relay_service.enabled and config.relay_service.circuit_bytes == 1000
+    assert config.is_public() is False
+    (data_dir / config_file.CONFIG_FILE).write_text("[relay]\ncircuit_byte = 1000\n")
+    with pytest.raises(ConfigError, match="circuit_byte"):
+        daemon_config("--data-dir", str(data_dir))

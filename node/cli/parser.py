@@ -102,6 +102,17 @@ def build() -> argparse.ArgumentParser:
         "--dht", action=argparse.BooleanOptionalAction, help="run the Kademlia DHT (default on)"
     )
     d.add_argument(
+        "--reachability",
+        choices=["auto", "public", "private"],
+        help="whether peers can dial this node directly: learnt (auto, the default), or said "
+        "(public: offer a relay, reserve none; private: reach it through relays)",
+    )
+    d.add_argument(
+        "--relay-service",
+        choices=["on", "off"],
+        help="relay circuits for NATed peers while this node is publicly reachable (default on)",
+    )
+    d.add_argument(
         "--heartbeat",
         type=float,
         metavar="SECONDS",

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import random
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ import trio
 from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.rcmgr import Direction
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -82,6 +83,7 @@ PINGS_AT_ONCE = 16
 DCUTR_READ_S = 10
 DCUTR_WRITE_S = 10
 DCUTR_DIAL_S = 5
+UNILATERAL_S = 1.5
 
 
 def is_circuit(addr: str) -> bool:
@@ -134,7 +136,7 @@ class _CircuitDialer(CircuitV2Transport):
 class _Punch(DCUtRProtocol):
     """DCUtR that keeps the relayed connection and records which connections it made."""
 
-    def __init__(self, host: Any, on_punched: Callable[[ID, list[Any]], None]) -> None:
+    def __init__(self, host: Any, on_punched: Callable[[ID, list[Any]], Awaitable[None]]) -> None:
         super().__init__(
             host, read_timeout=DCUTR_READ_S, write_timeout=DCUTR_WRITE_S, dial_timeout=DCUTR_DIAL_S
         )
@@ -151,11 +153,33 @@ class _Punch(DCUtRProtocol):
         if ok:
             self.successes += 1
             new = [c for c in _live(self.host, peer_id) if id(c) not in before]
-            self._on_punched(peer_id, [c for c in new if not _is_relayed(c)])
+            await self._on_punched(peer_id, [c for c in new if not _is_relayed(c)])
         return bool(ok)
 
     def _schedule_relay_close(self, peer_id: ID) -> None:
         return None  # the relayed connection stays, as a fallback
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        # Upstream drives a punch from both ends of a relayed connection, so two
+        # sessions run at once and two direct connections may result. The spec
+        # has the side the circuit came to start it: so do we.
+        relayed = [c for c in _live(self.host, peer_id) if _is_relayed(c)]
+        if relayed and not any(_inbound(c) for c in relayed):
+            return False
+        return bool(await super().initiate_hole_punch(peer_id))
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        # A plain dial of the peer's other addresses (spec step 0) succeeds at once
+        # on a shared LAN; across NATs it only hangs (a SYN to a private address
+        # of another home is never answered) and would delay the punch by the
+        # whole dial timeout.
+        with trio.move_on_after(UNILATERAL_S):
+            return bool(await super()._try_unilateral_upgrade(peer_id))
+        return bool(await self._verify_direct_connection(peer_id))
+
+
+def _inbound(conn: Any) -> bool:
+    return getattr(conn, "direction", None) == Direction.INBOUND
 
 
 def _live(host: Any, peer_id: ID) -> list[Any]:
@@ -195,9 +219,13 @@ class Circuits:
         relay: CircuitV2Protocol,
         *,
         dcutr: bool = True,
+        guesses: Callable[[str], Sequence[str]] = lambda _peer: (),
         rng: random.Random | None = None,
     ) -> None:
+        """``guesses(peer_id)``: circuit addresses to try when the peer's own fail
+        (relays whose records say the peer holds a reservation with them)."""
         self._host = host
+        self._guesses = guesses
         self._self_id = host.get_id().to_base58()
         self._dialer = _CircuitDialer(host, relay, RelayConfig(roles=RelayRole.STOP))
         self._punch = _Punch(host, self._punched) if dcutr else None
@@ -205,9 +233,9 @@ class Circuits:
         self._watched: dict[str, _Watch] = {}
         self._rng = rng or random.Random()
         self.stats = CircuitStats()
-        # Called with a peer's id when a punched connection to it is up: pooled
+        # Awaited with a peer's id when a punched connection to it is up: pooled
         # streams on the relayed connection may move to it.
-        self.on_direct: Callable[[str], None] | None = None
+        self.on_direct: Callable[[str], Awaitable[None]] | None = None
 
     # -- running ---------------------------------------------------------------
 
@@ -227,18 +255,20 @@ class Circuits:
     # -- connecting --------------------------------------------------------------
 
     async def connect(self, peer_id: str, addrs: Sequence[str]) -> None:
-        """Make sure there is a usable connection to ``peer_id``; PeerUnavailable if
-        none of ``addrs`` (``/p2p/<peer_id>`` optional) gives one."""
+        """Make sure there is a connection to ``peer_id``: the one there is, else a
+        direct dial of ``addrs`` (``/p2p/<peer_id>`` optional), else a circuit
+        through the relays they name, else through the relays ``guesses`` names.
+        PeerUnavailable if none gives one; with nothing to dial at all, returns
+        (a stream opened to the peer then dials what the peerstore knows). A relayed
+        connection that stopped answering is closed by the watcher, not here."""
         pid = ID.from_base58(peer_id)
+        if _live(self._host, pid):
+            return
         texts = [_without_self(str(a), peer_id) for a in addrs]
         direct = [a for a in texts if not is_circuit(a)]
-        circuits = tuple(
-            a for a in texts if is_circuit(a) and relay_of(a) not in (None, self._self_id)
-        )
+        circuits = self._circuits_of(peer_id, texts)
         if circuits:
             self._remember(peer_id, circuits, outbound=True)
-        if await self._usable(pid):
-            return
         reasons: list[str] = []
         if direct:
             try:
@@ -251,9 +281,15 @@ class Circuits:
                 reasons.append("direct: no connection in time")
             except Exception as exc:  # libp2p raises many types for a failed dial
                 reasons.append(f"direct: {type(exc).__name__}")
-        for addr in self._ordered(circuits)[:MAX_CIRCUIT_TRIES]:
+        guessed = self._circuits_of(peer_id, self._guesses(peer_id))
+        tries = [*self._ordered(circuits), *(a for a in guessed if a not in circuits)]
+        if not (direct or tries):
+            return  # nothing to dial here: a stream to the peer dials what the peerstore knows
+        for addr in tries[:MAX_CIRCUIT_TRIES]:
             try:
                 await self._dial_circuit(pid, addr)
+                if addr not in circuits:
+                    self._remember(peer_id, (addr, *circuits), outbound=True)
                 return
             except Exception as exc:
                 reasons.append(f"via {relay_of(addr)}: {type(exc).__name__}")
@@ -261,18 +297,15 @@ class Circuits:
             f"cannot reach {peer_id}: " + ("; ".join(reasons) or "no address to dial")
         )
 
-    async def _usable(self, pid: ID) -> bool:
-        """Whether a live connection is there: a direct one, or a relayed one that
-        answers a ping (a relayed one that does not is closed here)."""
-        conns = _live(self._host, pid)
-        if not conns:
-            return False
-        if any(not _is_relayed(c) for c in conns):
-            return True
-        if await ping(self._host, pid, PING_TIMEOUT_S) is not None:
-            return True
-        await self._close_relayed(pid)
-        return False
+    def _circuits_of(self, peer_id: str, addrs: Sequence[str]) -> tuple[str, ...]:
+        """The circuit addresses among ``addrs``, without ``/p2p/<peer_id>``, skipping
+        those through this node itself."""
+        out = []
+        for addr in addrs:
+            text = _without_self(str(addr), peer_id)
+            if is_circuit(text) and relay_of(text) not in (None, self._self_id):
+                out.append(text)
+        return tuple(dict.fromkeys(out))
 
     async def _dial_circuit(self, pid: ID, addr: str) -> None:
         self.stats.circuit_dials += 1
@@ -316,12 +349,12 @@ class Circuits:
         self._host.get_network().protect(peer, PROTECT_TAG)
         self._remember(peer.to_base58(), (), outbound=False)
 
-    def _punched(self, peer: ID, conns: list[Any]) -> None:
+    async def _punched(self, peer: ID, conns: list[Any]) -> None:
         for conn in conns:
             self._punched_conns.add(conn)
         log.info("hole punched to %s", peer)
         if conns and self.on_direct is not None:
-            self.on_direct(peer.to_base58())
+            await self.on_direct(peer.to_base58())
 
     def _remember(self, peer_id: str, circuits: tuple[str, ...], *, outbound: bool) -> None:
         watch = self._watched.get(peer_id)
@@ -382,6 +415,7 @@ class Circuits:
             return
         if now < watch.next_redial:
             return
+        log.info("no connection to %s left; re-dialling it through its relays", peer_id)
         try:
             self.stats.redials += 1
             await self.connect(peer_id, watch.circuits)
@@ -427,11 +461,26 @@ class Circuits:
                 out[pid.to_base58()] = kind
         return out
 
+    def relayed_via(self) -> dict[str, str]:
+        """For each peer connected through a relay only, that relay's peer id."""
+        out: dict[str, str] = {}
+        for peer_id, kind in self.kinds().items():
+            if kind != "relayed":
+                continue
+            for conn in _live(self._host, ID.from_base58(peer_id)):
+                addrs = getattr(conn, "_actual_transport_addresses", None) or ()
+                relay = next((r for r in (relay_of(str(a)) for a in addrs) if r), None)
+                if relay is not None:
+                    out[peer_id] = relay
+                    break
+        return out
+
     def describe(self) -> dict[str, Any]:
         """For ``swarm status``: each peer's kind, hole punches, circuit dials."""
         s = self.stats
         return {
             "connections": self.kinds(),
+            "relayed_via": self.relayed_via(),
             "hole_punch": {
                 "attempts": self._punch.attempts if self._punch else 0,
                 "successes": self._punch.successes if self._punch else 0,

@@ -49,6 +49,7 @@ from libp2p.relay.circuit_v2.utils import write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs shadow trio's
 
+from protocols.config import Table
 from protocols.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,18 @@ class RelayServiceConfig:
             raise ConfigError(
                 f"relay circuit_bandwidth must be 0 (unlimited) or >= {MIN_BANDWIDTH} bytes/s"
             )
+
+    @classmethod
+    def from_table(cls, table: Table, *, enabled: bool = True) -> RelayServiceConfig:
+        """config.toml's ``[relay]`` table: any of the limits, each optional."""
+        base = cls()
+        values = {
+            name: table.integer(name, getattr(base, name), high=2**62)
+            for name in cls.__dataclass_fields__
+            if name != "enabled"
+        }
+        table.done()
+        return cls(enabled=enabled, **values)
 
     def limits(self) -> RelayLimits:
         return RelayLimits(
@@ -197,8 +210,10 @@ class RelayProtocol(CircuitV2Protocol):
     def circuits_open(self) -> int:
         return len(self._circuits)
 
-    def reservations_held(self) -> int:
-        return sum(1 for r in self.resource_manager._reservations.values() if not r.is_expired())
+    def reserved(self) -> list[str]:
+        """The peers holding a live reservation here, by peer id."""
+        book = self.resource_manager._reservations
+        return sorted(pid.to_base58() for pid, r in book.items() if not r.is_expired())
 
     # -- hop: gated ------------------------------------------------------------------
 
@@ -368,9 +383,16 @@ class RelayService:
             task_status.started()
             await trio.sleep_forever()
 
-    def record_entry(self) -> dict[str, int] | None:
-        """What this node's capability record says of its relay (None: not offered)."""
-        return self.config.describe() if self.offering() else None
+    def record_entry(self) -> dict[str, Any] | None:
+        """What this node's capability record says of its relay (None: not offered):
+        its limits, and the peers that hold a reservation here now (at most
+        ``reservations`` of them), so that a peer that knows of one of them but not
+        its circuit address yet can dial it through us. A change of that list
+        changes the record's version: linked peers pull the record, and with it
+        the peer sample, at their next heartbeat."""
+        if not self.offering():
+            return None
+        return {**self.config.describe(), "reserved": self.protocol.reserved()}
 
     def describe(self) -> dict[str, Any]:
         """For ``swarm status``."""
@@ -379,7 +401,7 @@ class RelayService:
             "enabled": self.config.enabled,
             "offering": self.offering(),
             "limits": self.config.describe(),
-            "reservations": p.reservations_held(),
+            "reservations": len(p.reserved()),
             "circuits_open": p.circuits_open,
             "circuits_total": p.circuits_total,
             "closed_for_limits": dict(p.closed_for),
