@@ -215,6 +215,7 @@ class Node:
             access=self.access,
             connect=circuits.connect,
         )
+        circuits.on_reconnected = membership.link  # swap records at once: linked again
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
         planner = RouterPlanner(
             router,

@@ -72,11 +72,14 @@ async def peer(
     relays_from: Callable[[], list[tuple[str, list[str]]]] | None = None,
     key_pair: Any = None,
     listen: str = LOOPBACK,
+    dcutr: bool = False,
 ) -> AsyncIterator[Peer]:
+    """A host with our relay protocol and circuits; DCUtR off unless asked for (on
+    loopback its first, plain dial would upgrade every circuit within seconds)."""
     async with running_host(key_pair, [listen]) as host, trio.open_nursery() as nursery:
         host.set_stream_handler(ECHO, _echo)
         relay = RelayService(host, config, is_public=lambda: public)
-        circuits = Circuits(host, relay.protocol)
+        circuits = Circuits(host, relay.protocol, dcutr=dcutr)
         relay.protocol.on_relayed = circuits.on_relayed
         await nursery.start(relay.run)
         await nursery.start(circuits.run)
@@ -283,3 +286,29 @@ async def test_bandwidth_is_enforced_on_a_circuit() -> None:
         took = time.monotonic() - start
         # One second's burst, then the rest at the rate: at least ~2 s for 3 s' worth.
         assert took >= (2 * len(payload) - rate) / rate * 0.9, took
+
+
+async def test_dcutr_upgrades_a_circuit_and_the_relayed_connection_stays() -> None:
+    """On loopback DCUtR's first step, a plain dial from the side the circuit came
+    to, succeeds: the kind becomes "direct" (not "hole-punched": nothing was
+    punched), and the relayed connection is kept as a fallback."""
+    async with (
+        peer(public=True) as r,
+        peer(public=False, relays_from=_candidates(r), dcutr=True) as b,
+        peer(public=False, dcutr=True) as a,
+    ):
+        assert b.relays is not None
+        with trio.fail_after(10):
+            while not b.relays.circuit_addrs():
+                await b.relays.wait_changed()
+            await a.circuits.connect(b.id, list(b.relays.circuit_addrs()))
+        assert a.circuits.kind_of(b.id) == "relayed"
+        await eventually(lambda: a.circuits.kind_of(b.id) == "direct", 15)
+        await eventually(lambda: b.circuits.kind_of(a.id) == "direct", 5)
+        conns = a.host.get_network().connections[ID.from_base58(b.id)]
+        assert any(c.get_connection_type().name == "RELAYED" for c in conns if not c.is_closed)
+        before = r.relay.protocol.bytes_relayed
+        payload = os.urandom(200_000)
+        with trio.fail_after(10):
+            assert await echo(a.host, b.id, payload) == payload
+        assert r.relay.protocol.bytes_relayed - before < 10_000  # new streams go direct

@@ -48,7 +48,6 @@ import trio
 from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
-from libp2p.rcmgr import Direction
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -59,6 +58,7 @@ from trio_typing import TaskStatus  # libp2p installs trio-typing, whose stubs s
 from node.errors import PeerUnavailable
 from protocols.resilience import Backoff
 
+from .conns import is_inbound, is_relayed, live, transport_addrs
 from .ping import ping
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,7 @@ def relay_of(addr: str) -> str | None:
 def connection_kind(conn: Any, punched: weakref.WeakSet[Any]) -> Kind:
     if conn in punched:
         return "hole-punched"
-    return "relayed" if _is_relayed(conn) else "direct"
-
-
-def _is_relayed(conn: Any) -> bool:
-    try:
-        if conn.get_connection_type() == ConnectionType.RELAYED:
-            return True
-        actual = getattr(conn, "_actual_transport_addresses", None) or ()
-        return any(is_circuit(str(a)) for a in actual)
-    except Exception:
-        return False
+    return "relayed" if is_relayed(conn) else "direct"
 
 
 def best_kind(kinds: Sequence[Kind]) -> Kind | None:
@@ -147,13 +137,13 @@ class _Punch(DCUtRProtocol):
     async def _perform_hole_punch(
         self, peer_id: ID, addrs: list[multiaddr.Multiaddr], as_responder: bool = False
     ) -> bool:
-        before = {id(c) for c in _live(self.host, peer_id)}
+        before = {id(c) for c in live(self.host, peer_id)}
         self.attempts += 1
         ok = await super()._perform_hole_punch(peer_id, addrs, as_responder)
         if ok:
             self.successes += 1
-            new = [c for c in _live(self.host, peer_id) if id(c) not in before]
-            await self._on_punched(peer_id, [c for c in new if not _is_relayed(c)])
+            new = [c for c in live(self.host, peer_id) if id(c) not in before]
+            await self._on_punched(peer_id, [c for c in new if not is_relayed(c)])
         return bool(ok)
 
     def _schedule_relay_close(self, peer_id: ID) -> None:
@@ -163,8 +153,8 @@ class _Punch(DCUtRProtocol):
         # Upstream drives a punch from both ends of a relayed connection, so two
         # sessions run at once and two direct connections may result. The spec
         # has the side the circuit came to start it: so do we.
-        relayed = [c for c in _live(self.host, peer_id) if _is_relayed(c)]
-        if relayed and not any(_inbound(c) for c in relayed):
+        relayed = [c for c in live(self.host, peer_id) if is_relayed(c)]
+        if relayed and not any(is_inbound(c) for c in relayed):
             return False
         return bool(await super().initiate_hole_punch(peer_id))
 
@@ -176,17 +166,6 @@ class _Punch(DCUtRProtocol):
         with trio.move_on_after(UNILATERAL_S):
             return bool(await super()._try_unilateral_upgrade(peer_id))
         return bool(await self._verify_direct_connection(peer_id))
-
-
-def _inbound(conn: Any) -> bool:
-    return getattr(conn, "direction", None) == Direction.INBOUND
-
-
-def _live(host: Any, peer_id: ID) -> list[Any]:
-    conns = host.get_network().connections.get(peer_id) or []
-    if not isinstance(conns, list):
-        conns = [conns]
-    return [c for c in conns if not c.is_closed]
 
 
 @dataclass(slots=True)
@@ -236,6 +215,9 @@ class Circuits:
         # Awaited with a peer's id when a punched connection to it is up: pooled
         # streams on the relayed connection may move to it.
         self.on_direct: Callable[[str], Awaitable[None]] | None = None
+        # Called with a peer's id when the watcher re-dialled it: membership links it
+        # again at once (its failed jobs marked it unreachable meanwhile).
+        self.on_reconnected: Callable[[str], None] | None = None
 
     # -- running ---------------------------------------------------------------
 
@@ -262,7 +244,7 @@ class Circuits:
         (a stream opened to the peer then dials what the peerstore knows). A relayed
         connection that stopped answering is closed by the watcher, not here."""
         pid = ID.from_base58(peer_id)
-        if _live(self._host, pid):
+        if live(self._host, pid):
             return
         texts = [_without_self(str(a), peer_id) for a in addrs]
         direct = [a for a in texts if not is_circuit(a)]
@@ -321,7 +303,7 @@ class Circuits:
             raise
         # The swarm derives the kind from the raw connection; say it outright, so
         # the swarm's choice of connection (direct first) and ours agree.
-        if not _is_relayed(conn) and hasattr(conn, "set_transport_info"):
+        if not is_relayed(conn) and hasattr(conn, "set_transport_info"):
             conn.set_transport_info(
                 [multiaddr.Multiaddr(f"{addr}/p2p/{pid}")], ConnectionType.RELAYED
             )
@@ -335,7 +317,7 @@ class Circuits:
         def rank(addr: str) -> tuple[int, float]:
             relay = relay_of(addr)
             try:
-                up = relay is not None and bool(_live(self._host, ID.from_base58(relay)))
+                up = relay is not None and bool(live(self._host, ID.from_base58(relay)))
             except Exception:  # not a peer id: tried last
                 up = False
             return (0 if up else 1, failed.get(relay or "", -1e9))
@@ -391,8 +373,8 @@ class Circuits:
     async def _check(self, peer_id: str, watch: _Watch, limiter: trio.CapacityLimiter) -> None:
         now = trio.current_time()
         pid = ID.from_base58(peer_id)
-        conns = _live(self._host, pid)
-        relayed = [c for c in conns if _is_relayed(c)]
+        conns = live(self._host, pid)
+        relayed = [c for c in conns if is_relayed(c)]
         if not relayed:
             self._host.get_network().unprotect(pid, PROTECT_TAG)
         if conns and len(relayed) < len(conns):
@@ -406,6 +388,8 @@ class Circuits:
                 alive = await ping(self._host, pid, PING_TIMEOUT_S) is not None
             watch.misses = 0 if alive else watch.misses + 1
             if watch.misses < PING_MISSES:
+                if watch.misses:
+                    watch.next_ping = trio.current_time()  # a miss is checked again at once
                 return
             log.info("relayed connection to %s does not answer; closing it", peer_id)
             self.stats.closed_unresponsive += 1
@@ -420,6 +404,8 @@ class Circuits:
             self.stats.redials += 1
             await self.connect(peer_id, watch.circuits)
             watch.misses = watch.failures = 0
+            if self.on_reconnected is not None:
+                self.on_reconnected(peer_id)
         except Exception as exc:
             watch.failures += 1
             log.info("re-dial of %s failed (%d): %s", peer_id, watch.failures, exc)
@@ -431,8 +417,8 @@ class Circuits:
             )
 
     async def _close_relayed(self, pid: ID) -> None:
-        for conn in _live(self._host, pid):
-            if _is_relayed(conn):
+        for conn in live(self._host, pid):
+            if is_relayed(conn):
                 with trio.move_on_after(2.0):
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -450,7 +436,7 @@ class Circuits:
             pid = ID.from_base58(peer_id)
         except Exception:
             return None
-        return best_kind([connection_kind(c, self._punched_conns) for c in _live(self._host, pid)])
+        return best_kind([connection_kind(c, self._punched_conns) for c in live(self._host, pid)])
 
     def kinds(self) -> dict[str, Kind]:
         """Every connected peer's kind (``kind_of``), by peer id."""
@@ -467,9 +453,8 @@ class Circuits:
         for peer_id, kind in self.kinds().items():
             if kind != "relayed":
                 continue
-            for conn in _live(self._host, ID.from_base58(peer_id)):
-                addrs = getattr(conn, "_actual_transport_addresses", None) or ()
-                relay = next((r for r in (relay_of(str(a)) for a in addrs) if r), None)
+            for conn in live(self._host, ID.from_base58(peer_id)):
+                relay = next((r for r in map(relay_of, transport_addrs(conn)) if r), None)
                 if relay is not None:
                     out[peer_id] = relay
                     break

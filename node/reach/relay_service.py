@@ -39,6 +39,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p.abc import INetStream
+from libp2p.connection_types import ConnectionType
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
@@ -245,8 +246,20 @@ class RelayProtocol(CircuitV2Protocol):
 
     async def handle_incoming_connection(self, stream: INetStream, remote_peer_id: bytes) -> None:
         await super().handle_incoming_connection(stream, remote_peer_id)
+        peer = ID(remote_peer_id)
+        # Upstream tags the connection /p2p/<this host>/p2p-circuit/p2p/<peer>
+        # (protocol.py, handle_incoming_connection: "relay" is host.get_id()). The
+        # relay is the peer the stop stream came from: say so.
+        relay = stream.muxed_conn.peer_id
+        wrong = f"/p2p/{self.host.get_id()}/p2p-circuit/p2p/{peer}"
+        right = multiaddr.Multiaddr(f"/p2p/{relay}/p2p-circuit/p2p/{peer}")
+        conns: list[Any] = list(self.host.get_network().connections.get(peer) or [])
+        for conn in conns:
+            tagged = getattr(conn, "_actual_transport_addresses", None) or ()
+            if [str(a) for a in tagged] == [wrong]:
+                conn.set_transport_info([right], ConnectionType.RELAYED)
         if self.on_relayed is not None:
-            self.on_relayed(ID(remote_peer_id))
+            self.on_relayed(peer)
 
     # -- the pump ------------------------------------------------------------------
 

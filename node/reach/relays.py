@@ -53,6 +53,7 @@ from node.errors import NodeError, PeerUnavailable
 from protocols.errors import ConfigError
 from protocols.resilience import Backoff
 
+from .conns import is_relayed, live
 from .ping import ping
 
 log = logging.getLogger(__name__)
@@ -275,32 +276,54 @@ class Relays:
             if misses >= cfg.misses:
                 await self._drop_connection(pid)
                 return f"no answer to {misses} pings"
+            next_ping = trio.current_time()  # a miss is checked again at once
 
     async def _reserve_anew(self, pid: ID, addrs: tuple[str, ...]) -> Held:
         relay = pid.to_base58()
         if self._held.pop(relay, None) is not None:
             self._change()
-        infos = [multiaddr.Multiaddr(a) for a in addrs]
-        # Our own backoff decides when to try again: not the swarm's negative
-        # cache, which refuses every dial to a peer for 60 s after one failed.
-        self._host.get_network().unblock_peer(pid)
         try:
             with trio.fail_after(self.config.connect_timeout_s):
-                await self._host.connect(PeerInfo(pid, infos))
+                conn = await self._connect_directly(pid, addrs)
         except trio.TooSlowError:
             raise PeerUnavailable(f"relay {relay}: no connection in time") from None
         except Exception as exc:  # libp2p raises many types for a failed dial
             raise PeerUnavailable(f"relay {relay}: cannot connect ({type(exc).__name__})") from exc
-        conns = _live(self._host, pid)
-        if not conns:
-            raise PeerUnavailable(f"relay {relay}: connection closed at once")
         expires = await self._reserve(pid)
-        addr = _dialled_addr(conns[0], relay, addrs)
-        held = Held(relay, addr, expires, trio.current_time(), conns[0], time.time())
+        addr = _dialled_addr(conn, relay, addrs)
+        held = Held(relay, addr, expires, trio.current_time(), conn, time.time())
         self._held[relay] = held
         self._change()
         log.info("reserved on relay %s (%s)", relay, held.addr)
         return held
+
+    async def _connect_directly(self, pid: ID, addrs: tuple[str, ...]) -> Any:
+        """A direct connection to the relay: the one there is, else a new one.
+
+        A relay refuses reservations over a relayed connection (as the spec says),
+        and a relay that restarted may well have reached us through another relay
+        first: then a direct one is dialled beside it, and new streams (ours) take
+        the direct one.
+        """
+        network = self._host.get_network()
+        # Our own backoff decides when to try again: not the swarm's negative
+        # cache, which refuses every dial to a peer for 60 s after one failed.
+        network.unblock_peer(pid)
+        direct = [c for c in live(self._host, pid) if not is_relayed(c)]
+        if direct:
+            return direct[0]
+        infos = [multiaddr.Multiaddr(a) for a in addrs]
+        if not live(self._host, pid):
+            await self._host.connect(PeerInfo(pid, infos))
+        else:
+            for info in infos:
+                with contextlib.suppress(Exception):
+                    await network.dial_addr(info, pid)
+                    break
+        direct = [c for c in live(self._host, pid) if not is_relayed(c)]
+        if not direct:
+            raise PeerUnavailable(f"relay {pid}: no direct connection")
+        return direct[0]
 
     async def _reserve(self, pid: ID) -> float:
         """One RESERVE on a fresh hop stream; the reservation's expiry (epoch s)."""
@@ -345,13 +368,6 @@ def _status(code: int) -> str:
         return StatusCode(code).name
     except ValueError:
         return str(code)
-
-
-def _live(host: Any, peer_id: ID) -> list[Any]:
-    conns = host.get_network().connections.get(peer_id) or []
-    if not isinstance(conns, list):
-        conns = [conns]
-    return [c for c in conns if not c.is_closed]
 
 
 def _dialled_addr(conn: Any, relay: str, addrs: Sequence[str]) -> str:
