@@ -301,6 +301,12 @@ class RelayProtocol(CircuitV2Protocol):
             circuit.done.set()
         if circuit.ended == 2 or not clean:
             self._circuits.pop(key, None)
+            # Upstream's own bookkeeping of this circuit (ours ends it; its entries
+            # would otherwise stay, one per peer id ever relayed).
+            mine = {id(src_stream), id(dst_stream)}
+            for pid, pair in list(self._active_relays.items()):
+                if {id(s) for s in pair if s is not None} & mine:
+                    del self._active_relays[pid]
             for stream in (src_stream, dst_stream):
                 await (_close(stream) if clean else _reset(stream))
         log.debug("circuit to %s: one direction ended (clean=%s)", peer_id, clean)
