@@ -15,6 +15,7 @@ from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before no
 from node.gateway.config import GatewayConfig
 from node.jobs.router import RouterConfig
 from node.membership.config import MembershipConfig
+from node.reach.config import ReachConfig
 from node.reach.relay_service import RelayServiceConfig
 from node.reach.relays import RelaysConfig
 from protocols import DEFAULT_LIMITS, Limits
@@ -35,12 +36,11 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()  # peers to join the swarm through (also DHT seeds)
     mdns: bool = True
     dht: bool = True
-    # Whether peers can dial this node: "auto" (not known yet), "public" or "private".
-    reachability: str = "auto"
     relay_service: RelayServiceConfig = field(default_factory=RelayServiceConfig)
     relays: RelaysConfig = field(default_factory=RelaysConfig)  # reservations while NATed
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    reach: ReachConfig = field(default_factory=ReachConfig)  # publicly reachable, and how known
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
     http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off
@@ -55,12 +55,6 @@ class NodeConfig:
             raise ConfigError("shutdown grace must be >= 0 seconds")
         if not self.listen:
             raise ConfigError("give at least one listen address")
-        if self.reachability not in ("auto", "public", "private"):
-            raise ConfigError("reachability must be auto, public or private")
-
-    def is_public(self) -> bool | None:
-        """What the config says of reachability (None: auto, not known from it)."""
-        return {"public": True, "private": False}.get(self.reachability)
 
     @property
     def models_dir(self) -> Path:

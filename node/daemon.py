@@ -56,6 +56,8 @@ from node.net.host import load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
 from node.reach.circuits import Circuits
+from node.reach.monitor import ReachMonitor
+from node.reach.records import relay_candidates
 from node.reach.relay_service import RelayService
 from node.reach.relays import Relays
 from node.services import Services
@@ -191,8 +193,12 @@ class Node:
         cfg = self.config
         peer_id = host.get_id().to_base58()
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
+        # The relay work follows reachability's verdict (the monitor, built below).
         relay = RelayService(
-            host, cfg.relay_service, is_public=cfg.is_public, member=self.access.member
+            host,
+            cfg.relay_service,
+            is_public=lambda: reach.is_public(),
+            member=self.access.member,
         )
         circuits = Circuits(
             host,
@@ -204,8 +210,8 @@ class Node:
         relays = Relays(
             host,
             cfg.relays,
-            is_public=cfg.is_public,
-            candidates=lambda: status.relay_candidates(self.services),
+            is_public=lambda: reach.is_public(),
+            candidates=lambda: relay_candidates(membership.table),
         )
         membership = Membership(
             host,
@@ -222,6 +228,7 @@ class Node:
             lambda: membership.table,
             lambda: status.local_node(self.services),
             lambda: self.services.dispatcher.in_flight,
+            paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
         )
         dispatcher = Dispatcher(
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
@@ -250,9 +257,21 @@ class Node:
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
         membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
-        dht = ModelDHT(host, membership.events.clone()) if cfg.dht else None
+        reach = ReachMonitor(
+            host,
+            cfg.reach,
+            peers=lambda: [p.peer_id for p in live_peers(membership.table)],
+            wait_changed=membership.wait_changed,
+            circuit_addrs=relays.circuit_addrs,
+            relays_held=relays.held,
+            relay_entry=relay.record_entry,
+            psk=cfg.swarm_key,
+            access=self.access,
+        )
+        dht = ModelDHT(host, membership.events.clone(), announce=reach.wide) if cfg.dht else None
         if dht is not None:
             membership.finder = dht.find_providers
+            reach.on_change = dht.reannounce
         return Services(
             config=cfg,
             peer_id=peer_id,
@@ -277,6 +296,7 @@ class Node:
             relays=relays,
             circuits=circuits,
             dht=dht,
+            reach=reach,
         )
 
     async def _serve(self, task_status: TaskStatus[Node]) -> None:
@@ -287,6 +307,7 @@ class Node:
                 await nursery.start(s.relay.run)
                 await nursery.start(s.circuits.run)
                 await nursery.start(s.membership.run)
+                await nursery.start(s.reach.run)
                 await nursery.start(s.relays.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)

@@ -13,3 +13,5 @@ DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/7420"  # the node's libp2p address
 DEFAULT_HTTP = "127.0.0.1:8470"  # the gateway's port when none is given; busy: a free one
 # node.jobs.router.Strategy's values, in its order.
 STRATEGIES = ("least-loaded", "round-robin", "best-performance", "local-first")
+# node.reach.config.Mode's values, in its order.
+REACHABILITY = ("auto", "public", "private")

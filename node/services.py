@@ -29,6 +29,7 @@ from node.net.local import LocalSocket
 from node.observe.feed import Feed
 from node.observe.metrics import NodeMetrics
 from node.reach.circuits import Circuits
+from node.reach.monitor import ReachMonitor
 from node.reach.relay_service import RelayService
 from node.reach.relays import Relays
 
@@ -37,7 +38,7 @@ from node.reach.relays import Relays
 class Services:
     config: NodeConfig
     peer_id: str
-    addrs: tuple[str, ...]  # dialable multiaddrs, with /p2p/<peer id>
+    addrs: tuple[str, ...]  # every address we listen on, with /p2p/<peer id> (this machine's use)
     host: Any  # the libp2p host
     hardware: Hardware
     models: ModelRegistry
@@ -58,5 +59,6 @@ class Services:
     relays: Relays  # reservations on relays while not known to be public
     circuits: Circuits  # dials through relays, DCUtR, each connection's kind
     dht: ModelDHT | None  # None with --no-dht
+    reach: ReachMonitor  # reachability, and the addresses records and the DHT announce
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
     local: LocalSocket | None = None  # set once the local socket listens; None without one

@@ -12,70 +12,50 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from bootstrap.table import live_peers
 from capabilities.record import record_body
 from node.jobs.router import Candidate, LocalNode
 from node.json_values import jsonable
 from node.observe.metrics import Live
+from node.reach.records import (
+    FORWARDED_WHY,
+    forwardable,
+    forwarded_only,
+    record_keys,
+    relay_candidates,
+)
 from node.services import Services
 from protocols import Priority
 
 
 def describe(s: Services) -> dict[str, Any]:
     """The body of this node's full capability record (load travels in heartbeats)."""
+    models = s.models.infos()
     body = record_body(
-        addrs=announced_addrs(s),
+        addrs=list(s.reach.wide()),  # what any peer may dial (node.reach.addresses)
         hardware=s.hardware,
-        models=s.models.infos(),
+        models=models,
         load=s.service.load(),
     )
     circuits = s.models.circuits()
-    extra: dict[str, Any] = {"circuits": circuits} if circuits else {}
-    if (relay := s.relay.record_entry()) is not None:
-        extra["relay"] = relay  # this node relays circuits, with these limits
-    return {**body, **extra, "peers": s.membership.peer_sample()}
-
-
-def announced_addrs(s: Services) -> list[str]:
-    """The addresses this node's record names: its own (none when it is known to
-    be behind NAT: nobody outside could dial them), then its circuits through the
-    relays it holds. (node.reach.addresses' policy is to replace this.)"""
-    own = [] if s.config.is_public() is False else list(s.addrs)
-    return [*own, *s.relays.circuit_addrs()]
-
-
-def relay_candidates(s: Services) -> list[tuple[str, list[str]]]:
-    """Linked peers whose record offers a relay, with their direct addresses."""
-    out = []
-    for peer in live_peers(s.membership.table):
-        if isinstance((peer.body or {}).get("relay"), dict):
-            direct = [a for a in peer.addrs if "/p2p-circuit" not in a]
-            if direct:
-                out.append((peer.peer_id, direct))
-    return out
+    extra = {"circuits": circuits} if circuits else {}
+    reach = record_keys(
+        s.reach.verdict.reach,
+        s.reach.relay_entry(),
+        forwardable(s.membership.table, (m.name for m in models)),
+    )
+    return {**body, **extra, **reach, "peers": s.membership.peer_sample()}
 
 
 def relays_holding(s: Services, peer_id: str) -> list[str]:
     """Circuit addresses to ``peer_id`` through linked relays whose records say it
     holds a reservation there (``/ip4/R/tcp/P/p2p/R/p2p-circuit``)."""
     out = []
-    for relay, addrs in relay_candidates(s):
+    for relay, addrs in relay_candidates(s.membership.table):
         body = s.membership.table.peers[relay].body or {}
         reserved = body.get("relay", {}).get("reserved")
         if isinstance(reserved, list) and peer_id in reserved:
             out += [f"{a}/p2p/{relay}/p2p-circuit" for a in addrs[:2]]
     return out
-
-
-def reach_view(s: Services) -> dict[str, Any]:
-    """How this node is reached and reaches peers: its reachability, the relay it
-    offers, the reservations it holds, and each connected peer's kind of connection."""
-    return {
-        "reachability": s.config.reachability,
-        "relay_service": s.relay.describe(),
-        "relays": s.relays.describe(),
-        **s.circuits.describe(),
-    }
 
 
 def client_view(s: Services) -> dict[str, Any]:
@@ -102,6 +82,23 @@ def status(s: Services) -> dict[str, Any]:
     """What ``swarm status --json`` shows of this node, as plain JSON data."""
     record = s.signer.view(client_view(s))
     return {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}
+
+
+def reach_view(s: Services) -> dict[str, Any]:
+    """Reachability and why, what is announced, relays held, and the models reached
+    only through other peers (and why that is slower)."""
+    only = forwarded_only(s.membership.table, (m.name for m in s.models.infos()))
+    forwarding = {model: {"via": via, "why": FORWARDED_WHY} for model, via in only.items()}
+    return {
+        **s.reach.describe(),
+        "forwarding": forwarding,
+        "forwarded_jobs": s.dispatcher.via_jobs,
+        # The relay work: the relay offered, the reservations held, and each
+        # connected peer's kind of connection (direct, hole-punched, relayed).
+        "relay_service": s.relay.describe(),
+        "relays": s.relays.describe(),
+        **s.circuits.describe(),
+    }
 
 
 def routing_view(s: Services) -> dict[str, Any]:
@@ -145,6 +142,7 @@ def select_peer(
             "device": c.device,
             "score": round(c.score, 6),
             "probe": c.probe,
+            "path": c.path,
         }
 
     chosen = preview.chosen

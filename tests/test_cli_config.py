@@ -253,14 +253,14 @@ def test_relay_service_flag_and_the_relay_table(tmp_path: Path) -> None:
         '[node]\nreachability = "public"\n\n[relay]\ncircuit_bytes = 1000\nreservations = 3\n'
     )
     config, _, _ = daemon_config("--data-dir", str(data_dir))
-    assert config.reachability == "public" and config.is_public() is True
+    assert config.reach.mode == "public"
     assert config.relay_service.enabled
     assert (config.relay_service.circuit_bytes, config.relay_service.reservations) == (1000, 3)
     config, _, _ = daemon_config(
         "--data-dir", str(data_dir), "--relay-service", "off", "--reachability", "private"
     )
     assert not config.relay_service.enabled and config.relay_service.circuit_bytes == 1000
-    assert config.is_public() is False
+    assert config.reach.mode == "private"
     (data_dir / config_file.CONFIG_FILE).write_text("[relay]\ncircuit_byte = 1000\n")
     with pytest.raises(ConfigError, match="circuit_byte"):
         daemon_config("--data-dir", str(data_dir))

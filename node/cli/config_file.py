@@ -2,7 +2,8 @@
 
 The file is read once, here, into a frozen ``FileSettings``; ``node_config``
 then lays the flags given on the command line over it (a flag given wins; the repeatable
-ones, --peer --bootstrap --allow --allow-file --model, add to the file's lists).
+ones, --peer --bootstrap --allow --allow-file --public-addr --model, add to the file's
+lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
 are read by the catalog and the router, as before.
@@ -25,6 +26,7 @@ from node.gateway import GatewayConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
+from node.reach.config import Mode, ReachConfig
 from node.reach.relay_service import RelayServiceConfig
 from protocols.config import Table
 from protocols.errors import ConfigError
@@ -41,7 +43,6 @@ T = TypeVar("T")
 HTTP_OFF = "off"
 TABLES = frozenset({"node", "http", "models", "backends", "router", "relay"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-REACHABILITY = ("auto", "public", "private")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
 # missing here have no key on purpose, for the reason given.
@@ -52,6 +53,7 @@ FLAG_KEYS: dict[str, str] = {
     "mdns": "node.mdns",
     "dht": "node.dht",
     "reachability": "node.reachability",
+    "public_addr": "node.public_addrs",
     "relay_service": "node.relay_service",
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
@@ -86,6 +88,7 @@ class FileSettings:
     mdns: bool = True
     dht: bool = True
     reachability: str = "auto"
+    public_addrs: tuple[str, ...] = ()
     relay_service: bool = True
     heartbeat: float = 5.0
     dead_after: float = 15.0
@@ -132,7 +135,10 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
         bootstrap=node.texts("bootstrap", ()),
         mdns=node.flag("mdns", d.mdns),
         dht=node.flag("dht", d.dht),
-        reachability=node.text("reachability", d.reachability, choices=REACHABILITY),
+        reachability=node.text(
+            "reachability", d.reachability, choices=tuple(m.value for m in Mode)
+        ),
+        public_addrs=node.texts("public_addrs", ()),
         relay_service=node.flag("relay_service", d.relay_service),
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
@@ -217,12 +223,15 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         bootstrap=(*f.bootstrap, *args.bootstrap),
         mdns=_given(args.mdns, f.mdns),
         dht=_given(args.dht, f.dht),
-        reachability=_given(args.reachability, f.reachability),
         relay_service=_relay(args, f, file, source),
         membership=_membership(
             _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
         ),
         router=_router(args, file, source),
+        reach=ReachConfig(
+            mode=Mode(args.reachability or f.reachability),
+            public_addrs=(*f.public_addrs, *args.public_addr),
+        ),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],

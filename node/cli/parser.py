@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from node.data_dir import CONFIG_FILE, DEFAULT_DATA_DIR
-from node.defaults import DEFAULT_HTTP, DEFAULT_LISTEN, STRATEGIES
+from node.defaults import DEFAULT_HTTP, DEFAULT_LISTEN, REACHABILITY, STRATEGIES
 
 
 def build() -> argparse.ArgumentParser:
@@ -103,9 +103,17 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--reachability",
-        choices=["auto", "public", "private"],
-        help="whether peers can dial this node directly: learnt (auto, the default), or said "
-        "(public: offer a relay, reserve none; private: reach it through relays)",
+        choices=REACHABILITY,
+        help="whether peers can dial this node: learnt from peers that dial it back "
+        "(auto, the default), or said; private announces relayed addresses only",
+    )
+    d.add_argument(
+        "--public-addr",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="an address that reaches this node from anywhere (a port forwarded on the "
+        "router), announced as given; implies public (repeatable)",
     )
     d.add_argument(
         "--relay-service",

@@ -59,6 +59,9 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         row("gateway", gateway)
     for addr in body.get("addrs", []):
         row("address", str(addr))
+    view = body.get("view", {})
+    if isinstance(view.get("reach"), Mapping):
+        _reach_rows(row, body, view["reach"])
     row(
         "cpu",
         f"{cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores, "
@@ -80,7 +83,6 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         )
     if not hw.get("cuda"):
         row("cuda", f"none ({hw.get('cuda_status', 'not probed')})")
-    view = body.get("view", {})
     for name, reason in view.get("models_failed", {}).items():
         row("not loaded", f"{name}: {reason}")
     for name, state in view.get("runners", {}).items():
@@ -160,6 +162,36 @@ def _table(*columns: str, title: str | None = None) -> Table:
 
 def status_text(peer_id: str, body: Mapping[str, Any], gateway: str | None = None) -> str:
     return to_text(status_table(peer_id, body, gateway))
+
+
+def _reach_rows(row: Any, body: Mapping[str, Any], reach: Mapping[str, Any]) -> None:
+    """Whether peers can dial this node and why, what it announces, its relays, and
+    the models it reaches only through other peers (why those jobs are slower)."""
+    verdict = str(reach.get("reach", "unknown"))
+    row("reach", f"{verdict}: {reach.get('why', '')}")
+    if not body.get("addrs"):
+        row("address", "none announced (peers outside the LAN cannot dial this node)")
+    held = reach.get("relays_held")
+    if held is None:  # the relay manager's own view: {"held": [{"relay": id, ...}]}
+        relays_view = reach.get("relays")
+        entries = relays_view.get("held", []) if isinstance(relays_view, Mapping) else []
+        held = [e.get("relay") for e in entries if isinstance(e, Mapping)]
+    relays = [str(r)[-8:] for r in held or []]
+    shown = ", ".join(relays) if relays else "none"
+    offered = ", offering one to peers" if reach.get("relay_offered") else ""
+    row("relays", f"{shown} held{offered}")
+    for model, entry in (reach.get("forwarding") or {}).items():
+        via = ", ".join(str(p)[-8:] for p in entry.get("via", [])[:3])
+        row("indirect", f"{model} via {via}: {entry.get('why', '')}")
+    if reach.get("forwarding") or reach.get("forwarded_jobs"):
+        row("", f"{reach.get('forwarded_jobs', 0)} job(s) answered through another peer")
+    asked, served = reach.get("asked") or {}, reach.get("dialbacks") or {}
+    row(
+        "dialback",
+        f"{asked.get('answers', 0)} answered us, {asked.get('no_answer', 0)} unanswered; "
+        f"for peers {served.get('dials_ok', 0)} reached, {served.get('dials_failed', 0)} "
+        f"not, {served.get('refused', 0)} refused",
+    )
 
 
 def _runner_state(state: Mapping[str, Any]) -> str:

@@ -45,6 +45,8 @@ def result_text(result: Result) -> str:
         route.append(f"after {attempts} attempts")
     if route:
         lines.append(", ".join(route))
+    if meta.get("via"):  # no provider is linked here: a peer passed it on (one more hop)
+        lines.append(f"through {meta['via']}")
     took = f"ran {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
     if meta.get("took_ms") is not None:
         took += f"; {meta['took_ms']} ms in all"

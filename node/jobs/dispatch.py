@@ -45,6 +45,7 @@ from protocols import (
     Result,
     Retry,
     SwarmError,
+    Tensor,
     retry_policy,
 )
 from protocols.errors import ConfigError
@@ -81,6 +82,7 @@ class Choice:
 
     peer_id: str
     local: bool = False
+    via: bool = False  # an intermediary: it passes the job on to a provider it links
 
 
 class Planner(Protocol):
@@ -128,6 +130,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.in_flight: dict[str, int] = {}  # our requests at each peer, now
         self.failovers = 0  # attempts after the first, for status
+        self.via_jobs = 0  # jobs answered through an intermediary, for status
 
     def serves(self, model: str) -> bool:
         return self._providers.serves(model)
@@ -186,6 +189,9 @@ class Dispatcher:
             meta: dict[str, Any] = {**result.meta, "attempts": attempts}
             if not choice.local:
                 meta["forwarded_by"] = self.self_id
+            if choice.via:
+                meta["via"] = choice.peer_id
+                self.via_jobs += 1
             return replace(result, id=request.id, meta=meta)
         if last is not None:
             raise last
@@ -234,6 +240,23 @@ def parse_strategy(text: str | None) -> Strategy | None:
         raise BadStrategy(f"unknown strategy {text!r}; one of {known}") from None
 
 
+def request_bytes(request: Request) -> int:
+    """About how many bytes the request's inputs take on the wire."""
+    size = 0
+    for value in request.inputs.values():
+        if isinstance(value, Tensor):
+            size += value.nbytes
+        elif isinstance(value, str):
+            size += len(value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, list):
+            size += sum(
+                len(v.encode("utf-8", "surrogatepass")) for v in value if isinstance(v, str)
+            )
+        else:
+            size += 8
+    return size
+
+
 def may_fail_over(exc: SwarmError, request: Request) -> bool:
     """Whether a job that failed with ``exc`` may go to the next candidate."""
     policy = retry_policy(exc.code)
@@ -249,11 +272,15 @@ class RouterPlanner:
         table: Callable[[], PeerTable],
         local: Callable[[], LocalNode],
         in_flight: Callable[[], Mapping[str, int]],
+        paths: Callable[[], Mapping[str, str]] = dict,
     ) -> None:
+        """``paths``: each connected peer's connection kind ("direct", "hole-punched",
+        "relayed"), from the circuits manager when there is one."""
         self.router = router
         self._table = table
         self._local = local
         self._in_flight = in_flight
+        self._paths = paths
 
     def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
         query = RouteRequest(
@@ -261,11 +288,13 @@ class RouterPlanner:
             strategy=parse_strategy(request.strategy),
             priority=request.priority,
             exclude=exclude,
+            size_bytes=request_bytes(request),
+            via=request.hops == 0,  # a job forwarded to us goes to a provider, not further
         )
         found = self.router.plan(
-            self._table(), self._local() if local else None, query, self._in_flight()
+            self._table(), self._local() if local else None, query, self._in_flight(), self._paths()
         )
-        return [Choice(c.peer_id, c.local) for c in found]
+        return [Choice(c.peer_id, c.local, c.path == "via") for c in found]
 
     def preview(
         self, model: str, strategy: str | None = None, priority: Priority = Priority.NORMAL
@@ -276,7 +305,9 @@ class RouterPlanner:
         only those already linked (a real job with none would ask the DHT first).
         """
         query = RouteRequest(model=model, strategy=parse_strategy(strategy), priority=priority)
-        return self.router.preview(self._table(), self._local(), query, self._in_flight())
+        return self.router.preview(
+            self._table(), self._local(), query, self._in_flight(), self._paths()
+        )
 
     def admit(self, peer_id: str) -> bool:
         return self.router.breakers.admit(peer_id) is None

@@ -51,6 +51,7 @@ from bootstrap.table import (
 )
 from capabilities.signing import RecordBook, RecordRejected, RecordReplayed
 from node.net.access import AccessPolicy
+from node.reach.records import intermediaries
 from protocols import CapabilityRecord, ProtocolError, SwarmError
 
 from .caps import CapsStreams, Received, RecordSigner
@@ -347,8 +348,13 @@ class Membership:
     # -- forwarding ---------------------------------------------------------------
 
     def serves(self, model: str) -> bool:
-        """Whether forwarding could work: a linked peer serves it, or the DHT may know one."""
-        return bool(serving(self.table, model)) or self.finder is not None
+        """Whether forwarding could work: a linked peer serves it or passes it on to one
+        it links (``node.reach.records``), or the DHT may know one."""
+        return (
+            bool(serving(self.table, model))
+            or bool(intermediaries(self.table, model))
+            or self.finder is not None
+        )
 
     async def providers(self, model: str) -> list[Peer]:
         """Linked peers serving ``model``; asks the DHT and links what it finds if none."""
