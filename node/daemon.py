@@ -256,7 +256,16 @@ class Node:
         caps = CapsHandler(membership.on_inbound, answer, self.access)
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
-        membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
+
+        def verified(pid: str, addrs: tuple[str, ...]) -> None:
+            self._remember(store, pid, addrs)
+            # A relay's record names who holds a reservation there: those we have not
+            # linked are reachable through it now (of each pair, the lower id dials).
+            for other in status.reserved_at(self.services, pid):
+                if other > peer_id:
+                    membership.relink(other)
+
+        membership.on_verified = verified
         reach = ReachMonitor(
             host,
             cfg.reach,

@@ -46,14 +46,20 @@ def describe(s: Services) -> dict[str, Any]:
     return {**body, **extra, **reach, "peers": s.membership.peer_sample()}
 
 
+def reserved_at(s: Services, relay: str) -> list[str]:
+    """The peers a linked relay's record says hold a reservation there."""
+    peer = s.membership.table.peers.get(relay)
+    entry = (peer.body or {}).get("relay") if peer is not None else None
+    reserved = entry.get("reserved") if isinstance(entry, dict) else None
+    return [p for p in reserved if isinstance(p, str)] if isinstance(reserved, list) else []
+
+
 def relays_holding(s: Services, peer_id: str) -> list[str]:
     """Circuit addresses to ``peer_id`` through linked relays whose records say it
     holds a reservation there (``/ip4/R/tcp/P/p2p/R/p2p-circuit``)."""
     out = []
     for relay, addrs in relay_candidates(s.membership.table):
-        body = s.membership.table.peers[relay].body or {}
-        reserved = body.get("relay", {}).get("reserved")
-        if isinstance(reserved, list) and peer_id in reserved:
+        if peer_id in reserved_at(s, relay):
             out += [f"{a}/p2p/{relay}/p2p-circuit" for a in addrs[:2]]
     return out
 

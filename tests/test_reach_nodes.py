@@ -14,8 +14,8 @@ from node.client import SwarmClient
 from node.daemon import Node
 from node.membership.config import MembershipConfig
 from node.reach.config import Mode, ReachConfig
-from node.reach.relay_service import RelayServiceConfig
 from node.reach.records import FORWARDED_WHY
+from node.reach.relay_service import RelayServiceConfig
 
 FAST = MembershipConfig(heartbeat_s=0.5, dead_after_s=5.0)
 

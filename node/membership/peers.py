@@ -187,6 +187,16 @@ class Membership:
         """The peers this node has tried to link since it started."""
         return set(self._last_try)
 
+    def relink(self, peer_id: str) -> None:
+        """Link ``peer_id`` now even if that was tried a moment ago (something changed
+        that may make it reachable: a relay says the peer holds a reservation
+        there); a linked peer is left alone."""
+        known = self.table.peers.get(peer_id)
+        if peer_id == self.self_id or (known is not None and known.status == Status.LINKED):
+            return
+        self._last_try.pop(peer_id, None)
+        self.link(peer_id, tuple(known.addrs) if known is not None else ())
+
     def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
         """Dial ``peer_id`` and swap full records, unless that was just tried."""
         now = trio.current_time()

@@ -240,8 +240,7 @@ class Circuits:
         """Make sure there is a connection to ``peer_id``: the one there is, else a
         direct dial of ``addrs`` (``/p2p/<peer_id>`` optional), else a circuit
         through the relays they name, else through the relays ``guesses`` names.
-        PeerUnavailable if none gives one; with nothing to dial at all, returns
-        (a stream opened to the peer then dials what the peerstore knows). A relayed
+        PeerUnavailable if none gives one, or there is nothing to dial. A relayed
         connection that stopped answering is closed by the watcher, not here."""
         pid = ID.from_base58(peer_id)
         if live(self._host, pid):
@@ -266,7 +265,9 @@ class Circuits:
         guessed = self._circuits_of(peer_id, self._guesses(peer_id))
         tries = [*self._ordered(circuits), *(a for a in guessed if a not in circuits)]
         if not (direct or tries):
-            return  # nothing to dial here: a stream to the peer dials what the peerstore knows
+            # Not even a guess. (A stream opened anyway would dial what the peerstore
+            # holds: behind NAT, private addresses from identify, where a SYN hangs.)
+            raise PeerUnavailable(f"cannot reach {peer_id}: no address to dial")
         for addr in tries[:MAX_CIRCUIT_TRIES]:
             try:
                 await self._dial_circuit(pid, addr)
