@@ -511,9 +511,13 @@ async def test_a_circuit_past_the_byte_limit_is_closed_and_the_relay_serves_on(
             await eventually(f"{n.name} links B", linked, LINK_BOUND_S, n, b)
             assert await answered_by(n, b)
         # 840 KB out: past the circuit's budget. The relay resets the circuit; A's
-        # dispatcher may try B again over a new one (reset again) until the deadline.
-        with pytest.raises((RemoteError, SwarmError, trio.TooSlowError)):
-            await a.job("echo", ["w" * 60_000] * 14)
+        # dispatcher may try B again over a new one (reset again) until the deadline,
+        # or have a peer that links B forward it (then "via" says which).
+        try:
+            result = await a.job("echo", ["w" * 60_000] * 14)
+            assert result.meta.get("via"), result.meta  # not over the circuit it closed
+        except (RemoteError, SwarmError, trio.TooSlowError):
+            pass
 
         async def limit_hit() -> bool:
             return bool((await r.reach())["relay_service"]["closed_for_limits"]["bytes"] >= 1)
