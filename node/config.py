@@ -13,6 +13,7 @@ from pathlib import Path
 from node.data_dir import DEFAULT_DATA_DIR
 from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before node.defaults
 from node.gateway.config import GatewayConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig
 from node.membership.config import MembershipConfig
 from node.reach.config import ReachConfig
@@ -40,6 +41,7 @@ class NodeConfig:
     relays: RelaysConfig = field(default_factory=RelaysConfig)  # reservations while NATed
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers
     reach: ReachConfig = field(default_factory=ReachConfig)  # publicly reachable, and how known
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all

@@ -52,7 +52,7 @@ from node.models import ModelRegistry
 from node.net import local
 from node.net.access import AccessPolicy
 from node.net.frames import SocketFramed
-from node.net.host import load_or_create_identity, peer_id_of, running_host
+from node.net.host import check_listen, load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
 from node.reach.circuits import Circuits
@@ -87,6 +87,7 @@ class Node:
         self._serving = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._client_id = ""  # this data dir's CLI identity: one of the node's own clients
 
     @property
     def services(self) -> Services:
@@ -125,6 +126,7 @@ class Node:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_pair = load_or_create_identity(cfg.data_dir / IDENTITY_KEY)
+        check_listen(cfg.listen)  # a held port fails the start now, not after model loads
         try:
             await self.models.load_all()
             hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
@@ -192,6 +194,7 @@ class Node:
         """
         cfg = self.config
         peer_id = host.get_id().to_base58()
+        self._client_id = peer_id_of(load_or_create_identity(cfg.data_dir / CLIENT_KEY))
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
         # The relay work follows reachability's verdict (the monitor, built below).
         relay = RelayService(
@@ -234,7 +237,12 @@ class Node:
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
         )
         service = InferenceService(
-            self.models.runners, node_id=peer_id, max_queue=cfg.max_queue, forwarder=dispatcher
+            self.models.runners,
+            node_id=peer_id,
+            max_queue=cfg.max_queue,
+            forwarder=dispatcher,
+            fairness=cfg.fairness,
+            own_clients=(self._client_id,),
         )
         metrics = NodeMetrics(peer_id, lambda: status.live_figures(self.services))
         feed = self.feed
@@ -394,7 +402,7 @@ class Node:
     ) -> local.LocalSocket | None:
         """The data dir's socket for this machine's CLI (node.net.local): jobs and the
         client view, each connection taken for the data dir's client identity."""
-        client_id = peer_id_of(load_or_create_identity(self.config.data_dir / CLIENT_KEY))
+        client_id = self._client_id
 
         async def infer(stream: SocketFramed, peer_id: str) -> None:
             await s.inbound.serve(stream, peer_id, idle_timeout_s=local.IDLE_TIMEOUT_S)
@@ -428,7 +436,8 @@ class Node:
         return gateway
 
     def _gateway(self, config: GatewayConfig) -> Gateway:
-        """The HTTP gateway: its requests run through the service like any client's."""
+        """The HTTP gateway: its requests run through the service like any client's,
+        held against ``GATEWAY`` (the node's own clients) in the fair-share ledger."""
         s = self.services
         backend = Backend(
             execute=s.service.execute,

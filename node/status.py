@@ -74,6 +74,8 @@ def client_view(s: Services) -> dict[str, Any]:
         "caps": {"streams_in": s.caps.streams, "records_in": s.caps.exchanges},
         "runners": s.models.status(),
         "routing": routing_view(s),
+        # Each peer's share of this node: its jobs here, what it got, who is over budget.
+        "fairness": s.service.shares(),
         "reach": reach_view(s),
         "models_failed": dict(s.models.failed),
         "access": {
@@ -172,6 +174,7 @@ def live_figures(s: Services) -> Live:
             peer: str(b.get("state")) for peer, b in s.router.breakers.describe().items()
         },
         failovers=s.dispatcher.failovers,
+        shares=s.service.shares(),
     )
 
 

@@ -117,6 +117,8 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
             }
             if message.strategy is not None:  # absent unless asked: old peers never see it
                 body["strategy"] = message.strategy
+            if message.origin is not None:  # set on forwarded jobs (a client never needs to)
+                body["origin"] = message.origin
         case Chunk():
             body = {
                 "t": "chunk",
@@ -333,6 +335,7 @@ def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limi
                 idempotent=f.boolean("idempotent", True),
                 hops=f.integer("hops", 0),
                 strategy=f.opt_text("strategy", max_len=MAX_STRATEGY_LEN),
+                origin=f.opt_text("origin", max_len=MAX_ID_LEN),
             )
         case "chunk":
             message = Chunk(

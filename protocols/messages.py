@@ -69,6 +69,10 @@ class Request:
     # How the first node picks the peer that runs it (node.router's strategies); None:
     # that node's default. Nodes it is forwarded to run it where it lands.
     strategy: str | None = None
+    # Whose job it is, as the node forwarding it vouches (the client's peer id, set by
+    # the first node, passed on by the others); it divides the forwarder's fair share,
+    # never adds to one (node.jobs.fairness). None: the sender's own job.
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

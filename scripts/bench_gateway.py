@@ -22,6 +22,11 @@ is the gateway alone:
    over libp2p (chunks as they come): time to first chunk and chunks per second.
    The model is the fake streamer (3 chunks over 200 ms), so what differs is
    transport, not generation.
+4. The other chat APIs: the Responses API, Anthropic's Messages and Ollama's
+   chat against the OpenAI route for the same job (the fake model, 0 ms), in
+   rotating rounds (bench_gateway_lib/apis.py); the median of each API's
+   differences to the OpenAI request of its round. Target (issue 17): each
+   under 0.5 ms.
 
 The gateway never shares a process with a load generator, but every process
 here shares the machine's cores: the report prints how many each used.
@@ -48,6 +53,7 @@ from typing import Any
 
 import httpx
 import trio
+from bench_gateway_lib.apis import added_by_api
 from bench_gateway_lib.wrk import (
     WrkMissing,
     children_cpu_s,
@@ -64,6 +70,12 @@ from trio_websocket import open_websocket_url
 from node.client import SwarmClient
 
 FAKE, REAL, STREAMER = "echo", "all-minilm-l6-v2", "streamer"
+ROUTES = {  # section 4's rows
+    "openai": "POST /v1/chat/completions",
+    "responses": "POST /v1/responses (Responses API)",
+    "anthropic": "POST /v1/messages (Anthropic)",
+    "ollama": "POST /api/chat (Ollama)",
+}
 STREAM_CHUNKS = 3  # the fake streamer's default; the gateway passes fakes no params
 TARGET_ADDED_MS = 2.0
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -288,6 +300,8 @@ async def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                 out["added"] = await added(url, swarm, args.pairs)
                 progress("... streaming")
                 out["streaming"] = await streamed(url, swarm, args.runs)
+                progress("... the other chat APIs against the OpenAI route")
+                out["apis"] = await added_by_api(url, FAKE, args.pairs)
         finally:
             await stop_all(nodes)
             out["node_warnings"] = warnings(Path(tmp)) + warnings(data)
@@ -390,11 +404,28 @@ def report(r: dict[str, Any]) -> Summary:
             f"   {label:<26} first chunk {f['first_chunk_ms']:7.2f} ms, "
             f"{f['chunks_per_s']:6.1f} chunks/s"
         )
+    p = r["apis"]
+    print(
+        f"4. The other chat APIs vs POST /v1/chat/completions, the same job (fake model, "
+        f"0 ms), {p['rounds']} rotating rounds"
+    )
+    print(f"   {'route':<34}{'median':>10}{'added (paired median)':>24}")
+    for name, route in ROUTES.items():
+        row = p[name]
+        extra = f"{row['added_ms']:+10.3f} ms" if "added_ms" in row else ""
+        print(f"   {route:<34}{row['median_ms']:7.3f} ms{extra:>24}")
+        if "added_ms" in row:
+            summary.add(
+                f"{route} adds over /v1/chat/completions (median)",
+                f"{row['added_ms']:.3f} ms",
+                f"< {p['target_ms']:g} ms",
+                row["added_ms"] < p["target_ms"],
+            )
     if r.get("node_warnings"):
         print("\nWarnings the nodes logged:")
         for line in r["node_warnings"]:
             print(f"   {line}")
-    print("\nSummary (targets from issue 6; clean runs: issue 11)")
+    print("\nSummary (targets from issue 6; clean runs: issue 11; other APIs: issue 17)")
     width = max(len(row["figure"]) for row in summary)
     for row in summary:
         print(
@@ -419,7 +450,9 @@ def main() -> int:
         help="the worker's --max-queue (default: the daemon's, 64 waiting per model; more "
         "connections than that plus the running jobs get 429s, which are reported)",
     )
-    parser.add_argument("--pairs", type=int, default=300, help="HTTP/libp2p pairs")
+    parser.add_argument(
+        "--pairs", type=int, default=300, help="HTTP/libp2p pairs; rounds of the API comparison"
+    )
     parser.add_argument("--runs", type=int, default=10, help="streamed runs per path")
     parser.add_argument("--quick", action="store_true", help="2 s points, 100 pairs, 5 runs")
     parser.add_argument("--data-dir", default="~/.cache/swarm-bench", help="model cache")

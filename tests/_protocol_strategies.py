@@ -124,6 +124,7 @@ requests = st.builds(
     idempotent=st.booleans(),
     hops=U62,
     strategy=st.none() | st.text(max_size=32),
+    origin=st.none() | st.text(max_size=MAX_ID_LEN),
 )
 chunks = st.builds(Chunk, id=ids, seq=U62, outputs=value_maps)
 results = st.builds(

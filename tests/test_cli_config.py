@@ -20,6 +20,7 @@ from node.cli import config_file
 from node.cli import main as cli
 from node.cli.config_file import FileSettings
 from node.config import NodeConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import Strategy
 from protocols.errors import ConfigError
 
@@ -63,7 +64,7 @@ def test_every_daemon_flag_has_a_config_key() -> None:
         elif table == "http":
             assert f"http_{name}" in fields, (dest, key)
         else:
-            assert key in ("models", "router.strategy"), (dest, key)
+            assert key in ("models", "router.strategy", "fairness.enabled"), (dest, key)
 
 
 def switched_on(template: str) -> str:
@@ -90,6 +91,30 @@ def test_every_key_is_listed_in_the_template_with_its_default() -> None:
         assert value == (list(default) if isinstance(default, tuple) else default), key
     assert tables["node"]["log_level"] == "INFO"  # the daemon's level when unset
     assert tables["http"]["listen"] == config_file.DEFAULT_HTTP
+
+
+def test_the_fairness_template_shows_the_defaults_and_the_flag_wins(tmp_path: Path) -> None:
+    template = (Path(cli.__file__).parent / "default_config.toml").read_text()
+    part = template[template.index("[fairness]") :]
+    table = tomllib.loads(re.sub(r"^# ([a-z_]+ = )", r"\1", part, flags=re.M))["fairness"]
+    defaults = FairnessConfig()
+    shown = {f.name for f in dataclasses.fields(FairnessConfig)}
+    assert set(table) == shown, "every [fairness] key is listed in default_config.toml"
+    for key, value in table.items():
+        assert value == getattr(defaults, key), key
+    path = tmp_path / "c.toml"
+    path.write_text(f'[fairness]\nrate = 5.0\nweights = {{ "{PEER_A.split("/")[-1]}" = 2 }}\n')
+    config, _, _ = daemon_config("--config", str(path))
+    assert config.fairness.enabled and config.fairness.rate == 5.0
+    assert config.fairness.weights == {PEER_A.split("/")[-1]: 2.0}
+    config, _, _ = daemon_config("--config", str(path), "--no-fair-share")
+    assert not config.fairness.enabled and config.fairness.rate == 5.0
+    path.write_text("[fairness]\nenabled = false\n")
+    assert not daemon_config("--config", str(path))[0].fairness.enabled
+    assert daemon_config("--config", str(path), "--fair-share")[0].fairness.enabled
+    path.write_text("[fairness]\nin_flite = 3\n")
+    with pytest.raises(ConfigError, match="fairness: unknown field"):
+        daemon_config("--config", str(path))
 
 
 def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:

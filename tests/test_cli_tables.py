@@ -41,6 +41,7 @@ async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -
     assert f"node {a.peer_id}" in status
     assert "gateway http://127.0.0.1:8470" in status
     assert "peers 1 known, 1 linked ('swarm peers' lists them)" in status
+    assert "fairness on, 0 peers tracked, 0 refused, over budget: none" in status
     assert any(line.startswith("other fake fake none") for line in status), status
 
     text = peers_text(body["view"]["peers"], {})

@@ -408,22 +408,34 @@ async def test_a_client_that_leaves_a_stream_cancels_its_work(node_factory: Node
         assert trio.current_time() - left_at < 1.5
 
 
-@pytest.mark.slow
-async def test_real_embeddings_through_the_gateway_match_the_swarm(
+TEXTS = ["a cat sits on the mat", "a kitten sits on a rug", "stock markets fell today"]
+
+
+@asynccontextmanager
+async def minilm_swarm(
     node_factory: NodeFactory, models_dir: Any, tmp_path: Any
-) -> None:
-    """all-MiniLM-L6-v2 (OpenVINO) on a peer, asked with the official openai client."""
+) -> AsyncIterator[tuple[str, SwarmClient]]:
+    """(gateway URL, a client of the serving node): all-MiniLM-L6-v2 (OpenVINO) on a
+    peer of a gateway node that serves nothing (the session's converted IR, linked)."""
     target = tmp_path / "real" / "models" / MODEL_NAME
     target.parent.mkdir(parents=True)
     shutil.copytree(models_dir / MODEL_NAME, target, copy_function=os.link)
-    texts = ["a cat sits on the mat", "a kitten sits on a rug", "stock markets fell today"]
     async with (
         node_factory("real", models=(MODEL_NAME,)) as real,
         node_factory("gateway", models=(), peers=(real.addrs[0],), http=GatewayConfig()) as gateway,
         SwarmClient.connect(real.addrs[0]) as client,
     ):
         assert gateway.gateway is not None
-        url = gateway.gateway.url
+        yield gateway.gateway.url, client
+
+
+@pytest.mark.slow
+async def test_real_embeddings_through_the_gateway_match_the_swarm(
+    node_factory: NodeFactory, models_dir: Any, tmp_path: Any
+) -> None:
+    """all-MiniLM-L6-v2 (OpenVINO) on a peer, asked with the official openai client."""
+    texts = TEXTS
+    async with minilm_swarm(node_factory, models_dir, tmp_path) as (url, client):
         answer = await official(url, lambda c: c.embeddings.create(model=MODEL_NAME, input=texts))
         direct = await client.infer(MODEL_NAME, {"text": texts})
     got = np.array([d.embedding for d in answer.data], dtype=np.float32)

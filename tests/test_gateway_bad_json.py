@@ -69,6 +69,35 @@ async def test_deep_json_is_a_400_on_the_openai_routes(node_factory: NodeFactory
     assert after.status_code == 200 and after.json()["data"][0]["embedding"]
 
 
+async def test_deep_json_is_a_400_on_the_responses_anthropic_and_ollama_routes(
+    node_factory: NodeFactory,
+) -> None:
+    """Each in its own error shape: OpenAI's, Anthropic's, Ollama's."""
+    chat = {"model": "echo", "messages": [{"role": "user", "content": "still here"}]}
+    async with (
+        gateway_url(node_factory) as url,
+        httpx.AsyncClient(base_url=url, timeout=WAIT_S) as http,
+    ):
+        responses = await http.post(
+            "/v1/responses", content=deep_in(b'{"model": "echo", "input": ')
+        )
+        messages = await http.post(
+            "/v1/messages", content=deep_in(b'{"model": "echo", "messages": ')
+        )
+        ollama = await http.post("/api/chat", content=deep_in(b'{"model": "echo", "messages": '))
+        whole = await http.post("/api/embed", content=DEEP)
+        after = await http.post("/v1/messages", json={**chat, "max_tokens": 8})
+        after_ollama = await http.post("/api/chat", json={**chat, "stream": False})
+    for answer in (responses, messages, ollama, whole):
+        assert answer.status_code == 400, answer.text
+        assert "nested" in answer.text and "Recursion" not in answer.text
+    assert responses.json()["error"]["code"] == "invalid_json"
+    assert messages.json()["error"]["type"] == "invalid_request_error"
+    assert isinstance(ollama.json()["error"], str) and isinstance(whole.json()["error"], str)
+    assert after.status_code == 200 and after.json()["content"][0]["text"]
+    assert after_ollama.status_code == 200 and after_ollama.json()["done"] is True
+
+
 async def test_deep_json_is_a_400_on_kserve_v2_json_and_binary(node_factory: NodeFactory) -> None:
     async with (
         gateway_url(node_factory) as url,

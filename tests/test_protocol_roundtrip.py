@@ -48,6 +48,7 @@ from protocols import (
     encode,
 )
 from protocols.codec import MAX_ERROR_TEXT
+from protocols.messages import MAX_ID_LEN
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -229,6 +230,32 @@ def test_decoded_types_are_the_typed_ones() -> None:
     assert request.priority is Priority.HIGH
     assert isinstance(error, Error) and type(error.code) is ErrorCode
     assert error.code is ErrorCode.OVERLOADED and error.retry_after_ms == 5
+
+
+def _frame(body: dict[str, object]) -> bytes:
+    packed = msgpack.packb(body, use_bin_type=True)
+    return len(packed).to_bytes(4, "big") + packed
+
+
+def test_origin_travels_when_set_and_old_peers_requests_still_decode() -> None:
+    forwarded = Request("q", "m", {}, hops=1, origin="12D3KooWclient")
+    plain = Request("r", "m", {})
+    assert "origin" in msgpack.unpackb(wire(forwarded)[4:], raw=False)
+    assert "origin" not in msgpack.unpackb(wire(plain)[4:], raw=False)  # only when set
+    # A request from a peer that predates the field: no "origin" key at all.
+    old = {"t": "request", "id": "o", "model": "m", "inputs": {}, "params": {}, "priority": 1}
+    old |= {"deadline_ms": None, "stream": False, "idempotent": True, "hops": 1}
+    decoder = Decoder(SMALL)
+    for data in (wire(forwarded), wire(plain), _frame(old)):
+        decoder.feed(data)
+    got = list(decoder.messages())
+    assert [m.origin for m in got if isinstance(m, Request)] == ["12D3KooWclient", None, None]
+    # An origin is an id: bounded like one, and text.
+    for bad in ("x" * (MAX_ID_LEN + 1), 7):
+        decoder = Decoder(SMALL)
+        decoder.feed(_frame({**old, "origin": bad}))
+        with pytest.raises(ProtocolError):
+            decoder.next_message()
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from node.cli.render import model_rows, models_text, result_text, status_text
-from protocols import Result
+from node.jobs.fairness import FairnessConfig, Ledger, Who
+from protocols import Priority, Result
 
 
 def test_status_shows_failed_models_backends_and_routing() -> None:
@@ -70,3 +71,28 @@ def test_models_table_joins_this_node_and_its_peers() -> None:
     assert lines[0] == ["MODEL", "HERE", "PEERS"]
     assert ["echo", "fake", "fake/none", "1:", "AAAAAAAA"] in lines
     assert ["big", "-", "1:", "AAAAAAAA"] in lines
+
+
+def test_status_shows_each_peers_share_in_80_columns() -> None:
+    ledger = Ledger(FairnessConfig(top=3), own=("gateway",))
+    peers = [f"12D3KooW{c * 44}" for c in "abcde"]
+    for i, peer in enumerate(peers):
+        for _ in range(10 * (5 - i)):
+            ledger.depart(ledger.arrive(Who(peer, peer), Priority.NORMAL, 0.0, 1), "ok", 0.0)
+    ledger.depart(
+        ledger.arrive(Who(peers[0], peers[0]), Priority.NORMAL, 0.0, 1), "refused", 0.0, "queued"
+    )
+    for _ in range(4):
+        ledger.arrive(Who(peers[0], peers[0]), Priority.HIGH, 0.0, 1)
+    ledger.arrive(Who("gateway", "gateway"), Priority.NORMAL, 0.0, 1)
+    body = {"hardware": {}, "view": {"fairness": ledger.describe(0.0, {peers[0]: 12}, {})}}
+    text = status_text("me", body)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert "fairness on, 6 peers tracked, 1 refused, over budget: queued 1, high 3" in lines
+    assert "PEER W QUEUED IN FLIGHT SERVED REFUSED OVER BUDGET SHARE FAIR" in lines
+    # a asked most lately; its share of the work beside the one its weight gives it
+    # among those with work (five peers of weight 1 and the gateway, of 4).
+    assert f"{peers[0][-12:]} 1 12 4 50 1 4 33% 11%" in lines
+    assert f"{peers[0][-12:]} over budget: queued 1, high 3" in lines
+    assert any(line.startswith("3 other ") for line in lines)  # the rest, summed

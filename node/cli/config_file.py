@@ -6,7 +6,8 @@ ones, --peer --bootstrap --allow --allow-file --public-addr --model, add to the 
 lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
-are read by the catalog and the router, as before.
+are read by the catalog and the router, as before; [fairness] by the fair-share
+ledger (``node.jobs.fairness``), --fair-share overriding its ``enabled``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from node.data_dir import CONFIG_FILE as CONFIG_FILE  # re-exported: their home 
 from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
 from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
@@ -41,7 +43,7 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "models", "backends", "router", "relay"})
+TABLES = frozenset({"node", "http", "models", "backends", "router", "relay", "fairness"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -70,6 +72,7 @@ FLAG_KEYS: dict[str, str] = {
     "http_token_env": "http.token_env",
     "http_insecure": "http.insecure",
     "strategy": "router.strategy",
+    "fair_share": "fairness.enabled",
     "model": "models",
 }
 NOT_IN_FILE = {
@@ -196,6 +199,19 @@ def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> Ro
     return router
 
 
+def _fairness(args: argparse.Namespace, config: dict[str, Any], source: str) -> FairnessConfig:
+    """config.toml's [fairness] table; --fair-share / --no-fair-share overrides enabled."""
+    table = config.get("fairness")
+    fairness = (
+        FairnessConfig()
+        if table is None
+        else FairnessConfig.from_table(Table(table, f"{source}: fairness"))
+    )
+    if args.fair_share is not None:
+        fairness = dataclasses.replace(fairness, enabled=args.fair_share)
+    return fairness
+
+
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     """The node's config: config.toml's values, with the flags given laid over them.
 
@@ -228,6 +244,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
             _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
         ),
         router=_router(args, file, source),
+        fairness=_fairness(args, file, source),
         reach=ReachConfig(
             mode=Mode(args.reachability or f.reachability),
             public_addrs=(*f.public_addrs, *args.public_addr),

@@ -65,7 +65,7 @@ def build() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help=(
-            f"[node], [http], [[models]], [backends.NAME] and [router] tables "
+            f"[node], [http], [[models]], [backends.NAME], [router] and [fairness] tables "
             f"(default DATA_DIR/{CONFIG_FILE} if present)"
         ),
     )
@@ -79,6 +79,12 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--max-queue", type=int, metavar="N", help="waiting requests per model (default 64)"
+    )
+    d.add_argument(
+        "--fair-share",
+        action=argparse.BooleanOptionalAction,
+        help="share capacity fairly between the peers sending work (default on; off: first "
+        "come, first served); limits per peer in the [fairness] table",
     )
     d.add_argument(
         "--grace",

@@ -102,6 +102,9 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
             f"{stats.get('served')} ok, {stats.get('failed')} failed, "
             f"{stats.get('forwarded')} forwarded",
         )
+    fairness = view.get("fairness")
+    if isinstance(fairness, Mapping):
+        row("fairness", _fairness_line(fairness))
     routing = view.get("routing", {})
     if routing:
         broken = routing.get("peer_breakers", {})
@@ -123,11 +126,75 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
     row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
+    shares: list[RenderableType] = []
+    if isinstance(fairness, Mapping) and fairness.get("peers"):
+        shares = [Text(""), *shares_table(fairness)]
     models = body.get("models", [])
     if not models:
         row("models", "none here (forwarding only)")
-        return Group(grid)
-    return Group(grid, Text(""), _models_here(models))
+        return Group(grid, *shares)
+    return Group(grid, Text(""), _models_here(models), *shares)
+
+
+def _fairness_line(fairness: Mapping[str, Any]) -> str:
+    totals = fairness.get("totals") or {}
+    over = ", ".join(
+        f"{r} {totals[r]}" for r in ("rate", "in_flight", "queued", "high") if totals.get(r)
+    )
+    state = "on" if fairness.get("enabled") else "off (first come, first served)"
+    return (
+        f"{state}, {fairness.get('tracked', 0)} peers tracked, {totals.get('refused', 0)} refused"
+        f", over budget: {over or 'none'}"
+    )
+
+
+def shares_table(fairness: Mapping[str, Any]) -> list[RenderableType]:
+    """Each peer's share of this node, busiest first: weight, its jobs waiting and held
+    here, served, refused, jobs over its budget, and its part of the work served lately
+    beside the part its weight gives it; then why each peer was over budget."""
+    table = _table(
+        "PEER",
+        "W",
+        "QUEUED",
+        "IN FLIGHT",
+        "SERVED",
+        "REFUSED",
+        "OVER BUDGET",
+        "SHARE",
+        "FAIR",
+        title="fair share (per peer)",
+    )
+    for column in table.columns[1:]:
+        column.justify = "right"
+    notes: list[RenderableType] = []
+    rows = [r for r in fairness.get("peers") or [] if isinstance(r, Mapping)]
+    other = fairness.get("other")
+    for r in [*rows, *([other] if isinstance(other, Mapping) else [])]:
+        peer = str(r.get("peer", ""))[-12:] if "peer" in r else f"{r.get('peers')} other"
+        over = r.get("over_budget") or {}
+        table.add_row(
+            peer,
+            _weight(r.get("weight")),
+            str(r.get("queued", 0)),
+            str(r.get("in_flight", 0)),
+            str(r.get("served", 0)),
+            str(r.get("refused", 0)),
+            str(sum(v for v in over.values() if isinstance(v, int))),
+            _percent(r.get("share")),
+            _percent(r.get("fair")),
+        )
+        why = ", ".join(f"{k} {v}" for k, v in over.items() if v)
+        if why:
+            notes.append(Text(f"{peer} over budget: {why}"))
+    return [table, *notes]
+
+
+def _weight(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else "-"
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.0f}%" if isinstance(value, int | float) else "-"
 
 
 def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:

@@ -1,4 +1,5 @@
-"""Every node a gateway: OpenAI-compatible and KServe v2 HTTP into the swarm."""
+"""Every node a gateway: OpenAI-compatible (chat, completions, embeddings, Responses),
+Anthropic Messages, Ollama and KServe v2 HTTP into the swarm."""
 
 from .app import Backend, swarm_models
 from .config import GatewayConfig

@@ -1,11 +1,12 @@
 """The gateway's shared plumbing: what it asks of the node, body reading, auth.
 
-Routes (``openai.py``, ``kserve.py``, ``health``) see the node only through
-``Backend``: run a Request, list the models the swarm serves with their
-descriptions, and this node's status. So the HTTP side holds no routing of its
+Routes (``openai.py``, ``responses.py``, ``anthropic.py``, ``ollama.py``,
+``kserve.py``, ``health``; the generation APIs share ``generate.py``) see the
+node only through ``Backend``: run a Request, list the models the swarm serves
+with their descriptions, and this node's status. So the HTTP side holds no routing of its
 own: every request becomes a swarm ``Request`` run by ``InferenceService``,
 routed and failed over like one that came over libp2p. Two optional headers
-carry what swarm requests have and OpenAI's API lacks: ``X-Swarm-Deadline-Ms``
+carry what swarm requests have and the APIs lack: ``X-Swarm-Deadline-Ms``
 (the request's time budget; past it, 504) and ``X-Swarm-Priority`` (high,
 normal or low: the admission order on the node that runs it).
 """
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in milliseconds
 PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
+API_KEY_HEADER = "x-api-key"  # Anthropic's clients send their key here, not as a bearer
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 EmitFor = Callable[[int, Mapping[str, Value]], Awaitable[None]]  # job index, its chunk
@@ -233,8 +235,11 @@ def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler
 
 
 def authorize(request: HTTPRequest, token: str) -> None:
-    """HTTPFailure 401 unless the request carries ``Authorization: Bearer <token>``."""
+    """HTTPFailure 401 unless the request carries ``Authorization: Bearer <token>`` or,
+    as Anthropic's clients send their key, ``x-api-key: <token>``."""
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    matches = hmac.compare_digest(given.strip().encode(), token.encode())
-    if scheme.lower() != "bearer" or not matches:
-        raise HTTPFailure(401, "this gateway needs 'Authorization: Bearer <token>'", "unauthorized")
+    if scheme.lower() != "bearer":
+        given = request.headers.get(API_KEY_HEADER, "")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        message = "this gateway needs 'Authorization: Bearer <token>' (or 'x-api-key: <token>')"
+        raise HTTPFailure(401, message, "unauthorized")

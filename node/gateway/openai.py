@@ -47,7 +47,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocols import Param, Request, Tensor, Value
+from protocols import Param, Request, Value
 from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER  # takes max_tokens, tools
 
 from .app import (
@@ -59,20 +59,34 @@ from .app import (
     new_id,
     options,
     read_json,
-    run_while_connected,
     while_connected,
 )
 from .config import GatewayConfig
 from .errors import HTTPFailure
+from .generate import (
+    GENERATION_TASKS,
+    Sampling,
+    count,
+    embed,
+    first,
+    input_texts,
+    integer,
+    limit,
+    number,
+    params,
+    refuse,
+    strings,
+    tool_calls,
+    tool_params,
+)
 from .sse import EventStream, Write
 
-GENERATION_TASKS = frozenset({"text-generation", "fake"})
+__all__ = ["GENERATION_TASKS", "OPENAI_RUNNER", "routes", "sampling_params"]
 MAX_CHOICES = 8  # n: each choice is a job of its own
 # Fields a client may rely on that swarm's generation jobs cannot honour yet: refused
 # by name rather than ignored, so nobody gets an answer without the tool calls or
 # log probabilities they asked for.
 UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs")
-EMBEDDING_TASKS = frozenset({"embeddings", "fake"})
 
 
 def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
@@ -92,35 +106,17 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
     async def embeddings(request: HTTPRequest) -> Response:
         body = json_object(await read_json(request, config.max_body))
         model = find_model(backend, body.get("model"))
-        _task(model, EMBEDDING_TASKS, "embeddings")
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise HTTPFailure(400, "'input' must be a string or a list of strings", "invalid_input")
+        texts = input_texts(body, "input")
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise HTTPFailure(400, "'encoding_format' must be float or base64", "invalid_input")
         if body.get("dimensions") is not None:
             raise HTTPFailure(400, "'dimensions' is not supported", "unsupported_parameter")
-        how = options(request)
-        job = Request(
-            id=new_id("emb"),
-            model=model["name"],
-            inputs={"text": texts},
-            deadline_ms=how.deadline_ms,
-            priority=how.priority,
-        )
-        result = await run_while_connected(backend, request, job)
-        vectors = result.outputs.get("embedding")
-        if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
-            raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
-        rows = vectors.numpy().astype("<f4")
+        rows, tokens = await embed(backend, request, model, texts)
         data = [
             {"object": "embedding", "index": i, "embedding": _vector(row, encoding)}
             for i, row in enumerate(rows)
         ]
-        tokens = _token_count(result.outputs)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         answer = {"object": "list", "data": data, "model": model["name"], "usage": usage}
         return JSONResponse(answer)
@@ -164,15 +160,6 @@ def _model_entry(described: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _task(model: Mapping[str, Any], tasks: frozenset[str], what: str) -> str:
-    task = str(model.get("task"))
-    if task not in tasks:
-        raise HTTPFailure(
-            400, f"{model['name']} is a {task} model; {what} needs another", "wrong_model_task"
-        )
-    return task
-
-
 def _vector(row: np.ndarray[Any, Any], encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(row.tobytes()).decode()
@@ -211,61 +198,17 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
 
 def sampling_params(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
     """The body's sampling fields as the params the model's runner takes."""
-    unsupported = sorted(k for k in UNSUPPORTED if body.get(k) not in (None, False, [], "none"))
-    if unsupported:
-        message = f"not supported by this gateway: {', '.join(unsupported)}"
-        raise HTTPFailure(400, message, "unsupported_parameter")
-    tools = _tools(body, model)
-    if _task(model, GENERATION_TASKS, "text generation") == "fake":
-        return {}
-    params: dict[str, Param] = dict(tools)
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is not None:
-        if type(limit) is not int or limit < 1:
-            raise HTTPFailure(400, "'max_tokens' must be a positive integer", "invalid_input")
-        params["max_tokens" if model.get("runner") == OPENAI_RUNNER else "max_new_tokens"] = limit
-    for name in ("temperature", "top_p"):
-        value = body.get(name)
-        if value is not None:
-            if type(value) not in (int, float):
-                raise HTTPFailure(400, f"'{name}' must be a number", "invalid_input")
-            params[name] = float(value)
-    for name in ("top_k", "seed"):
-        value = body.get(name)
-        if value is not None:
-            if type(value) is not int:
-                raise HTTPFailure(400, f"'{name}' must be an integer", "invalid_input")
-            params[name] = value
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        params["stop"] = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        params["stop"] = list(stop)
-    elif stop is not None:
-        raise HTTPFailure(400, "'stop' must be a string or a list of strings", "invalid_input")
-    return params
-
-
-def _tools(body: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Param]:
-    """``tools`` and ``tool_choice`` as the JSON-text params an OpenAI-compatible
-    backend's runner takes; other runners cannot call tools, so they are refused."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools is None or tools == []:
-        if choice not in (None, "none"):
-            raise HTTPFailure(400, "'tool_choice' needs 'tools'", "invalid_input")
-        return {}
-    if model.get("runner") != OPENAI_RUNNER:
-        message = (
-            f"{model['name']} cannot call tools: tools need a model served by an "
-            "OpenAI-compatible backend (vLLM, llama.cpp, ...)"
-        )
-        raise HTTPFailure(400, message, "unsupported_parameter")
-    if not isinstance(tools, list):
-        raise HTTPFailure(400, "'tools' must be a list", "invalid_input")
-    params: dict[str, Param] = {"tools": json.dumps(tools)}
-    if choice is not None:
-        params["tool_choice"] = choice if isinstance(choice, str) else json.dumps(choice)
-    return params
+    refuse([k for k in UNSUPPORTED if body.get(k) not in (None, False, [], "none")])
+    tools = tool_params(model, body.get("tools"), body.get("tool_choice"))
+    sampling = Sampling(
+        max_tokens=limit(body, "max_completion_tokens", "max_tokens") or limit(body, "max_tokens"),
+        temperature=number(body, "temperature"),
+        top_p=number(body, "top_p"),
+        top_k=integer(body, "top_k"),
+        seed=integer(body, "seed"),
+        stop=strings(body, "stop"),
+    )
+    return params(model, sampling, tools)
 
 
 async def _generate(
@@ -305,8 +248,8 @@ async def _generate(
         results = await while_connected(http, lambda: execute_all(backend, jobs, _ignore))
         choices = []
         for i, result in enumerate(results):
-            text = _first(result.outputs.get("text"), "")
-            finish = _first(result.outputs.get("finish_reason"), "stop")
+            text = first(result.outputs.get("text"), "")
+            finish = first(result.outputs.get("finish_reason"), "stop")
             choice: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": None}
             if chat:
                 choice["message"] = _reply(text, result.outputs.get("tool_calls"))
@@ -337,7 +280,7 @@ async def _generate(
         return {**head, "choices": [choice]}
 
     def tool_chunk(index: int, calls: str) -> dict[str, Any]:
-        indexed = [{"index": k, **call} for k, call in enumerate(_tool_calls(calls))]
+        indexed = [{"index": k, **call} for k, call in enumerate(tool_calls(calls))]
         delta = {"role": "assistant", "content": None, "tool_calls": indexed}
         choice = {"index": index, "finish_reason": None, "logprobs": None, "delta": delta}
         return {**head, "choices": [choice]}
@@ -358,21 +301,11 @@ async def _generate(
 
         await execute_all(backend, jobs, emit)
         for i in range(n):
-            await write(chunk(i, None, _first(last[i].get("finish_reason"), "stop")))
+            await write(chunk(i, None, first(last[i].get("finish_reason"), "stop")))
         if include_usage:
             await write({**head, "choices": [], "usage": _usage(last)})
 
     return EventStream(produce)
-
-
-def _token_count(outputs: Mapping[str, Value]) -> int:
-    """Input tokens an embedder reported: ``tokens`` per row, or a ``prompt_tokens``
-    total; 0 when it counted none (a backend that does not say)."""
-    per_row = outputs.get("tokens")
-    if isinstance(per_row, Tensor) and per_row.dtype.startswith(("int", "uint")):
-        return int(per_row.numpy().sum())
-    total = outputs.get("prompt_tokens")
-    return total if type(total) is int else 0
 
 
 async def _ignore(index: int, outputs: Mapping[str, Value]) -> None:
@@ -383,18 +316,7 @@ def _reply(text: str, calls: Value | None) -> dict[str, Any]:
     """A chat answer's message: its text, or the tool calls it made (content null)."""
     if not isinstance(calls, str):
         return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": text or None, "tool_calls": _tool_calls(calls)}
-
-
-def _tool_calls(text: str) -> list[Any]:
-    """The ``tool_calls`` output (JSON text, checked by the runner that made it)."""
-    try:
-        calls = json.loads(text)
-    except ValueError as exc:
-        raise HTTPFailure(502, f"the model's tool_calls are not JSON: {exc}", "bad_output") from exc
-    if not isinstance(calls, list):
-        raise HTTPFailure(502, "the model's tool_calls are not a list", "bad_output")
-    return calls
+    return {"role": "assistant", "content": text or None, "tool_calls": tool_calls(calls)}
 
 
 def _choices(body: Mapping[str, Any]) -> int:
@@ -407,19 +329,8 @@ def _choices(body: Mapping[str, Any]) -> int:
     return n
 
 
-def _first(value: Value | None, default: str) -> str:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return value if isinstance(value, str) else default
-
-
 def _usage(each: Sequence[Mapping[str, Value]]) -> dict[str, int]:
     """Token counts over the choices: the prompt is counted once, completions summed."""
-
-    def count(outputs: Mapping[str, Value], key: str) -> int:
-        value = outputs.get(key)
-        return value if type(value) is int else 0
-
     p = count(each[0], "prompt_tokens") if each else 0
     c = sum(count(outputs, "completion_tokens") for outputs in each)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

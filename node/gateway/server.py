@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from trio_typing import TaskStatus
 
-from . import kserve, openai, page, ws
+from . import anthropic, kserve, ollama, openai, page, responses, ws
 from .app import Backend, guarded, json_object, read_json
 from .config import GatewayConfig, is_loopback
 from .errors import HTTPFailure, error_response
@@ -95,6 +95,9 @@ def build_app(backend: Backend, config: GatewayConfig) -> Starlette:
             Route("/models/load", load, methods=["POST"]),
             Route("/models/unload", unload, methods=["POST"]),
             *openai.routes(backend, config),
+            *responses.routes(backend, config),
+            *anthropic.routes(backend, config),
+            *ollama.routes(backend, config),
             *kserve.routes(backend, config),
             *ws.routes(backend, config),
             *page.routes(backend, config),

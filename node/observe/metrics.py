@@ -13,12 +13,22 @@ and benchmarks), with two kinds of series:
 
 Circuit states are exported as one gauge per state with value 1 for the current
 one (the Prometheus idiom for an enum), so a dashboard can count open circuits.
+
+Fair share, read at scrape time too: per peer that sends work (the top N of the
+ledger by recent asking, the rest summed as ``peer="other"``, so the label set
+stays bounded however many identities turn up) its jobs queued and in flight,
+its recent share of the work served, and its served / refused / failed and
+over-budget counts; node-wide, refusals and jobs over a peer's budget by reason.
+The per-peer counts live as long as the ledger remembers the peer (an idle peer
+is forgotten) and a peer moves in and out of the top N, so read them as
+counters that may reset; the node-wide ones only grow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -41,6 +51,7 @@ class Live:
     backend_circuits: Mapping[str, str | None] = field(default_factory=dict)  # model -> state
     peer_circuits: Mapping[str, str | None] = field(default_factory=dict)  # peer -> state
     failovers: int = 0
+    shares: Mapping[str, Any] = field(default_factory=dict)  # InferenceService.shares()
 
 
 class NodeMetrics:
@@ -124,6 +135,65 @@ class _Live(Collector):
             "Attempts after the first, over all jobs routed here.",
             value=live.failovers,
         )
+        yield from _shares(live.shares)
+
+
+def _shares(shares: Mapping[str, Any]) -> Iterator[Metric]:
+    rows = [r for r in shares.get("peers") or [] if isinstance(r, Mapping)]
+    other = shares.get("other")
+    labelled = [(str(r.get("peer")), r) for r in rows]
+    if isinstance(other, Mapping):
+        labelled.append(("other", other))
+    gauges = {
+        "queued": GaugeMetricFamily(
+            "swarm_peer_queued", "A peer's jobs waiting here now.", labels=["peer"]
+        ),
+        "in_flight": GaugeMetricFamily(
+            "swarm_peer_in_flight",
+            "A peer's jobs held here now (waiting, running, forwarded).",
+            labels=["peer"],
+        ),
+        "share": GaugeMetricFamily(
+            "swarm_peer_share",
+            "A peer's part of the work served here lately (0..1, fading).",
+            labels=["peer"],
+        ),
+    }
+    jobs = CounterMetricFamily(
+        "swarm_peer_jobs",
+        "A peer's jobs that ended here, by outcome (served, refused, failed).",
+        labels=["peer", "outcome"],
+    )
+    over = CounterMetricFamily(
+        "swarm_peer_over_budget",
+        "A peer's jobs over one of its limits (rate, in_flight, queued: refused; high: "
+        "run as NORMAL).",
+        labels=["peer", "reason"],
+    )
+    for peer, r in labelled:
+        for key, family in gauges.items():
+            family.add_metric([peer], float(r.get(key) or 0))
+        for outcome in ("served", "refused", "failed"):
+            jobs.add_metric([peer, outcome], float(r.get(outcome) or 0))
+        for reason, n in (r.get("over_budget") or {}).items():
+            over.add_metric([peer, str(reason)], float(n))
+    yield from gauges.values()
+    yield jobs
+    yield over
+    totals = shares.get("totals") or {}
+    yield CounterMetricFamily(
+        "swarm_fairness_refused",
+        "Jobs this node refused with OVERLOADED (a full queue or a peer's own limit).",
+        value=float(totals.get("refused", 0)),
+    )
+    budget = CounterMetricFamily(
+        "swarm_fairness_over_budget",
+        "Jobs over their peer's limit, by reason, over all peers.",
+        labels=["reason"],
+    )
+    for reason in ("rate", "in_flight", "queued", "high"):
+        budget.add_metric([reason], float(totals.get(reason, 0)))
+    yield budget
 
 
 def _states(name: str, doc: str, key: str, current: Mapping[str, str | None]) -> GaugeMetricFamily:
