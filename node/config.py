@@ -18,6 +18,8 @@ from node.jobs.router import RouterConfig
 from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.reach.config import ReachConfig
+from node.reach.relay_service import RelayServiceConfig
+from node.reach.relays import RelaysConfig
 from protocols import DEFAULT_LIMITS, Limits
 from protocols.errors import ConfigError
 from runners.catalog import DEFAULT_MODEL, ModelSpec
@@ -36,6 +38,8 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()  # peers to join the swarm through (also DHT seeds)
     mdns: bool = True
     dht: bool = True
+    relay_service: RelayServiceConfig = field(default_factory=RelayServiceConfig)
+    relays: RelaysConfig = field(default_factory=RelaysConfig)  # reservations while NATed
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers

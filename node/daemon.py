@@ -59,7 +59,11 @@ from node.net.frames import SocketFramed
 from node.net.host import check_listen, load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
+from node.reach.circuits import Circuits
 from node.reach.monitor import ReachMonitor
+from node.reach.records import relay_candidates
+from node.reach.relay_service import RelayService
+from node.reach.relays import Relays
 from node.services import Services
 from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, MAX_HOPS, CapabilityRecord, Request, Result
 from protocols.errors import ConfigError
@@ -196,13 +200,35 @@ class Node:
         peer_id = host.get_id().to_base58()
         self._client_id = peer_id_of(load_or_create_identity(cfg.data_dir / CLIENT_KEY))
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
+        # The relay work follows reachability's verdict (the monitor, built below).
+        relay = RelayService(
+            host,
+            cfg.relay_service,
+            is_public=lambda: reach.is_public(),
+            member=self.access.member,
+        )
+        circuits = Circuits(
+            host,
+            relay.protocol,
+            guesses=lambda peer: status.relays_holding(self.services, peer),
+        )
+        relay.protocol.on_relayed = circuits.on_relayed
+        circuits.on_direct = caller.drop_idle  # pooled streams move off the relay
+        relays = Relays(
+            host,
+            cfg.relays,
+            is_public=lambda: reach.is_public(),
+            candidates=lambda: relay_candidates(membership.table),
+        )
         membership = Membership(
             host,
             signer,
             lambda: self.services.service.load().describe(),
             cfg.membership,
             access=self.access,
+            connect=circuits.connect,
         )
+        circuits.on_reconnected = membership.link  # swap records at once: linked again
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
         # What this node found of its peers' answers, as it was when it last stopped.
         reputation_file = ReputationFile.in_data_dir(cfg.data_dir)
@@ -213,6 +239,7 @@ class Node:
             lambda: status.local_node(self.services),
             lambda: self.services.dispatcher.in_flight,
             held_back=reputation.held_back,
+            paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
         )
         dispatcher = Dispatcher(
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
@@ -258,12 +285,24 @@ class Node:
         caps = CapsHandler(membership.on_inbound, answer, self.access)
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
-        membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
+
+        def verified(pid: str, addrs: tuple[str, ...]) -> None:
+            self._remember(store, pid, addrs)
+            # A relay's record names who holds a reservation there: those we have not
+            # linked are reachable through it now (of each pair, the lower id dials).
+            for other in status.reserved_at(self.services, pid):
+                if other > peer_id:
+                    membership.relink(other)
+
+        membership.on_verified = verified
         reach = ReachMonitor(
             host,
             cfg.reach,
             peers=lambda: [p.peer_id for p in live_peers(membership.table)],
             wait_changed=membership.wait_changed,
+            circuit_addrs=relays.circuit_addrs,
+            relays_held=relays.held,
+            relay_entry=relay.record_entry,
             psk=cfg.swarm_key,
             access=self.access,
         )
@@ -292,6 +331,9 @@ class Node:
             signer=signer,
             metrics=metrics,
             store=store,
+            relay=relay,
+            relays=relays,
+            circuits=circuits,
             dht=dht,
             reach=reach,
         )
@@ -306,9 +348,12 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(s.relay.run)
+                await nursery.start(s.circuits.run)
                 await nursery.start(s.membership.run)
                 await nursery.start(s.reach.run)
                 await nursery.start(s.verifier.run)
+                await nursery.start(s.relays.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)
                 own_load = lambda: s.service.load().describe()  # noqa: E731

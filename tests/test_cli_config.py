@@ -292,3 +292,23 @@ def test_the_verify_table_of_the_template_reads_as_the_defaults(tmp_path: Path) 
         path.write_text(f"[verify]\n{bad}\n")
         with pytest.raises(ConfigError, match=re.escape(named)):
             daemon_config("--config", str(path))
+
+
+def test_relay_service_flag_and_the_relay_table(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / config_file.CONFIG_FILE).write_text(
+        '[node]\nreachability = "public"\n\n[relay]\ncircuit_bytes = 1000\nreservations = 3\n'
+    )
+    config, _, _ = daemon_config("--data-dir", str(data_dir))
+    assert config.reach.mode == "public"
+    assert config.relay_service.enabled
+    assert (config.relay_service.circuit_bytes, config.relay_service.reservations) == (1000, 3)
+    config, _, _ = daemon_config(
+        "--data-dir", str(data_dir), "--relay-service", "off", "--reachability", "private"
+    )
+    assert not config.relay_service.enabled and config.relay_service.circuit_bytes == 1000
+    assert config.reach.mode == "private"
+    (data_dir / config_file.CONFIG_FILE).write_text("[relay]\ncircuit_byte = 1000\n")
+    with pytest.raises(ConfigError, match="circuit_byte"):
+        daemon_config("--data-dir", str(data_dir))

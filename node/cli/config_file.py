@@ -31,6 +31,7 @@ from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
 from node.reach.config import Mode, ReachConfig
+from node.reach.relay_service import RelayServiceConfig
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners.catalog import (
@@ -44,7 +45,9 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "models", "backends", "router", "fairness", "verify"})
+TABLES = frozenset(
+    {"node", "http", "models", "backends", "router", "relay", "fairness", "verify"}
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -57,6 +60,7 @@ FLAG_KEYS: dict[str, str] = {
     "dht": "node.dht",
     "reachability": "node.reachability",
     "public_addr": "node.public_addrs",
+    "relay_service": "node.relay_service",
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
     "max_queue": "node.max_queue",
@@ -92,6 +96,7 @@ class FileSettings:
     dht: bool = True
     reachability: str = "auto"
     public_addrs: tuple[str, ...] = ()
+    relay_service: bool = True
     heartbeat: float = 5.0
     dead_after: float = 15.0
     max_queue: int = 64
@@ -141,6 +146,7 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
             "reachability", d.reachability, choices=tuple(m.value for m in Mode)
         ),
         public_addrs=node.texts("public_addrs", ()),
+        relay_service=node.flag("relay_service", d.relay_service),
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
         max_queue=node.integer("max_queue", d.max_queue, low=0, high=1_000_000),
@@ -247,6 +253,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         bootstrap=(*f.bootstrap, *args.bootstrap),
         mdns=_given(args.mdns, f.mdns),
         dht=_given(args.dht, f.dht),
+        relay_service=_relay(args, f, file, source),
         membership=_membership(
             _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
         ),
@@ -266,6 +273,16 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     )
     level = args.log_level or f.log_level or "INFO"
     return config, level, args.log_format or f.log_format
+
+
+def _relay(
+    args: argparse.Namespace, f: FileSettings, config: dict[str, Any], source: str
+) -> RelayServiceConfig:
+    """config.toml's [relay] limits; --relay-service (or node.relay_service) turns it on or off."""
+    enabled = f.relay_service if args.relay_service is None else args.relay_service == "on"
+    return RelayServiceConfig.from_table(
+        Table(config.get("relay", {}), f"{source}: relay"), enabled=enabled
+    )
 
 
 def _given(flag: T | None, file_value: T) -> T:

@@ -122,6 +122,11 @@ def build() -> argparse.ArgumentParser:
         "router), announced as given; implies public (repeatable)",
     )
     d.add_argument(
+        "--relay-service",
+        choices=["on", "off"],
+        help="relay circuits for NATed peers while this node is publicly reachable (default on)",
+    )
+    d.add_argument(
         "--heartbeat",
         type=float,
         metavar="SECONDS",
