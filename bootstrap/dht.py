@@ -20,6 +20,13 @@ up the providers of a model it does not. It runs py-libp2p 0.8.1's
   to a key: announcements are repeated every ``reprovide_s``.
 - Every call is under a timeout and its results are hints: a lookup that runs
   out of time returns what it has, possibly nothing, and logs one line.
+- What we say of ourselves (provider records, the signed peer record in each
+  DHT message) is ``announce()`` when given: the addresses any peer may dial,
+  not every interface address the host listens on (a NATed node's private
+  ones). ``KadDHT`` reads them from ``host.get_addrs()``, so it is given a view
+  of the host whose ``get_addrs`` answers ``announce()``; the host itself is
+  untouched (identify and hole punching read its listen addresses).
+  ``reannounce()`` sends the provider records again at once, after they change.
 - Its per-peer warnings (every failed stream) are dropped while the adapter
   runs, unless this module's logger is at DEBUG; errors still show.
 """
@@ -28,10 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import multiaddr
 import multihash  # type: ignore[import-untyped]
 import trio
 from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID
@@ -112,8 +120,10 @@ class ModelDHT:
         events: trio.MemorySendChannel[Event] | None = None,
         *,
         config: DhtConfig = DhtConfig(),
+        announce: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         self._host = host
+        self._own_addrs = announce
         self._events = events
         self._config = config
         self._own_id = host.get_id().to_base58()
@@ -139,7 +149,9 @@ class ModelDHT:
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         mode = DHTMode.SERVER if self._config.server else DHTMode.CLIENT
-        dht = KadDHT(self._host, mode)  # registers the KAD handler in server mode
+        own = self._own_addrs
+        host: Any = self._host if own is None else _Announcing(self._host, own)
+        dht = KadDHT(host, mode)  # registers the KAD handler in server mode
         dht._inbound_limiter = trio.CapacityLimiter(self._config.max_inbound_streams)
         quiet = _QuietKad()
         for name in (*KAD_LOGGERS, HOST_LOGGER):
@@ -174,6 +186,10 @@ class ModelDHT:
         if dht is None:
             return False
         return await self._announce(dht, key, timeout_s or self._config.call_timeout_s)
+
+    def reannounce(self) -> None:
+        """Send every provider record again now (our addresses changed)."""
+        self._kick.set()
 
     def stop_providing(self, model_name: str) -> None:
         """No more announcements; records already on other peers expire on their own."""
@@ -364,6 +380,24 @@ class ModelDHT:
             log.debug("discovery channel full; dropped %s", event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+class _Announcing:
+    """The host as KadDHT sees it: ``get_addrs`` answers what we announce widely."""
+
+    def __init__(self, host: Any, announce: Callable[[], Sequence[str]]) -> None:
+        self._host = host
+        self._announce = announce
+
+    def get_addrs(self) -> list[multiaddr.Multiaddr]:
+        out = []
+        for addr in self._announce():
+            with contextlib.suppress(Exception):  # multiaddr raises several types
+                out.append(multiaddr.Multiaddr(addr))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
 
 
 class _QuietKad(logging.Filter):

@@ -84,14 +84,17 @@ class SwarmClient:
         on_chunk: OnChunk | None = None,
         request_id: str | None = None,
         strategy: str | None = None,
+        verify: int = 0,
     ) -> Result:
         """Run ``model`` on ``inputs`` somewhere in the swarm, through this node.
 
         With ``on_chunk`` the request streams: chunks arrive as produced and the
         Result carries only metadata. ``strategy`` (a ``node.router.Strategy``
         value) picks how the node chooses the peer; the Result's meta says who
-        served it and after how many attempts. Raises RemoteError (with its ``code`` and
-        ``retry``) when the node answers with an error.
+        served it and after how many attempts. ``verify`` N runs it on N more nodes:
+        the meta then says whether their answers agreed (``verify_verdict``,
+        ``verify_agreed``, ``verify_nodes``; see ``node.jobs.verify``). Raises
+        RemoteError (with its ``code`` and ``retry``) when the node answers with an error.
         """
         request = client_request(
             model,
@@ -102,6 +105,7 @@ class SwarmClient:
             stream=on_chunk is not None,
             request_id=request_id,
             strategy=strategy,
+            verify=verify,
         )
         if deadline_s is None:
             return await self._caller.call(self.peer, request, on_chunk)

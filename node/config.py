@@ -13,8 +13,13 @@ from pathlib import Path
 from node.data_dir import DEFAULT_DATA_DIR
 from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before node.defaults
 from node.gateway.config import GatewayConfig, GrpcConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig
+from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
+from node.reach.config import ReachConfig
+from node.reach.relay_service import RelayServiceConfig
+from node.reach.relays import RelaysConfig
 from protocols import DEFAULT_LIMITS, Limits
 from protocols.errors import ConfigError
 from runners.catalog import DEFAULT_MODEL, ModelSpec
@@ -33,8 +38,13 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()  # peers to join the swarm through (also DHT seeds)
     mdns: bool = True
     dht: bool = True
+    relay_service: RelayServiceConfig = field(default_factory=RelayServiceConfig)
+    relays: RelaysConfig = field(default_factory=RelaysConfig)  # reservations while NATed
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers
+    reach: ReachConfig = field(default_factory=ReachConfig)  # publicly reachable, and how known
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # spot checks, reputation
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
     http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off

@@ -19,7 +19,9 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -45,19 +47,26 @@ from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
 from node.jobs.inbound import InferHandler
 from node.jobs.outbound import Caller
+from node.jobs.reputation import Reputation, ReputationFile
 from node.jobs.router import Router
 from node.jobs.service import InferenceService
+from node.jobs.verify import Verifier
 from node.membership.caps import CapsHandler, Received, RecordSigner, answer_client
 from node.membership.peers import Membership
 from node.models import ModelRegistry
 from node.net import local
 from node.net.access import AccessPolicy
 from node.net.frames import SocketFramed
-from node.net.host import load_or_create_identity, peer_id_of, running_host
+from node.net.host import check_listen, load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
+from node.reach.circuits import Circuits
+from node.reach.monitor import ReachMonitor
+from node.reach.records import relay_candidates
+from node.reach.relay_service import RelayService
+from node.reach.relays import Relays
 from node.services import Services
-from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, CapabilityRecord, Request
+from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, MAX_HOPS, CapabilityRecord, Request, Result
 from protocols.errors import ConfigError
 from runners.base import Runner
 
@@ -83,6 +92,7 @@ class Node:
         self._serving = False
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._client_id = ""  # this data dir's CLI identity: one of the node's own clients
 
     @property
     def services(self) -> Services:
@@ -121,6 +131,7 @@ class Node:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_pair = load_or_create_identity(cfg.data_dir / IDENTITY_KEY)
+        check_listen(cfg.listen)  # a held port fails the start now, not after model loads
         try:
             await self.models.load_all()
             hardware = await trio.to_thread.run_sync(lambda: probe(cuda=cfg.probe_cuda))
@@ -188,27 +199,73 @@ class Node:
         """
         cfg = self.config
         peer_id = host.get_id().to_base58()
+        self._client_id = peer_id_of(load_or_create_identity(cfg.data_dir / CLIENT_KEY))
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
+        # The relay work follows reachability's verdict (the monitor, built below).
+        relay = RelayService(
+            host,
+            cfg.relay_service,
+            is_public=lambda: reach.is_public(),
+            member=self.access.member,
+        )
+        circuits = Circuits(
+            host,
+            relay.protocol,
+            guesses=lambda peer: status.relays_holding(self.services, peer),
+        )
+        relay.protocol.on_relayed = circuits.on_relayed
+        circuits.on_direct = caller.drop_idle  # pooled streams move off the relay
+        relays = Relays(
+            host,
+            cfg.relays,
+            is_public=lambda: reach.is_public(),
+            candidates=lambda: relay_candidates(membership.table),
+        )
         membership = Membership(
             host,
             signer,
             lambda: self.services.service.load().describe(),
             cfg.membership,
             access=self.access,
+            connect=circuits.connect,
         )
+        circuits.on_reconnected = membership.link  # swap records at once: linked again
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
+        # What this node found of its peers' answers, as it was when it last stopped.
+        reputation_file = ReputationFile.in_data_dir(cfg.data_dir)
+        reputation = Reputation(cfg.verify.policy, time.time, reputation_file.load())
         planner = RouterPlanner(
             router,
             lambda: membership.table,
             lambda: status.local_node(self.services),
             lambda: self.services.dispatcher.in_flight,
+            held_back=reputation.held_back,
+            paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
         )
         dispatcher = Dispatcher(
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
         )
         service = InferenceService(
-            self.models.runners, node_id=peer_id, max_queue=cfg.max_queue, forwarder=dispatcher
+            self.models.runners,
+            node_id=peer_id,
+            max_queue=cfg.max_queue,
+            forwarder=dispatcher,
+            fairness=cfg.fairness,
+            own_clients=(self._client_id,),
         )
+        verifier = Verifier(
+            cfg.verify,
+            peer_id,
+            reputation,
+            _Nodes(self),
+            plan=planner.plan,
+            attempt=dispatcher.attempt,
+            run_here=self._run_here,
+            rng=random.Random(cfg.verify.seed),
+            store=reputation_file,
+            max_attempts=cfg.router.max_attempts,
+        )
+        dispatcher.verifier = verifier
         metrics = NodeMetrics(peer_id, lambda: status.live_figures(self.services))
         feed = self.feed
 
@@ -229,10 +286,31 @@ class Node:
         caps = CapsHandler(membership.on_inbound, answer, self.access)
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
-        membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
-        dht = ModelDHT(host, membership.events.clone()) if cfg.dht else None
+
+        def verified(pid: str, addrs: tuple[str, ...]) -> None:
+            self._remember(store, pid, addrs)
+            # A relay's record names who holds a reservation there: those we have not
+            # linked are reachable through it now (of each pair, the lower id dials).
+            for other in status.reserved_at(self.services, pid):
+                if other > peer_id:
+                    membership.relink(other)
+
+        membership.on_verified = verified
+        reach = ReachMonitor(
+            host,
+            cfg.reach,
+            peers=lambda: [p.peer_id for p in live_peers(membership.table)],
+            wait_changed=membership.wait_changed,
+            circuit_addrs=relays.circuit_addrs,
+            relays_held=relays.held,
+            relay_entry=relay.record_entry,
+            psk=cfg.swarm_key,
+            access=self.access,
+        )
+        dht = ModelDHT(host, membership.events.clone(), announce=reach.wide) if cfg.dht else None
         if dht is not None:
             membership.finder = dht.find_providers
+            reach.on_change = dht.reannounce
         return Services(
             config=cfg,
             peer_id=peer_id,
@@ -247,21 +325,36 @@ class Node:
             router=router,
             planner=planner,
             dispatcher=dispatcher,
+            verifier=verifier,
             caller=caller,
             inbound=inbound,
             caps=caps,
             signer=signer,
             metrics=metrics,
             store=store,
+            relay=relay,
+            relays=relays,
+            circuits=circuits,
             dht=dht,
+            reach=reach,
         )
+
+    async def _run_here(self, request: Request) -> Result:
+        """Run ``request`` on this node's own runner (a spot check's second run): as
+        a request that has come its last hop, it is never forwarded."""
+        return await self.services.service.execute(replace(request, hops=MAX_HOPS), _no_chunks)
 
     async def _serve(self, task_status: TaskStatus[Node]) -> None:
         cfg, s = self.config, self.services
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(s.relay.run)
+                await nursery.start(s.circuits.run)
                 await nursery.start(s.membership.run)
+                await nursery.start(s.reach.run)
+                await nursery.start(s.verifier.run)
+                await nursery.start(s.relays.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)
                 own_load = lambda: s.service.load().describe()  # noqa: E731
@@ -341,7 +434,7 @@ class Node:
     ) -> local.LocalSocket | None:
         """The data dir's socket for this machine's CLI (node.net.local): jobs and the
         client view, each connection taken for the data dir's client identity."""
-        client_id = peer_id_of(load_or_create_identity(self.config.data_dir / CLIENT_KEY))
+        client_id = self._client_id
 
         async def infer(stream: SocketFramed, peer_id: str) -> None:
             await s.inbound.serve(stream, peer_id, idle_timeout_s=local.IDLE_TIMEOUT_S)
@@ -382,7 +475,9 @@ class Node:
         return Gateway(self._backend(), config, shutdown=self._stop.wait, grace_s=grace)
 
     def _backend(self) -> Backend:
-        """What the gateway and the gRPC port see of this node."""
+        """What the gateway and the gRPC port see of this node: their requests run
+        through the service like any client's, held against ``GATEWAY`` (the node's own
+        clients) in the fair-share ledger."""
         s = self.services
         return Backend(
             execute=s.service.execute,
@@ -433,3 +528,20 @@ async def _start_with_fallback(
     listener = make(dataclasses.replace(config, port=0))
     await nursery.start(listener.run)
     return listener
+
+
+class _Nodes:
+    """How each node announces a model, read off the running services (verification)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def entry(self, node: str, model: str) -> Mapping[str, Any] | None:
+        return status.model_entry(self._node.services, node, model)
+
+    def serves_here(self, model: str) -> bool:
+        return model.lower() in self._node.services.service.runners
+
+
+async def _no_chunks(chunk: Mapping[str, Any]) -> None:
+    """A spot check does not stream."""

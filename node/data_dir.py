@@ -1,7 +1,8 @@
 """What a node keeps in its data dir, and how the CLI finds the daemon running there.
 
 ``~/.swarm/`` (or ``--data-dir``): ``identity.key`` (the node's), ``client.key``
-(the CLI's), ``config.toml``, ``peerstore.sqlite``, ``models/`` and, while a
+(the CLI's), ``config.toml``, ``peerstore.sqlite``, ``reputation.json`` (what this
+node's checks found of each peer's answers), ``models/`` and, while a
 daemon runs, ``daemon.json`` (its pid, peer id, addresses, gateway URL and local
 socket) and ``daemon.sock``, the socket the CLI of this machine reaches it on.
 Nothing here imports the rest of the node, so the CLI reads it cheaply.

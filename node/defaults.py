@@ -14,3 +14,5 @@ DEFAULT_HTTP = "127.0.0.1:8470"  # the gateway's port when none is given; busy: 
 DEFAULT_GRPC = "127.0.0.1:8471"  # the KServe v2 gRPC port when none is given; busy: a free one
 # node.jobs.router.Strategy's values, in its order.
 STRATEGIES = ("least-loaded", "round-robin", "best-performance", "local-first")
+# node.reach.config.Mode's values, in its order.
+REACHABILITY = ("auto", "public", "private")

@@ -5,6 +5,7 @@
         ├── PeerUnavailable    we could not reach the peer; nothing was sent: NOT_EXECUTED
         ├── ConnectionLost     the stream broke under us after the request left: OUTCOME_UNKNOWN
         ├── Overloaded         the admission queue is full: OVERLOADED, with retry_after_ms
+        │   └── OverBudget     the peer is over one of its own limits (rate, in flight, queued)
         ├── ShuttingDown       the node is draining and takes no new work: NOT_EXECUTED
         ├── Interrupted        the node shut down while it ran: OUTCOME_UNKNOWN
         ├── DeadlineExceeded   the request's deadline passed: DEADLINE_EXCEEDED
@@ -38,6 +39,15 @@ class Overloaded(NodeError):
     def __init__(self, message: str, *, retry_after_ms: int) -> None:
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class OverBudget(Overloaded):
+    """The peer that sent the job is over its own limit here (``reason``: ``rate``,
+    ``in_flight`` or ``queued``; see ``node.jobs.fairness``)."""
+
+    def __init__(self, message: str, reason: str, retry_after_ms: int) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.reason = reason
 
 
 class ShuttingDown(NodeError):

@@ -22,6 +22,7 @@ from node.jobs.inbound import InferHandler
 from node.jobs.outbound import Caller
 from node.jobs.router import Router
 from node.jobs.service import InferenceService
+from node.jobs.verify import Verifier
 from node.membership.caps import CapsHandler, RecordSigner
 from node.membership.peers import Membership
 from node.models import ModelRegistry
@@ -29,13 +30,17 @@ from node.net.access import AccessPolicy
 from node.net.local import LocalSocket
 from node.observe.feed import Feed
 from node.observe.metrics import NodeMetrics
+from node.reach.circuits import Circuits
+from node.reach.monitor import ReachMonitor
+from node.reach.relay_service import RelayService
+from node.reach.relays import Relays
 
 
 @dataclass(frozen=True, slots=True)
 class Services:
     config: NodeConfig
     peer_id: str
-    addrs: tuple[str, ...]  # dialable multiaddrs, with /p2p/<peer id>
+    addrs: tuple[str, ...]  # every address we listen on, with /p2p/<peer id> (this machine's use)
     host: Any  # the libp2p host
     hardware: Hardware
     models: ModelRegistry
@@ -46,13 +51,18 @@ class Services:
     router: Router
     planner: RouterPlanner
     dispatcher: Dispatcher
+    verifier: Verifier  # spot checks, verify: N, and the reputation they feed
     caller: Caller
     inbound: InferHandler
     caps: CapsHandler
     signer: RecordSigner
     metrics: NodeMetrics
     store: PeerStore
+    relay: RelayService  # circuit relay v2: stop on every node, hop while public
+    relays: Relays  # reservations on relays while not known to be public
+    circuits: Circuits  # dials through relays, DCUtR, each connection's kind
     dht: ModelDHT | None  # None with --no-dht
+    reach: ReachMonitor  # reachability, and the addresses records and the DHT announce
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
     grpc: GrpcGateway | None = None  # set once the gRPC port listens; None with --grpc off
     local: LocalSocket | None = None  # set once the local socket listens; None without one

@@ -10,27 +10,59 @@ Backend addresses and keys never appear: the runners' states are shown without
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from capabilities.record import record_body
 from node.jobs.router import Candidate, LocalNode
 from node.json_values import jsonable
 from node.observe.metrics import Live
+from node.reach.records import (
+    FORWARDED_WHY,
+    forwardable,
+    forwarded_only,
+    record_keys,
+    relay_candidates,
+)
 from node.services import Services
 from protocols import Priority
 
 
 def describe(s: Services) -> dict[str, Any]:
     """The body of this node's full capability record (load travels in heartbeats)."""
+    models = s.models.infos()
     body = record_body(
-        addrs=list(s.addrs),
+        addrs=list(s.reach.wide()),  # what any peer may dial (node.reach.addresses)
         hardware=s.hardware,
-        models=s.models.infos(),
+        models=models,
         load=s.service.load(),
     )
     circuits = s.models.circuits()
     extra = {"circuits": circuits} if circuits else {}
-    return {**body, **extra, "peers": s.membership.peer_sample()}
+    reach = record_keys(
+        s.reach.verdict.reach,
+        s.reach.relay_entry(),
+        forwardable(s.membership.table, (m.name for m in models)),
+    )
+    return {**body, **extra, **reach, "peers": s.membership.peer_sample()}
+
+
+def reserved_at(s: Services, relay: str) -> list[str]:
+    """The peers a linked relay's record says hold a reservation there."""
+    peer = s.membership.table.peers.get(relay)
+    entry = (peer.body or {}).get("relay") if peer is not None else None
+    reserved = entry.get("reserved") if isinstance(entry, dict) else None
+    return [p for p in reserved if isinstance(p, str)] if isinstance(reserved, list) else []
+
+
+def relays_holding(s: Services, peer_id: str) -> list[str]:
+    """Circuit addresses to ``peer_id`` through linked relays whose records say it
+    holds a reservation there (``/ip4/R/tcp/P/p2p/R/p2p-circuit``)."""
+    out = []
+    for relay, addrs in relay_candidates(s.membership.table):
+        if peer_id in reserved_at(s, relay):
+            out += [f"{a}/p2p/{relay}/p2p-circuit" for a in addrs[:2]]
+    return out
 
 
 def client_view(s: Services) -> dict[str, Any]:
@@ -43,6 +75,10 @@ def client_view(s: Services) -> dict[str, Any]:
         "caps": {"streams_in": s.caps.streams, "records_in": s.caps.exchanges},
         "runners": s.models.status(),
         "routing": routing_view(s),
+        # Each peer's share of this node: its jobs here, what it got, who is over budget.
+        "fairness": s.service.shares(),
+        "reach": reach_view(s),
+        "verification": s.verifier.describe(),
         "models_failed": dict(s.models.failed),
         "access": {
             "private_swarm": s.config.swarm_key is not None,
@@ -58,6 +94,23 @@ def status(s: Services) -> dict[str, Any]:
     return {"peer_id": record.peer_id, "seq": record.seq, **jsonable(record.body)}
 
 
+def reach_view(s: Services) -> dict[str, Any]:
+    """Reachability and why, what is announced, relays held, and the models reached
+    only through other peers (and why that is slower)."""
+    only = forwarded_only(s.membership.table, (m.name for m in s.models.infos()))
+    forwarding = {model: {"via": via, "why": FORWARDED_WHY} for model, via in only.items()}
+    return {
+        **s.reach.describe(),
+        "forwarding": forwarding,
+        "forwarded_jobs": s.dispatcher.via_jobs,
+        # The relay work: the relay offered, the reservations held, and each
+        # connected peer's kind of connection (direct, hole-punched, relayed).
+        "relay_service": s.relay.describe(),
+        "relays": s.relays.describe(),
+        **s.circuits.describe(),
+    }
+
+
 def routing_view(s: Services) -> dict[str, Any]:
     described = s.router.describe()
     return {
@@ -66,6 +119,21 @@ def routing_view(s: Services) -> dict[str, Any]:
         "failovers": s.dispatcher.failovers,
         "peer_breakers": described["peers"],
     }
+
+
+def model_entry(s: Services, node: str, model: str) -> Mapping[str, Any] | None:
+    """How ``node`` (this one, or a peer by its record) announces ``model``; None when
+    it does not serve it (verification compares answers by these entries)."""
+    want = model.casefold()
+    if node == s.peer_id:
+        entries: Any = [info.describe() for info in s.models.infos()]
+    else:
+        peer = s.membership.table.peers.get(node)
+        entries = (peer.body or {}).get("models") if peer is not None else None
+    for m in entries if isinstance(entries, list | tuple) else ():
+        if isinstance(m, Mapping) and str(m.get("name")).casefold() == want:
+            return m
+    return None
 
 
 def local_node(s: Services) -> LocalNode:
@@ -99,6 +167,7 @@ def select_peer(
             "device": c.device,
             "score": round(c.score, 6),
             "probe": c.probe,
+            "path": c.path,
         }
 
     chosen = preview.chosen
@@ -122,6 +191,9 @@ def live_figures(s: Services) -> Live:
             peer: str(b.get("state")) for peer, b in s.router.breakers.describe().items()
         },
         failovers=s.dispatcher.failovers,
+        shares=s.service.shares(),
+        reputation=s.verifier.reputation.describe(),
+        verdicts=dict(s.verifier.stats.verdicts),
     )
 
 

@@ -32,6 +32,7 @@ from .messages import (
     MAX_ID_LEN,
     MAX_NAME_LEN,
     MAX_STRATEGY_LEN,
+    MAX_VERIFY,
     Cancel,
     CapabilityRecord,
     Chunk,
@@ -117,6 +118,10 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
             }
             if message.strategy is not None:  # absent unless asked: old peers never see it
                 body["strategy"] = message.strategy
+            if message.origin is not None:  # set on forwarded jobs (a client never needs to)
+                body["origin"] = message.origin
+            if message.verify:  # likewise
+                body["verify"] = message.verify
         case Chunk():
             body = {
                 "t": "chunk",
@@ -322,6 +327,9 @@ def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limi
             if priority not in tuple(Priority):
                 raise RemoteProtocolError(f"unknown priority {priority}")
             deadline = f.opt_integer("deadline_ms")
+            verify = f.integer("verify", 0)
+            if verify > MAX_VERIFY:
+                raise RemoteProtocolError(f"request.verify must be at most {MAX_VERIFY}")
             message: Message = Request(
                 id=f.ident(),
                 model=f.text("model", max_len=MAX_NAME_LEN),
@@ -333,6 +341,8 @@ def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limi
                 idempotent=f.boolean("idempotent", True),
                 hops=f.integer("hops", 0),
                 strategy=f.opt_text("strategy", max_len=MAX_STRATEGY_LEN),
+                origin=f.opt_text("origin", max_len=MAX_ID_LEN),
+                verify=verify,
             )
         case "chunk":
             message = Chunk(

@@ -35,6 +35,7 @@ MAX_ID_LEN = 128
 MAX_NAME_LEN = 256
 MAX_HOPS = 4
 MAX_STRATEGY_LEN = 32
+MAX_VERIFY = 4  # a job asks for at most this many extra runs (5 nodes in all)
 
 
 class Priority(enum.IntEnum):
@@ -69,6 +70,17 @@ class Request:
     # How the first node picks the peer that runs it (node.router's strategies); None:
     # that node's default. Nodes it is forwarded to run it where it lands.
     strategy: str | None = None
+    # Whose job it is, as the node forwarding it vouches (the client's peer id, set by
+    # the first node, passed on by the others); it divides the forwarder's fair share,
+    # never adds to one (node.jobs.fairness). None: the sender's own job.
+    origin: str | None = None
+    # Run it on this many more distinct nodes and say whether the answers agree
+    # (node.jobs.verify); 0: once. Only the first node acts on it: copies go out with 0.
+    verify: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.verify, bool) or not 0 <= self.verify <= MAX_VERIFY:
+            raise ValueError(f"verify must be an integer from 0 to {MAX_VERIFY}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,17 @@ carrying that code before doing anything, so a test can make a peer fail on
 demand. It is raised when the request runs (``infer`` or ``stream``), not by
 ``check``: the node has admitted the request by then, as it would have
 admitted work that fails for real.
+
+``LyingFakeRunner`` is the same fake with a flaw, for the tests and benchmarks
+of verification: a share ``lie_rate`` of its answers (drawn from a seeded rng)
+carry well-formed but wrong embeddings, rows of another text with the right
+shape, dtype and scale, and the rest are the honest fake's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -142,6 +148,44 @@ class FakeRunner(Runner):
             raise BadInput(f"{self.info.name}: give exactly one of 'text' or 'x'")
         sums = x.numpy().sum(axis=1, dtype=np.float32) * np.float32(2)
         return Tensor.from_numpy(np.repeat(sums[:, None], self.dim, axis=1))
+
+
+class LyingFakeRunner(FakeRunner):
+    """A fake that answers ``lie_rate`` of its jobs with wrong embeddings (see the module)."""
+
+    def __init__(
+        self,
+        name: str,
+        lie_rate: float = 1.0,
+        *,
+        seed: int = 0,
+        latency_s: float = 0.0,
+        dim: int = 8,
+        concurrency: int = 1,
+    ) -> None:
+        if not 0.0 <= lie_rate <= 1.0:
+            raise ConfigError("lie_rate must be from 0 to 1")
+        super().__init__(name, latency_s, dim, concurrency=concurrency)
+        self.lie_rate = lie_rate
+        self.lies = 0  # answers it lied in, for the test to compare with what was caught
+        self.answers = 0
+        self._rng = random.Random(seed)
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        outputs = await super().infer(inputs, params)
+        self.answers += 1
+        if self._rng.random() >= self.lie_rate:
+            return outputs
+        self.lies += 1
+        text = inputs.get("text")
+        if isinstance(text, str | list):
+            texts = [text] if isinstance(text, str) else text
+            rows = [_text_row("a lie about " + t, self.dim) for t in texts]
+            return {**outputs, "embedding": Tensor.from_numpy(np.stack(rows))}
+        honest = outputs["embedding"]
+        if not isinstance(honest, Tensor):  # never: the honest fake's own output
+            return outputs
+        return {**outputs, "embedding": Tensor.from_numpy(-honest.numpy() - 1)}
 
 
 def _parse_params(model: str, params: Mapping[str, Param]) -> tuple[int, ErrorCode | None]:

@@ -34,7 +34,7 @@ from protocols import (
     Tensor,
     encode,
 )
-from protocols.messages import MAX_ID_LEN, MAX_NAME_LEN
+from protocols.messages import MAX_ID_LEN, MAX_NAME_LEN, MAX_VERIFY
 from protocols.tensors import MAX_NDIM
 
 # Small frames keep the tests fast and make "bigger than one part" cheap to draw.
@@ -124,6 +124,8 @@ requests = st.builds(
     idempotent=st.booleans(),
     hops=U62,
     strategy=st.none() | st.text(max_size=32),
+    origin=st.none() | st.text(max_size=MAX_ID_LEN),
+    verify=st.integers(0, MAX_VERIFY),
 )
 chunks = st.builds(Chunk, id=ids, seq=U62, outputs=value_maps)
 results = st.builds(

@@ -16,6 +16,7 @@ import trio
 
 from node.config import NodeConfig
 from node.daemon import Node
+from node.jobs.verify import VerifyConfig
 
 # scripts/ holds helpers shared by tests and benchmarks (netns.py).
 sys.path.append(str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -52,6 +53,9 @@ def node_factory(tmp_path: Path) -> NodeFactory:
             # turns these on: multicast and the DHT would couple unrelated tests.
             "mdns": False,
             "dht": False,
+            # Spot checks draw jobs at random and run them again elsewhere: extra jobs
+            # that would blur other tests' counts. test_verify*.py turn them on.
+            "verify": VerifyConfig(rate=0.0),
         }
         settings.update(overrides)
         node = Node(NodeConfig(**settings), runners=runners)

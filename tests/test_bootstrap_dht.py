@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -59,6 +59,7 @@ async def run_peer(
     bootstrap: str | None = None,
     models: Sequence[str] = (),
     dht_config: DhtConfig = DEFAULT_DHT,
+    announce: Callable[[Any], Sequence[str]] | None = None,
     task_status: TaskStatus[Peer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A host with the DHT (and the dialer, given a bootstrap address) until ``stop()``.
@@ -72,7 +73,8 @@ async def run_peer(
     send, receive = trio.open_memory_channel[Event](64)
     async with running_host(None, [LOOPBACK]) as host, trio.open_nursery() as nursery:
         dialer = None if bootstrap is None else BootstrapDialer(host, [bootstrap], send)
-        peer = Peer(host, ModelDHT(host, send, config=dht_config), dialer)
+        said = None if announce is None else partial(announce, host)
+        peer = Peer(host, ModelDHT(host, send, config=dht_config, announce=said), dialer)
 
         async def collect() -> None:
             async for event in receive:
@@ -159,6 +161,41 @@ async def test_ten_nodes_find_exactly_the_providers_of_a_model() -> None:
             assert not [e for e in peer.events if isinstance(e, DiscoveryProblem) and e.problem]
         for peer in [*peers, boot]:
             peer.stop()
+
+
+async def test_provider_records_carry_the_announced_addresses_only() -> None:
+    """A node whose listen addresses are private (here: loopback) announces in the
+    DHT only what it is told to, and again at once when that changes."""
+    said = ["/ip4/10.99.0.1/tcp/4242"]
+
+    def announce(host: Any) -> list[str]:
+        return [f"{a}/p2p/{host.get_id()}" for a in said]
+
+    async with trio.open_nursery() as nursery:
+        boot = await nursery.start(run_peer)
+        address = dialable_addrs(boot.host)[0]
+        provider = await nursery.start(
+            partial(run_peer, bootstrap=address, models=("alpha",), announce=announce)
+        )
+
+        async def found() -> tuple[str, ...]:
+            return tuple(
+                a
+                for p in await boot.dht.find_providers("alpha", timeout_s=5.0)
+                if p.peer_id == provider.peer_id
+                for a in p.addrs
+            )
+
+        with trio.fail_after(20):
+            while await found() != ("/ip4/10.99.0.1/tcp/4242",):
+                await provider.dht.provide("alpha")  # the first may beat the routing table
+                await trio.sleep(0.2)
+            said[:] = ["/ip4/10.99.0.2/tcp/4242"]
+            provider.dht.reannounce()
+            while await found() != ("/ip4/10.99.0.2/tcp/4242",):  # noqa: ASYNC110
+                await trio.sleep(0.2)
+        provider.stop()
+        boot.stop()
 
 
 async def test_an_empty_routing_table_is_reported_and_cleared() -> None:

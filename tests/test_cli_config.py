@@ -20,6 +20,7 @@ from node.cli import config_file
 from node.cli import main as cli
 from node.cli.config_file import FileSettings
 from node.config import NodeConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import Strategy
 from protocols.errors import ConfigError
 
@@ -63,7 +64,7 @@ def test_every_daemon_flag_has_a_config_key() -> None:
         elif table in ("http", "grpc"):
             assert f"{table}_{name}" in fields, (dest, key)
         else:
-            assert key in ("models", "router.strategy"), (dest, key)
+            assert key in ("models", "router.strategy", "fairness.enabled"), (dest, key)
 
 
 def switched_on(template: str) -> str:
@@ -95,6 +96,31 @@ def test_every_key_is_listed_in_the_template_with_its_default() -> None:
     assert tables["node"]["log_level"] == "INFO"  # the daemon's level when unset
     assert tables["http"]["listen"] == config_file.DEFAULT_HTTP
     assert tables["grpc"]["listen"] == config_file.DEFAULT_GRPC
+
+
+def test_the_fairness_template_shows_the_defaults_and_the_flag_wins(tmp_path: Path) -> None:
+    template = (Path(cli.__file__).parent / "default_config.toml").read_text()
+    part = template[template.index("[fairness]") :]
+    part = part.split("\n# -- ", 1)[0]  # up to the next section
+    table = tomllib.loads(re.sub(r"^# ([a-z_]+ = )", r"\1", part, flags=re.M))["fairness"]
+    defaults = FairnessConfig()
+    shown = {f.name for f in dataclasses.fields(FairnessConfig)}
+    assert set(table) == shown, "every [fairness] key is listed in default_config.toml"
+    for key, value in table.items():
+        assert value == getattr(defaults, key), key
+    path = tmp_path / "c.toml"
+    path.write_text(f'[fairness]\nrate = 5.0\nweights = {{ "{PEER_A.split("/")[-1]}" = 2 }}\n')
+    config, _, _ = daemon_config("--config", str(path))
+    assert config.fairness.enabled and config.fairness.rate == 5.0
+    assert config.fairness.weights == {PEER_A.split("/")[-1]: 2.0}
+    config, _, _ = daemon_config("--config", str(path), "--no-fair-share")
+    assert not config.fairness.enabled and config.fairness.rate == 5.0
+    path.write_text("[fairness]\nenabled = false\n")
+    assert not daemon_config("--config", str(path))[0].fairness.enabled
+    assert daemon_config("--config", str(path), "--fair-share")[0].fairness.enabled
+    path.write_text("[fairness]\nin_flite = 3\n")
+    with pytest.raises(ConfigError, match="fairness: unknown field"):
+        daemon_config("--config", str(path))
 
 
 def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
@@ -287,3 +313,45 @@ def test_keygen_and_id_and_init_speak_json(
     assert set(wrote) == {"path", "bytes"}
     assert wrote["path"] == str((tmp_path / config_file.CONFIG_FILE).resolve())
     assert wrote["bytes"] == (tmp_path / config_file.CONFIG_FILE).stat().st_size
+
+
+def test_the_verify_table_of_the_template_reads_as_the_defaults(tmp_path: Path) -> None:
+    """Every `# key = value` line under [verify] in default_config.toml, switched on,
+    is accepted and is the default; a typo there is refused like anywhere else."""
+    from node.jobs.verify import VerifyConfig
+
+    template = (Path(cli.__file__).parent / "default_config.toml").read_text()
+    part = template[template.index("# [verify]") :]
+    on = re.sub(r"^# ([a-z_]+ = )", r"\1", part.replace("# [verify]", "[verify]"), flags=re.M)
+    path = tmp_path / "c.toml"
+    path.write_text(on)
+    config, _, _ = daemon_config("--config", str(path))
+    assert config.verify == VerifyConfig()
+    assert len(tomllib.loads(on)["verify"]) == 11  # every key is shown
+    path.write_text("[verify]\nrate = 0.5\nmin_strikes = 4\n")
+    config, _, _ = daemon_config("--config", str(path))
+    assert (config.verify.rate, config.verify.policy.min_strikes) == (0.5, 4)
+    for bad, named in (("rat = 0.1", "unknown field(s) rat"), ("rate = 2", "verify.rate")):
+        path.write_text(f"[verify]\n{bad}\n")
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            daemon_config("--config", str(path))
+
+
+def test_relay_service_flag_and_the_relay_table(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / config_file.CONFIG_FILE).write_text(
+        '[node]\nreachability = "public"\n\n[relay]\ncircuit_bytes = 1000\nreservations = 3\n'
+    )
+    config, _, _ = daemon_config("--data-dir", str(data_dir))
+    assert config.reach.mode == "public"
+    assert config.relay_service.enabled
+    assert (config.relay_service.circuit_bytes, config.relay_service.reservations) == (1000, 3)
+    config, _, _ = daemon_config(
+        "--data-dir", str(data_dir), "--relay-service", "off", "--reachability", "private"
+    )
+    assert not config.relay_service.enabled and config.relay_service.circuit_bytes == 1000
+    assert config.reach.mode == "private"
+    (data_dir / config_file.CONFIG_FILE).write_text("[relay]\ncircuit_byte = 1000\n")
+    with pytest.raises(ConfigError, match="circuit_byte"):
+        daemon_config("--data-dir", str(data_dir))

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.defaults import STRATEGIES
+from node.defaults import REACHABILITY, STRATEGIES
 from node.jobs.router import Strategy
+from node.reach.config import Mode
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("libp2p", "torch", "openvino", "transformers", "numpy", "trio", "rich", "msgpack")
@@ -64,8 +65,10 @@ def test_a_usage_error_imports_nothing_heavy_either() -> None:
 
 
 def test_the_help_names_the_defaults_of_the_modules_that_own_them() -> None:
-    """node.defaults copies the router's strategies so the parser need not import it."""
+    """node.defaults copies the router's strategies and reach's modes so the parser
+    need not import them."""
     assert tuple(str(s) for s in Strategy) == STRATEGIES
+    assert tuple(str(m) for m in Mode) == REACHABILITY
     done, _ = imported("daemon", "--help")
     assert "{least-loaded,round-robin,best-performance,local-first}" in done.stdout
     assert "/ip4/0.0.0.0/tcp/7420" in done.stdout and "127.0.0.1:8470" in done.stdout

@@ -15,6 +15,7 @@ from node.cli.render import model_rows, models_text, peers_text, status_text
 from node.data_dir import STATE_FILE, read_state
 from node.errors import sole_error
 from node.gateway import GatewayConfig
+from node.reach.records import FORWARDED_WHY
 from protocols.errors import ConfigError
 
 WIDTH = 80
@@ -40,6 +41,7 @@ async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -
     assert f"node {a.peer_id}" in status
     assert "gateway http://127.0.0.1:8470" in status
     assert "peers 1 known, 1 linked ('swarm peers' lists them)" in status
+    assert "fairness on, 0 peers tracked, 0 refused, over budget: none" in status
     assert any(line.startswith("other fake fake none") for line in status), status
 
     text = peers_text(body["view"]["peers"], {})
@@ -134,3 +136,50 @@ async def test_state_file_says_when_the_gateway_is_off(node_factory: NodeFactory
     async with node_factory("off", models=("fake:echo",)) as node:
         state = json.loads((node.config.data_dir / STATE_FILE).read_text())
     assert state["http"] is None and state["peer_id"] == node.peer_id
+
+
+def test_status_says_whether_the_node_is_reachable_and_why_jobs_are_slower() -> None:
+    """The reach rows of a node behind a NAT with no relay: not dialable, no address
+    announced, and a model reached only through a peer, with the reason."""
+    m = "12D3KooWIntermediaryPeerAbcdefgh"
+    body = {
+        "addrs": [],
+        "hardware": {},
+        "view": {
+            "peers": [],
+            "reach": {
+                "reach": "private",
+                "why": "behind a NAT: 0000peer sees us at 10.88.0.11 and could not dial "
+                "10.88.0.11:7420 back",
+                "relays_held": [],
+                "relay_offered": False,
+                "forwarding": {"echo": {"via": [m], "why": FORWARDED_WHY}},
+                "forwarded_jobs": 2,
+                "asked": {"answers": 2, "no_answer": 0},
+                "dialbacks": {"dials_ok": 1, "dials_failed": 0, "refused": 3},
+            },
+        },
+    }
+    text = status_text("12D3KooWself", body)
+    lines = plain(text)
+    joined = " ".join(lines)
+    assert "reach private: behind a NAT: 0000peer sees us at 10.88.0.11" in joined
+    assert "address none announced (peers outside the LAN cannot dial this node)" in lines
+    assert "relays none held" in lines
+    assert f"indirect echo via {m[-8:]}: no provider of it is linked here" in joined
+    assert "2 job(s) answered through another peer" in lines
+    assert "dialback 2 answered us, 0 unanswered; for peers 1 reached, 0 not, 3 refused" in (joined)
+    public = {**body, "addrs": ["/ip4/10.88.0.2/tcp/7420/p2p/12D3KooWself"]}
+    public["view"] = {
+        "peers": [],
+        "reach": {
+            "reach": "public",
+            "why": "dialled back",
+            "relays": {"held": [{"relay": "12D3KooWrelayOne"}]},  # the relay manager's view
+            "relay_offered": True,
+        },
+    }
+    lines = plain(status_text("12D3KooWself", public))
+    assert "address /ip4/10.88.0.2/tcp/7420/p2p/12D3KooWself" in lines
+    assert "relays relayOne held, offering one to peers" in lines
+    assert not any(line.startswith("indirect") for line in lines)

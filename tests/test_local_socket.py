@@ -111,7 +111,14 @@ async def test_submit_over_the_socket_equals_submit_over_libp2p(node_factory: No
             )
         async with libp2p_client(a) as remote:
             there = await remote.infer("echo", {"text": ["a", "b"]})
+        at_a, at_b = a.services.service.shares(), b.services.service.shares()
     assert here.outputs == there.outputs
+    # Both ways the jobs are the CLI client's at a (one of its own clients, weighed so),
+    # and a's at b, which a vouches for.
+    [mine] = at_a["peers"]
+    assert (mine["peer"], mine["own"], mine["served"]) == (client_id(a), True, 4)
+    assert mine["weight"] == a.config.fairness.own_weight
+    assert [(r["peer"], r["served"]) for r in at_b["peers"]] == [(a.peer_id, 4)]
     assert here.meta["served_by"] == there.meta["served_by"] == b.peer_id
     assert here.meta["forwarded_by"] == there.meta["forwarded_by"] == a.peer_id
     assert set(here.meta) == set(there.meta)

@@ -7,11 +7,14 @@ from typing import Any
 import httpx
 import pytest
 from conftest import NodeFactory
+from libp2p import generate_new_ed25519_identity
 from prometheus_client.parser import text_string_to_metric_families
 from support import eventually
 
 from node.client import SwarmClient
 from node.gateway import GatewayConfig
+from node.jobs.fairness import FairnessConfig
+from node.net.host import peer_id_of
 from protocols import Priority, RemoteError
 
 
@@ -92,3 +95,26 @@ async def test_the_gateway_serves_the_nodes_metrics(node_factory: NodeFactory) -
     samples = _samples(answer.content)
     ok = dict(model="echo", priority="normal", outcome="ok", ran="local", peer=node.peer_id)
     assert _value(samples, "swarm_requests_total", **ok) == 1
+
+
+async def test_fair_share_series_per_peer_are_bounded_to_the_top_and_other(
+    node_factory: NodeFactory,
+) -> None:
+    keys = [generate_new_ed25519_identity() for _ in range(3)]
+    ids = [peer_id_of(k) for k in keys]
+    async with node_factory("f", models=("fake:echo",), fairness=FairnessConfig(top=2)) as node:
+        for n, key in enumerate(keys, start=1):  # peer i sends i jobs
+            async with SwarmClient.connect(node.addrs[0], key_pair=key) as client:
+                for _ in range(n):
+                    await client.infer("echo", {"text": "x"})
+        samples = _samples(node.services.metrics.render())
+    served = {
+        dict(labels)["peer"]: value
+        for (name, labels), value in samples.items()
+        if name == "swarm_peer_jobs_total" and dict(labels)["outcome"] == "served"
+    }
+    assert served == {ids[2]: 3, ids[1]: 2, "other": 1}
+    assert _value(samples, "swarm_peer_in_flight", peer=ids[2]) == 0
+    assert 0.4 < _value(samples, "swarm_peer_share", peer=ids[2]) < 0.6
+    assert _value(samples, "swarm_fairness_refused_total") == 0
+    assert _value(samples, "swarm_fairness_over_budget_total", reason="high") == 0

@@ -48,6 +48,7 @@ from protocols import (
     encode,
 )
 from protocols.codec import MAX_ERROR_TEXT
+from protocols.messages import MAX_ID_LEN
 
 FAST = settings(max_examples=150, deadline=None)
 
@@ -229,6 +230,75 @@ def test_decoded_types_are_the_typed_ones() -> None:
     assert request.priority is Priority.HIGH
     assert isinstance(error, Error) and type(error.code) is ErrorCode
     assert error.code is ErrorCode.OVERLOADED and error.retry_after_ms == 5
+
+
+def _frame(body: dict[str, object]) -> bytes:
+    packed = msgpack.packb(body, use_bin_type=True)
+    return len(packed).to_bytes(4, "big") + packed
+
+
+def test_origin_travels_when_set_and_old_peers_requests_still_decode() -> None:
+    forwarded = Request("q", "m", {}, hops=1, origin="12D3KooWclient")
+    plain = Request("r", "m", {})
+    assert "origin" in msgpack.unpackb(wire(forwarded)[4:], raw=False)
+    assert "origin" not in msgpack.unpackb(wire(plain)[4:], raw=False)  # only when set
+    # A request from a peer that predates the field: no "origin" key at all.
+    old = {"t": "request", "id": "o", "model": "m", "inputs": {}, "params": {}, "priority": 1}
+    old |= {"deadline_ms": None, "stream": False, "idempotent": True, "hops": 1}
+    decoder = Decoder(SMALL)
+    for data in (wire(forwarded), wire(plain), _frame(old)):
+        decoder.feed(data)
+    got = list(decoder.messages())
+    assert [m.origin for m in got if isinstance(m, Request)] == ["12D3KooWclient", None, None]
+    # An origin is an id: bounded like one, and text.
+    for bad in ("x" * (MAX_ID_LEN + 1), 7):
+        decoder = Decoder(SMALL)
+        decoder.feed(_frame({**old, "origin": bad}))
+        with pytest.raises(ProtocolError):
+            decoder.next_message()
+
+
+def _body(message: Message) -> dict[str, object]:
+    frames = encode(message, SMALL)
+    body: dict[str, object] = msgpack.unpackb(frames[0][4:], raw=False)
+    return body
+
+
+def test_verify_travels_only_when_asked() -> None:
+    """An old peer (it knows no ``verify``) decodes every request a node sends it
+    unless the job asked for verification, and a request from an old peer (no
+    ``verify`` key) reads as 0."""
+    assert "verify" not in _body(Request("q", "m", {}))
+    asked = Request("q", "m", {}, verify=2)
+    assert _body(asked)["verify"] == 2
+    decoder = Decoder(SMALL)
+    decoder.feed(wire(asked))
+    got = decoder.next_message()
+    assert isinstance(got, Request) and got.verify == 2
+    old = {k: v for k, v in _body(Request("q", "m", {})).items()}
+    decoder.feed(_framed(old))
+    got = decoder.next_message()
+    assert isinstance(got, Request) and got.verify == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 5, True, "1", 1.0])
+def test_verify_out_of_range_is_a_protocol_error(bad: object) -> None:
+    body = {**_body(Request("q", "m", {})), "verify": bad}
+    decoder = Decoder(SMALL)
+    decoder.feed(_framed(body))
+    with pytest.raises(ProtocolError):
+        decoder.next_message()
+
+
+@pytest.mark.parametrize("bad", [-1, 5, True])
+def test_a_request_refuses_a_verify_out_of_range(bad: int) -> None:
+    with pytest.raises(ValueError, match="verify"):
+        Request("q", "m", {}, verify=bad)
+
+
+def _framed(body: dict[str, object]) -> bytes:
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return len(packed).to_bytes(4, "big") + packed
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from node.cli.render import model_rows, models_text, result_text, status_text
-from protocols import Result
+from node.jobs.fairness import FairnessConfig, Ledger, Who
+from protocols import Priority, Result
 
 
 def test_status_shows_failed_models_backends_and_routing() -> None:
@@ -27,6 +28,21 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
                 "failovers": 2,
                 "peer_breakers": {"12D3KooWabcdefgh12345678": {"state": "open"}},
             },
+            "verification": {
+                "rate": 0.05,
+                "checks": 12,
+                "verified_jobs": 1,
+                "verdicts": {"agree": 11, "disagree": 2},
+                "peers": {
+                    "12D3KooWliarliarLIAR0001": {
+                        "strikes": 2,
+                        "checked": 4,
+                        "held_back": True,
+                        "held_for_s": 299.5,
+                    },
+                    "12D3KooWhonesthonest0002": {"strikes": 0, "checked": 9, "held_back": False},
+                },
+            },
         },
     }
     text = status_text("me", body)
@@ -36,6 +52,11 @@ def test_status_shows_failed_models_backends_and_routing() -> None:
     assert "backend emb: batched 4 calls, mean 2.5 rows" in lines
     assert "routing least-loaded, 2 failovers, peers held back: 12345678 open" in lines
     assert any(line.startswith("llm text-generation openai-compat") for line in lines)
+    verification = " ".join(lines[lines.index(next(x for x in lines if "checks 5%" in x)) :])
+    assert "checks 5% of routed jobs: 12 checks, 1 verify jobs" in verification
+    assert "agree/disagree/unsure 11/2/0" in verification
+    assert "held back for wrong answers: LIAR0001 (2 strikes in 4, 299.5 s left)" in verification
+    assert "0002" not in verification
     assert all(len(line) <= 80 for line in text.splitlines())
 
 
@@ -49,6 +70,15 @@ def test_result_says_who_served_after_how_many_attempts() -> None:
     ]
     alone = result_text(Result("r2", {}, {"served_by": "B", "runner": "fake", "device": "cpu"}))
     assert alone.splitlines() == ["served by B (fake on cpu)", "ran ? ms, queued ? ms"]
+    verified = {
+        "verify": 1,
+        "verify_ran": 2,
+        "verify_verdict": "agree",
+        "verify_nodes": "12D3KooWAAAAAAAAaaaaaaaa,12D3KooWBBBBBBBBbbbbbbbb",
+        "verify_min_cosine": 0.999998,
+    }
+    lines = result_text(Result("r3", {}, verified)).splitlines()
+    assert "verify: agree (2 of 2 ran: aaaaaaaa bbbbbbbb), lowest cosine 0.999998" in lines
 
 
 def test_models_table_joins_this_node_and_its_peers() -> None:
@@ -70,3 +100,28 @@ def test_models_table_joins_this_node_and_its_peers() -> None:
     assert lines[0] == ["MODEL", "HERE", "PEERS"]
     assert ["echo", "fake", "fake/none", "1:", "AAAAAAAA"] in lines
     assert ["big", "-", "1:", "AAAAAAAA"] in lines
+
+
+def test_status_shows_each_peers_share_in_80_columns() -> None:
+    ledger = Ledger(FairnessConfig(top=3), own=("gateway",))
+    peers = [f"12D3KooW{c * 44}" for c in "abcde"]
+    for i, peer in enumerate(peers):
+        for _ in range(10 * (5 - i)):
+            ledger.depart(ledger.arrive(Who(peer, peer), Priority.NORMAL, 0.0, 1), "ok", 0.0)
+    ledger.depart(
+        ledger.arrive(Who(peers[0], peers[0]), Priority.NORMAL, 0.0, 1), "refused", 0.0, "queued"
+    )
+    for _ in range(4):
+        ledger.arrive(Who(peers[0], peers[0]), Priority.HIGH, 0.0, 1)
+    ledger.arrive(Who("gateway", "gateway"), Priority.NORMAL, 0.0, 1)
+    body = {"hardware": {}, "view": {"fairness": ledger.describe(0.0, {peers[0]: 12}, {})}}
+    text = status_text("me", body)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert "fairness on, 6 peers tracked, 1 refused, over budget: queued 1, high 3" in lines
+    assert "PEER W QUEUED IN FLIGHT SERVED REFUSED OVER BUDGET SHARE FAIR" in lines
+    # a asked most lately; its share of the work beside the one its weight gives it
+    # among those with work (five peers of weight 1 and the gateway, of 4).
+    assert f"{peers[0][-12:]} 1 12 4 50 1 4 33% 11%" in lines
+    assert f"{peers[0][-12:]} over budget: queued 1, high 3" in lines
+    assert any(line.startswith("3 other ") for line in lines)  # the rest, summed

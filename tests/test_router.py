@@ -396,6 +396,71 @@ def test_weights_and_requests_are_validated() -> None:
 
 
 # ---------------------------------------------------------------------------
+# paths: direct, relayed, and intermediaries (node.reach)
+
+
+def test_a_relayed_peer_scores_below_a_direct_one_of_the_same_load() -> None:
+    table = table_of({"direct": body(), "relayed": body(), "punched": body()})
+    r = router(max_attempts=3)
+    paths = {"relayed": "relayed", "punched": "hole-punched"}
+    for _ in range(50):
+        plan = r.plan(table, None, RouteRequest("m"), {}, paths)
+        assert plan[-1].peer_id == "relayed" and plan[-1].path == "relayed"
+    by_id = {c.peer_id: c for c in r.preview(table, None, RouteRequest("m"), {}, paths).candidates}
+    assert by_id["relayed"].score == by_id["direct"].score + Weights().relayed
+    assert by_id["punched"].score == by_id["direct"].score  # a punched connection is direct
+    assert by_id["punched"].path == "hole-punched" and by_id["direct"].path == "direct"
+    # An idle relayed peer still beats a clearly busy direct one.
+    busy = table_of({"direct": body(load_=load(normal=3)), "relayed": body()})
+    assert ids(r.plan(busy, None, RouteRequest("m"), {}, {"relayed": "relayed"}))[0] == "relayed"
+
+
+def test_large_requests_try_every_direct_candidate_before_a_relayed_one() -> None:
+    table = table_of({"busy": body(load_=load(normal=3)), "relayed": body()})
+    r = router(relay_max_bytes=1000)
+    paths = {"relayed": "relayed"}
+    small, large = RouteRequest("m", size_bytes=1000), RouteRequest("m", size_bytes=1001)
+    assert ids(r.plan(table, None, small, {}, paths)) == ["relayed", "busy"]
+    for strategy in Strategy:
+        query = RouteRequest("m", size_bytes=5000, strategy=strategy)
+        assert ids(r.plan(table, None, query, {}, paths)) == ["busy", "relayed"], strategy
+    assert ids(r.plan(table, None, large, {}, paths)) == ["busy", "relayed"]
+    # Past max_attempts, the relayed one falls off while direct ones remain.
+    many = table_of({"relayed": body(), **{f"d{i}": body(load_=load(normal=5)) for i in range(3)}})
+    assert "relayed" not in ids(r.plan(many, None, large, {}, paths))
+    # With only relayed peers, a large request still goes.
+    only = table_of({"relayed": body()})
+    assert ids(r.plan(only, None, large, {}, paths)) == ["relayed"]
+
+
+def forwarder(*models: str, load_: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A linked peer serving "other" whose record says it forwards ``models``."""
+    return {**body(entry("other"), load_=load_), "forwards": list(models)}
+
+
+def test_intermediaries_are_candidates_only_when_no_provider_is() -> None:
+    r = router(max_attempts=4)
+    table = table_of({"i1": forwarder("m"), "i2": forwarder("M", load_=load(normal=2))})
+    plan = r.plan(table, None, RouteRequest("m"), {})
+    assert ids(plan) == ["i1", "i2"] and all(c.path == "via" for c in plan)
+    assert plan[0].score == pytest.approx(Weights().hop + Weights().forwarded)
+    # A job forwarded to us already goes to a provider or nowhere: no second relay hop.
+    assert r.plan(table, None, RouteRequest("m", via=False), {}) == []
+    # A provider, linked or local, and the intermediaries are left out.
+    both = table_of({"i1": forwarder("m"), "p": body()})
+    assert ids(r.plan(both, None, RouteRequest("m"), {})) == ["p"]
+    assert ids(r.plan(table, LocalNode([info()]), RouteRequest("m"), {})) == [SELF]
+    # Once the provider was tried (failed over), intermediaries take their turn.
+    tried = RouteRequest("m", exclude=frozenset({"p"}))
+    assert ids(r.plan(both, None, tried, {})) == ["i1"]
+    # An intermediary whose breaker is open is not asked; nor one that serves other models only.
+    for _ in range(3):
+        r.breakers.failure("i1")
+    assert ids(r.plan(table, None, RouteRequest("m"), {})) == ["i2"]
+    assert r.plan(table, None, RouteRequest("x"), {}) == []
+
+
+# ---------------------------------------------------------------------------
 # peer breakers
 
 
@@ -615,11 +680,13 @@ def test_router_config_from_a_config_table() -> None:
         "strategy": "best-performance",
         "max_attempts": 2,
         "peer_cooldown_s": 2,
-        "weights": {"hop": 1.5},
+        "weights": {"hop": 1.5, "relayed": 3},
+        "relay_max_bytes": 65536,
     }
     config = RouterConfig.from_table(Table(data, "router"))
     assert config.strategy is Strategy.BEST_PERFORMANCE and config.max_attempts == 2
-    assert config.peer_cooldown_s == 2.0 and config.weights == Weights(hop=1.5)
+    assert config.relay_max_bytes == 65536
+    assert config.peer_cooldown_s == 2.0 and config.weights == Weights(hop=1.5, relayed=3.0)
     assert RouterConfig.from_table(Table({}, "router")) == RouterConfig()
     cases: list[tuple[dict[str, Any], str]] = [
         ({"strategy": "fastest"}, "router.strategy"),
@@ -628,6 +695,7 @@ def test_router_config_from_a_config_table() -> None:
         ({"weights": {"hops": 1}}, "hops"),
         ({"retries": 1}, "retries"),
         ({"peer_cooldown_s": 10, "peer_max_cooldown_s": 5}, "router.peer_max_cooldown_s"),
+        ({"relay_max_bytes": 0}, "router.relay_max_bytes"),
     ]
     for bad, named in cases:
         with pytest.raises(ConfigError, match=named):

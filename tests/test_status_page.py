@@ -160,6 +160,10 @@ async def test_view_route_guarded_and_page_served_with_a_strict_policy(
     job = after["jobs"][0]
     assert job["model"] == "echo" and job["outcome"] == "ok"
     assert job["served_by"] in {a.peer_id, b.peer_id}
+    # The gateway's jobs are the node's own clients' share, shown for this node.
+    assert after["shares"]["enabled"] and after["shares"]["refused"] == 0
+    [mine] = [r for r in after["shares"]["peers"] if r["peer"] == "gateway"]
+    assert mine["own"] and mine["served"] == 1 and mine["weight"] == 4.0
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
@@ -278,6 +282,11 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
                 seen["self"] = driver.find_element(By.ID, "self-id").get_attribute("title")
                 seen["table"] = [e["text"] for e in read(driver, "#peers tbody tr")]
                 seen["markup"] = [*read(driver, "img"), {"title": driver.title}]
+                seen["shares"] = wait_for(
+                    driver,
+                    "the gateway's share of this node",
+                    lambda: [r["text"] for r in read(driver, '#shares tr[data-peer="gateway"]')],
+                )
                 # Slow jobs on b: its load in the graph, and the jobs running (started
                 # events) before they finish.
                 busy = f'#nodes [data-peer="{b.peer_id}"] text.busy'
@@ -339,6 +348,8 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
     # a's record's markup is shown as the text it is, and nothing of it ran.
     assert sum(MARKUP in row for row in seen["table"]) == 1
     assert seen["markup"] == [{"title": "swarm"}]
+    [share] = seen["shares"]
+    assert share.startswith("gateway") and "own" in share  # the node's own clients
     assert "open this page as /?token=" in seen["no_token"]
     refused = ("status of 401", "response code: 403")
     assert all(any(r in e["message"] for r in refused) for e in seen["refusals"])

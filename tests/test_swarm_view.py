@@ -174,3 +174,29 @@ def test_a_hostile_record_cannot_bloat_or_break_the_snapshot() -> None:
     }
     assert a["load"] == {"in_flight": 0, "queued": 0, "busy": 0, "latency_ms": None}
     json.dumps(view, allow_nan=False)  # what the route sends: strict JSON
+
+
+def test_this_nodes_fair_share_is_in_the_snapshot() -> None:
+    from node.jobs.fairness import FairnessConfig, Ledger, Who
+    from protocols import Priority
+
+    ledger = Ledger(FairnessConfig(top=2))
+    for peer_id, n in ((A, 5), (B, 2), (C, 1)):
+        for _ in range(n):
+            ledger.depart(ledger.arrive(Who(peer_id, peer_id), Priority.NORMAL, 1.0, 1), "ok", 1.0)
+    for _ in range(3):  # a over its HIGH budget: two of three run as NORMAL
+        ledger.arrive(Who(A, A), Priority.HIGH, 2.0, 1)
+    mine = own()
+    mine["view"]["fairness"] = ledger.describe(2.0, {A: 3}, {})
+    shares = swarm_view(mine, None)["shares"]
+    assert shares["enabled"] and shares["refused"] == 0
+    rows = {r["peer"]: r for r in shares["peers"]}
+    assert rows.keys() == {A, B, "other"}
+    assert rows[A]["short"] == short_id(A) and rows[A]["queued"] == 3
+    assert (rows[A]["served"], rows[A]["in_flight"]) == (5, 3)
+    assert rows[A]["over_budget"] == 2 and rows[A]["over"] == {"high": 2}
+    assert rows["other"]["short"] == "1 others" and rows["other"]["served"] == 1
+    assert 0 < rows[A]["share"] <= 1 and rows[A]["fair"] == round(1 / 3, 3)
+    # What the node says is plain data, but checked like the rest.
+    mine["view"]["fairness"] = {"peers": [{"peer": 3}, "x", {"peer": "p", "queued": -1}]}
+    assert [r["queued"] for r in swarm_view(mine, None)["shares"]["peers"]] == [0]

@@ -2,10 +2,13 @@
 
 The file is read once, here, into a frozen ``FileSettings``; ``node_config``
 then lays the flags given on the command line over it (a flag given wins; the repeatable
-ones, --peer --bootstrap --allow --allow-file --model, add to the file's lists).
+ones, --peer --bootstrap --allow --allow-file --public-addr --model, add to the file's
+lists).
 A key this reader does not know is refused with the key and the file named:
 a typo must not be ignored silently. [[models]], [backends.NAME] and [router]
-are read by the catalog and the router, as before.
+are read by the catalog and the router, as before; [fairness] by the fair-share
+ledger (``node.jobs.fairness``), --fair-share overriding its ``enabled``;
+[verify] by verification (``node.jobs.verify``).
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
 from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
 from node.gateway.config import GrpcConfig
+from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
+from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
+from node.reach.config import Mode, ReachConfig
+from node.reach.relay_service import RelayServiceConfig
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners.catalog import (
@@ -40,7 +47,9 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "grpc", "models", "backends", "router"})
+TABLES = frozenset(
+    {"node", "http", "grpc", "models", "backends", "router", "relay", "fairness", "verify"}
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -51,6 +60,9 @@ FLAG_KEYS: dict[str, str] = {
     "bootstrap": "node.bootstrap",
     "mdns": "node.mdns",
     "dht": "node.dht",
+    "reachability": "node.reachability",
+    "public_addr": "node.public_addrs",
+    "relay_service": "node.relay_service",
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
     "max_queue": "node.max_queue",
@@ -69,6 +81,7 @@ FLAG_KEYS: dict[str, str] = {
     "grpc_token_env": "grpc.token_env",
     "grpc_insecure": "grpc.insecure",
     "strategy": "router.strategy",
+    "fair_share": "fairness.enabled",
     "model": "models",
 }
 NOT_IN_FILE = {
@@ -86,6 +99,9 @@ class FileSettings:
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
     dht: bool = True
+    reachability: str = "auto"
+    public_addrs: tuple[str, ...] = ()
+    relay_service: bool = True
     heartbeat: float = 5.0
     dead_after: float = 15.0
     max_queue: int = 64
@@ -135,6 +151,11 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
         bootstrap=node.texts("bootstrap", ()),
         mdns=node.flag("mdns", d.mdns),
         dht=node.flag("dht", d.dht),
+        reachability=node.text(
+            "reachability", d.reachability, choices=tuple(m.value for m in Mode)
+        ),
+        public_addrs=node.texts("public_addrs", ()),
+        relay_service=node.flag("relay_service", d.relay_service),
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
         max_queue=node.integer("max_queue", d.max_queue, low=0, high=1_000_000),
@@ -195,6 +216,29 @@ def _router(args: argparse.Namespace, config: dict[str, Any], source: str) -> Ro
     return router
 
 
+def _fairness(args: argparse.Namespace, config: dict[str, Any], source: str) -> FairnessConfig:
+    """config.toml's [fairness] table; --fair-share / --no-fair-share overrides enabled."""
+    table = config.get("fairness")
+    fairness = (
+        FairnessConfig()
+        if table is None
+        else FairnessConfig.from_table(Table(table, f"{source}: fairness"))
+    )
+    if args.fair_share is not None:
+        fairness = dataclasses.replace(fairness, enabled=args.fair_share)
+    return fairness
+
+
+def _verify(config: dict[str, Any], source: str) -> VerifyConfig:
+    """config.toml's [verify] table: spot checks and the reputation they feed."""
+    table = config.get("verify")
+    return (
+        VerifyConfig()
+        if table is None
+        else VerifyConfig.from_table(Table(table, f"{source}: verify"))
+    )
+
+
 def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     """The node's config: config.toml's values, with the flags given laid over them.
 
@@ -222,10 +266,17 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         bootstrap=(*f.bootstrap, *args.bootstrap),
         mdns=_given(args.mdns, f.mdns),
         dht=_given(args.dht, f.dht),
+        relay_service=_relay(args, f, file, source),
         membership=_membership(
             _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
         ),
         router=_router(args, file, source),
+        fairness=_fairness(args, file, source),
+        reach=ReachConfig(
+            mode=Mode(args.reachability or f.reachability),
+            public_addrs=(*f.public_addrs, *args.public_addr),
+        ),
+        verify=_verify(file, source),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],
@@ -237,6 +288,16 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
     )
     level = args.log_level or f.log_level or "INFO"
     return config, level, args.log_format or f.log_format
+
+
+def _relay(
+    args: argparse.Namespace, f: FileSettings, config: dict[str, Any], source: str
+) -> RelayServiceConfig:
+    """config.toml's [relay] limits; --relay-service (or node.relay_service) turns it on or off."""
+    enabled = f.relay_service if args.relay_service is None else args.relay_service == "on"
+    return RelayServiceConfig.from_table(
+        Table(config.get("relay", {}), f"{source}: relay"), enabled=enabled
+    )
 
 
 def _given(flag: T | None, file_value: T) -> T:

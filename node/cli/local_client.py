@@ -73,6 +73,7 @@ class Client(Protocol):
         on_chunk: OnChunk | None = None,
         request_id: str | None = None,
         strategy: str | None = None,
+        verify: int = 0,
     ) -> Result: ...
 
     async def record(self) -> Record: ...
@@ -130,6 +131,7 @@ class LocalClient:
         on_chunk: OnChunk | None = None,
         request_id: str | None = None,
         strategy: str | None = None,
+        verify: int = 0,
     ) -> Result:
         """As ``SwarmClient.infer``: run ``model`` through the local daemon. Raises
         RemoteError for the daemon's typed answer, PeerUnavailable when the socket
@@ -143,6 +145,7 @@ class LocalClient:
             stream=on_chunk is not None,
             request_id=request_id,
             strategy=strategy,
+            verify=verify,
         )
         async with self._lock:
             if self._infer is None or self._infer.closed:

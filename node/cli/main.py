@@ -276,6 +276,7 @@ async def _submit(args: argparse.Namespace) -> int:
             deadline_s=args.deadline,
             on_chunk=on_chunk,
             strategy=args.strategy,
+            verify=args.verify,
         )
         return result, trio.current_time() - started
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from node.data_dir import CONFIG_FILE, DEFAULT_DATA_DIR
-from node.defaults import DEFAULT_GRPC, DEFAULT_HTTP, DEFAULT_LISTEN, STRATEGIES
+from node.defaults import DEFAULT_GRPC, DEFAULT_HTTP, DEFAULT_LISTEN, REACHABILITY, STRATEGIES
 
 
 def build() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def build() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help=(
-            f"[node], [http], [grpc], [[models]], [backends.NAME] and [router] tables "
+            f"[node], [http], [grpc], [[models]], [backends.NAME], [router] and [fairness] tables "
             f"(default DATA_DIR/{CONFIG_FILE} if present)"
         ),
     )
@@ -79,6 +79,12 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--max-queue", type=int, metavar="N", help="waiting requests per model (default 64)"
+    )
+    d.add_argument(
+        "--fair-share",
+        action=argparse.BooleanOptionalAction,
+        help="share capacity fairly between the peers sending work (default on; off: first "
+        "come, first served); limits per peer in the [fairness] table",
     )
     d.add_argument(
         "--grace",
@@ -100,6 +106,25 @@ def build() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--dht", action=argparse.BooleanOptionalAction, help="run the Kademlia DHT (default on)"
+    )
+    d.add_argument(
+        "--reachability",
+        choices=REACHABILITY,
+        help="whether peers can dial this node: learnt from peers that dial it back "
+        "(auto, the default), or said; private announces relayed addresses only",
+    )
+    d.add_argument(
+        "--public-addr",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="an address that reaches this node from anywhere (a port forwarded on the "
+        "router), announced as given; implies public (repeatable)",
+    )
+    d.add_argument(
+        "--relay-service",
+        choices=["on", "off"],
+        help="relay circuits for NATed peers while this node is publicly reachable (default on)",
     )
     d.add_argument(
         "--heartbeat",
@@ -210,6 +235,14 @@ def build() -> argparse.ArgumentParser:
         help="how the node picks the peer that runs it (default: the node's)",
     )
     s.add_argument("--deadline", type=float, metavar="SECONDS", help="give up after this long")
+    s.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        choices=range(0, 5),
+        metavar="N",
+        help="run it on N more nodes (up to 4) and say whether the answers agree",
+    )
     s.add_argument("--stream", action="store_true", help="print chunks as they arrive")
     _json_flag(s)
     s.set_defaults(command="submit")

@@ -59,6 +59,9 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         row("gateway", gateway)
     for addr in body.get("addrs", []):
         row("address", str(addr))
+    view = body.get("view", {})
+    if isinstance(view.get("reach"), Mapping):
+        _reach_rows(row, body, view["reach"])
     row(
         "cpu",
         f"{cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores, "
@@ -80,7 +83,6 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         )
     if not hw.get("cuda"):
         row("cuda", f"none ({hw.get('cuda_status', 'not probed')})")
-    view = body.get("view", {})
     for name, reason in view.get("models_failed", {}).items():
         row("not loaded", f"{name}: {reason}")
     for name, state in view.get("runners", {}).items():
@@ -100,6 +102,9 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
             f"{stats.get('served')} ok, {stats.get('failed')} failed, "
             f"{stats.get('forwarded')} forwarded",
         )
+    fairness = view.get("fairness")
+    if isinstance(fairness, Mapping):
+        row("fairness", _fairness_line(fairness))
     routing = view.get("routing", {})
     if routing:
         broken = routing.get("peer_breakers", {})
@@ -109,6 +114,9 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
             f"{routing.get('strategy')}, {routing.get('failovers', 0)} failovers, "
             f"peers held back: {held}",
         )
+    verification = view.get("verification", {})
+    if verification:
+        row("checks", _verification(verification))
     for source, problem in view.get("discovery", {}).items():
         row("discovery", f"{source}: {problem}")
     access = view.get("access", {})
@@ -121,11 +129,75 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
     row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
+    shares: list[RenderableType] = []
+    if isinstance(fairness, Mapping) and fairness.get("peers"):
+        shares = [Text(""), *shares_table(fairness)]
     models = body.get("models", [])
     if not models:
         row("models", "none here (forwarding only)")
-        return Group(grid)
-    return Group(grid, Text(""), _models_here(models))
+        return Group(grid, *shares)
+    return Group(grid, Text(""), _models_here(models), *shares)
+
+
+def _fairness_line(fairness: Mapping[str, Any]) -> str:
+    totals = fairness.get("totals") or {}
+    over = ", ".join(
+        f"{r} {totals[r]}" for r in ("rate", "in_flight", "queued", "high") if totals.get(r)
+    )
+    state = "on" if fairness.get("enabled") else "off (first come, first served)"
+    return (
+        f"{state}, {fairness.get('tracked', 0)} peers tracked, {totals.get('refused', 0)} refused"
+        f", over budget: {over or 'none'}"
+    )
+
+
+def shares_table(fairness: Mapping[str, Any]) -> list[RenderableType]:
+    """Each peer's share of this node, busiest first: weight, its jobs waiting and held
+    here, served, refused, jobs over its budget, and its part of the work served lately
+    beside the part its weight gives it; then why each peer was over budget."""
+    table = _table(
+        "PEER",
+        "W",
+        "QUEUED",
+        "IN FLIGHT",
+        "SERVED",
+        "REFUSED",
+        "OVER BUDGET",
+        "SHARE",
+        "FAIR",
+        title="fair share (per peer)",
+    )
+    for column in table.columns[1:]:
+        column.justify = "right"
+    notes: list[RenderableType] = []
+    rows = [r for r in fairness.get("peers") or [] if isinstance(r, Mapping)]
+    other = fairness.get("other")
+    for r in [*rows, *([other] if isinstance(other, Mapping) else [])]:
+        peer = str(r.get("peer", ""))[-12:] if "peer" in r else f"{r.get('peers')} other"
+        over = r.get("over_budget") or {}
+        table.add_row(
+            peer,
+            _weight(r.get("weight")),
+            str(r.get("queued", 0)),
+            str(r.get("in_flight", 0)),
+            str(r.get("served", 0)),
+            str(r.get("refused", 0)),
+            str(sum(v for v in over.values() if isinstance(v, int))),
+            _percent(r.get("share")),
+            _percent(r.get("fair")),
+        )
+        why = ", ".join(f"{k} {v}" for k, v in over.items() if v)
+        if why:
+            notes.append(Text(f"{peer} over budget: {why}"))
+    return [table, *notes]
+
+
+def _weight(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else "-"
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.0f}%" if isinstance(value, int | float) else "-"
 
 
 def _models_here(models: Sequence[Mapping[str, Any]]) -> Table:
@@ -162,6 +234,36 @@ def status_text(peer_id: str, body: Mapping[str, Any], gateway: str | None = Non
     return to_text(status_table(peer_id, body, gateway))
 
 
+def _reach_rows(row: Any, body: Mapping[str, Any], reach: Mapping[str, Any]) -> None:
+    """Whether peers can dial this node and why, what it announces, its relays, and
+    the models it reaches only through other peers (why those jobs are slower)."""
+    verdict = str(reach.get("reach", "unknown"))
+    row("reach", f"{verdict}: {reach.get('why', '')}")
+    if not body.get("addrs"):
+        row("address", "none announced (peers outside the LAN cannot dial this node)")
+    held = reach.get("relays_held")
+    if held is None:  # the relay manager's own view: {"held": [{"relay": id, ...}]}
+        relays_view = reach.get("relays")
+        entries = relays_view.get("held", []) if isinstance(relays_view, Mapping) else []
+        held = [e.get("relay") for e in entries if isinstance(e, Mapping)]
+    relays = [str(r)[-8:] for r in held or []]
+    shown = ", ".join(relays) if relays else "none"
+    offered = ", offering one to peers" if reach.get("relay_offered") else ""
+    row("relays", f"{shown} held{offered}")
+    for model, entry in (reach.get("forwarding") or {}).items():
+        via = ", ".join(str(p)[-8:] for p in entry.get("via", [])[:3])
+        row("indirect", f"{model} via {via}: {entry.get('why', '')}")
+    if reach.get("forwarding") or reach.get("forwarded_jobs"):
+        row("", f"{reach.get('forwarded_jobs', 0)} job(s) answered through another peer")
+    asked, served = reach.get("asked") or {}, reach.get("dialbacks") or {}
+    row(
+        "dialback",
+        f"{asked.get('answers', 0)} answered us, {asked.get('no_answer', 0)} unanswered; "
+        f"for peers {served.get('dials_ok', 0)} reached, {served.get('dials_failed', 0)} "
+        f"not, {served.get('refused', 0)} refused",
+    )
+
+
 def _runner_state(state: Mapping[str, Any]) -> str:
     """One line for a runner's live state: circuit, mode, batching, key use; no secrets."""
     parts = []
@@ -182,6 +284,25 @@ def _runner_state(state: Mapping[str, Any]) -> str:
     if state.get("summary"):  # e.g. an OpenVINO runner's measured precision and why
         parts.append(str(state["summary"]))
     return ", ".join(parts) or "-"
+
+
+def _verification(v: Mapping[str, Any]) -> str:
+    """Checks made, their verdicts, and the peers held back for wrong answers."""
+    verdicts = v.get("verdicts", {})
+    counts = "/".join(str(verdicts.get(k, 0)) for k in ("agree", "disagree", "unsure"))
+    held = [
+        f"{peer[-8:]} ({row.get('strikes')} strikes in {row.get('checked')}, "
+        f"{row.get('held_for_s')} s left)"
+        for peer, row in (v.get("peers") or {}).items()
+        if row.get("held_back")
+    ]
+    rate = v.get("rate")
+    share = f"{rate:.0%}" if isinstance(rate, int | float) else "?"
+    return (
+        f"{share} of routed jobs: {v.get('checks', 0)} checks, "
+        f"{v.get('verified_jobs', 0)} verify jobs, agree/disagree/unsure {counts}; "
+        f"held back for wrong answers: {', '.join(held) or 'none'}"
+    )
 
 
 def _ms(value: Any) -> str:

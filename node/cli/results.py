@@ -45,8 +45,25 @@ def result_text(result: Result) -> str:
         route.append(f"after {attempts} attempts")
     if route:
         lines.append(", ".join(route))
+    if meta.get("via"):  # no provider is linked here: a peer passed it on (one more hop)
+        lines.append(f"through {meta['via']}")
+    if meta.get("verify_verdict") is not None:
+        lines.append(_verify_line(meta))
     took = f"ran {meta.get('run_ms', '?')} ms, queued {meta.get('queue_ms', '?')} ms"
     if meta.get("took_ms") is not None:
         took += f"; {meta['took_ms']} ms in all"
     lines.append(took)
     return "\n".join(lines)
+
+
+def _verify_line(meta: Mapping[str, Any]) -> str:
+    """How the runs of a ``verify: N`` job compared, and on which nodes."""
+    nodes = [n[-8:] for n in str(meta.get("verify_nodes") or "").split(",") if n]
+    line = f"verify: {meta['verify_verdict']} ({meta.get('verify_ran')} of "
+    line += f"{int(meta.get('verify', 0) or 0) + 1} ran: {' '.join(nodes) or '-'})"
+    if meta.get("verify_min_cosine") is not None:
+        line += f", lowest cosine {meta['verify_min_cosine']}"
+    against = [n[-8:] for n in str(meta.get("verify_against") or "").split(",") if n]
+    if against:
+        line += f"; against {' '.join(against)}"
+    return line

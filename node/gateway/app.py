@@ -5,10 +5,16 @@ Routes (``openai.py``, ``responses.py``, ``anthropic.py``, ``ollama.py``,
 node only through ``Backend``: run a Request, list the models the swarm serves
 with their descriptions, and this node's status. So the HTTP side holds no routing of its
 own: every request becomes a swarm ``Request`` run by ``InferenceService``,
-routed and failed over like one that came over libp2p. Two optional headers
+routed and failed over like one that came over libp2p. Optional headers
 carry what swarm requests have and the APIs lack: ``X-Swarm-Deadline-Ms``
-(the request's time budget; past it, 504) and ``X-Swarm-Priority`` (high,
-normal or low: the admission order on the node that runs it).
+(the request's time budget; past it, 504), ``X-Swarm-Priority`` (high,
+normal or low: the admission order on the node that runs it) and
+``X-Swarm-Verify`` (N: run the job on N more nodes and compare; read by the
+OpenAI routes, /v1/embeddings and the completions, and KServe's infer). A verified
+job's answer carries ``X-Swarm-Verify-Verdict`` (agree, disagree, unsure or
+unverified), ``X-Swarm-Verify-Nodes`` (who answered; one list per job, ";"
+between jobs), and, when there are any, ``X-Swarm-Verify-Against`` and
+``X-Swarm-Verify-Min-Cosine`` (``verify_headers``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from starlette.responses import Response
 from bootstrap.table import PeerTable, live_peers
 from node.errors import sole_error
 from node.observe.feed import Feed
-from protocols import Priority, Request, Result, SwarmError, Value, bounded_json
+from protocols import MAX_VERIFY, Priority, Request, Result, SwarmError, Value, bounded_json
 from runners.base import ModelInfo, gather
 
 from .config import GatewayConfig
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in milliseconds
 PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
 API_KEY_HEADER = "x-api-key"  # Anthropic's clients send their key here, not as a bearer
+VERIFY_HEADER = "x-swarm-verify"  # 0 to MAX_VERIFY: extra nodes to run the job on
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 EmitFor = Callable[[int, Mapping[str, Value]], Awaitable[None]]  # job index, its chunk
@@ -106,10 +113,12 @@ class Options:
 
     deadline_ms: int | None = None
     priority: Priority = Priority.NORMAL
+    verify: int = 0
 
 
 def options(request: HTTPRequest) -> Options:
-    """``X-Swarm-Deadline-Ms`` and ``X-Swarm-Priority``, checked (400 if malformed)."""
+    """``X-Swarm-Deadline-Ms``, ``X-Swarm-Priority`` and ``X-Swarm-Verify``, checked
+    (400 if malformed)."""
     return options_from(request.headers.get)
 
 
@@ -129,7 +138,46 @@ def options_from(header: Callable[[str], str | None]) -> Options:
             priority = Priority.parse(text.strip())
         except ValueError as exc:
             raise HTTPFailure(400, f"{PRIORITY_HEADER}: {exc}", "invalid_header") from exc
-    return Options(deadline_ms, priority)
+    verify = 0
+    if (text := header(VERIFY_HEADER)) is not None:
+        if not text.strip().isdigit() or int(text) > MAX_VERIFY:
+            message = f"{VERIFY_HEADER} must be a whole number from 0 to {MAX_VERIFY}"
+            raise HTTPFailure(400, message, "invalid_header")
+        verify = int(text)
+    return Options(deadline_ms, priority, verify)
+
+
+def verify_field(body: Mapping[str, Any], given: int) -> int:
+    """A body's ``verify`` (an extension of OpenAI's API), else the header's."""
+    value = body.get("verify")
+    if value is None:
+        return given
+    if type(value) is not int or not 0 <= value <= MAX_VERIFY:
+        raise HTTPFailure(
+            400, f"'verify' must be an integer from 0 to {MAX_VERIFY}", "invalid_input"
+        )
+    return value
+
+
+def verify_headers(metas: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """How the runs of verified jobs compared (their results' meta), as response headers
+    (none when no job asked); several jobs (OpenAI's ``n``) agree only when each did."""
+    metas = [m for m in metas if m.get("verify_verdict") is not None]
+    if not metas:
+        return {}
+    verdicts = {str(m["verify_verdict"]) for m in metas}
+    verdict = next((v for v in ("disagree", "unsure", "unverified") if v in verdicts), "agree")
+    headers = {
+        "x-swarm-verify-verdict": verdict,
+        "x-swarm-verify-nodes": ";".join(str(m.get("verify_nodes", "")) for m in metas),
+    }
+    against = sorted({n for m in metas for n in str(m.get("verify_against") or "").split(",") if n})
+    if against:
+        headers["x-swarm-verify-against"] = ",".join(against)
+    cosines = [c for m in metas if isinstance(c := m.get("verify_min_cosine"), float)]
+    if cosines:
+        headers["x-swarm-verify-min-cosine"] = str(min(cosines))
+    return headers
 
 
 async def no_chunks(chunk: Mapping[str, Value]) -> None:

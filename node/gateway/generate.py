@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.requests import Request as HTTPRequest
 
-from protocols import Param, Request, Tensor, Value
+from protocols import Param, Request, Scalar, Tensor, Value
 from runners.remote.openai_compat import RUNNER as OPENAI_RUNNER  # takes max_tokens, tools
 
 from .app import Backend, new_id, options, run_while_connected
@@ -339,6 +339,19 @@ async def embed(
 ) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int]:
     """``texts`` embedded by ``model`` in one job: the rows (float32 [n, d]) and the
     input tokens it counted."""
+    rows, tokens, _ = await embedded(backend, http, model, texts)
+    return rows, tokens
+
+
+async def embedded(
+    backend: Backend,
+    http: HTTPRequest,
+    model: Mapping[str, Any],
+    texts: list[str],
+    *,
+    verify: int = 0,
+) -> tuple[np.ndarray[Any, np.dtype[np.float32]], int, Mapping[str, Scalar]]:
+    """``embed``, run on ``verify`` more nodes, with the result's meta (how they compared)."""
     check_task(model, EMBEDDING_TASKS, "embeddings")
     how = options(http)
     request = Request(
@@ -347,12 +360,13 @@ async def embed(
         inputs={"text": texts},
         deadline_ms=how.deadline_ms,
         priority=how.priority,
+        verify=verify,
     )
     result = await run_while_connected(backend, http, request)
     vectors = result.outputs.get("embedding")
     if not isinstance(vectors, Tensor) or len(vectors.shape) != 2:
         raise HTTPFailure(500, f"{model['name']} gave no 'embedding' [n, d]", "bad_output")
-    return vectors.numpy().astype("<f4"), token_count(result.outputs)
+    return vectors.numpy().astype("<f4"), token_count(result.outputs), result.meta
 
 
 def token_count(outputs: Mapping[str, Value]) -> int:

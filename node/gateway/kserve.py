@@ -52,6 +52,7 @@ from .app import (
     parse_json,
     read_body,
     run_while_connected,
+    verify_headers,
 )
 from .config import GatewayConfig
 from .errors import HTTPFailure
@@ -106,6 +107,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             params=params,
             deadline_ms=how.deadline_ms,
             priority=how.priority,
+            verify=how.verify,
         )
         result = await run_while_connected(backend, request, job)
         wanted = _wanted(body.get("outputs"))
@@ -124,13 +126,14 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         answer: dict[str, Any] = {"model_name": model["name"], "model_version": VERSION}
         if isinstance(rid, str):
             answer["id"] = rid
+        verified = verify_headers([result.meta])
         if not blobs:
-            return JSONResponse({**answer, "outputs": outputs})
+            return JSONResponse({**answer, "outputs": outputs}, headers=verified)
         head = json.dumps({**answer, "outputs": outputs}, separators=(",", ":")).encode()
         return Response(
             head + b"".join(blobs),
             media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(len(head))},
+            headers={HEADER_LENGTH: str(len(head)), **verified},
         )
 
     return [

@@ -59,6 +59,8 @@ from .app import (
     new_id,
     options,
     read_json,
+    verify_field,
+    verify_headers,
     while_connected,
 )
 from .config import GatewayConfig
@@ -67,7 +69,7 @@ from .generate import (
     GENERATION_TASKS,
     Sampling,
     count,
-    embed,
+    embedded,
     first,
     input_texts,
     integer,
@@ -112,14 +114,15 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             raise HTTPFailure(400, "'encoding_format' must be float or base64", "invalid_input")
         if body.get("dimensions") is not None:
             raise HTTPFailure(400, "'dimensions' is not supported", "unsupported_parameter")
-        rows, tokens = await embed(backend, request, model, texts)
+        verify = verify_field(body, options(request).verify)
+        rows, tokens, meta = await embedded(backend, request, model, texts, verify=verify)
         data = [
             {"object": "embedding", "index": i, "embedding": _vector(row, encoding)}
             for i, row in enumerate(rows)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         answer = {"object": "list", "data": data, "model": model["name"], "usage": usage}
-        return JSONResponse(answer)
+        return JSONResponse(answer, headers=verify_headers([meta]))
 
     @guard
     async def completions(request: HTTPRequest) -> Response:
@@ -223,6 +226,7 @@ async def _generate(
     how = options(http)
     params = sampling_params(body, model)
     n = _choices(body)
+    verify = verify_field(body, how.verify)
     if model.get("task") == "fake":
         inputs = {"text": next(iter(inputs.values()))}
     stream = body.get("stream", False)
@@ -241,6 +245,7 @@ async def _generate(
             stream=stream,
             deadline_ms=how.deadline_ms,
             priority=how.priority,
+            verify=verify,
         )
         for i in range(n)
     ]
@@ -264,7 +269,8 @@ async def _generate(
                 "model": name,
                 "choices": choices,
                 "usage": _usage([r.outputs for r in results]),
-            }
+            },
+            headers=verify_headers([r.meta for r in results]),
         )
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True

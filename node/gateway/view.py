@@ -3,7 +3,8 @@
 ``swarm_view`` turns what the node already holds (its own status, the membership
 table, the feed's recent jobs) into one JSON document the page draws: nodes with
 their hardware, models, load and health; edges between nodes that say they are
-linked; the last jobs and where they ran.
+linked; the last jobs and where they ran; and this node's fair share: each
+peer's jobs here, what it got, and who is over budget (``shares``).
 
 Peer records are remote input: every value taken from one is type-checked,
 strings are cut to a length and lists to a count, so a peer cannot make the
@@ -26,6 +27,8 @@ MAX_INPUTS = 8  # input names of one model
 MAX_DEVICES = 16
 MAX_JOBS = 50
 MAX_EDGES = 4096
+MAX_SHARES = 16  # peers in the fair-share table (the node sends its top N, and "other")
+REASONS = ("rate", "in_flight", "queued", "high")
 # A linked peer not heard from for this share of the table's dead_after_s is 'suspect'.
 SUSPECT_SHARE = 0.5
 HELD_BREAKERS = frozenset({"open", "half-open"})  # the router holds back from such a peer
@@ -84,6 +87,43 @@ def swarm_view(
         "nodes": nodes,
         "edges": edges,
         "jobs": recent_jobs(jobs, max_jobs),
+        "shares": shares(_mapping(own.get("view")).get("fairness")),
+    }
+
+
+def shares(fairness: Any) -> dict[str, Any]:
+    """This node's fair share as the page shows it: each peer's weight, its jobs
+    queued and held here, served, refused, over budget (by reason), and its recent
+    share of the work beside the one its weight gives it; the rest as one row."""
+    fair = _mapping(fairness)
+
+    def row(r: Mapping[str, Any], peer: str, label: str) -> dict[str, Any]:
+        over = _mapping(r.get("over_budget"))
+        by_reason = {k: _int(over.get(k)) for k in REASONS if _int(over.get(k))}
+        return {
+            "peer": peer,
+            "short": label,
+            "own": r.get("own") is True,
+            "weight": _number(r.get("weight")),
+            **{k: _int(r.get(k)) for k in ("queued", "in_flight", "served", "refused")},
+            "over_budget": sum(by_reason.values()),
+            "over": by_reason,
+            "share": _number(r.get("share")),
+            "fair": _number(r.get("fair")),
+        }
+
+    rows = []
+    for r in _list(fair.get("peers"), MAX_SHARES):
+        if isinstance(r, Mapping) and (peer := _text(r.get("peer"))):
+            rows.append(row(r, peer, short_id(peer)))
+    other = fair.get("other")
+    if isinstance(other, Mapping):
+        rows.append(row(other, "other", f"{_int(other.get('peers'))} others"))
+    totals = _mapping(fair.get("totals"))
+    return {
+        "enabled": fair.get("enabled") is True,
+        "refused": _int(totals.get("refused")),
+        "peers": rows,
     }
 
 

@@ -55,6 +55,7 @@ def client_request(
     stream: bool = False,
     request_id: str | None = None,
     strategy: str | None = None,
+    verify: int = 0,
 ) -> Request:
     """The Request for a client's arguments: numpy arrays become tensors, the
     deadline whole milliseconds (at least 1), a fresh id unless one is given."""
@@ -67,6 +68,7 @@ def client_request(
         deadline_ms=None if deadline_s is None else max(1, int(deadline_s * 1000)),
         stream=stream,
         strategy=strategy,
+        verify=verify,
     )
 
 

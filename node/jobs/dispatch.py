@@ -22,6 +22,10 @@ attempt carries the caller's request id.
 
 Peers that fail are reported to the peer breakers, which keep them out of plans
 for a while (doubling on each failed probe); peers that answer close them.
+
+Verification (``node.jobs.verify``, when wired as ``verifier``) hooks in twice:
+a job that asks for ``verify`` is handed to it whole, and each answer a peer
+gave is offered to it for a spot check once it is on its way to the caller.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from protocols import (
     Result,
     Retry,
     SwarmError,
+    Tensor,
     retry_policy,
 )
 from protocols.errors import ConfigError
@@ -81,6 +86,7 @@ class Choice:
 
     peer_id: str
     local: bool = False
+    via: bool = False  # an intermediary: it passes the job on to a provider it links
 
 
 class Planner(Protocol):
@@ -95,6 +101,14 @@ class Planner(Protocol):
     def failure(self, peer_id: str) -> None: ...
 
     def abandon(self, peer_id: str) -> None: ...
+
+
+class Checks(Protocol):
+    """What the dispatcher needs of verification (``node.jobs.verify.Verifier``)."""
+
+    def offer(self, request: Request, result: Result, peer_id: str) -> None: ...
+
+    async def verified(self, request: Request, local: RunLocal | None) -> Result: ...
 
 
 class Providers(Protocol):
@@ -128,6 +142,8 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.in_flight: dict[str, int] = {}  # our requests at each peer, now
         self.failovers = 0  # attempts after the first, for status
+        self.via_jobs = 0  # jobs answered through an intermediary, for status
+        self.verifier: Checks | None = None  # spot checks and verify: N (set by the wiring)
 
     def serves(self, model: str) -> bool:
         return self._providers.serves(model)
@@ -139,6 +155,8 @@ class Dispatcher:
         planner may choose it like any peer. Raises the last attempt's error,
         ``StreamBroken``, or ``ModelNotFound`` when no candidate serves it.
         """
+        if request.verify and self.verifier is not None:
+            return await self.verifier.verified(request, local)
         tried: set[str] = set()
         relayed = 0
         last: SwarmError | None = None
@@ -186,10 +204,30 @@ class Dispatcher:
             meta: dict[str, Any] = {**result.meta, "attempts": attempts}
             if not choice.local:
                 meta["forwarded_by"] = self.self_id
+                # An intermediary passed on another's answer: not its own to check.
+                if self.verifier is not None and not choice.via:
+                    self.verifier.offer(request, result, choice.peer_id)
+            if choice.via:
+                meta["via"] = choice.peer_id
+                self.via_jobs += 1
             return replace(result, id=request.id, meta=meta)
         if last is not None:
             raise last
         raise ModelNotFound(f"no peer in the swarm is known to serve {request.model!r}")
+
+    async def attempt(
+        self, choice: Choice, request: Request, local: RunLocal | None = None
+    ) -> Result:
+        """``request`` at ``choice`` alone, no failover: verification's extra runs.
+        Raises PeerUnavailable when the peer's breaker admits no call now, and what
+        the run raised otherwise."""
+        if choice.local:
+            if local is None:
+                raise ModelNotFound(f"this node does not serve {request.model!r}")
+            return await local(_no_chunks)
+        if not self._planner.admit(choice.peer_id):
+            raise PeerUnavailable(f"{choice.peer_id} is held back by its breaker")
+        return await self._remote(choice.peer_id, request, _no_chunks)
 
     async def _remote(self, peer_id: str, request: Request, relay: Any) -> Result:
         left = trio.current_effective_deadline() - trio.current_time()
@@ -225,6 +263,10 @@ class Dispatcher:
                 self._planner.abandon(peer_id)
 
 
+async def _no_chunks(chunk: Any) -> None:
+    """Verification's runs do not stream: nothing to relay."""
+
+
 def parse_strategy(text: str | None) -> Strategy | None:
     """A strategy's name (None: the router's default); BadStrategy if unknown."""
     try:
@@ -232,6 +274,23 @@ def parse_strategy(text: str | None) -> Strategy | None:
     except ValueError:
         known = ", ".join(s.value for s in Strategy)
         raise BadStrategy(f"unknown strategy {text!r}; one of {known}") from None
+
+
+def request_bytes(request: Request) -> int:
+    """About how many bytes the request's inputs take on the wire."""
+    size = 0
+    for value in request.inputs.values():
+        if isinstance(value, Tensor):
+            size += value.nbytes
+        elif isinstance(value, str):
+            size += len(value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, list):
+            size += sum(
+                len(v.encode("utf-8", "surrogatepass")) for v in value if isinstance(v, str)
+            )
+        else:
+            size += 8
+    return size
 
 
 def may_fail_over(exc: SwarmError, request: Request) -> bool:
@@ -249,11 +308,17 @@ class RouterPlanner:
         table: Callable[[], PeerTable],
         local: Callable[[], LocalNode],
         in_flight: Callable[[], Mapping[str, int]],
+        paths: Callable[[], Mapping[str, str]] = dict,
+        held_back: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
+        """``paths``: each connected peer's connection kind ("direct", "hole-punched",
+        "relayed"), from the circuits manager when there is one."""
         self.router = router
         self._table = table
         self._local = local
         self._in_flight = in_flight
+        self._paths = paths
+        self._held_back = held_back  # peers reputation keeps out of plans now
 
     def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
         query = RouteRequest(
@@ -261,11 +326,14 @@ class RouterPlanner:
             strategy=parse_strategy(request.strategy),
             priority=request.priority,
             exclude=exclude,
+            size_bytes=request_bytes(request),
+            via=request.hops == 0,  # a job forwarded to us goes to a provider, not further
+            held_back=self._held_back(),
         )
         found = self.router.plan(
-            self._table(), self._local() if local else None, query, self._in_flight()
+            self._table(), self._local() if local else None, query, self._in_flight(), self._paths()
         )
-        return [Choice(c.peer_id, c.local) for c in found]
+        return [Choice(c.peer_id, c.local, c.path == "via") for c in found]
 
     def preview(
         self, model: str, strategy: str | None = None, priority: Priority = Priority.NORMAL
@@ -275,8 +343,15 @@ class RouterPlanner:
         The local node counts when it serves the model, as in ``forward``; peers are
         only those already linked (a real job with none would ask the DHT first).
         """
-        query = RouteRequest(model=model, strategy=parse_strategy(strategy), priority=priority)
-        return self.router.preview(self._table(), self._local(), query, self._in_flight())
+        query = RouteRequest(
+            model=model,
+            strategy=parse_strategy(strategy),
+            priority=priority,
+            held_back=self._held_back(),
+        )
+        return self.router.preview(
+            self._table(), self._local(), query, self._in_flight(), self._paths()
+        )
 
     def admit(self, peer_id: str) -> bool:
         return self.router.breakers.admit(peer_id) is None

@@ -127,7 +127,9 @@ class InferHandler:
                     if self._unanswered == 0:
                         self._all_answered = trio.Event()
                     self._unanswered += 1
-                    nursery.start_soon(self._serve, stream, exchange, message, scope, active)
+                    nursery.start_soon(
+                        self._serve, stream, peer_id, exchange, message, scope, active
+                    )
         except RemoteProtocolError as exc:
             log.info("peer %s broke the protocol: %s", peer_id, exc)
             nursery.cancel_scope.cancel()
@@ -141,6 +143,7 @@ class InferHandler:
     async def _serve(
         self,
         stream: Framed,
+        peer_id: str,
         exchange: Exchange,
         request: Request,
         scope: trio.CancelScope,
@@ -157,7 +160,7 @@ class InferHandler:
                 await stream.send(chunk)
 
         try:
-            reply = await self._outcome(request, scope, emit)
+            reply = await self._outcome(request, peer_id, scope, emit)
             if reply is not None:
                 await self._reply(stream, exchange, reply)
         finally:
@@ -165,12 +168,13 @@ class InferHandler:
             self._answered()
 
     async def _outcome(
-        self, request: Request, scope: trio.CancelScope, emit: Emit
+        self, request: Request, peer_id: str, scope: trio.CancelScope, emit: Emit
     ) -> Result | Error | None:
         """The answer owed to the caller, or None when the caller is gone."""
         try:
             with scope:
-                return await self._service.execute(request, emit)
+                # The job is the caller's: its fair share, its limits (node.jobs.fairness).
+                return await self._service.execute(request, emit, client=peer_id)
             return Error(request.id, ErrorCode.CANCELLED, "cancelled by the caller")
         except ConnectionLost:
             return None

@@ -89,6 +89,12 @@ class Caller:
                 await stream.close()
         self._idle.clear()
 
+    async def drop_idle(self, peer_id: str) -> None:
+        """Close the idle streams pooled for ``peer_id``: the next call opens a new one,
+        on the connection libp2p prefers now (a direct one that replaced a relay)."""
+        for stream in self._idle.pop(peer_id, []):
+            await stream.close()
+
     def _take(self, key: str) -> FramedStream | None:
         pool = self._idle.get(key)
         return pool.pop() if pool else None

@@ -16,6 +16,22 @@ Candidates
     or whose half-open probe is already out, and nodes whose record says that
     model's backend circuit is "open". A peer whose breaker is half-open is a
     *probe*: at most one per plan, placed after all others.
+    Peers in ``request.held_back`` are left out too: this node found their answers
+    wrong (``node.jobs.reputation``). The local node is never held back.
+
+    Intermediaries: when no node above qualifies and ``request.via`` allows it
+    (the job was not forwarded to us already), linked peers whose record says
+    they forward the model (``node.reach.records``: they link a provider others
+    may not dial, in a swarm without relays) are candidates too, at the cost of
+    ``w.forwarded`` for the extra hop.
+
+Paths
+    ``paths`` (peer id -> "direct", "hole-punched" or "relayed", from the
+    connection a new stream would use; absent: direct) prices a relayed peer
+    ``w.relayed`` higher than a direct one of the same load. A request larger
+    than ``relay_max_bytes`` (its inputs' bytes, ``request.size_bytes``) tries
+    every direct candidate before any relayed one or intermediary, whatever the
+    strategy: a relay's byte limits are spent only when nothing else is left.
 
 Score (lower is better), from the record's load and our own counts::
 
@@ -28,6 +44,8 @@ Score (lower is better), from the record's load and our own counts::
           + w.latency_per_s * ewma_latency_ms / 1000   # 0 while unknown
           + w.hop          * (0 if local else 1)       # a network hop costs
           + w.half_open    * (record says the model's backend circuit is half-open)
+          + w.relayed      * (the connection to it is relayed)
+          + w.forwarded    * (an intermediary: its load, not the provider's)
           - w.accelerator  * (no device asked and the model runs off CPU)
 
 Strategies (ties always broken by the rng)
@@ -55,6 +73,7 @@ from typing import Any
 
 from bootstrap.table import PeerTable, serving
 from capabilities.record import Load
+from node.reach.records import intermediaries
 from protocols import Priority
 from protocols.config import Table
 from protocols.errors import ConfigError
@@ -83,6 +102,8 @@ class Weights:
     hop: float = 0.5
     half_open: float = 2.0
     accelerator: float = 0.5
+    relayed: float = 1.0  # a peer reached through a relay (see Paths)
+    forwarded: float = 1.5  # an intermediary that passes the job on
     hop_ms: float = 5.0  # best-performance: a remote node's latency plus this
 
     def __post_init__(self) -> None:
@@ -111,6 +132,9 @@ class RouterConfig:
     peer_cooldown_s: float = 5.0
     peer_max_cooldown_s: float = 300.0
     max_tracked_peers: int = 1024  # breakers held at most
+    # Requests with more input bytes than this use relayed paths only when no direct
+    # candidate is left (relays limit the bytes of a circuit).
+    relay_max_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         try:
@@ -119,7 +143,8 @@ class RouterConfig:
             raise ConfigError(
                 f"router strategy must be one of {[str(s) for s in Strategy]}"
             ) from None
-        for name in ("max_attempts", "saturation", "peer_failures", "max_tracked_peers"):
+        names = ("max_attempts", "saturation", "peer_failures", "max_tracked_peers")
+        for name in (*names, "relay_max_bytes"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"router {name} must be an integer >= 1")
@@ -157,6 +182,9 @@ class RouterConfig:
             load_half_life_s=table.number(
                 "load_half_life_s", base.load_half_life_s, low=0.01, high=3600.0
             ),
+            relay_max_bytes=table.integer(
+                "relay_max_bytes", base.relay_max_bytes, low=1, high=1 << 40
+            ),
         )
         table.done()
         return config
@@ -171,14 +199,21 @@ class RouteRequest:
     strategy: Strategy | None = None  # None: the router's default
     priority: Priority = Priority.NORMAL
     exclude: frozenset[str] = frozenset()  # node ids already tried (the local id too)
+    size_bytes: int = 0  # the inputs' bytes (see Paths)
+    via: bool = True  # intermediaries may be candidates (False once forwarded to us)
+    held_back: frozenset[str] = frozenset()  # peers reputation keeps out (not "tried")
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("a route request needs a model name")
+        if self.size_bytes < 0:
+            raise ValueError("size_bytes must be >= 0")
         if self.strategy is not None:
             object.__setattr__(self, "strategy", Strategy(self.strategy))
         if not isinstance(self.exclude, frozenset):
             raise ValueError("exclude must be a frozenset of node ids")
+        if not isinstance(self.held_back, frozenset):
+            raise ValueError("held_back must be a frozenset of node ids")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +233,7 @@ class Candidate:
     device: str
     score: float
     probe: bool = False  # its breaker is half-open: this call is the probe
+    path: str = "direct"  # "local", "direct", "hole-punched", "relayed", or "via"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,9 +298,11 @@ class Router:
         local: LocalNode | None,
         request: RouteRequest,
         in_flight: Mapping[str, int],
+        paths: Mapping[str, str] | None = None,
     ) -> list[Candidate]:
         """The nodes to try, in order, at most ``config.max_attempts`` (maybe none)."""
-        return self._plan(table, local, request, in_flight, self._rng, take_turn=True)[0]
+        found = self._plan(table, local, request, in_flight, paths or {}, self._rng, take_turn=True)
+        return found[0]
 
     def preview(
         self,
@@ -272,13 +310,16 @@ class Router:
         local: LocalNode | None,
         request: RouteRequest,
         in_flight: Mapping[str, int],
+        paths: Mapping[str, str] | None = None,
     ) -> Preview:
         """What ``plan`` would answer now, changing nothing: no round-robin turn is
         taken and the draws come from a copy of the rng, so the next ``plan`` on the
         same state answers the same order. For "which node would run this, and why"."""
         rng = random.Random()
         rng.setstate(self._rng.getstate())
-        order, eligible = self._plan(table, local, request, in_flight, rng, take_turn=False)
+        order, eligible = self._plan(
+            table, local, request, in_flight, paths or {}, rng, take_turn=False
+        )
         ranked = sorted(eligible, key=lambda c: (c.probe, c.score, c.peer_id))
         return Preview(order=order, candidates=ranked)
 
@@ -288,6 +329,7 @@ class Router:
         local: LocalNode | None,
         request: RouteRequest,
         in_flight: Mapping[str, int],
+        paths: Mapping[str, str],
         rng: random.Random,
         *,
         take_turn: bool,
@@ -300,26 +342,40 @@ class Router:
             load = local.load.describe()
             found = self._consider(self.self_id, request, entry, load, 0, local.circuits)
             seen += [] if found is None else [found]
-        for peer in serving(table, request.model):
-            pid = peer.peer_id
-            if pid == self.self_id or pid in request.exclude or peer.body is None:
-                continue
-            state = self.breakers.state(pid)
-            if state == BreakerState.OPEN or self.breakers.probing(pid):
-                continue
-            entry = _match(peer.body.get("models"), request)
-            circuits = _map(peer.body.get("circuits"))
-            probe = state == BreakerState.HALF_OPEN
-            ours = _count(in_flight.get(pid))
-            # A report fades as it ages (see _consider); last_seen is when it came.
-            age = max(0.0, self._clock() - peer.last_seen)
-            fade = 0.5 ** (age / self.config.load_half_life_s)
-            found = self._consider(
-                pid, request, entry, _map(peer.load), ours, circuits, probe, fade
-            )
-            if found is not None:
-                (probes if probe else seen).append(found)
+        peers = [
+            (p, _match((p.body or {}).get("models"), request))
+            for p in serving(table, request.model)
+        ]
+        for via in (False, True):
+            if via:
+                if seen or probes or not request.via:
+                    break
+                stand_in = {"name": request.model, "device": ""}  # the provider's is unknown
+                peers = [(p, stand_in) for p in intermediaries(table, request.model)]
+            for peer, entry in peers:
+                pid = peer.peer_id
+                if pid == self.self_id or pid in request.exclude or peer.body is None:
+                    continue
+                if pid in request.held_back:
+                    continue
+                state = self.breakers.state(pid)
+                if state == BreakerState.OPEN or self.breakers.probing(pid):
+                    continue
+                circuits = {} if via else _map(peer.body.get("circuits"))
+                probe = state == BreakerState.HALF_OPEN
+                ours = _count(in_flight.get(pid))
+                # A report fades as it ages (see _consider); last_seen is when it came.
+                age = max(0.0, self._clock() - peer.last_seen)
+                fade = 0.5 ** (age / self.config.load_half_life_s)
+                path = "via" if via else str(paths.get(pid) or "direct")
+                found = self._consider(
+                    pid, request, entry, _map(peer.load), ours, circuits, probe, fade, path
+                )
+                if found is not None:
+                    (probes if probe else seen).append(found)
         ordered = self._order(request, seen, rng, take_turn)
+        if request.size_bytes > self.config.relay_max_bytes:  # direct ones first (Paths)
+            ordered.sort(key=lambda s: s.candidate.path in ("relayed", "via"))
         if probes:  # one probe at most, and only after every healthy node
             ordered.append(rng.choice(probes))
         eligible = [s.candidate for s in (*seen, *probes)]
@@ -337,6 +393,7 @@ class Router:
         circuits: Mapping[str, Any],
         probe: bool = False,
         fade: float = 1.0,
+        path: str = "direct",
     ) -> _Seen | None:
         """The node as an unplaced candidate, or None when it does not qualify."""
         if model is None:
@@ -371,10 +428,12 @@ class Router:
             + w.latency_per_s * (latency or 0.0) / 1000
             + (0.0 if local else w.hop)
             + (w.half_open if circuit == "half-open" else 0.0)
+            + (w.relayed if path == "relayed" else w.forwarded if path == "via" else 0.0)
         )
         if request.device is None and device and not device.casefold().startswith("cpu"):
             score -= w.accelerator
-        candidate = Candidate(pid, local, name, device, score, probe)
+        path = "local" if local else path
+        candidate = Candidate(pid, local, name, device, score, probe, path)
         return _Seen(candidate, latency, _positive(load.get("tokens_per_s")), ahead, theirs)
 
     # -- ordering ----------------------------------------------------------------

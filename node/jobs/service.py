@@ -5,26 +5,34 @@ This is the one place that turns a Request into a Result, whatever carried it
 the request's deadline, and shutdown: while draining, new work is refused with
 NOT_EXECUTED, and work cut off by shutdown is told NOT_EXECUTED if it had not
 started or OUTCOME_UNKNOWN if it had.
+
+Every job is held against the client that sent it (``execute``'s ``client``:
+the stream's authenticated peer id, or ``GATEWAY`` for the node's own HTTP
+clients) in the fair-share ledger (``fairness``): its limits are checked as it
+arrives, it waits in the gates within its peer's share, and what became of it
+is counted for status.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
 
 from capabilities.record import Load
-from node.errors import DeadlineExceeded, Interrupted, ShuttingDown
+from node.errors import DeadlineExceeded, Interrupted, OverBudget, Overloaded, ShuttingDown
 from node.observe import logs
 from protocols import MAX_HOPS, Priority, Request, Result, SwarmError, Value
 from runners.base import Runner, opened_stream
 from runners.errors import ModelNotFound
 
 from .admission import PriorityGate
+from .fair_queue import EVERYONE, Who
+from .fairness import GATEWAY, FairnessConfig, Ledger, Ticket, who_for
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ class Forwarder(Protocol):
 
 @dataclass(eq=False)
 class _Active:
+    who: Who = EVERYONE  # whose it is: the share it waits in
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     started: bool = False
 
@@ -75,13 +84,15 @@ class InferenceService:
         node_id: str,
         max_queue: int,
         forwarder: Forwarder | None = None,
+        fairness: FairnessConfig | None = None,
+        own_clients: Collection[str] = (),
     ) -> None:
+        """``own_clients``: peer ids that are this node's own (the CLI's client id),
+        weighed as such beside ``GATEWAY``."""
         self.node_id = node_id
+        self.ledger = Ledger(fairness or FairnessConfig(), own=(GATEWAY, *own_clients))
         self.runners = {name.lower(): r for name, r in runners.items()}
-        self.gates = {
-            name: PriorityGate(concurrency=r.concurrency, max_waiting=max_queue)
-            for name, r in self.runners.items()
-        }
+        self.gates = {name: self._gate(r, max_queue) for name, r in self.runners.items()}
         self.forwarder = forwarder
         # Told of every finished request (metrics): request, outcome ("ok" or an error
         # code), seconds taken, and the node that ran it when it ran.
@@ -93,10 +104,19 @@ class InferenceService:
         self._active: set[_Active] = set()
         self._drained: trio.Event | None = None  # exists only while drain() waits
 
+    def _gate(self, runner: Runner, max_queue: int) -> PriorityGate:
+        return PriorityGate(
+            concurrency=runner.concurrency,
+            max_waiting=max_queue,
+            weight_of=self.ledger.weight,
+            queued_limit=self.ledger.queued_limit,
+            fair=self.ledger.config.enabled,
+        )
+
     def add_runner(self, runner: Runner, max_queue: int) -> None:
         """Serve one more model (loaded already)."""
         name = runner.info.name.lower()
-        self.gates[name] = PriorityGate(concurrency=runner.concurrency, max_waiting=max_queue)
+        self.gates[name] = self._gate(runner, max_queue)
         self.runners[name] = runner
 
     async def remove_runner(self, name: str, grace_s: float) -> Runner | None:
@@ -125,23 +145,36 @@ class InferenceService:
         ewma = round(self.stats.ewma_ms, 3) if self.stats.served else None
         return Load(queue_depth=depth, in_flight=self.in_flight, ewma_latency_ms=ewma)
 
-    async def execute(self, request: Request, emit: Emit) -> Result:
-        """Run or forward ``request``; chunks go to ``emit`` when it streams.
+    async def execute(self, request: Request, emit: Emit, *, client: str = GATEWAY) -> Result:
+        """Run or forward ``request`` of ``client``; chunks go to ``emit`` when it streams.
 
+        ``client`` is whom the job is held against (see the module docstring).
         Raises a SwarmError subclass (its ``code`` is what the caller is told).
         """
         if self.draining:
             raise ShuttingDown("the node is shutting down and takes no new work")
-        job = _Active()
-        self._active.add(job)
+        who = who_for(client, request)
+        # Forwarded on, the job names whose it is, inside this node's own share.
+        request = replace(request, origin=who.origin)
         started = trio.current_time()
         logs.request_id.set(request.id)  # each request runs in a task of its own
+        try:
+            ticket = self.ledger.arrive(who, request.priority, started, self._retry_ms(request))
+        except OverBudget as exc:
+            self.stats.failed += 1
+            self._observe(request, str(exc.code), started, None)
+            raise
+        if ticket.priority is not request.priority:
+            request = replace(request, priority=ticket.priority)  # over its HIGH budget
+        job = _Active(ticket.who)
+        self._active.add(job)
         if self.on_start is not None:
             self.on_start(request)
         try:
             with job.scope:
                 result = await self._within_deadline(request, emit, job)
                 self._observe(request, "ok", started, result.meta.get("served_by"))
+                self._depart(ticket, "ok")
                 return result
             if job.started:
                 raise Interrupted("the node shut down while running the request")
@@ -150,11 +183,35 @@ class InferenceService:
             self.stats.failed += 1
             outcome = str(exc.code) if isinstance(exc, SwarmError) else "CANCELLED"
             self._observe(request, outcome, started, None)
+            refused = isinstance(exc, Overloaded)  # this node's own refusal, not a peer's
+            self._depart(ticket, "refused" if refused else outcome, getattr(exc, "reason", None))
             raise
         finally:
             self._active.discard(job)
             if not self._active and self._drained is not None:
                 self._drained.set()
+
+    def _depart(self, ticket: Ticket, outcome: str, over: str | None = None) -> None:
+        self.ledger.depart(ticket, outcome, trio.current_time(), over)
+
+    def _retry_ms(self, request: Request) -> int:
+        """When to try again after a refusal for a full in-flight budget."""
+        gate = self.gates.get(request.model.lower())
+        if gate is not None:
+            return gate.retry_after_ms()
+        return max(1, int(self.stats.ewma_ms or 50))
+
+    def shares(self) -> dict[str, object]:
+        """The fair-share ledger for status: the top peers and the rest (plain data)."""
+        queued: dict[str, int] = {}
+        running: dict[str, int] = {}
+        for gate in self.gates.values():
+            for holder, n in gate.queued_by().items():
+                queued[holder] = queued.get(holder, 0) + n
+            for holder, n in gate.running_by.items():
+                running[holder] = running.get(holder, 0) + n
+        described: dict[str, object] = self.ledger.describe(trio.current_time(), queued, running)
+        return described
 
     def _observe(self, request: Request, outcome: str, started: float, by: Any) -> None:
         took = trio.current_time() - started
@@ -215,7 +272,7 @@ class InferenceService:
     ) -> Result:
         runner.check(request.inputs, request.params)  # refuse bad input before queueing
         queued_at = trio.current_time()
-        async with self.gates[name].slot(request.priority):
+        async with self.gates[name].slot(request.priority, job.who):
             job.started = True
             started_at = trio.current_time()
             outputs: Mapping[str, Value]

@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 _KEY_HEADER = ("/key/swarm/psk/1.0.0/", "/base16/")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 MAX_TRACKED_REFUSALS = 1024
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{30,128}")
+
+
+def looks_like_peer_id(text: str) -> bool:
+    """Whether ``text`` is spelt like a peer id (base58, like 12D3KooW...)."""
+    return _PEER_ID.fullmatch(text) is not None
 
 
 def new_swarm_key_text() -> str:
@@ -67,7 +73,7 @@ def load_allow_list(ids: Iterable[str], files: Iterable[Path]) -> frozenset[str]
             entry = line.split("#", 1)[0].strip()
             if entry:
                 allowed.add(entry)
-    bad = [i for i in allowed if not re.fullmatch(r"[1-9A-HJ-NP-Za-km-z]{30,128}", i)]
+    bad = [i for i in allowed if not looks_like_peer_id(i)]
     if bad:
         raise ConfigError(f"not peer ids (base58, like 12D3KooW...): {sorted(bad)}")
     return frozenset(allowed) if given else None

@@ -79,12 +79,7 @@ async def running_host(
     key_pair: Any | None, listen: Sequence[str], *, psk: str | None = None
 ) -> AsyncIterator[Any]:
     """A started host listening on ``listen``; closed, listener included, on exit."""
-    try:
-        addrs = [multiaddr.Multiaddr(a) for a in listen]
-    except Exception as exc:  # multiaddr raises several types for bad text
-        raise ConfigError(f"bad listen address in {list(listen)}: {exc}") from exc
-    for addr in addrs:
-        _refuse_a_held_port(addr)
+    addrs = check_listen(listen)
     host = build_host(key_pair, psk=psk)
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -105,6 +100,21 @@ async def running_host(
         if error is group:
             raise
         raise error from None
+
+
+def check_listen(listen: Sequence[str]) -> list[multiaddr.Multiaddr]:
+    """``listen`` parsed; a ConfigError for bad text or a port another process holds.
+
+    The daemon calls it before loading its models too: a port conflict should
+    stop it at once, not after a minute of model conversion.
+    """
+    try:
+        addrs = [multiaddr.Multiaddr(a) for a in listen]
+    except Exception as exc:  # multiaddr raises several types for bad text
+        raise ConfigError(f"bad listen address in {list(listen)}: {exc}") from exc
+    for addr in addrs:
+        _refuse_a_held_port(addr)
+    return addrs
 
 
 def _refuse_a_held_port(addr: multiaddr.Multiaddr) -> None:

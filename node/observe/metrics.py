@@ -9,16 +9,28 @@ and benchmarks), with two kinds of series:
   them; their latency as a histogram by model and where they ran;
 - read from the node at scrape time (a collector, so they are never stale):
   queue depth per model and priority, requests in flight, peers known by status,
-  each local backend's circuit state, each peer breaker's state, failovers.
+  each local backend's circuit state, each peer breaker's state, failovers,
+  and verification: judgements by verdict, and per peer checked the checks,
+  agreements and strikes counted and whether it is held back from routing now.
 
 Circuit states are exported as one gauge per state with value 1 for the current
 one (the Prometheus idiom for an enum), so a dashboard can count open circuits.
+
+Fair share, read at scrape time too: per peer that sends work (the top N of the
+ledger by recent asking, the rest summed as ``peer="other"``, so the label set
+stays bounded however many identities turn up) its jobs queued and in flight,
+its recent share of the work served, and its served / refused / failed and
+over-budget counts; node-wide, refusals and jobs over a peer's budget by reason.
+The per-peer counts live as long as the ledger remembers the peer (an idle peer
+is forgotten) and a peer moves in and out of the top N, so read them as
+counters that may reset; the node-wide ones only grow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -41,6 +53,10 @@ class Live:
     backend_circuits: Mapping[str, str | None] = field(default_factory=dict)  # model -> state
     peer_circuits: Mapping[str, str | None] = field(default_factory=dict)  # peer -> state
     failovers: int = 0
+    shares: Mapping[str, Any] = field(default_factory=dict)  # InferenceService.shares()
+    # peer -> its reputation row (node.jobs.reputation.Reputation.describe)
+    reputation: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    verdicts: Mapping[str, int] = field(default_factory=dict)  # agree/disagree/unsure -> n
 
 
 class NodeMetrics:
@@ -124,6 +140,95 @@ class _Live(Collector):
             "Attempts after the first, over all jobs routed here.",
             value=live.failovers,
         )
+        yield from _shares(live.shares)
+        yield from _verification(live)
+
+
+def _shares(shares: Mapping[str, Any]) -> Iterator[Metric]:
+    rows = [r for r in shares.get("peers") or [] if isinstance(r, Mapping)]
+    other = shares.get("other")
+    labelled = [(str(r.get("peer")), r) for r in rows]
+    if isinstance(other, Mapping):
+        labelled.append(("other", other))
+    gauges = {
+        "queued": GaugeMetricFamily(
+            "swarm_peer_queued", "A peer's jobs waiting here now.", labels=["peer"]
+        ),
+        "in_flight": GaugeMetricFamily(
+            "swarm_peer_in_flight",
+            "A peer's jobs held here now (waiting, running, forwarded).",
+            labels=["peer"],
+        ),
+        "share": GaugeMetricFamily(
+            "swarm_peer_share",
+            "A peer's part of the work served here lately (0..1, fading).",
+            labels=["peer"],
+        ),
+    }
+    jobs = CounterMetricFamily(
+        "swarm_peer_jobs",
+        "A peer's jobs that ended here, by outcome (served, refused, failed).",
+        labels=["peer", "outcome"],
+    )
+    over = CounterMetricFamily(
+        "swarm_peer_over_budget",
+        "A peer's jobs over one of its limits (rate, in_flight, queued: refused; high: "
+        "run as NORMAL).",
+        labels=["peer", "reason"],
+    )
+    for peer, r in labelled:
+        for key, family in gauges.items():
+            family.add_metric([peer], float(r.get(key) or 0))
+        for outcome in ("served", "refused", "failed"):
+            jobs.add_metric([peer, outcome], float(r.get(outcome) or 0))
+        for reason, n in (r.get("over_budget") or {}).items():
+            over.add_metric([peer, str(reason)], float(n))
+    yield from gauges.values()
+    yield jobs
+    yield over
+    totals = shares.get("totals") or {}
+    yield CounterMetricFamily(
+        "swarm_fairness_refused",
+        "Jobs this node refused with OVERLOADED (a full queue or a peer's own limit).",
+        value=float(totals.get("refused", 0)),
+    )
+    budget = CounterMetricFamily(
+        "swarm_fairness_over_budget",
+        "Jobs over their peer's limit, by reason, over all peers.",
+        labels=["reason"],
+    )
+    for reason in ("rate", "in_flight", "queued", "high"):
+        budget.add_metric([reason], float(totals.get(reason, 0)))
+    yield budget
+
+
+def _verification(live: Live) -> Iterator[Metric]:
+    verdicts = CounterMetricFamily(
+        "swarm_verify_judgements",
+        "Spot checks and verify jobs judged here, by verdict (agree, disagree, unsure).",
+        labels=["verdict"],
+    )
+    for verdict in ("agree", "disagree", "unsure"):
+        verdicts.add_metric([verdict], live.verdicts.get(verdict, 0))
+    yield verdicts
+    counts = {
+        "checked": "Checks of each peer's answers this node made.",
+        "agreed": "Checks where the peer's answer agreed.",
+        "strikes": "Checks that found the peer's answer wrong.",
+    }
+    for key, doc in counts.items():
+        family = CounterMetricFamily(f"swarm_peer_{key}", doc, labels=["peer"])
+        for peer, row in live.reputation.items():
+            family.add_metric([peer], float(row.get(key, 0)))
+        yield family
+    held = GaugeMetricFamily(
+        "swarm_peer_held_back",
+        "1 while this node holds the peer back from routing for wrong answers.",
+        labels=["peer"],
+    )
+    for peer, row in live.reputation.items():
+        held.add_metric([peer], 1.0 if row.get("held_back") else 0.0)
+    yield held
 
 
 def _states(name: str, doc: str, key: str, current: Mapping[str, str | None]) -> GaugeMetricFamily:
