@@ -27,6 +27,7 @@ import trio
 from conftest import NodeFactory
 from support import eventually
 
+from bootstrap.table import live_peers
 from node.client import SwarmClient
 from node.daemon import Node
 from node.data_dir import read_state
@@ -414,9 +415,12 @@ async def test_concurrent_grpc_calls_do_not_stall_the_trio_loop(
     print(f"libp2p job in {1000 * took:.1f} ms, the loop late by {1000 * max(lags):.1f} ms at most")
     text = answer.outputs["text"]
     assert isinstance(text, str) and len(text.split()) == 3  # FakeRunner's three words
-    assert took < 0.5 and in_flight_after == CONCURRENT  # answered while all 32 waited
+    # A handler that waited for its job on the trio thread would hold the loop for a
+    # whole job (SLOW_S); what is left is the GIL shared with 64 threads of grpcio and
+    # the client on a busy machine (tens of ms, 0.2 s at load 5 on 2 cores).
+    assert took < SLOW_S / 3 and in_flight_after == CONCURRENT  # answered while 32 waited
     assert answers[0] == [2.0 * 3 * i for i in range(CONCURRENT)]  # each its own answer
-    assert max(lags) < 0.25, f"the loop stalled for {max(lags):.3f} s"
+    assert max(lags) < SLOW_S / 3, f"the loop stalled for {max(lags):.3f} s"
 
 
 @pytest.fixture
@@ -475,3 +479,41 @@ async def test_stopping_node_finishes_calls_in_flight_then_refuses(
     assert answers and answers[0].shape == (1, 8)
     after = await with_client(address, lambda c: refusal(c.is_server_live))
     assert after["status"] == "StatusCode.UNAVAILABLE"
+
+
+async def test_verified_jobs_say_how_the_copies_compared_in_trailing_metadata(
+    node_factory: NodeFactory,
+) -> None:
+    """``x-swarm-verify: 1`` runs the job on one more node; the verdict comes back as
+    trailing metadata named as the HTTP response headers."""
+    from tritonclient.grpc import service_pb2
+
+    flat = X.ravel().tolist()
+
+    def call(address: str, metadata: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        with grpc.insecure_channel(address) as channel:
+            infer = channel.unary_unary(
+                INFER,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=service_pb2.ModelInferResponse.FromString,
+            )
+            request = typed_request("FP32", [2, 3], fp32_contents=flat)
+            _, done = infer.with_call(request, timeout=TIMEOUT_S, metadata=metadata)
+            return dict(done.trailing_metadata() or ())
+
+    async with (
+        node_factory("one", models=("fake:echo",)) as one,
+        node_factory("two", models=("fake:echo",), peers=(one.addrs[0],)) as two,
+        node_factory(
+            "gateway", models=(), peers=(one.addrs[0], two.addrs[0]), grpc=GrpcConfig()
+        ) as gateway,
+    ):
+        assert gateway.services.grpc is not None
+        address = gateway.services.grpc.address
+        table = gateway.services.membership
+        await eventually(lambda: len(list(live_peers(table.table))) == 2)
+        verified = await trio.to_thread.run_sync(call, address, (("x-swarm-verify", "1"),))
+        plain = await trio.to_thread.run_sync(call, address, ())
+    assert verified["x-swarm-verify-verdict"] == "agree"
+    assert set(verified["x-swarm-verify-nodes"].split(",")) == {one.peer_id, two.peer_id}
+    assert "x-swarm-verify-verdict" not in plain

@@ -19,8 +19,10 @@ grpcio before they are read.
 
 Auth is HTTP's (``app.has_token``): ``authorization: Bearer <token>`` or
 ``x-api-key`` metadata on every call but ServerLive, ServerReady and
-ServerMetadata, which say nothing of the swarm. ``x-swarm-deadline-ms`` and
-``x-swarm-priority`` metadata are HTTP's headers of those names.
+ServerMetadata, which say nothing of the swarm. ``x-swarm-deadline-ms``,
+``x-swarm-priority`` and ``x-swarm-verify`` metadata are HTTP's headers of those
+names, and a verified job's verdict comes back as trailing metadata named as
+HTTP's response headers (``x-swarm-verify-verdict`` ...).
 
 The server lives in the daemon's nursery (``GrpcGateway.run``): when the node
 begins to stop, it refuses new calls and gives those in flight the grace period
@@ -47,7 +49,16 @@ from trio_typing import TaskStatus
 from protocols import ErrorCode, Request, SwarmError
 
 from . import grpc_codec as codec
-from .app import MAX_DEADLINE_MS, Backend, find_model, has_token, new_id, no_chunks, options_from
+from .app import (
+    MAX_DEADLINE_MS,
+    Backend,
+    find_model,
+    has_token,
+    new_id,
+    no_chunks,
+    options_from,
+    verify_headers,
+)
 from .config import MAX_QUEUED_SHARE, GrpcConfig, is_loopback
 from .errors import HTTPFailure
 from .grpc_codec import Refused
@@ -261,9 +272,13 @@ def handlers(backend: Backend, config: GrpcConfig, bridge: Bridge) -> Any:
             params=call.params,
             deadline_ms=deadline_ms,
             priority=how.priority,
+            verify=how.verify,
         )
         result = bridge.call(context, lambda: backend.execute(job, no_chunks))
-        return codec.infer_response(call, job.model, result.outputs)
+        answer = codec.infer_response(call, job.model, result.outputs)
+        if verified := verify_headers([result.meta]):  # how the copies compared, if asked
+            context.set_trailing_metadata(tuple(verified.items()))
+        return answer
 
     calls: dict[str, tuple[Callable[[Any, Any], Any], Any, bool]] = {
         "ServerLive": (live, pb.ServerLiveRequest, True),
