@@ -46,7 +46,7 @@ import grpc
 import trio
 from trio_typing import TaskStatus
 
-from protocols import ErrorCode, Request, SwarmError
+from protocols import ErrorCode, Request, Result, SwarmError
 
 from . import grpc_codec as codec
 from .app import (
@@ -256,26 +256,31 @@ def handlers(backend: Backend, config: GrpcConfig, bridge: Bridge) -> Any:
 
     def infer(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         call = codec.read_request(request)  # on this thread: the trio loop never decodes
-        model = described(call.model)
-        codec.check_version(model, call.version)
-        codec.check_wanted(model, call.wanted)
         how = options_from(_metadata(context).get)
         deadline_ms = how.deadline_ms
         remaining = context.time_remaining()  # without a deadline: None, or about forever
         if remaining is not None and remaining * 1000 < MAX_DEADLINE_MS:
             left = max(1, int(remaining * 1000))
             deadline_ms = left if deadline_ms is None else min(deadline_ms, left)
-        job = Request(
-            id=call.id if 0 < len(call.id) <= 128 else new_id("grpc"),
-            model=str(model["name"]),
-            inputs=call.inputs,
-            params=call.params,
-            deadline_ms=deadline_ms,
-            priority=how.priority,
-            verify=how.verify,
-        )
-        result = bridge.call(context, lambda: backend.execute(job, no_chunks))
-        answer = codec.infer_response(call, job.model, result.outputs)
+
+        async def run() -> tuple[str, Result]:
+            # One trip to the loop: the model looked up and the job run there.
+            model = find_model(backend, call.model)
+            codec.check_version(model, call.version)
+            codec.check_wanted(model, call.wanted)
+            job = Request(
+                id=call.id if 0 < len(call.id) <= 128 else new_id("grpc"),
+                model=str(model["name"]),
+                inputs=call.inputs,
+                params=call.params,
+                deadline_ms=deadline_ms,
+                priority=how.priority,
+                verify=how.verify,
+            )
+            return job.model, await backend.execute(job, no_chunks)
+
+        name, result = bridge.call(context, run)
+        answer = codec.infer_response(call, name, result.outputs)
         if verified := verify_headers([result.meta]):  # how the copies compared, if asked
             context.set_trailing_metadata(tuple(verified.items()))
         return answer
