@@ -45,9 +45,7 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset(
-    {"node", "http", "models", "backends", "router", "relay", "fairness", "verify"}
-)
+TABLES = frozenset({"node", "http", "models", "backends", "router", "relay", "fairness", "verify"})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
