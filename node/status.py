@@ -67,8 +67,13 @@ def relays_holding(s: Services, peer_id: str) -> list[str]:
 
 def client_view(s: Services) -> dict[str, Any]:
     """This node's own view, which clients (``swarm status``) get in its record."""
+    view = s.membership.view()
+    # Each peer's path: how its connection runs now (direct, hole-punched or relayed;
+    # None when not connected), which `swarm peers` shows beside its status.
+    kinds = s.circuits.kinds()
+    view["peers"] = [{**row, "path": kinds.get(str(row.get("peer_id")))} for row in view["peers"]]
     return {
-        **s.membership.view(),
+        **view,
         "stats": s.service.stats.describe(),
         # Records that failed verification on arrival, before any table saw them.
         "records_refused_on_arrival": s.caps.refused_records,

@@ -292,6 +292,9 @@ async def test_a_job_crosses_the_relay_then_dcutr_makes_it_direct(tmp_path: Path
         reach_a, reach_r = await a.reach(), await r.reach()
         assert reach_a["hole_punch"]["successes"] + (await b.reach())["hole_punch"]["successes"]
         assert b.peer_id not in reach_a["relayed_via"]
+        # `swarm peers` says so too: each peer's row carries its path.
+        paths = {row["peer_id"]: row["path"] for row in (await a.view())["peers"]}
+        assert paths[b.peer_id] == "hole-punched" and paths[r.peer_id] == "direct", paths
         # The public relay reserves nothing and is dialled directly.
         assert reach_r["relays"]["held"] == [] and not reach_r["relays"]["reserving"]
         assert reach_a["connections"][r.peer_id] == "direct"
