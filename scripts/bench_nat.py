@@ -69,8 +69,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     bandwidth = None if args.relay_bandwidth is None else int(args.relay_bandwidth * MIB)
     with tempfile.TemporaryDirectory(prefix="bench-nat-") as tmp:
+        root = Path(tmp)
+        if args.logs is not None:  # data dirs and logs kept there
+            root = args.logs
+            root.mkdir(parents=True, exist_ok=False)
         async with nat_swarm(
-            Path(tmp), said=args.reachability == "said", relay_bandwidth=bandwidth
+            root, said=args.reachability == "said", relay_bandwidth=bandwidth
         ) as swarm:
             ledger = m.Ledger()
             last_start = await start(swarm)
@@ -98,7 +102,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             out["first_job"] = {"B": first["hole-punched"], "C": first["relayed"]}
             progress("first jobs answered; A-B until the hole punch")
-            out["until_punched"] = await m.until_punched(swarm, ledger, last_start)
+            bound = m.QUICK_PUNCH_BOUND_S if args.quick else m.PUNCH_BOUND_S
+            out["until_punched"] = await m.until_punched(swarm, ledger, last_start, bound)
             out["a_c_kind"] = await m.wait_connected(swarm, swarm.c, m.RELAYED_BOUND_S)
             progress(f"round trips, {args.rounds} rounds on 4 paths")
             out["round_trips"] = await m.round_trips(swarm, ledger, args.rounds, args.warm)
@@ -130,6 +135,15 @@ def fmt(x: float | None, spec: str = ".2f", unit: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{unit}"
 
 
+def note_kinds(section: dict[str, Any]) -> None:
+    """Say so when a path's connection was not of its kind for the whole section."""
+    odd = {**m.unexpected(section["kinds_before"]), **m.unexpected(section["kinds_after"])}
+    if odd:
+        names = ", ".join(f"{n.upper()} ({m.EXPECTED_KINDS[n]})" for n in odd)
+        print(f"   NOTE: not of its path's kind all along: {names}; that row mixes kinds")
+    section["kinds_as_expected"] = not odd
+
+
 def report(r: dict[str, Any], args: argparse.Namespace) -> Summary:
     summary = Summary()
     mach = r["machine"]
@@ -154,7 +168,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> Summary:
         if f["from_last_start_s"] is None:
             print(f"   first job for {who}'s model: NOT answered within {m.FIRST_BOUND_S:g} s")
             continue
-        via = f" through {f['via'].upper()}" if f.get("via") else ""
+        via = f" (forwarded by {f['via'].upper()})" if f.get("via") else ""
         print(
             f"   first job for {who}'s model answered {f['from_last_start_s']:.2f} s after the "
             f"last start ({f['from_a_ready_s']:.2f} s after A was ready), served by "
@@ -174,11 +188,16 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> Summary:
     print()
     u = r["until_punched"]
     rel = u["relayed_ms"]
-    print("2. A-B relayed until DCUtR punches through (jobs to B back to back meanwhile)")
+    print(f"2. A-B relayed until DCUtR punches through (jobs to B every {m.PACE_S * 1000:g} ms)")
+    kinds = " -> ".join(f"{k} ({t:.1f} s)" for t, k in u["kinds_seen"])
     print(
         f"   hole-punched {fmt(u['punched_after_last_start_s'], '.1f', ' s')} after the last "
-        f"start; A's kinds for B in turn: {' -> '.join(map(str, u['kinds_seen']))}"
+        f"start; A's connection to B: {kinds}"
     )
+    print("   hole punches (tried/succeeded) meanwhile, as the nodes count them:")
+    for t, counts in u["punch_counts"]:
+        each = ", ".join(f"{n.upper()} {a}/{ok}" for n, (a, ok) in counts.items())
+        print(f"      {t:5.1f} s  {each}")
     fwd = u["forwarded_ms"]
     print(
         f"   the first job to B itself (no forwarding peer) ended "
@@ -197,22 +216,42 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> Summary:
         "small job per path per round, order shuffled"
     )
     print(f"   kinds before: {rt['kinds_before']}, after: {rt['kinds_after']}")
+    note_kinds(rt)
     print(f"   load {rt['load_before']} -> {rt['load_after']}")
-    print(f"   {'path':<14} {'n':>5} {'median':>8} {'p90':>8} {'p99':>8}  x direct (median, p90)")
-    direct = rt["ms"]["direct"]
+    print(
+        f"   {'path':<14} {'n':>5} {'median':>8} {'p90':>8} {'p99':>8}  {'x direct':>8} "
+        f"{'p90 x':>6}  {'past local':>10} {'x direct':>8}"
+    )
+    direct, local = rt["ms"]["direct"], rt["ms"]["local"]
+    added: dict[str, float | None] = {}
     for path, row in rt["ms"].items():
+        added[path] = row["median"] - local["median"] if row["n"] and local["n"] else None
+    rt["past_local_ms"] = added
+    for path, row in rt["ms"].items():
+        more = added[path]
+        times = None if more is None or not added["direct"] else more / added["direct"]
         print(
             f"   {path:<14} {row['n']:>5} {ms(row, 'median'):>8} {ms(row, 'p90'):>8} "
-            f"{ms(row, 'p99'):>8}  {fmt(ratio(row, direct, 'median'))}x, "
-            f"{fmt(ratio(row, direct, 'p90'))}x"
+            f"{ms(row, 'p99'):>8}  {fmt(ratio(row, direct, 'median')):>7}x "
+            f"{fmt(ratio(row, direct, 'p90')):>5}x  {fmt(more):>10} "
+            f"{fmt(None if path == 'local' else times):>7}{'' if path == 'local' else 'x'}"
         )
+    print(
+        "   (ms; x direct: this path's median, or p90, over the direct one's; past local: the "
+        "median\n    less the local path's, what the network and the far node add)"
+    )
     print(f"   the relay moved {rt['relay_bytes'] / 1024:.0f} KiB during the section")
     relayed = ratio(rt["ms"]["relayed"], direct, "median")
+    # Only a figure when A-R stayed direct and A-C relayed throughout.
+    valid = all(
+        rt[when].get(n) == m.EXPECTED_KINDS[n] for when in ("kinds_before", "kinds_after")
+        for n in ("r", "c")
+    )  # fmt: skip
     summary.add(
         "relayed round trip / direct (medians)",
-        fmt(relayed, ".2f", "x"),
+        fmt(relayed, ".2f", "x") if valid else "mixed kinds",
         f"< {TARGET_RELAYED_RATIO:g}x",
-        relayed is not None and relayed < TARGET_RELAYED_RATIO,
+        valid and relayed is not None and relayed < TARGET_RELAYED_RATIO,
     )
     print()
     st = r["streams"]
@@ -231,6 +270,12 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> Summary:
         f"(load {tn['load_before']} -> {tn['load_after']})"
     )
     print(f"   kinds before: {tn['kinds_before']}, after: {tn['kinds_after']}")
+    note_kinds(tn)
+    limit = r["relay_limits"]["circuit_bandwidth"]
+    print(
+        "   R's limit per circuit: "
+        + (f"{limit / MIB:g} MiB/s both ways, a burst of 1 s's worth" if limit else "none")
+    )
     local = tn["paths"]["local"]
     for path, row in tn["paths"].items():
         s = row["s"]
@@ -316,8 +361,15 @@ def main() -> int:
         type=float,
         help="R's per-circuit bandwidth limit, MiB/s (0: none); default: the daemon's",
     )
-    parser.add_argument("--quick", action="store_true", help="60 rounds, 2 streams, 1 tensor")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="60 rounds, 2 streams, 1 tensor, the punch waited for 45 s at most (not 90)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--logs", type=Path, help="keep the nodes' data dirs and logs in this new directory"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.warm, args.streams, args.tensors = 60, 10, 2, 1

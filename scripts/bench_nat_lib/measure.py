@@ -40,9 +40,14 @@ PATHS = ("local", "direct", "hole-punched", "relayed")
 JOB_DEADLINE_S = 10.0
 FIRST_DEADLINE_S = 10.0  # one try of the first job (a try refused at once is retried)
 FIRST_BOUND_S = 60.0  # the last start -> the first job answered, at most
-PUNCH_BOUND_S = 40.0  # A-B hole-punched, at most, after the first job
+# A-B hole-punched, at most, after the first job. py-libp2p's DCUtR drives punches
+# one peer at a time (``_auto_drive_loop`` awaits each): B's three failing tries to C
+# (7 to 17 s each) can come first, so A-B's may start only ~35 s in.
+PUNCH_BOUND_S = 90.0
+QUICK_PUNCH_BOUND_S = 45.0  # --quick: the rows then say when the punch came too late
+PACE_S = 0.02  # between the jobs sent while waiting for the punch
 RELAYED_BOUND_S = 30.0  # A-C connected (relayed), at most
-KIND_EVERY_S = 0.3
+KIND_EVERY_S = 0.3  # A's status asked this often while waiting
 STREAM_CHUNKS = 64
 TENSOR_SHAPE = (64, 65536)  # float32: 16 MiB
 MIB = 1024 * 1024
@@ -80,6 +85,14 @@ class Target:
     @property
     def model(self) -> str:
         return self.node.model
+
+
+EXPECTED_KINDS = {"r": "direct", "b": "hole-punched", "c": "relayed"}  # A's to each
+
+
+def unexpected(kinds: dict[str, str | None]) -> dict[str, str | None]:
+    """The nodes to which A's connection is not of its path's kind."""
+    return {n: k for n, k in kinds.items() if EXPECTED_KINDS.get(n) != k}
 
 
 def targets(swarm: NatSwarm) -> list[Target]:
@@ -179,8 +192,10 @@ async def first_job(swarm: NatSwarm, target: Target, last_start: float, ledger: 
 # -- 2. A-B relayed until DCUtR punches through -------------------------------------------
 
 
-async def until_punched(swarm: NatSwarm, ledger: Ledger, since: float) -> dict[str, Any]:
-    """Jobs to B back to back while A watches its connection to B, until DCUtR makes it
+async def until_punched(
+    swarm: NatSwarm, ledger: Ledger, since: float, bound_s: float = PUNCH_BOUND_S
+) -> dict[str, Any]:
+    """Jobs to B (PACE_S apart) while A watches its connection to B, until DCUtR makes it
     hole-punched: when that was (from ``since``, the last start), when the first job
     went to B itself rather than through a forwarding peer (``via``), and the round
     trips of the jobs that ran wholly while the connection was relayed, and of those
@@ -190,11 +205,19 @@ async def until_punched(swarm: NatSwarm, ledger: Ledger, since: float) -> dict[s
     jobs: list[tuple[float, float, bool]] = []  # start, end, forwarded by a third node
     punched = trio.Event()  # or given up on: the jobs stop
 
+    punches: list[tuple[float, dict[str, tuple[int, int]]]] = []
+
     async def watch() -> None:
         while True:
             with suppress(SwarmError, OSError, trio.TooSlowError):
                 kind = await swarm.a.kind_of(swarm.b)
                 seen.append((trio.current_time(), kind))
+                counts = {}
+                for d in (swarm.a, swarm.b, swarm.c):
+                    hp = (await d.reach())["hole_punch"]
+                    counts[d.name] = (int(hp["attempts"]), int(hp["successes"]))
+                if not punches or punches[-1][1] != counts:
+                    punches.append((trio.current_time(), counts))
                 if kind == "hole-punched":
                     return
             await trio.sleep(KIND_EVERY_S)
@@ -212,10 +235,11 @@ async def until_punched(swarm: NatSwarm, ledger: Ledger, since: float) -> dict[s
                     continue
                 if ledger.answer("until punched", b, result, via_ok=True):
                     jobs.append((start, trio.current_time(), bool(result.meta.get("via"))))
+                await trio.sleep(PACE_S)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(submit)  # its last job ends (within its deadline) before we go on
-        with trio.move_on_after(PUNCH_BOUND_S):
+        with trio.move_on_after(bound_s):
             await watch()
         punched.set()
     relayed: list[float] = []
@@ -233,7 +257,15 @@ async def until_punched(swarm: NatSwarm, ledger: Ledger, since: float) -> dict[s
     return {
         "punched_after_last_start_s": None if at is None else at - since,
         "first_to_b_itself_after_last_start_s": None if own is None else own - since,
-        "kinds_seen": [k for i, (_, k) in enumerate(seen) if i == 0 or seen[i - 1][1] != k],
+        # A's kind of connection to B, at each change (seconds from the last start).
+        "kinds_seen": [
+            (round(t - since, 2), k)
+            for i, (t, k) in enumerate(seen)
+            if i == 0 or seen[i - 1][1] != k
+        ],
+        # Each node's hole punches (tried, succeeded) at each change: a punch that
+        # cannot work (to C) may hold up the others of the same node.
+        "punch_counts": [(round(t - since, 2), counts) for t, counts in punches],
         "jobs": len(jobs),
         "relayed_ms": spread(relayed),
         "forwarded_ms": spread(forwarded),

@@ -77,7 +77,7 @@ class Daemon:
 
     def start(self) -> None:
         command = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "node.cli"]
-        command += ["--log-level", "WARNING", "daemon", "--listen", f"/ip4/{self.ip}/tcp/{PORT}"]
+        command += ["--log-level", "INFO", "daemon", "--listen", f"/ip4/{self.ip}/tcp/{PORT}"]
         command += ["--no-cuda-probe", "--no-mdns", "--http", "off"]
         command += ["--data-dir", str(self.data_dir), "--model", f"fake:{self.model}", *self.args]
         self.data_dir.mkdir(parents=True, exist_ok=True)
