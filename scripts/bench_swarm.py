@@ -190,6 +190,7 @@ async def throughput(
         "retried": sum(j.attempts > 1 for j in jobs),
         "errors": dict(Counter(j.error.split(":")[0] for j in jobs if j.error)),
         "cpu": cpu_per_job(snaps[0], snaps[1], len(done), window_s),
+        "load_after": os.getloadavg()[0],
     }
 
 
@@ -360,22 +361,26 @@ def versus_report(
             f"   ({'ab'[list(CASES).index(case)]}) {about} ({model}; capacity {capacity:g} workers)"
         )
         print(
-            f"   {'':>4} {'callers':>7} {'jobs/s':>8} {'ideal':>6} {'effic.':>6} {'p50':>8} "
-            f"{'p99':>8}  jobs per worker (w0..w{max(SIZES) - 1})"
+            f"   {'':>7} {'callers':>7} {'jobs/s':>8} {'ideal':>6} {'effic.':>6} {'p50':>8} "
+            f"{'p99':>8} {'other':>5} {'load':>5}  jobs per worker (w0..w{max(SIZES) - 1})"
         )
-        means: dict[str, dict[str, float]] = {}
-        for name, label in (("default", "dflt"), ("round-robin", "rr")):
-            got = [one[name] for one in versus[case]]
-            for row in got:
+        for k, one in enumerate(versus[case]):  # in the order they ran
+            for name, row in one.items():
                 row["efficiency"] = row["jobs_per_s"] / (capacity * base) if base else 0.0
+                others = row["cpu"]["machine_busy_cores"] - row["cpu"]["ours_cores"]
+                label = f"{k + 1} {'dflt' if name == 'default' else 'rr'}"
                 print(
-                    f"   {label:>4} {row['callers']:>7} {row['jobs_per_s']:>8.1f} "
+                    f"   {label:>7} {row['callers']:>7} {row['jobs_per_s']:>8.1f} "
                     f"{capacity * 1000 / service_ms:>6.0f} {row['efficiency']:>6.2f} "
-                    f"{row['p50_ms'] or 0:>6.1f}ms {row['p99_ms'] or 0:>6.1f}ms  "
+                    f"{row['p50_ms'] or 0:>6.1f}ms {row['p99_ms'] or 0:>6.1f}ms "
+                    f"{others:>5.2f} {row.get('load_after', 0):>5.1f}  "
                     f"{' '.join(str(c) for c in row['per_worker'])}"
                 )
                 if row["errors"] or row["retried"]:
                     print(f"        errors: {row['errors']}, retried jobs: {row['retried']}")
+        means: dict[str, dict[str, float]] = {}
+        for name in ("default", "round-robin"):
+            got = [one[name] for one in versus[case]]
             means[name] = {
                 k: statistics.mean(row[k] or 0.0 for row in got)
                 for k in ("jobs_per_s", "p99_ms", "efficiency")
@@ -395,7 +400,8 @@ def versus_report(
             ratio >= target,
         )
     print("   (ideal: capacity x 1000 / service ms; effic.: jobs/s / (capacity x jobs/s at 1);")
-    print("   dflt: the jobs ask for no strategy, so the entry's default, least-loaded, routes)")
+    print("   dflt: the jobs ask for no strategy, so the entry's default, least-loaded, routes;")
+    print("   other: CPU cores the rest of the machine used in the window; load: 1-min average)")
 
 
 def report(r: dict[str, Any], service_ms: float) -> Summary:

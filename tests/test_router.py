@@ -890,3 +890,24 @@ def test_the_unknown_load_prior_and_penalty_are_configurable() -> None:
     table = table_of({"u": unlinked()})
     r = Router(SELF, config, rng=random.Random(1), clock=Clock())
     assert r.plan(table, None, RouteRequest("m"), {})[0].score == pytest.approx(3 + 0.5 + 0.25)
+
+
+def test_speeds_within_twice_the_typical_count_as_typical() -> None:
+    """A busy machine stretches one worker's jobs now, another's next: a peer seen
+    1.75x slower is taken as typical (equal peers stay balanced, taking turns);
+    one 5x slower is scaled (it waits for the others to queue 4 of ours)."""
+    table = table_of({p: body() for p in "abc"})
+    r = router()
+    noisy = {"a": 20.0, "b": 35.0, "c": 20.0}
+    firsts = [r.plan(table, None, RouteRequest("m"), {}, None, noisy)[0].peer_id for _ in range(6)]
+    assert sorted(firsts) == ["a", "a", "b", "b", "c", "c"]
+    scores = {
+        c.peer_id: c.score
+        for c in r.preview(table, None, RouteRequest("m"), {}, None, noisy).candidates
+    }
+    assert scores["a"] == scores["b"] == scores["c"]
+    slow = {"a": 20.0, "b": 100.0, "c": 20.0}
+    for n in (0, 3):
+        got = r.plan(table, None, RouteRequest("m"), {"a": n, "c": n}, None, slow)
+        assert got[0].peer_id != "b", n
+    assert r.plan(table, None, RouteRequest("m"), {"a": 5, "c": 5}, None, slow)[0].peer_id == "b"

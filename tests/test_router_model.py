@@ -45,6 +45,7 @@ class Worker:
     pid: str
     service_ms: float
     known: bool = True  # heartbeats carry its load; False: a provider known, not linked
+    jitter: float = 0.05  # each job takes service_ms x uniform(1 - jitter, 1 + jitter)
     pause_at: float | None = None  # the first job it starts after this takes pause_ms
     pause_ms: float = 0.0
     queue: list[int] = field(default_factory=list)  # callers' jobs, arrival order
@@ -120,7 +121,7 @@ def simulate(
         if w.busy or not w.queue:
             return
         w.busy = True
-        run_ms = w.service_ms * rng.uniform(0.95, 1.05)
+        run_ms = w.service_ms * rng.uniform(1 - w.jitter, 1 + w.jitter)
         if w.pause_at is not None and now >= w.pause_at:  # a GC pause, a busy moment
             run_ms, w.pause_at = w.pause_ms, None
         at(now + run_ms / 1000, "finish", (w.pid, w.queue.pop(0), run_ms))

@@ -43,7 +43,7 @@ Score (lower is better): how long a job would take there, in typical job times
              + w.in_flight    * running        # in_flight less the queued (a node counts
                                                # its queued jobs as in flight too)
     # fade = 0.5 ** (report age / load_half_life_s): an old report says less about now
-    speed = service_ms / typical_ms            # 1 while unknown
+    speed = service_ms / typical_ms            # 1 while unknown, or within 2x (SPEED_BAND)
     score = (queue + 1) * speed - 1            # with every node alike: the queue
           + w.hop          * (0 if local else 1)       # a network hop costs
           + w.half_open    * (record says the model's backend circuit is half-open)
@@ -324,6 +324,12 @@ class _Ours:
 
 MAX_SPEEDUP = 1000.0  # a node's speed counts at most this many times the typical one
 TIE = 0.25  # least-loaded: scores this close to the best (in typical jobs) take turns
+# Speeds within this factor of the typical one count as typical: run_ms is noisy (a
+# busy machine stretches a 20 ms job to 40 at one worker, then at another), and a
+# noisy speed only unbalances equal peers; by our own calls alone the shortest
+# queue already keeps a slower peer busy with fewer jobs, and the speed is there
+# so that a clearly slower one (5x) holds less of them waiting (latency).
+SPEED_BAND = 2.0
 
 
 class Router:
@@ -535,6 +541,7 @@ class Router:
             others = f.others() if f.known else unknown
             queue = w.ours * f.ours + others
             speed = f.service_ms / typical if f.service_ms and typical else 1.0
+            speed = 1.0 if 1 / SPEED_BAND <= speed <= SPEED_BAND else speed
             speed = min(max(speed, 1 / MAX_SPEEDUP), MAX_SPEEDUP)  # junk stays finite
             score = (
                 (queue + 1) * speed
