@@ -82,5 +82,5 @@ def test_at_replays_the_counts(steps: list[tuple[str, bool]]) -> None:
             counts[peer] -= 1
         seen.append((peer, float(t), counts[peer]))
         assert calls.in_flight.get(peer, 0) == counts[peer]
-    for peer, t, n in seen:
-        assert calls.at(peer, t) == n
+    for peer, when, n in seen:
+        assert calls.at(peer, when) == n
