@@ -84,3 +84,15 @@ def test_at_replays_the_counts(steps: list[tuple[str, bool]]) -> None:
         assert calls.in_flight.get(peer, 0) == counts[peer]
     for peer, when, n in seen:
         assert calls.at(peer, when) == n
+
+
+def test_service_times_no_answer_refreshed_since_are_left_out() -> None:
+    calls = OwnCalls()
+    for peer, at in (("a", 1.0), ("b", 5.0)):
+        calls.started(peer, at - 0.5)
+        calls.ended(peer, at, "m", {"run_ms": 100.0})
+    assert calls.service_ms("m") == {"a": 100.0, "b": 100.0}
+    assert calls.service_ms("m", since=3.0) == {"b": 100.0}
+    calls.started("a", 8.0)
+    calls.ended("a", 9.0, "m", {"run_ms": 20.0})  # a fresh answer brings it back
+    assert calls.service_ms("m", since=6.0) == {"a": pytest.approx(84.0)}

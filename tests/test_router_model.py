@@ -29,7 +29,7 @@ import pytest
 
 from bootstrap.table import Heard, PeerTable, RecordVerified, apply
 from node.jobs.calls import OwnCalls
-from node.jobs.dispatch import RouterPlanner
+from node.jobs.dispatch import SERVICE_FRESH_S, RouterPlanner
 from node.jobs.router import LocalNode, Router, RouterConfig
 from protocols import Request
 
@@ -93,6 +93,7 @@ def simulate(
         lambda: LocalNode([]),  # the entry serves nothing (--no-models)
         lambda: calls.in_flight,
         calls=lambda: calls,
+        clock=lambda: now,
     )
     by_id = {w.pid: w for w in workers}
     events: list[tuple[float, int, str, Any]] = []
@@ -245,3 +246,38 @@ def test_a_one_off_pause_at_a_worker_does_not_keep_it_out() -> None:
     assert default.jobs_per_s >= 0.97 * rr.jobs_per_s
     others = statistics.mean(default.per_worker.get(f"w{i}", 0) for i in range(8) if i != 3)
     assert default.per_worker.get("w3", 0) >= 0.9 * others
+
+
+def test_the_planner_leaves_out_service_times_no_answer_refreshed_lately() -> None:
+    """A peer we stopped sending to after a slow spell: once our estimate is
+    SERVICE_FRESH_S old, its heartbeats' EWMA counts (it ran others' jobs fast)."""
+    now = 100.0
+    fast = {"name": MODEL, "task": "embeddings", "device": "CPU", "precision": "fp32"}
+    table = PeerTable()
+    for pid in ("a", "b"):
+        load = {"queue_depth": {}, "in_flight": 0, "ewma_latency_ms": 20.0}
+        table = apply(table, RecordVerified(pid, 1, {"models": [fast], "load": load}, at=now))
+    calls = OwnCalls()
+    calls.started("b", 1.0)
+    calls.ended("b", 2.0, MODEL, {"run_ms": 400.0})  # its slow spell, long ago
+    router = Router(ENTRY, RouterConfig(), rng=random.Random(5), clock=lambda: now)
+    request = Request(id="1", model=MODEL, inputs={})
+
+    def planner(at: float) -> RouterPlanner:
+        return RouterPlanner(
+            router,
+            lambda: table,
+            lambda: LocalNode([]),
+            lambda: {"a": 1},  # one of ours at a: b goes first unless it is taken for slow
+            calls=lambda: calls,
+            clock=lambda: at,
+        )
+
+    assert planner(2.0 + SERVICE_FRESH_S - 1)._ours(table, MODEL)[0] == {"b": 400.0}
+    assert [
+        c.peer_id for c in planner(2.0 + SERVICE_FRESH_S - 1).plan(request, frozenset(), False)
+    ] == ["a", "b"]
+    assert planner(2.0 + SERVICE_FRESH_S + 1)._ours(table, MODEL)[0] == {}
+    assert [
+        c.peer_id for c in planner(2.0 + SERVICE_FRESH_S + 1).plan(request, frozenset(), False)
+    ] == ["b", "a"]

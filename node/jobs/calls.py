@@ -52,7 +52,8 @@ class OwnCalls:
         self.max_models = max_models
         self.in_flight: dict[str, int] = {}  # peer -> our calls there now (none: absent)
         self._peers: dict[str, _Peer] = {}
-        self._service: dict[str, dict[str, float]] = {}  # model (casefolded) -> peer -> ms
+        # model (casefolded) -> peer -> (EWMA ms, when the last answer came)
+        self._service: dict[str, dict[str, tuple[float, float]]] = {}
 
     def started(self, peer: str, now: float) -> None:
         """A call to ``peer`` went out."""
@@ -79,7 +80,8 @@ class OwnCalls:
         old = times.pop(peer, None)
         if old is None and len(times) >= self.max_peers:
             del times[next(iter(times))]
-        times[peer] = float(run_ms) if old is None else old + self.alpha * (run_ms - old)
+        ms = float(run_ms) if old is None else old[0] + self.alpha * (run_ms - old[0])
+        times[peer] = (ms, now)
 
     def at(self, peer: str, when: float) -> int:
         """Our calls at ``peer`` at time ``when`` (as far back as the history goes;
@@ -99,9 +101,13 @@ class OwnCalls:
         """The peers with a history of our calls."""
         return list(self._peers)
 
-    def service_ms(self, model: str) -> dict[str, float]:
-        """Each peer's time per job for ``model`` as our calls observed it (EWMA, ms)."""
-        return dict(self._service.get(model.casefold(), {}))
+    def service_ms(self, model: str, since: float = -math.inf) -> dict[str, float]:
+        """Each peer's time per job for ``model`` as our calls observed it (EWMA, ms),
+        for the peers that answered one at ``since`` or later: an estimate no answer
+        has refreshed since is left out, so that a peer we stopped sending to after a
+        bad spell is not kept out by it for good."""
+        times = self._service.get(model.casefold(), {})
+        return {peer: ms for peer, (ms, at) in times.items() if at >= since}
 
     def _change(self, peer: str, now: float, step: int) -> None:
         entry = self._peers.get(peer)

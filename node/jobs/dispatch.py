@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Mapping[str, Any]], Awaitable[None]]
 RunLocal = Callable[[Emit], Awaitable[Result]]  # runs it here, chunks to the Emit given
+# Our calls' service time for a peer counts while an answer refreshed it this lately;
+# then the router falls back to what the peer's heartbeats report (its own EWMA).
+SERVICE_FRESH_S = 10.0
 # Codes after which a peer counts as failing (not the request's fault, not busy).
 PEER_FAULTS = frozenset({ErrorCode.INTERNAL, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.MALFORMED})
 
@@ -314,11 +317,13 @@ class RouterPlanner:
         paths: Callable[[], Mapping[str, str]] = dict,
         held_back: Callable[[], frozenset[str]] = frozenset,
         calls: Callable[[], OwnCalls | None] = lambda: None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         """``paths``: each connected peer's connection kind ("direct", "hole-punched",
         "relayed"), from the circuits manager when there is one. ``calls``: the
         dispatcher's record of our calls (service times, our calls when each peer
-        reported its load); without it the router knows only ``in_flight``."""
+        reported its load); without it the router knows only ``in_flight``.
+        ``clock``: the one ``calls`` was given times by."""
         self.router = router
         self._table = table
         self._local = local
@@ -326,6 +331,7 @@ class RouterPlanner:
         self._paths = paths
         self._held_back = held_back  # peers reputation keeps out of plans now
         self._calls = calls
+        self._clock = clock
 
     def _ours(
         self, table: PeerTable, model: str
@@ -337,7 +343,8 @@ class RouterPlanner:
             return None, None
         peers = table.peers
         moments = {pid: peers[pid].last_seen for pid in calls.tracked() if pid in peers}
-        return calls.service_ms(model), calls.as_of(moments)
+        fresh = self._clock() - SERVICE_FRESH_S
+        return calls.service_ms(model, since=fresh), calls.as_of(moments)
 
     def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
         query = RouteRequest(

@@ -54,7 +54,8 @@ Score (lower is better): how long a job would take there, in typical job times
 
     ``service_ms`` is a peer's time per job for this model: what our own calls'
     answers said it took (``service_ms`` given to ``plan``, an EWMA of their
-    ``run_ms``), else the EWMA its record reports; ``typical_ms`` is the median of
+    ``run_ms``; the dispatcher passes those an answer refreshed in the last
+    10 s), else the EWMA its record reports; ``typical_ms`` is the median of
     the candidates' known ones. The local node's queue is its own load (exact).
     A report counts our calls of its time, so those are taken out of it, and ours
     now added: subtracting our calls *now* would leave a ghost of the call that
