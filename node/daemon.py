@@ -241,6 +241,7 @@ class Node:
             lambda: self.services.dispatcher.in_flight,
             held_back=reputation.held_back,
             paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
+            calls=lambda: self.services.dispatcher.calls,
         )
         dispatcher = Dispatcher(
             peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
