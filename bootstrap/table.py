@@ -325,6 +325,27 @@ def serving(table: PeerTable, model: str) -> list[Peer]:
     return [p for p in live_peers(table) if any(m.casefold() == want for m in p.models)]
 
 
+def content_of(body: Mapping[str, Any] | None) -> set[str]:
+    """The content ids (base58) a record says its node shares: each model's
+    ``content`` and the ``shares`` list."""
+    if not body:
+        return set()
+    out = set()
+    models = body.get("models")
+    for m in models if isinstance(models, list | tuple) else ():
+        if isinstance(m, Mapping) and isinstance(m.get("content"), str):
+            out.add(m["content"])
+    shares = body.get("shares")
+    if isinstance(shares, list):
+        out.update(c for c in shares if isinstance(c, str))
+    return out
+
+
+def content_providers(table: PeerTable, content: str) -> list[Peer]:
+    """Linked peers whose verified record shares ``content`` (base58), by peer id."""
+    return [p for p in live_peers(table) if content in content_of(p.body)]
+
+
 def rows(table: PeerTable) -> list[dict[str, Any]]:
     """Plain data for ``swarm peers``: one row per peer in the table, by peer id."""
     return [
