@@ -327,7 +327,7 @@ def serving(table: PeerTable, model: str) -> list[Peer]:
 
 def content_of(body: Mapping[str, Any] | None) -> set[str]:
     """The content ids (base58) a record says its node shares: each model's
-    ``content`` and the ``shares`` list."""
+    ``content`` and the record's ``content`` list."""
     if not body:
         return set()
     out = set()
@@ -335,7 +335,7 @@ def content_of(body: Mapping[str, Any] | None) -> set[str]:
     for m in models if isinstance(models, list | tuple) else ():
         if isinstance(m, Mapping) and isinstance(m.get("content"), str):
             out.add(m["content"])
-    shares = body.get("shares")
+    shares = body.get("content")
     if isinstance(shares, list):
         out.update(c for c in shares if isinstance(c, str))
     return out

@@ -53,7 +53,7 @@ def describe(s: Services) -> dict[str, Any]:
         for m in body.get("models", [])
     ]
     shares = s.content.share_ids()[:MAX_SHARES_IN_RECORD]
-    return {**body, **extra, **reach, "shares": shares, "peers": s.membership.peer_sample()}
+    return {**body, **extra, **reach, "content": shares, "peers": s.membership.peer_sample()}
 
 
 def reserved_at(s: Services, relay: str) -> list[str]:
