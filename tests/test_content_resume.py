@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ import msgpack
 import pytest
 import trio
 from conftest import NodeFactory
+from support import eventually
 
 from bootstrap.addrs import peer_info
 from node.content.blob import BLOB_PROTOCOL, Data, Decoder, Get, encode, receive
@@ -97,3 +99,32 @@ def damage(path: Path, index: int) -> None:
         os.pwrite(fd, b"\xff\xfe", index * CHUNK + 7)
     finally:
         os.close(fd)
+
+
+async def test_swarm_models_share_and_pull_from_the_command_line(
+    node_factory: NodeFactory, tmp_path: Path, capfd: pytest.CaptureFixture[str], seed: int
+) -> None:
+    from node.cli.main import main
+
+    data = random_bytes(seed, 5 * CHUNK + 1)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.bin").write_bytes(data)
+    provider_dir = tmp_path / "p"
+    args = ["models", "share", str(tmp_path / "weights"), "--data-dir", str(provider_dir)]
+    assert await trio.to_thread.run_sync(main, [*args, "--json"]) == 0
+    out = capfd.readouterr().out
+    shared = json.loads(out[out.index("{") :])  # after the seed's line
+    config = ContentConfig(chunk_size=CHUNK)
+    # The daemon shares what was declared from its start; the manifest was made then.
+    async with node_factory("p", models=("fake:echo",), content=ContentConfig()) as p:
+        assert shared["content"] in p.services.content.share_ids()
+        async with node_factory(
+            "a", models=("fake:echo",), peers=(p.addrs[0],), content=config
+        ) as a:
+            await eventually(lambda: bool(a.status()["view"]["content"]["providers"]), 10)
+            pull = ["models", "pull", shared["content"], "--data-dir", str(tmp_path / "a")]
+            assert await trio.to_thread.run_sync(main, pull) == 0
+            out, err = capfd.readouterr()
+            assert "pulled " in err and "1 provider" not in out  # progress lines on stderr
+            pulled = a.config.models_dir / "content" / shared["content"] / "w.bin"
+            assert pulled.read_bytes() == data
