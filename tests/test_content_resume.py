@@ -128,3 +128,27 @@ async def test_swarm_models_share_and_pull_from_the_command_line(
             assert "pulled " in err and "1 provider" not in out  # progress lines on stderr
             pulled = a.config.models_dir / "content" / shared["content"] / "w.bin"
             assert pulled.read_bytes() == data
+
+
+async def test_shared_content_is_announced_as_a_dht_provider_record(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    from node.content.shares import declare_share
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "x.bin").write_bytes(b"x" * 5000)
+    declare_share(tmp_path / "a" / "content", tmp_path / "w")  # as `swarm models share` does
+    async with (
+        node_factory("boot", models=(), dht=True) as boot,
+        node_factory("a", models=("fake:solo",), dht=True, bootstrap=(boot.addrs[0],)) as a,
+    ):
+        [cid] = a.services.content.share_ids()
+        with trio.fail_after(30):
+            while True:  # the boot node finds a under the content id's key
+                found = await boot.services.dht.find_key_providers(parse_cid(cid), cid, 5.0)
+                if any(p.peer_id == a.peer_id for p in found):
+                    break
+                await trio.sleep(0.2)
+        # and the finder pulls use (records and the DHT together) names a
+        assert boot.services.content.find is not None
+        assert a.peer_id in await boot.services.content.find(parse_cid(cid))
