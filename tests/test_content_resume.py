@@ -143,9 +143,11 @@ async def test_shared_content_is_announced_as_a_dht_provider_record(
         node_factory("a", models=("fake:solo",), dht=True, bootstrap=(boot.addrs[0],)) as a,
     ):
         [cid] = a.services.content.share_ids()
+        dht = boot.services.dht
+        assert dht is not None
         with trio.fail_after(30):
             while True:  # the boot node finds a under the content id's key
-                found = await boot.services.dht.find_key_providers(parse_cid(cid), cid, 5.0)
+                found = await dht.find_key_providers(parse_cid(cid), cid, 5.0)
                 if any(p.peer_id == a.peer_id for p in found):
                     break
                 await trio.sleep(0.2)
