@@ -154,3 +154,17 @@ async def test_shared_content_is_announced_as_a_dht_provider_record(
         # and the finder pulls use (records and the DHT together) names a
         assert boot.services.content.find is not None
         assert a.peer_id in await boot.services.content.find(parse_cid(cid))
+
+
+async def test_content_over_the_pull_limit_is_refused_before_a_file_is_made(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "big.bin").write_bytes(b"b" * 50_000)
+    async with node_factory("p", models=("fake:echo",)) as p:
+        cid = parse_cid(await p.services.content.share_path(tmp_path / "big.bin"))
+        root = tmp_path / "pulled"
+        async with running_host(None, ()) as host:
+            await host.connect(peer_info(p.addrs[0]))
+            with pytest.raises(PullFailed, match="over this node's 10000"):
+                await Puller(host, cid, root, PullConfig(max_bytes=10_000)).run([p.peer_id])
+    assert not glob.glob(f"{root}/**/*.bin", recursive=True)

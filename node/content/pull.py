@@ -68,6 +68,9 @@ class PullFailed(NodeError):
 class PullConfig:
     streams_per_provider: int = 2  # exchanges in flight to each provider
     chunk_timeout_s: float = 30.0
+    # A manifest may name up to 64 GiB: a pull takes at most this much, and never
+    # more than the disk has free (the files are made at their full sizes at once).
+    max_bytes: int = 32 << 30
 
     def __post_init__(self) -> None:
         if not 1 <= self.streams_per_provider <= 16:
@@ -237,6 +240,7 @@ class Puller:
             return self.final
         providers = [p for p in dict.fromkeys(providers) if p != str(self.host.get_id())]
         manifest = await self._manifest(providers)
+        await self._check_room(manifest)
         disk = self._disk = _Disk(self.partial, manifest)
         done = await trio.to_thread.run_sync(disk.prepare)
         p = self.progress
@@ -276,6 +280,15 @@ class Puller:
             ", ".join(f"{k[-6:]}={v}" for k, v in p.by_provider.items()) or "disk",
         )
         return self.final
+
+    async def _check_room(self, manifest: Manifest) -> None:
+        size, name = manifest.total_size, self.progress.content
+        if size > self.config.max_bytes:
+            raise PullFailed(f"{name}: {size} bytes, over this node's {self.config.max_bytes}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = (await trio.to_thread.run_sync(shutil.disk_usage, self.root)).free
+        if size > free:
+            raise PullFailed(f"{name}: {size} bytes, and {free} free on the disk")
 
     async def _manifest(self, providers: Sequence[str]) -> Manifest:
         """The manifest from an earlier pull's dir, else from the first provider whose
