@@ -90,3 +90,30 @@ def test_the_pacer_holds_the_rate_over_all_uploads() -> None:
     now[0] = 10.0  # idle time is not saved up beyond one chunk
     assert pacer.book(1000) == 0.0 and pacer.book(10) == pytest.approx(1.0)
     assert Pacer(0.0).book(1 << 30) == 0.0  # no cap
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_otherwise() -> None:
+    import io
+
+    from node.content.progress import ProgressDisplay
+    from node.content.pull import Progress
+
+    def steps(display: ProgressDisplay) -> None:
+        p = Progress("QmWge1bPigWgL4Yo5uEDswznLJUwc8dCFj8SFjCSV1Q5nQ", total_bytes=10_000_000)
+        p.active = {"b", "c"}
+        for done in range(0, 10_000_001, 100_000):
+            p.done_bytes = done
+            display(p)
+        p.finished = True
+        display(p)
+        display(p)  # after the end: nothing more
+
+    bar = io.StringIO()
+    steps(ProgressDisplay(bar, terminal=True, every_s=3600))
+    assert bar.getvalue().startswith("\r[") and bar.getvalue().endswith("\n")
+    assert "[" + "#" * 28 + "]" in bar.getvalue() and "2 provider(s)" in bar.getvalue()
+    lines = io.StringIO()
+    steps(ProgressDisplay(lines, terminal=False, every_s=3600))
+    written = lines.getvalue().splitlines()
+    assert len(written) == 2 and written[-1].startswith("pulled ")  # first and last only
+    assert "10.0/10.0 MB 100%" in written[-1] and "\r" not in lines.getvalue()
