@@ -238,3 +238,23 @@ async def test_max_uploads_refuses_the_stream_over_it(
             finally:
                 await first.close()
                 await second.close()
+
+
+async def test_a_model_converted_in_the_data_dir_is_shared_by_its_ir(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """EfficientNet-Lite0 converted into the node's models dir (the first start's
+    conversion): its IR gets a manifest, kept in the data dir, and a content id."""
+    spec = "openvino-classify:precision=fp32,inference_precision=f32"
+    async with node_factory("b", models=(spec,), content=content(rate=0)) as b:
+        cid = b.services.content.models["efficientnet-lite0"]
+        [share] = [s for s in b.services.content.shares.shares() if s.manifest.cid == cid]
+        assert [f.name for f in share.manifest.files] == ["model.xml", "model.bin"]
+        assert all(
+            p.is_relative_to(b.config.models_dir / "efficientnet-lite0") for p in share.paths
+        )
+        assert [f.size for f in share.manifest.files] == [p.stat().st_size for p in share.paths]
+        kept = list((b.config.data_dir / "content" / "index").glob("*.manifest"))
+        assert len(kept) == 1 and digest(kept[0].read_bytes()) == parse_cid(cid)
+        [entry] = [m for m in b.status()["models"] if m["name"] == "efficientnet-lite0"]
+        assert entry["content"] == cid  # in its record
