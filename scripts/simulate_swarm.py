@@ -22,6 +22,11 @@ arguments print the same report (wall times go to stderr).
 
     scripts/simulate_swarm [--seed N] [--sizes 100,1000,10000] [--quick]
                            [--json PATH] [--plot PATH | --no-plot]
+    scripts/simulate_swarm --combine A.json B.json ... [--plot PATH]
+
+``--combine`` prints the report and draws the plot of runs saved with ``--json``
+(one size each, say, run side by side): each size's run depends only on the seed
+and its own size, so the report is the one a single run of all sizes prints.
 """
 
 from __future__ import annotations
@@ -78,6 +83,27 @@ def parse_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def simulate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sizes = measure()
+    configs = [config_for(n, args.seed, args.quick, args.max_links) for n in args.sizes]
+    print(header(configs, sizes.describe()), flush=True)
+    results: list[dict[str, Any]] = []
+    for config in configs:
+        started, cpu = time.monotonic(), time.process_time()
+        swarm = Swarm(config, sizes)
+        result = swarm.run()
+        result["policy"] = swarm.policy_name
+        wall, cpu = time.monotonic() - started, time.process_time() - cpu
+        print(f"[{config.nodes} nodes: {wall:.1f} s wall, {cpu:.1f} s CPU]", file=sys.stderr)
+        print(report_size(result, config), flush=True)
+        results.append(result)
+    print(summary(results, configs))
+    if args.json is not None:
+        doc = {"seed": args.seed, "quick": args.quick, "sizes": sizes.describe(), "runs": results}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -87,25 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--plot", type=Path, default=PLOT, help=f"PNG (default {PLOT})")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--combine", type=Path, nargs="+", help="report saved --json runs")
     args = parser.parse_args(argv)
 
-    sizes = measure()
-    configs = [config_for(n, args.seed, args.quick, args.max_links) for n in args.sizes]
-    print(header(configs, sizes), flush=True)
-    results: list[dict[str, Any]] = []
-    for config in configs:
-        started = time.monotonic()
-        swarm = Swarm(config, sizes)
-        result = swarm.run()
-        result["policy"] = swarm.policy_name
-        wall = time.monotonic() - started
-        print(f"[{config.nodes} nodes: {wall:.1f} s wall]", file=sys.stderr, flush=True)
-        print(report_size(result, config), flush=True)
-        results.append(result)
-    print(summary(results, configs))
-    if args.json is not None:
-        doc = {"seed": args.seed, "quick": args.quick, "sizes": sizes.describe(), "runs": results}
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.combine:
+        docs = [json.loads(path.read_text()) for path in args.combine]
+        results = sorted((r for d in docs for r in d["runs"]), key=lambda r: r["nodes"])
+        quick = any(d["quick"] for d in docs)
+        configs = [config_for(r["nodes"], r["seed"], quick, r["max_links"]) for r in results]
+        args.seed, args.quick = results[0]["seed"], quick
+        print(header(configs, docs[0]["sizes"]))
+        for result, config in zip(results, configs, strict=True):
+            print(report_size(result, config))
+        print(summary(results, configs))
+    else:
+        results = simulate(args)
     if not args.no_plot:
         plot(results, args.plot, seed=args.seed, quick=args.quick)
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from node.jobs.router import RouterConfig
 
 from . import kademlia as kad
 from .model import SimConfig
-from .sizes import DIAL_BYTES, Sizes
+from .sizes import DIAL_BYTES
 
 # The issue's targets (issue 13, "Targets: Simulated").
 REST_RATIO_MAX = 2.0  # per-node bytes at rest, largest size over smallest
@@ -18,7 +19,7 @@ FIRST_JOB_ROUNDS_MAX = 3  # DHT round trips to a new node's first routed job
 LIVE_PCT_MIN = 99.9  # jobs that found a live provider under churn
 
 
-def header(configs: list[SimConfig], sizes: Sizes) -> str:
+def header(configs: list[SimConfig], sizes: Mapping[str, int]) -> str:
     c = configs[0]
     dht = DhtConfig()
     lines = [
@@ -38,7 +39,7 @@ def header(configs: list[SimConfig], sizes: Sizes) -> str:
         f"churn: {c.churn_per_min * 100:g}% of the nodes a minute join and as many leave "
         "(no goodbye)",
         "message sizes (bytes, measured on the real encoders): "
-        + ", ".join(f"{k} {v}" for k, v in sizes.describe().items()),
+        + ", ".join(f"{k} {v}" for k, v in sizes.items()),
         "phases (simulated s: warm-up, rest, churn): "
         + "; ".join(f"{x.nodes} nodes {x.warmup_s:g}/{x.rest_s:g}/{x.churn_s:g}" for x in configs),
     ]
