@@ -45,6 +45,8 @@ class Outcomes:
     # A new node's first job: (seconds to routed, DHT round trips, found a live provider).
     first: list[tuple[float, int, bool]] = field(default_factory=list)
     why: dict[str, int] = field(default_factory=dict)  # counters, for diagnosis
+    # Jobs that found no live provider, by phase and why (servable ones only).
+    failed: dict[str, dict[str, int]] = field(default_factory=lambda: {"rest": {}, "churn": {}})
 
 
 class Jobs:
@@ -144,6 +146,8 @@ class Jobs:
             out.unservable[phase] += 1
         elif live:
             out.live[phase] += 1
+        else:
+            out.failed[phase][why] = out.failed[phase].get(why, 0) + 1
 
     # -- finding a provider ----------------------------------------------------------
 

@@ -84,6 +84,7 @@ def report_size(r: dict[str, Any], config: SimConfig) -> str:
             f"node served, left out), found a live provider {_pct(phase['jobs_live_pct'])}; "
             f"{phase['provider_lookups']} provider lookups, round trips median "
             f"{phase['lookup_rounds_median']}, p99 {phase['lookup_rounds_p99']}"
+            + _failed(phase.get("jobs_failed_why"))
         )
     return "\n".join(lines)
 
@@ -155,6 +156,12 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(
         "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     )
+
+
+def _failed(why: Mapping[str, int] | None) -> str:
+    if not why:
+        return ""
+    return "; no live provider: " + ", ".join(f"{n} ({reason})" for reason, n in why.items())
 
 
 def _pct(value: float | None) -> str:

@@ -195,6 +195,7 @@ class Swarm:
                 "jobs": out.submitted[phase],
                 "jobs_unservable": out.unservable[phase],
                 "jobs_live_pct": round(100.0 * out.live[phase] / servable, 4) if servable else None,
+                "jobs_failed_why": dict(sorted(out.failed[phase].items())),
                 "provider_lookups": len(lookups),
                 "lookup_rounds_median": _quantile(lookups, 0.5),
                 "lookup_rounds_p99": _quantile(lookups, 0.99),
