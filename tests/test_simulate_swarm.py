@@ -41,14 +41,19 @@ def run(config: SimConfig, sizes: Sizes, stand_in: bool = False) -> tuple[Swarm,
     return swarm, swarm.run()
 
 
+@pytest.fixture(scope="module")
+def small(sizes: Sizes) -> tuple[Swarm, dict[str, Any]]:
+    print(f"seed {SEED}")
+    return run(SMALL, sizes)
+
+
 def test_the_project_policy_is_used_when_it_exists() -> None:
     present = importlib.util.find_spec(REAL_MODULE) is not None
     assert isinstance(policy_for(32), Real if present else StandIn)
 
 
-def test_a_seed_gives_one_result(sizes: Sizes) -> None:
-    print(f"seed {SEED}")
-    _, first = run(SMALL, sizes)
+def test_a_seed_gives_one_result(sizes: Sizes, small: tuple[Swarm, dict[str, Any]]) -> None:
+    first = small[1]
     _, again = run(SMALL, sizes)
     assert first == again
     _, other = run(SimConfig(**{**_fields(SMALL), "seed": SEED + 1}), sizes)
@@ -56,9 +61,11 @@ def test_a_seed_gives_one_result(sizes: Sizes) -> None:
 
 
 @pytest.mark.parametrize("stand_in", [False, True], ids=["policy", "stand-in"])
-def test_no_node_goes_over_max_links(sizes: Sizes, stand_in: bool) -> None:
+def test_no_node_goes_over_max_links(
+    sizes: Sizes, small: tuple[Swarm, dict[str, Any]], stand_in: bool
+) -> None:
     print(f"seed {SEED}")
-    swarm, result = run(SMALL, sizes, stand_in)
+    swarm, result = run(SMALL, sizes, stand_in) if stand_in else small
     world = swarm.world
     assert result["joins"] > 0 and result["leaves"] > 0
     assert result["links_peak"] <= SMALL.max_links

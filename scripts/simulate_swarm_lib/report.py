@@ -203,6 +203,9 @@ def plot(results: list[dict[str, Any]], out: Path, *, seed: int, quick: bool) ->
     live.plot(n, [r["rest"]["jobs_live_pct"] for r in results], "s--", label="at rest")
     live.axhline(LIVE_PCT_MIN, color="grey", ls=":", label="target")
     live.set(title="jobs that found a live provider", xlabel="nodes", ylabel="%")
+    links.set_ylim(0, results[0].get("max_links", 32) + 2)
+    traffic.set_ylim(bottom=0)
+    first.set_ylim(bottom=0)
     for ax in (links, traffic, first, live):
         ax.set_xscale("log")
         ax.legend(fontsize=8)
