@@ -166,6 +166,11 @@ class TorchStageConfig:
         if not 2 <= self.context_length <= recipe.MODEL_CONTEXT:
             raise ConfigError(f"context_length must be from 2 to {recipe.MODEL_CONTEXT}")
 
+    @property
+    def name(self) -> str:
+        """The model name the stage is served under (``catalog`` reads it)."""
+        return stage_name(self.layers)
+
     @classmethod
     def from_table(cls, table: Table) -> TorchStageConfig:
         """Read ``layers`` (required, ``A-B``), ``device``, ``dtype``, ``context_length``,

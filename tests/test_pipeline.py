@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import trio
 
-from protocols import ErrorCode, RemoteError, Tensor
+from protocols import ErrorCode, Param, RemoteError, Tensor
 from protocols.config import Table
 from protocols.errors import ConfigError
+from runners.errors import BadInput
 from runners.generation import Message, Prompt, Request, Sampling
 from runners.pipeline_driver import Chain, PipelineFailed, Stage, Tokens, Trace, runner_stage
 from runners.torch_device import TorchPlacement
@@ -101,7 +102,12 @@ def _params(**sampling: Any) -> dict[str, Any]:
 async def _through(chain: Chain, tokens: Tokens, request: Request) -> tuple[Any, list[str], Trace]:
     pieces: list[str] = []
     trace = Trace()
-    completion = await chain.generate(tokens, request, lambda p: pieces.append(p) is None, trace)
+
+    def emit(piece: str) -> bool:
+        pieces.append(piece)
+        return True
+
+    completion = await chain.generate(tokens, request, emit, trace)
     return completion, pieces, trace
 
 
@@ -232,18 +238,18 @@ async def test_out_of_step_or_evicted_sessions_are_refused_before_running(loaded
 
 async def test_the_stage_runner_checks_its_inputs(loaded: Loaded) -> None:
     first, middle, last = loaded.stages
-    good = {"session": "a", "start": 0}
+    good: dict[str, Param] = {"session": "a", "start": 0}
     ids = Tensor.from_numpy(np.array([[1, 2, 3]], np.int64))
-    with pytest.raises(ConfigError):  # BadInput: hidden states to the first stage
+    with pytest.raises(BadInput):  # hidden states to the first stage
         first.check({"hidden": Tensor.from_numpy(np.zeros((1, 1, HIDDEN), np.float32))}, good)
-    with pytest.raises(ConfigError, match="last stage"):
+    with pytest.raises(BadInput, match="last stage"):
         middle.check(
             {"hidden": Tensor.from_numpy(np.zeros((1, 1, HIDDEN), np.float32))},
             {**good, "want": "token"},
         )
-    with pytest.raises(ConfigError, match="token ids"):
+    with pytest.raises(BadInput, match="token ids"):
         first.check({"tokens": Tensor.from_numpy(np.array([[70000]], np.int64))}, good)
-    with pytest.raises(ConfigError, match="finite"):
+    with pytest.raises(BadInput, match="finite"):
         bad = np.full((1, 1, HIDDEN), np.nan, np.float32)
         last.check({"hidden": Tensor.from_numpy(bad)}, good)
     first.check({"tokens": ids}, good)
