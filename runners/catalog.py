@@ -124,6 +124,7 @@ def _kinds() -> dict[str, Kind]:
     from .torch_classify import TorchClassifyConfig, TorchClassifyRunner
     from .torch_embed import TorchEmbedConfig, TorchEmbedRunner
     from .torch_generate import TorchGenerateConfig, TorchGenerateRunner
+    from .torch_stage import TorchStageConfig, TorchStageRunner
 
     return {
         "openvino-embed": Kind(
@@ -153,6 +154,11 @@ def _kinds() -> dict[str, Kind]:
             lambda d, c: TorchGenerateRunner(c),
             about="SmolLM2-135M-Instruct on torch (CUDA when present), streamed",
             fixed_name=SMOLLM2,
+        ),
+        "torch-stage": Kind(
+            TorchStageConfig.from_table,
+            lambda d, c: TorchStageRunner(c),
+            about="a pipeline stage: SmolLM2-135M-Instruct layers A-B on torch (layers=A-B)",
         ),
         "torch-embed": Kind(
             TorchEmbedConfig.from_table,

@@ -127,28 +127,13 @@ class _TorchEngine(Engine):
 
     def __init__(self, model: Any, tokenizer: Any, resolved: Resolved, config: Any) -> None:
         import torch
-        from transformers import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
 
         self._torch = torch
-        self._processors = (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
         self.model = model
         self.tokenizer = tokenizer
         self.resolved = resolved
         self.config: TorchGenerateConfig = config
-        ends = {tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)}
-        self.end_ids = frozenset(i for i in ends if i is not None)
+        self.end_ids = end_ids(tokenizer, model.generation_config.eos_token_id)
 
     @classmethod
     def open(cls, config: TorchGenerateConfig) -> _TorchEngine:
@@ -176,7 +161,7 @@ class _TorchEngine(Engine):
         device = self.resolved.device
         processors = self._logits_processors(request)
         scanner = StopScanner(sampling.stop)
-        decoder = _Decoder(self.tokenizer)
+        decoder = Decoder(self.tokenizer)
         shown: list[str] = []
         generated = 0
         finish = FINISH_LENGTH
@@ -217,37 +202,58 @@ class _TorchEngine(Engine):
         return Completion("".join(shown), prompt_tokens, generated, finish)
 
     def _encode(self, request: Request) -> list[int]:
-        prompt = request.prompt
-        if prompt.text is not None:
-            text = prompt.text
-        else:
-            history = [{"role": m.role, "content": m.content} for m in prompt.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    history, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:
-                raise BadInput(
-                    f"{MODEL_NAME}: the chat template refused the messages: {exc}"
-                ) from exc
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return encode(self.tokenizer, request)
 
     def _logits_processors(self, request: Request) -> Any:
-        listing, repetition, temperature, top_k, top_p = self._processors
-        sampling = request.sampling
-        chain: list[Any] = []
-        if sampling.repetition_penalty != 1.0:
-            chain.append(repetition(penalty=sampling.repetition_penalty))
-        if not sampling.greedy:
-            chain.append(temperature(sampling.temperature))
-            if sampling.top_k:
-                chain.append(top_k(top_k=sampling.top_k))
-            if sampling.top_p < 1.0:
-                chain.append(top_p(top_p=sampling.top_p))
-        return listing(chain)
+        return logits_processors(request)
 
 
-class _Decoder:
+def encode(tokenizer: Any, request: Request) -> list[int]:
+    """The prompt's token ids: its text, or its messages through the chat template."""
+    prompt = request.prompt
+    if prompt.text is not None:
+        text = prompt.text
+    else:
+        history = [{"role": m.role, "content": m.content} for m in prompt.messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                history, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:
+            raise BadInput(f"{MODEL_NAME}: the chat template refused the messages: {exc}") from exc
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def logits_processors(request: Request) -> Any:
+    """transformers' processors for the request's sampling, in ``generate``'s order."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    sampling = request.sampling
+    chain: list[Any] = []
+    if sampling.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(penalty=sampling.repetition_penalty))
+    if not sampling.greedy:
+        chain.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            chain.append(TopKLogitsWarper(top_k=sampling.top_k))
+        if sampling.top_p < 1.0:
+            chain.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return LogitsProcessorList(chain)
+
+
+def end_ids(tokenizer: Any, eos: Any) -> frozenset[int]:
+    """The ids that end a turn: the tokenizer's end and the model's ``eos_token_id``."""
+    ends = {tokenizer.eos_token_id, *_ids(eos)}
+    return frozenset(i for i in ends if i is not None)
+
+
+class Decoder:
     """Turn token ids into text as they come, holding back an unfinished UTF-8 character."""
 
     def __init__(self, tokenizer: Any) -> None:

@@ -34,6 +34,7 @@ from runners.torch_classify import TorchClassifyRunner
 from runners.torch_device import Resolved, TorchPlacement, build_on, resolve
 from runners.torch_embed import TorchEmbedRunner
 from runners.torch_generate import TorchGenerateRunner
+from runners.torch_stage import LayerRange, TorchStageConfig, TorchStageRunner
 
 
 class Watched(httpx.AsyncHTTPTransport):
@@ -272,6 +273,7 @@ NEVER_LOADED: dict[str, Callable[[Path], Runner]] = {
     "torch-classify": lambda d: TorchClassifyRunner(d),
     "torch-embed": lambda d: TorchEmbedRunner(),
     "torch-generate": lambda d: TorchGenerateRunner(),
+    "torch-stage": lambda d: TorchStageRunner(TorchStageConfig(LayerRange.parse("10-19"))),
 }
 
 
