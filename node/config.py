@@ -12,7 +12,7 @@ from pathlib import Path
 
 from node.data_dir import DEFAULT_DATA_DIR
 from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before node.defaults
-from node.gateway.config import GatewayConfig
+from node.gateway.config import GatewayConfig, GrpcConfig
 from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig
 from node.jobs.verify import VerifyConfig
@@ -51,6 +51,8 @@ class NodeConfig:
     # The gateway's port is the default one, not the user's: if another node on this
     # machine holds it, serve on a free port instead (an explicit busy port is an error).
     http_fallback: bool = False
+    grpc: GrpcConfig | None = None  # the KServe v2 gRPC port; None = off
+    grpc_fallback: bool = False  # as http_fallback, for the gRPC port
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:

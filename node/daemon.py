@@ -20,9 +20,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -41,7 +41,8 @@ from node.config import NodeConfig
 from node.data_dir import CLIENT_KEY, IDENTITY_KEY, SOCKET_FILE, remove_state, write_state
 from node.errors import NodeError, sole_error
 from node.gateway.app import Backend, swarm_models
-from node.gateway.config import GatewayConfig
+from node.gateway.config import GatewayConfig, GrpcConfig
+from node.gateway.grpc_server import GrpcGateway
 from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
 from node.jobs.inbound import InferHandler
@@ -363,6 +364,9 @@ class Node:
                 if cfg.http is not None:
                     gateway = await self._start_gateway(nursery, cfg.http)
                     self._services = s = dataclasses.replace(s, gateway=gateway)
+                if cfg.grpc is not None:
+                    grpc = await self._start_grpc(nursery, cfg.grpc)
+                    self._services = s = dataclasses.replace(s, grpc=grpc)
                 if (listening := await self._start_local_socket(nursery, s)) is not None:
                     self._services = s = dataclasses.replace(s, local=listening)
                 write_state(cfg.data_dir, status.daemon_state(s, os.getpid()))
@@ -447,27 +451,35 @@ class Node:
 
     async def _start_gateway(self, nursery: trio.Nursery, config: GatewayConfig) -> Gateway:
         """Serve the gateway; a busy port is a ConfigError unless the fallback applies."""
-        gateway = self._gateway(config)
-        try:
-            await nursery.start(gateway.run)
-            return gateway
-        except BaseException as raised:  # a group from the gateway's nursery
-            exc = sole_error(raised)
-            if not (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE):
-                raise
-        where = f"{config.host}:{config.port}"
-        if not self.config.http_fallback:
-            raise ConfigError(f"HTTP gateway: {where} is in use (--http HOST:PORT or off)")
-        log.warning("HTTP gateway: %s is in use (another node?); taking a free port", where)
-        gateway = self._gateway(dataclasses.replace(config, port=0))
-        await nursery.start(gateway.run)
-        return gateway
+        return await _start_with_fallback(
+            nursery, self._gateway, config, self.config.http_fallback, "HTTP gateway", "--http"
+        )
+
+    async def _start_grpc(self, nursery: trio.Nursery, config: GrpcConfig) -> GrpcGateway:
+        """Serve the KServe v2 gRPC port, with the HTTP gateway's busy-port rule; its
+        messages are bounded by the node's limits too."""
+        limit = min(config.max_message, self.config.limits.max_message)
+        config = dataclasses.replace(config, max_message=limit)
+        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
+
+        def grpc(config: GrpcConfig) -> GrpcGateway:
+            return GrpcGateway(self._backend(), config, shutdown=self._stop.wait, grace_s=grace)
+
+        return await _start_with_fallback(
+            nursery, grpc, config, self.config.grpc_fallback, "gRPC port", "--grpc"
+        )
 
     def _gateway(self, config: GatewayConfig) -> Gateway:
-        """The HTTP gateway: its requests run through the service like any client's,
-        held against ``GATEWAY`` (the node's own clients) in the fair-share ledger."""
+        """The HTTP gateway: its requests run through the service like any client's."""
+        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
+        return Gateway(self._backend(), config, shutdown=self._stop.wait, grace_s=grace)
+
+    def _backend(self) -> Backend:
+        """What the gateway and the gRPC port see of this node: their requests run
+        through the service like any client's, held against ``GATEWAY`` (the node's own
+        clients) in the fair-share ledger."""
         s = self.services
-        backend = Backend(
+        return Backend(
             execute=s.service.execute,
             models=lambda: swarm_models(s.models.infos(), s.membership.table),
             status=self.status,
@@ -481,8 +493,41 @@ class Node:
                 self.services, model, strategy, priority
             ),
         )
-        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
-        return Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)
+
+
+class _Listener(Protocol):
+    async def run(self, *, task_status: TaskStatus[str] = ...) -> None: ...
+
+
+L = TypeVar("L", bound=_Listener)
+C = TypeVar("C", GatewayConfig, GrpcConfig)
+
+
+async def _start_with_fallback(
+    nursery: trio.Nursery,
+    make: Callable[[C], L],
+    config: C,
+    fallback: bool,
+    what: str,
+    flag: str,
+) -> L:
+    """``make(config)`` serving in ``nursery``. A busy port is a ConfigError unless
+    ``fallback`` (the port is the default one, not the user's): then a free one."""
+    listener = make(config)
+    try:
+        await nursery.start(listener.run)
+        return listener
+    except BaseException as raised:  # a group from the listener's nursery, or its OSError
+        exc = sole_error(raised)
+        if not (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE):
+            raise
+    where = f"{config.host}:{config.port}"
+    if not fallback:
+        raise ConfigError(f"{what}: {where} is in use ({flag} HOST:PORT or off)")
+    log.warning("%s: %s is in use (another node?); taking a free port", what, where)
+    listener = make(dataclasses.replace(config, port=0))
+    await nursery.start(listener.run)
+    return listener
 
 
 class _Nodes:

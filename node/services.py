@@ -15,6 +15,7 @@ from bootstrap.dht import ModelDHT
 from bootstrap.peerstore import PeerStore
 from capabilities.hardware import Hardware
 from node.config import NodeConfig
+from node.gateway.grpc_server import GrpcGateway
 from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
 from node.jobs.inbound import InferHandler
@@ -63,4 +64,5 @@ class Services:
     dht: ModelDHT | None  # None with --no-dht
     reach: ReachMonitor  # reachability, and the addresses records and the DHT announce
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
+    grpc: GrpcGateway | None = None  # set once the gRPC port listens; None with --grpc off
     local: LocalSocket | None = None  # set once the local socket listens; None without one

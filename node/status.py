@@ -209,5 +209,6 @@ def daemon_state(s: Services, pid: int) -> dict[str, Any]:
         "peer_id": s.peer_id,
         "addrs": list(s.addrs),
         "http": s.gateway.url if s.gateway is not None else None,
+        "grpc": s.grpc.address if s.grpc is not None else None,
         "socket": str(s.local.path) if s.local is not None else None,
     }
