@@ -251,7 +251,8 @@ class Membership:
         self._learn(peer_id, tuple(known.addrs) if known is not None else ())  # the planner links
 
     def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
-        """Dial ``peer_id`` and swap full records, unless that was just tried."""
+        """Dial ``peer_id`` and swap full records, unless that was just tried or the
+        link budget is full (a linked peer is dialled again: its newer record)."""
         now = trio.current_time()
         if (
             self._nursery is None
@@ -259,6 +260,10 @@ class Membership:
             or now - self._last_try.get(peer_id, -1e9) < self.config.relink_after_s
         ):
             return
+        linked = self.linked()
+        if peer_id not in linked and len(linked) >= self.policy.max_links:
+            return  # no room: every path to a new link keeps to the budget
+
         self._linking.add(peer_id)
         self._dialing.add(peer_id)
         self._last_try[peer_id] = now
