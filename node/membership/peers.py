@@ -306,6 +306,8 @@ class Membership:
             except RecordRejected as exc:
                 self._apply(RecordRefused(peer_id, f"{exc.reason}: {exc}", trio.current_time()))
                 return
+            if peer_id not in self.linked():
+                return  # let go while the answer was on its way: it must not link again
             if not self.accept(received):
                 return
             ours = self._heartbeat(0, peer_id)  # "we hold none": send it
