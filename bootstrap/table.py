@@ -23,6 +23,9 @@ Rules:
 - A record with a seq below the one held is ignored (it arrived late); a record's
   ``expires_at``, if given, takes it back on the first Tick past it, unless a
   ``Heard`` with ``renews_until`` (a heartbeat vouching for the record) moved it on.
+- ``Unlinked`` takes a peer out of the table at once: this node let the link go
+  (its budget of links, ``node.membership.link_policy``); membership keeps what
+  it knew of it elsewhere, as a peer known but not linked. Not counted as a drop.
 - ``RecordRefused`` should be applied only for records a peer sent about itself on
   its own authenticated connection, so that a replay of B's old record relayed
   by C cannot get B refused.
@@ -107,11 +110,17 @@ class Unreachable:
 
 
 @dataclass(frozen=True, slots=True)
+class Unlinked:
+    peer_id: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     now: float
 
 
-Event = Reported | RecordVerified | RecordRefused | Heard | Unreachable | Tick
+Event = Reported | RecordVerified | RecordRefused | Heard | Unreachable | Unlinked | Tick
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +206,11 @@ def apply(table: PeerTable, event: Event) -> PeerTable:
             if peer is None or peer.status == Status.REFUSED or at < peer.last_seen:
                 return table  # heard from since the failure began
             return _put(table, replace(peer, status=Status.UNREACHABLE, reason=reason))
+        case Unlinked(peer_id=pid, at=at):
+            table = _clock(table, at)
+            if pid not in table.peers:
+                return table
+            return replace(table, peers={k: v for k, v in table.peers.items() if k != pid})
     return table
 
 

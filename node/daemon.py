@@ -238,6 +238,8 @@ class Node:
             connect=circuits.connect,
         )
         circuits.on_reconnected = membership.link  # swap records at once: linked again
+        membership.relays_held = relays.held  # links the planner keeps first
+        membership.reserved_here = relay.protocol.reserved
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
         # What this node found of its peers' answers, as it was when it last stopped.
         reputation_file = ReputationFile.in_data_dir(cfg.data_dir)
@@ -285,6 +287,7 @@ class Node:
         service.observer = observe
         service.on_start = feed.job_started
         inbound = InferHandler(service, limits=cfg.limits, access=self.access)
+        inbound.on_request = membership.note_caller
         host.set_stream_handler(TProtocol(INFER_PROTOCOL), inbound)
 
         def answer(received: Received) -> CapabilityRecord:

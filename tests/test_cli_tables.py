@@ -40,7 +40,7 @@ async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -
     status = plain(status_text(peer_id, body, "http://127.0.0.1:8470"))
     assert f"node {a.peer_id}" in status
     assert "gateway http://127.0.0.1:8470" in status
-    assert "peers 1 known, 1 linked ('swarm peers' lists them)" in status
+    assert "peers 1 linked, links 1/32, 0 more known ('swarm peers' lists them)" in status
     assert "fairness on, 0 peers tracked, 0 refused, over budget: none" in status
     assert any(line.startswith("other fake fake none") for line in status), status
 
@@ -90,6 +90,34 @@ def test_peers_not_linked_get_a_note_and_records_print_as_written() -> None:
     column = raw[0].index("ADDRESS")
     folded = "".join(line[column:].strip() for line in raw[2:-1])
     assert folded == "[2001:db8:85a3:1234:5678:8a2e:370:7334]:7420"
+
+
+def test_known_peers_are_listed_apart_from_linked_ones() -> None:
+    linked = {
+        "peer_id": "12D3KooWlinkedlinkedlinked",
+        "status": "linked",
+        "found_by": ["dht"],
+        "models": ["echo"],
+        "addrs": ["/ip4/10.0.0.1/tcp/7420"],
+    }
+    known = {
+        "peer_id": "12D3KooWknownknownknown1",
+        "status": "known",
+        "seen_ago_s": 30,
+        "models": ["beta"],
+        "addrs": ["/ip4/10.0.0.2/tcp/7420"],
+    }
+    lines = plain(peers_text([linked, known], {}))
+    assert lines[0] == "PEER STATUS PATH FOUND BY MODELS RUN/Q ADDRESS"
+    start = lines.index("known, not linked: 1")
+    assert not any("knownknown1" in line for line in lines[:start])  # not in the first table
+    assert lines[start + 1] == "KNOWN PEER MODELS HEARD OF ADDRESS"
+    assert lines[start + 3] == "nknownknown1 beta 30s ago 10.0.0.2:7420"  # its last 12
+    only_known = plain(peers_text([known], {}))
+    assert only_known[0] == "known, not linked: 1"
+    view = {"peers": [linked], "links": {"linked": 1, "max": 4, "known": 7}}
+    status = plain(status_text("me", {"models": [], "view": view}))
+    assert "peers 1 linked, links 1/4, 7 more known ('swarm peers' lists them)" in status
 
 
 def test_empty_tables_say_so() -> None:

@@ -25,6 +25,7 @@ from bootstrap.table import (
     Status,
     TableConfig,
     Tick,
+    Unlinked,
     Unreachable,
     apply,
     hardware_summary,
@@ -192,6 +193,14 @@ def test_serving_filters() -> None:
     assert len(serving(table, "all-minilm-l6-v2")) == 2
 
 
+def test_an_unlinked_peer_leaves_the_table_without_counting_as_a_drop() -> None:
+    table = run(RecordVerified(A, 1, body("echo"), at=1.0), RecordVerified(B, 1, body(), at=1.0))
+    table = run(Unlinked(A, at=2.0), Unlinked(C, at=2.0), table=table)
+    assert set(table.peers) == {B} and table.drops == 0 and serving(table, "echo") == []
+    table = run(RecordVerified(A, 2, body("echo"), at=3.0), table=table)  # linked again
+    assert [p.peer_id for p in serving(table, "echo")] == [A]
+
+
 def test_late_failure_does_not_override_fresher_contact() -> None:
     table = run(RecordVerified(A, 1, body("echo"), at=5.0), Unreachable(A, "timeout", at=4.0))
     assert table.peers[A].status is Status.LINKED
@@ -333,6 +342,7 @@ makers = st.one_of(
         lambda p, load: lambda at: Heard(p, at, load), PEERS, st.none() | st.just({"in_flight": 1})
     ),
     st.builds(lambda p: lambda at: Unreachable(p, "timeout", at), PEERS),
+    st.builds(lambda p: lambda at: Unlinked(p, at), PEERS),
     st.just(Tick),
 )
 # (make the event, seconds the clock moves first, how late the event is stamped)

@@ -32,6 +32,7 @@ from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
+from node.membership.link_policy import LinkPolicy
 from node.net.access import load_allow_list, load_swarm_key
 from node.reach.config import Mode, ReachConfig
 from node.reach.relay_service import RelayServiceConfig
@@ -67,6 +68,7 @@ FLAG_KEYS: dict[str, str] = {
     "relay_service": "node.relay_service",
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
+    "max_links": "node.max_links",
     "max_queue": "node.max_queue",
     "upload_rate": "node.upload_rate",
     "max_uploads": "node.max_uploads",
@@ -109,6 +111,7 @@ class FileSettings:
     relay_service: bool = True
     heartbeat: float = 5.0
     dead_after: float = 15.0
+    max_links: int = 32
     max_queue: int = 64
     upload_rate: float = 0.0
     max_uploads: int = 8
@@ -166,6 +169,7 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
         relay_service=node.flag("relay_service", d.relay_service),
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
+        max_links=node.integer("max_links", d.max_links, low=1, high=4096),
         max_queue=node.integer("max_queue", d.max_queue, low=0, high=1_000_000),
         upload_rate=node.number("upload_rate", d.upload_rate, low=0.0, high=1e12),
         max_uploads=node.integer("max_uploads", d.max_uploads, low=1, high=1024),
@@ -279,7 +283,9 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         dht=_given(args.dht, f.dht),
         relay_service=_relay(args, f, file, source),
         membership=_membership(
-            _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
+            _given(args.heartbeat, f.heartbeat),
+            _given(args.dead_after, f.dead_after),
+            _given(args.max_links, f.max_links),
         ),
         router=_router(args, file, source),
         fairness=_fairness(args, file, source),
@@ -359,8 +365,12 @@ def swarm_key_or_default(path: Path | None, data_dir: Path) -> str | None:
     return load_swarm_key(path)
 
 
-def _membership(heartbeat_s: float, dead_after_s: float) -> MembershipConfig:
+def _membership(heartbeat_s: float, dead_after_s: float, max_links: int) -> MembershipConfig:
     try:
-        return MembershipConfig(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
+        return MembershipConfig(
+            heartbeat_s=heartbeat_s,
+            dead_after_s=dead_after_s,
+            links=LinkPolicy(max_links=max_links),
+        )
     except ConfigError as exc:
-        raise ConfigError(f"heartbeat/dead_after: {exc}") from exc
+        raise ConfigError(f"heartbeat/dead_after/max_links: {exc}") from exc

@@ -158,6 +158,13 @@ def build() -> argparse.ArgumentParser:
         help="drop a peer silent for this long (default 15)",
     )
     d.add_argument(
+        "--max-links",
+        type=int,
+        metavar="N",
+        help="link (connection and heartbeat) at most this many peers; others are known "
+        "only, linked when a job needs them (default 32)",
+    )
+    d.add_argument(
         "--cuda-probe",
         action=argparse.BooleanOptionalAction,
         help="import torch at start to find CUDA devices (default on)",

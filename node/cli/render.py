@@ -128,7 +128,16 @@ def status_table(peer_id: str, body: Mapping[str, Any], gateway: str | None = No
         return Group(grid)
     peers = view.get("peers", [])
     linked = sum(1 for p in peers if p.get("status") == "linked")
-    row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
+    links = view.get("links")
+    if isinstance(links, Mapping):  # the link budget: linked (or being linked) of max_links
+        known = links.get("known", 0)
+        row(
+            "peers",
+            f"{linked} linked, links {links.get('linked')}/{links.get('max')}, "
+            f"{known} more known ('swarm peers' lists them)",
+        )
+    else:
+        row("peers", f"{len(peers)} known, {linked} linked ('swarm peers' lists them)")
     shares: list[RenderableType] = []
     if isinstance(fairness, Mapping) and fairness.get("peers"):
         shares = [Text(""), *shares_table(fairness)]
@@ -327,7 +336,8 @@ def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) 
     for name in ("PEER", "STATUS", "PATH", "FOUND BY", "MODELS", "RUN/Q"):
         _column(table, name).no_wrap = True
     notes: list[RenderableType] = []
-    for r in rows:
+    known = [r for r in rows if r.get("status") == "known"]
+    for r in (r for r in rows if r.get("status") != "known"):
         load = r.get("load") or {}
         depth = load.get("queue_depth") or {}
         queued = sum(v for v in depth.values() if isinstance(v, int))
@@ -346,7 +356,19 @@ def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) 
             why = f": {r['reason']}" if r.get("reason") else ""
             heard = f"last heard {_ago(r.get('seen_ago_s'))} ago"
             notes.append(Text(f"{short} {r.get('status')}, {heard}{why}"))
-    parts: list[RenderableType] = [table, *notes] if rows else [Text("no peers known")]
+    parts: list[RenderableType] = [table, *notes] if len(rows) > len(known) else []
+    if known:  # known from records and the DHT, not linked: no connection, no heartbeat
+        others = _table("KNOWN PEER", "MODELS", "HEARD OF", "ADDRESS")
+        for r in known:
+            addrs = [_host_port(str(a)) for a in r.get("addrs", [])]
+            others.add_row(
+                str(r.get("peer_id", ""))[-12:],
+                "\n".join(r.get("models", [])) or "-",
+                f"{_ago(r.get('seen_ago_s'))} ago",
+                (addrs[0] + (f" +{len(addrs) - 1}" if len(addrs) > 1 else "")) if addrs else "-",
+            )
+        parts += [Text(f"known, not linked: {len(known)}"), others]
+    parts = parts or [Text("no peers known")]
     parts += [Text(f"discovery {source}: {problem}") for source, problem in problems.items()]
     return Group(*parts)
 

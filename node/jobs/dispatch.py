@@ -124,6 +124,8 @@ class Providers(Protocol):
 
     def mark_unreachable(self, peer_id: str, reason: str) -> None: ...
 
+    def note_use(self, model: str, peer_id: str) -> None: ...
+
 
 class Dispatcher:
     """Routes a request to a candidate and fails over (see the module docstring)."""
@@ -188,6 +190,8 @@ class Dispatcher:
             attempts += 1
             if attempts > 1:
                 self.failovers += 1
+            if not choice.local:  # the model is in use and this link busy: both kept
+                self._providers.note_use(request.model, choice.peer_id)
             try:
                 if choice.local:
                     assert local is not None

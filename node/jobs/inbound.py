@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -67,6 +67,8 @@ class InferHandler:
         self._unanswered = 0  # requests read whose answer has not been sent yet
         self._all_answered = trio.Event()
         self._all_answered.set()
+        # Told the caller of each request (membership keeps busy links before idle ones).
+        self.on_request: Callable[[str], None] | None = None
 
     async def wait_answered(self) -> None:
         """Until every request read so far has been answered (or its caller is gone)."""
@@ -159,6 +161,8 @@ class InferHandler:
                 exchange.send(chunk)
                 await stream.send(chunk)
 
+        if self.on_request is not None:
+            self.on_request(peer_id)
         try:
             reply = await self._outcome(request, peer_id, scope, emit)
             if reply is not None:

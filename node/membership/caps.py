@@ -117,14 +117,26 @@ class RecordSigner:
         *,
         client: bool = False,
         peers: int | None = None,
+        want: bool = False,
+        unlink: bool = False,
+        sample: list[Any] | None = None,
     ) -> CapabilityRecord:
         """A small signed record: our load, our full record's version, which version
         of the other side's full record we hold (0: none) and, for members, how many
-        peers we link (a peer that links fewer pulls our record's peer sample)."""
+        peers we link (a peer that links fewer pulls our record's peer sample).
+        ``want``: we need this link (it serves a model we forward to, or relays for
+        us); ``unlink``: we let the link go, or will not take it (no room), with
+        ``sample``: some peers we link, where a newcomer may find room."""
         self._refresh()
-        beat = {"version": self.version, "known": known_version, "load": dict(load)}
+        beat: dict[str, Any] = {"version": self.version, "known": known_version, "load": dict(load)}
         if peers is not None:
             beat["peers"] = peers
+        if want:
+            beat["want"] = True
+        if unlink:
+            beat["unlink"] = True
+            if sample:
+                beat["sample"] = sample
         return self._sign({"heartbeat": beat, **({"client": True} if client else {})})
 
     def view(self, extra: Mapping[str, Any]) -> CapabilityRecord:

@@ -14,6 +14,20 @@ interval, on one long-lived caps stream, proves both alive. A peer silent for
 ``dead_after_s`` leaves the table; it comes back when it is heard from or
 discovered again.
 
+A node links at most ``links.max_links`` peers (``--max-links``). Which ones is
+the pure planner's call (``link_policy.plan_links``): relays, providers of the
+models this node forwards to (by recent demand), Kademlia buckets, a few at
+random. Every other peer it hears of (a discovery hint, a peer sample, a DHT
+provider record, a link it let go) is *known*: its addresses and models are
+kept, but no connection and no heartbeat. The planner runs when something
+changes and once a second; links it no longer wants get an ``unlink``
+heartbeat (the other side lets go too) and their connection is closed. A peer
+that asks for a link (its record or heartbeat arrives unlinked) is taken when
+the planner, counting it as wanting the link, keeps it; else it is answered
+``unlink``. A job for a model no linked peer serves looks up the DHT's
+provider records (the answer stays known), links a provider and waits for its
+record: the first job pays the lookup, later ones find the link.
+
 All state changes go through the pure reducer in ``bootstrap.table``; this
 module only does the I/O around it.
 """
@@ -23,7 +37,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -43,6 +58,7 @@ from bootstrap.table import (
     Status,
     TableConfig,
     Tick,
+    Unlinked,
     Unreachable,
     apply,
     live_peers,
@@ -56,6 +72,7 @@ from protocols import CapabilityRecord, ProtocolError, SwarmError
 
 from .caps import CapsStreams, Received, RecordSigner
 from .config import LAGGARD_FACTOR, MembershipConfig
+from .link_policy import LinkInputs, LinkPlan, PeerFacts, plan_links
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +94,26 @@ SAMPLE_EVERY_S = 30.0
 # a whole interval.
 JOIN_WINDOW_S = 4.0
 JOIN_BEAT_S = 1.0
+# The planner runs at least this often (links age out, demand expires).
+PLAN_EVERY_S = 1.0
+# A peer that let our link go, or refused it, is not dialled again for this long
+# unless a job needs it (its budget is full: asking again at once costs both).
+REFUSED_BACKOFF_S = 30.0
+# A dropped link's connection stays open if a job used it this recently: the
+# job's streams may still be on it.
+BUSY_S = 10.0
+# Peers an "unlink" answer names: a refused newcomer links elsewhere.
+SAMPLE_ON_UNLINK = 8
+VIEW_KNOWN = 200  # known peers listed in the view clients get
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A peer known but not linked: where it listens, what it serves, when last heard of."""
+
+    addrs: tuple[str, ...]
+    models: tuple[str, ...]
+    seen: float
 
 
 class Membership:
@@ -111,6 +148,21 @@ class Membership:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.on_verified: Callable[[str, tuple[str, ...]], None] | None = None
+        self.policy = config.links
+        self.known: dict[str, Known] = {}
+        self._dialing: set[str] = set()  # link attempts in flight (count as links)
+        self._demand: dict[str, float] = {}  # model -> when a job last needed a peer for it
+        self._used: dict[str, float] = {}  # peer -> when a job last went to it
+        self._linked_at: dict[str, float] = {}  # peer -> when its link began
+        self._wants: dict[str, bool] = {}  # peer -> its heartbeats say it wants the link
+        self._backoff: dict[str, float] = {}  # peer -> not dialled before then
+        self._refusing: set[str] = set()  # peers answered "unlink" until linked again
+        self._why: Mapping[str, str] = {}  # the last plan's reason for each link
+        self._kick = trio.Event()
+        self._seed = random.randrange(1 << 32)  # the planner's random picks, fixed per run
+        # Relays this node holds a reservation on; peers holding one here (the wiring).
+        self.relays_held: Callable[[], Iterable[str]] = tuple
+        self.reserved_here: Callable[[], Iterable[str]] = tuple
         # Asks the DHT who provides a model (hints), when this node runs one.
         self.finder: Callable[[str, float], Awaitable[list[Any]]] | None = None
 
@@ -123,6 +175,7 @@ class Membership:
                 nursery.start_soon(self._consume)
                 nursery.start_soon(self._heartbeats)
                 nursery.start_soon(self._ticks)
+                nursery.start_soon(self._plans)
                 task_status.started()
         finally:
             # Inbound caps streams can still arrive while the host closes: link nothing then.
@@ -143,9 +196,7 @@ class Membership:
             if isinstance(event, Discovered):
                 if event.peer_id == self.self_id or not self._access.member(event.peer_id):
                     continue  # outside an allow-list: never dialled, never listed
-                known = self.table.peers.get(event.peer_id)
-                if known is None or known.status != Status.LINKED:
-                    self.link(event.peer_id, event.addrs)  # linked peers stay fresh by beats
+                self._learn(event.peer_id, event.addrs)  # the planner links it, or not
                 if event.source in HINTS_ONLY:
                     # A DHT provider record or a peerstore row outlives its peer: not
                     # evidence that it is alive. It enters the table once it answers.
@@ -160,6 +211,7 @@ class Membership:
             self._book = self._book.prune(time.time_ns() // 1_000_000)
             for gone in before - set(self.table.peers):
                 await self._streams.forget(gone)
+            self._prune(trio.current_time())
 
     async def _heartbeats(self) -> None:
         interval = self.config.heartbeat_s
@@ -188,17 +240,19 @@ class Membership:
         return set(self._last_try)
 
     def relink(self, peer_id: str) -> None:
-        """Link ``peer_id`` now even if that was tried a moment ago (something changed
-        that may make it reachable: a relay says the peer holds a reservation
-        there); a linked peer is left alone."""
+        """Let the planner link ``peer_id`` now even if that was tried a moment ago
+        (something changed that may make it reachable: a relay says the peer holds a
+        reservation there); a linked peer is left alone."""
         known = self.table.peers.get(peer_id)
         if peer_id == self.self_id or (known is not None and known.status == Status.LINKED):
             return
         self._last_try.pop(peer_id, None)
-        self.link(peer_id, tuple(known.addrs) if known is not None else ())
+        self._backoff.pop(peer_id, None)
+        self._learn(peer_id, tuple(known.addrs) if known is not None else ())  # the planner links
 
     def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
-        """Dial ``peer_id`` and swap full records, unless that was just tried."""
+        """Dial ``peer_id`` and swap full records, unless that was just tried or the
+        link budget is full (a linked peer is dialled again: its newer record)."""
         now = trio.current_time()
         if (
             self._nursery is None
@@ -206,7 +260,12 @@ class Membership:
             or now - self._last_try.get(peer_id, -1e9) < self.config.relink_after_s
         ):
             return
+        linked = self.linked()
+        if peer_id not in linked and len(linked) >= self.policy.max_links:
+            return  # no room: every path to a new link keeps to the budget
+
         self._linking.add(peer_id)
+        self._dialing.add(peer_id)
         self._last_try[peer_id] = now
         self._nursery.start_soon(self._link, peer_id, addrs)
 
@@ -223,6 +282,8 @@ class Membership:
             self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
         finally:
             self._linking.discard(peer_id)
+            self._dialing.discard(peer_id)
+            self._kick.set()
 
     async def _connect_direct(self, peer_id: str, addrs: tuple[str, ...]) -> None:
         if addrs:  # none: the exchange's own stream dials what the peerstore knows
@@ -231,7 +292,7 @@ class Membership:
 
     async def _beat(self, peer_id: str, known_version: int) -> None:
         try:
-            await self._swap(peer_id, self._heartbeat(known_version))
+            await self._swap(peer_id, self._heartbeat(known_version, peer_id))
         except Exception as exc:  # a failed beat only marks the peer; silence drops it
             self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
         finally:
@@ -245,9 +306,11 @@ class Membership:
             except RecordRejected as exc:
                 self._apply(RecordRefused(peer_id, f"{exc.reason}: {exc}", trio.current_time()))
                 return
+            if peer_id not in self.linked():
+                return  # let go while the answer was on its way: it must not link again
             if not self.accept(received):
                 return
-            ours = self._heartbeat(0)  # "we hold none": send it
+            ours = self._heartbeat(0, peer_id)  # "we hold none": send it
 
     # -- records in -------------------------------------------------------------
 
@@ -272,6 +335,11 @@ class Membership:
             self._apply(RecordRefused(record.peer_id, f"{exc.reason}: {exc}", now))
             return False
         beat = received.heartbeat
+        if beat is not None and beat.get("unlink") is True:
+            self._let_go(record.peer_id, now, tell=False)  # it will not hold the link
+            self._backoff[record.peer_id] = now + REFUSED_BACKOFF_S
+            self._link_sample(beat.get("sample"))  # where else to link
+            return False
         if beat is None:
             left_s = (record.expires_ms - time.time_ns() // 1_000_000) / 1000
             before = self.table.peers.get(record.peer_id)
@@ -279,11 +347,15 @@ class Membership:
             self._apply(RecordVerified(record.peer_id, record.seq, record.body, now, now + left_s))
             if not was_linked:
                 self._joined[record.peer_id] = now
+                self._linked_at[record.peer_id] = now
+            self._refusing.discard(record.peer_id)
+            self.known.pop(record.peer_id, None)  # the table holds it now
             self._link_sample(record.body.get("peers"))
             if self.on_verified is not None:
                 self.on_verified(record.peer_id, tuple(self.table.peers[record.peer_id].addrs))
             return False
         load = beat.get("load")
+        self._wants[record.peer_id] = beat.get("want") is True
         known = self.table.peers.get(record.peer_id)
         version = beat.get("version")
         held = _version(known.body) if known is not None else 0
@@ -296,7 +368,8 @@ class Membership:
             return True
         # It links more peers than we do: its record's sample may name some we lack.
         linked = beat.get("peers")
-        more = isinstance(linked, int) and linked > len(live_peers(self.table))
+        ours = len(live_peers(self.table))
+        more = isinstance(linked, int) and linked > ours and ours < self.policy.max_links
         if more and now - self._sampled.get(record.peer_id, -1e9) >= SAMPLE_EVERY_S:
             self._sampled[record.peer_id] = now
             return True
@@ -310,7 +383,7 @@ class Membership:
         return [[p.peer_id, list(p.addrs[:4])] for p in peers]
 
     def _link_sample(self, sample: Any) -> None:
-        """Link the peers another member named that we do not know: hints, no more."""
+        """Learn of the peers another member named (the planner may link some)."""
         if not isinstance(sample, list):
             return
         for entry in sample[:PEER_SAMPLE]:
@@ -324,32 +397,93 @@ class Membership:
                 or not isinstance(addrs, list)
             ):
                 continue
-            self.link(peer_id, tuple(a for a in addrs[:4] if isinstance(a, str)))
+            self._learn(peer_id, tuple(a for a in addrs[:4] if isinstance(a, str)))
 
     async def on_inbound(self, received: Received) -> None:
-        if not received.is_client and self.accept(received):
-            self._last_try.pop(received.record.peer_id, None)
-            self.link(received.record.peer_id)  # pull its newer full record
+        if received.is_client:
+            return
+        pid = received.record.peer_id
+        beat = received.heartbeat
+        if beat is not None and beat.get("unlink") is True:
+            self.accept(received)  # it lets us go
+            self._refusing.add(pid)
+            return
+        # A link is asked for with a full record; a heartbeat from a peer not linked is
+        # from one whose link we let go (or dropped for silence): it is told so.
+        if pid not in self.linked() and (beat is not None or not self._admit(pid)):
+            # No room: answered "unlink"; what its full record says is kept.
+            self._refusing.add(pid)
+            body = received.record.body
+            if beat is None and self._access.member(pid):
+                addrs = body.get("addrs")
+                addrs = (
+                    tuple(a for a in addrs[:4] if isinstance(a, str))
+                    if isinstance(addrs, list)
+                    else ()
+                )
+                self._learn(pid, addrs, _models_of(body))
+            return
+        self._refusing.discard(pid)
+        if self.accept(received):
+            self._last_try.pop(pid, None)
+            self.link(pid)  # pull its newer full record
 
     def answer(self, received: Received) -> CapabilityRecord:
         """Our reply on an inbound caps stream."""
         if received.is_client:
             return self._signer.view(self.view())
+        if received.record.peer_id in self._refusing:
+            return self._heartbeat(0, received.record.peer_id, unlink=True)
         beat = received.heartbeat
         known = beat.get("known", 0) if beat is not None else 0  # a full record: assume none
         full = self._signer.full()
         if not isinstance(known, int) or known < self._signer.version:
             return full
         theirs = self.table.peers.get(received.record.peer_id)
-        return self._heartbeat(_version(theirs.body if theirs else None))
+        pid = received.record.peer_id
+        return self._heartbeat(_version(theirs.body if theirs else None), pid)
 
-    def _heartbeat(self, known_version: int) -> CapabilityRecord:
+    def _heartbeat(
+        self, known_version: int, peer_id: str = "", *, unlink: bool = False
+    ) -> CapabilityRecord:
         linked = len(live_peers(self.table))
-        return self._signer.heartbeat(known_version, self._load(), peers=linked)
+        # Any reason of ours but "idle" is a reason for the other side to keep the link.
+        want = self._why.get(peer_id, "idle") != "idle"
+        sample = self.peer_sample()[:SAMPLE_ON_UNLINK] if unlink else None
+        return self._signer.heartbeat(
+            known_version, self._load(), peers=linked, want=want, unlink=unlink, sample=sample
+        )
 
     def view(self) -> dict[str, Any]:
+        linked = self.linked()
+        known: list[dict[str, Any]] = [
+            {
+                "peer_id": pid,
+                "status": "known",
+                "reason": None,
+                "addrs": list(k.addrs),
+                "hardware": "",
+                "models": list(k.models),
+                "load": None,
+                "last_seen": k.seen,
+                "seen_ago_s": max(0.0, trio.current_time() - k.seen),
+                "found_by": [],
+            }
+            for pid, k in sorted(self.known.items())
+            if pid not in self.table.peers
+        ]
+        # The record that carries this view has a size limit: the freshest ones.
+        known = sorted(known, key=lambda r: float(r["seen_ago_s"]))[:VIEW_KNOWN]
+        table_rows = rows(self.table)
+        for row in table_rows:
+            row["link"] = self._why.get(row["peer_id"])
         return {
-            "peers": rows(self.table),
+            "peers": table_rows + known,
+            "links": {
+                "linked": len(linked),
+                "max": self.policy.max_links,
+                "known": sum(1 for pid in self.known if pid not in self.table.peers),
+            },
             "discovery": {str(s): p.text for s, p in self.table.problems.items()},
             "dropped_for_silence": self.table.drops,
             "records_refused": self.table.refusals,
@@ -359,30 +493,229 @@ class Membership:
 
     def serves(self, model: str) -> bool:
         """Whether forwarding could work: a linked peer serves it or passes it on to one
-        it links (``node.reach.records``), or the DHT may know one."""
+        it links (``node.reach.records``), a known peer serves it, or the DHT may know one."""
         return (
             bool(serving(self.table, model))
             or bool(intermediaries(self.table, model))
+            or bool(self._known_serving(model))
             or self.finder is not None
         )
 
     async def providers(self, model: str) -> list[Peer]:
-        """Linked peers serving ``model``; asks the DHT and links what it finds if none."""
+        """Linked peers serving ``model``. With none: the known providers, else the
+        DHT's provider records (kept as known peers), and the planner links one."""
+        now = trio.current_time()
+        self._demand[model] = now
         found = serving(self.table, model)
-        if found or self.finder is None:
+        if found:
             return found
-        hints = await self.finder(model, DHT_LOOKUP_S)
-        for hint in hints:
-            if hint.peer_id != self.self_id:
-                self.link(hint.peer_id, tuple(hint.addrs))
-        with trio.move_on_after(LINK_TIMEOUT_S if hints else 0):
+        if not self._known_serving(model) and self.finder is not None:
+            for hint in await self.finder(model, DHT_LOOKUP_S):
+                if hint.peer_id != self.self_id and self._access.member(hint.peer_id):
+                    self._learn(hint.peer_id, tuple(hint.addrs), (model,))
+        candidates = self._known_serving(model)
+        for pid in candidates:  # a job needs it: an earlier refusal does not hold it back
+            self._backoff.pop(pid, None)
+        self._replan()
+        with trio.move_on_after(LINK_TIMEOUT_S if candidates else 0):
             while not (found := serving(self.table, model)):
                 await self.wait_changed()
         return found
 
+    def note_use(self, model: str, peer_id: str) -> None:
+        """A job for ``model`` went to ``peer_id``: the model is in use, the link busy."""
+        now = trio.current_time()
+        self._demand[model] = now
+        self._used[peer_id] = now
+
+    def note_caller(self, peer_id: str) -> None:
+        """A job came from ``peer_id``: its link is busy (kept before idle ones)."""
+        self._used[peer_id] = trio.current_time()
+
+    # -- the link budget ------------------------------------------------------------
+
+    def linked(self) -> set[str]:
+        """Peers linked (a verified record held), and those being linked now."""
+        held = {p.peer_id for p in self.table.peers.values() if p.body is not None}
+        return held | self._dialing
+
+    def _learn(self, peer_id: str, addrs: tuple[str, ...], models: tuple[str, ...] = ()) -> None:
+        """Keep ``peer_id`` as known (not linked), merging what was known; the planner decides."""
+        if peer_id == self.self_id:
+            return
+        now = trio.current_time()
+        old = self.known.get(peer_id)
+        if old is not None:
+            addrs = tuple(dict.fromkeys((*old.addrs, *addrs)))[:8]
+            models = tuple(dict.fromkeys((*old.models, *models)))
+        self.known[peer_id] = Known(addrs[:8], models, now)
+        if len(self.known) > self.config.known_max:
+            stalest = min(self.known, key=lambda pid: (self.known[pid].seen, pid))
+            del self.known[stalest]
+        self._kick.set()
+
+    def _known_serving(self, model: str) -> list[str]:
+        want = model.casefold()
+        return sorted(
+            pid
+            for pid, k in self.known.items()
+            if pid not in self.table.peers or self.table.peers[pid].body is None
+            if any(m.casefold() == want for m in k.models)
+        )
+
+    def _facts(self, now: float) -> list[PeerFacts]:
+        linked = self.linked()
+        facts: dict[str, PeerFacts] = {}
+        for pid, k in self.known.items():
+            facts[pid] = PeerFacts(pid, models=k.models, linkable=self._linkable(pid, now))
+        for pid in self.table.peers:
+            if pid not in linked:
+                models = facts[pid].models if pid in facts else ()
+                facts[pid] = PeerFacts(pid, models=models, linkable=self._linkable(pid, now))
+        for pid in linked:
+            held = self.table.peers.get(pid)
+            known = self.known.get(pid)
+            facts[pid] = PeerFacts(
+                pid,
+                linked=True,
+                models=held.models if held is not None else known.models if known else (),
+                last_used=self._used.get(pid),
+                linked_at=self._linked_at.get(pid, now),
+                wants=self._wants.get(pid, False),
+            )
+        return list(facts.values())
+
+    def _linkable(self, peer_id: str, now: float) -> bool:
+        return (
+            self._nursery is not None
+            and self._access.member(peer_id)
+            and now >= self._backoff.get(peer_id, -1e9)
+            and now - self._last_try.get(peer_id, -1e9) >= self.config.relink_after_s
+        )
+
+    def plan(self, extra: PeerFacts | None = None) -> LinkPlan:
+        """The planner's answer now (``extra``: a peer counted in as if linked)."""
+        now = trio.current_time()
+        facts = self._facts(now)
+        if extra is not None:
+            facts = [f for f in facts if f.peer_id != extra.peer_id] + [extra]
+        demand = {m: at for m, at in self._demand.items() if now - at <= self.policy.demand_s}
+        inputs = LinkInputs(
+            self.self_id,
+            now,
+            facts,
+            demand,
+            relays=frozenset(self.relays_held()),
+            reserved=frozenset(self.reserved_here()),
+            seed=self._seed,
+        )
+        return plan_links(inputs, self.policy)
+
+    def _replan(self) -> LinkPlan:
+        """Plan, then dial what the plan links and let go of what it drops."""
+        plan = self.plan()
+        self._why = plan.why
+        now = trio.current_time()
+        for pid in plan.drop:
+            if pid not in self._dialing:  # counted as linked; judged once it is
+                self._let_go(pid, now, tell=True)
+        for pid in plan.link:
+            # Dials the plan let go of are still in flight (and counted): wait for them.
+            if len(self.linked()) >= self.policy.max_links:
+                break
+            known = self.known.get(pid)
+            peer = self.table.peers.get(pid)
+            addrs = known.addrs if known else tuple(peer.addrs) if peer else ()
+            self.link(pid, addrs)
+        return plan
+
+    def _admit(self, peer_id: str) -> bool:
+        """Whether to take the link an unlinked peer asks for: the planner, counting
+        it as a linked peer that wants the link, keeps it (and lets go of whom it drops)."""
+        if self._nursery is None or not self._access.member(peer_id):
+            return False
+        now = trio.current_time()
+        asking = PeerFacts(peer_id, linked=True, linked_at=now, wants=True)
+        plan = self.plan(asking)
+        if peer_id not in plan.keep:
+            return False
+        self._why = {**plan.why}
+        for pid in plan.drop:
+            if pid not in self._dialing:
+                self._let_go(pid, now, tell=True)
+        # Dials in flight count too, even those the plan would let go of.
+        return len(self.linked()) < self.policy.max_links
+
+    def _let_go(self, peer_id: str, now: float, *, tell: bool) -> None:
+        """Unlink ``peer_id``: known from now on; ``tell``: say so, then hang up."""
+        peer = self.table.peers.get(peer_id)
+        if peer is None and peer_id not in self._dialing:
+            return
+        if peer is not None:
+            old = self.known.get(peer_id)
+            models = peer.models or (old.models if old else ())
+            self.known[peer_id] = Known(tuple(peer.addrs[:8]), models, now)
+        self._apply(Unlinked(peer_id, now))
+        self._linked_at.pop(peer_id, None)
+        self._wants.pop(peer_id, None)
+        self._joined.pop(peer_id, None)
+        self._refusing.add(peer_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._hang_up, peer_id, tell)
+
+    async def _hang_up(self, peer_id: str, tell: bool) -> None:
+        if tell:
+            with trio.move_on_after(5.0):
+                try:
+                    await self._streams.exchange(
+                        ID.from_base58(peer_id), self._heartbeat(0, peer_id, unlink=True)
+                    )
+                except Exception as exc:  # gone already: nothing to tell
+                    log.debug("could not tell %s of the unlink: %s", peer_id, _reason(exc))
+        await self._streams.forget(peer_id)
+        if not tell:
+            # It let us go: the connection is its to close (it may be our DHT's way in).
+            return
+        keep = set(self.relays_held()) | set(self.reserved_here())
+        recent = trio.current_time() - self._used.get(peer_id, -1e9) < BUSY_S
+        if peer_id in keep or recent or peer_id in self.linked():
+            return
+        with trio.move_on_after(5.0):
+            try:
+                await self._host.disconnect(ID.from_base58(peer_id))
+            except Exception as exc:  # libp2p raises many types for a closing connection
+                log.debug("could not close the connection to %s: %s", peer_id, _reason(exc))
+
+    async def _plans(self) -> None:
+        while True:
+            with trio.move_on_after(PLAN_EVERY_S):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            self._replan()
+            await trio.sleep(0.05)  # a burst of hints makes one plan, not one each
+
+    def _prune(self, now: float) -> None:
+        """Forget the bookkeeping of peers neither linked nor known."""
+        linked = self.linked()
+        keep = linked | set(self.known)
+        for book in (self._used, self._wants, self._linked_at, self._backoff):
+            for pid in [p for p in book if p not in keep]:
+                del book[pid]
+        self._refusing &= set(self.known) | set(self.table.peers)
+        for model in [m for m, at in self._demand.items() if now - at > self.policy.demand_s]:
+            del self._demand[model]
+
     def mark_unreachable(self, peer_id: str, reason: str) -> None:
         """A dial or stream to ``peer_id`` failed (silence will drop it if it lasts)."""
         self._apply(Unreachable(peer_id, reason, trio.current_time()))
+
+
+def _models_of(body: Mapping[str, Any]) -> tuple[str, ...]:
+    models = body.get("models")
+    if not isinstance(models, list | tuple):
+        return ()
+    names = (m.get("name") for m in models if isinstance(m, Mapping))
+    return tuple(n for n in names if isinstance(n, str) and n)
 
 
 def _version(body: Mapping[str, Any] | None) -> int:
