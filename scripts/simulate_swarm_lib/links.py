@@ -216,6 +216,10 @@ class Real:
         got = self._run(view)
         drop = tuple(p for p in got.drop if p in view.links)  # not the dials in flight
         link = tuple(p for p in got.link if p not in view.pending)
+        # A dial in flight the plan lets go cannot be called back here: it lands, so
+        # the plan's link it made room for waits (else the node goes one over budget).
+        stuck = sum(1 for p in got.drop if p in view.pending)
+        link = link[: max(0, len(link) - stuck)]
         return LinkPlan(link=link, unlink=drop, why=got.why)
 
     def admit(self, view: LinkView, peer: str, needed: bool, rng: random.Random) -> Admit:
