@@ -12,12 +12,14 @@ from pathlib import Path
 
 from node.data_dir import DEFAULT_DATA_DIR
 from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before node.defaults
-from node.gateway.config import GatewayConfig
+from node.gateway.config import GatewayConfig, GrpcConfig
 from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig
 from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.reach.config import ReachConfig
+from node.reach.relay_service import RelayServiceConfig
+from node.reach.relays import RelaysConfig
 from protocols import DEFAULT_LIMITS, Limits
 from protocols.errors import ConfigError
 from runners.catalog import DEFAULT_MODEL, ModelSpec
@@ -36,6 +38,8 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = ()  # peers to join the swarm through (also DHT seeds)
     mdns: bool = True
     dht: bool = True
+    relay_service: RelayServiceConfig = field(default_factory=RelayServiceConfig)
+    relays: RelaysConfig = field(default_factory=RelaysConfig)  # reservations while NATed
     membership: MembershipConfig = field(default_factory=MembershipConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers
@@ -47,6 +51,8 @@ class NodeConfig:
     # The gateway's port is the default one, not the user's: if another node on this
     # machine holds it, serve on a free port instead (an explicit busy port is an error).
     http_fallback: bool = False
+    grpc: GrpcConfig | None = None  # the KServe v2 gRPC port; None = off
+    grpc_fallback: bool = False  # as http_fallback, for the gRPC port
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:

@@ -20,9 +20,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -41,7 +41,8 @@ from node.config import NodeConfig
 from node.data_dir import CLIENT_KEY, IDENTITY_KEY, SOCKET_FILE, remove_state, write_state
 from node.errors import NodeError, sole_error
 from node.gateway.app import Backend, swarm_models
-from node.gateway.config import GatewayConfig
+from node.gateway.config import GatewayConfig, GrpcConfig
+from node.gateway.grpc_server import GrpcGateway
 from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
 from node.jobs.inbound import InferHandler
@@ -59,7 +60,11 @@ from node.net.frames import SocketFramed
 from node.net.host import check_listen, load_or_create_identity, peer_id_of, running_host
 from node.observe.feed import Feed, report_load, watch_peers
 from node.observe.metrics import NodeMetrics
+from node.reach.circuits import Circuits
 from node.reach.monitor import ReachMonitor
+from node.reach.records import relay_candidates
+from node.reach.relay_service import RelayService
+from node.reach.relays import Relays
 from node.services import Services
 from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, MAX_HOPS, CapabilityRecord, Request, Result
 from protocols.errors import ConfigError
@@ -196,13 +201,35 @@ class Node:
         peer_id = host.get_id().to_base58()
         self._client_id = peer_id_of(load_or_create_identity(cfg.data_dir / CLIENT_KEY))
         signer = RecordSigner(key_pair, lambda: status.describe(self.services))
+        # The relay work follows reachability's verdict (the monitor, built below).
+        relay = RelayService(
+            host,
+            cfg.relay_service,
+            is_public=lambda: reach.is_public(),
+            member=self.access.member,
+        )
+        circuits = Circuits(
+            host,
+            relay.protocol,
+            guesses=lambda peer: status.relays_holding(self.services, peer),
+        )
+        relay.protocol.on_relayed = circuits.on_relayed
+        circuits.on_direct = caller.drop_idle  # pooled streams move off the relay
+        relays = Relays(
+            host,
+            cfg.relays,
+            is_public=lambda: reach.is_public(),
+            candidates=lambda: relay_candidates(membership.table),
+        )
         membership = Membership(
             host,
             signer,
             lambda: self.services.service.load().describe(),
             cfg.membership,
             access=self.access,
+            connect=circuits.connect,
         )
+        circuits.on_reconnected = membership.link  # swap records at once: linked again
         router = Router(peer_id, cfg.router, rng=random.Random(), clock=trio.current_time)
         # What this node found of its peers' answers, as it was when it last stopped.
         reputation_file = ReputationFile.in_data_dir(cfg.data_dir)
@@ -213,6 +240,7 @@ class Node:
             lambda: status.local_node(self.services),
             lambda: self.services.dispatcher.in_flight,
             held_back=reputation.held_back,
+            paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
         )
         dispatcher = Dispatcher(
             peer_id,
@@ -264,12 +292,24 @@ class Node:
         caps = CapsHandler(membership.on_inbound, answer, self.access)
         host.set_stream_handler(TProtocol(CAPS_PROTOCOL), caps)
         store = PeerStore.in_data_dir(cfg.data_dir)
-        membership.on_verified = lambda pid, addrs: self._remember(store, pid, addrs)
+
+        def verified(pid: str, addrs: tuple[str, ...]) -> None:
+            self._remember(store, pid, addrs)
+            # A relay's record names who holds a reservation there: those we have not
+            # linked are reachable through it now (of each pair, the lower id dials).
+            for other in status.reserved_at(self.services, pid):
+                if other > peer_id:
+                    membership.relink(other)
+
+        membership.on_verified = verified
         reach = ReachMonitor(
             host,
             cfg.reach,
             peers=lambda: [p.peer_id for p in live_peers(membership.table)],
             wait_changed=membership.wait_changed,
+            circuit_addrs=relays.circuit_addrs,
+            relays_held=relays.held,
+            relay_entry=relay.record_entry,
             psk=cfg.swarm_key,
             access=self.access,
         )
@@ -298,6 +338,9 @@ class Node:
             signer=signer,
             metrics=metrics,
             store=store,
+            relay=relay,
+            relays=relays,
+            circuits=circuits,
             dht=dht,
             reach=reach,
         )
@@ -312,9 +355,12 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(s.relay.run)
+                await nursery.start(s.circuits.run)
                 await nursery.start(s.membership.run)
                 await nursery.start(s.reach.run)
                 await nursery.start(s.verifier.run)
+                await nursery.start(s.relays.run)
                 table = lambda: s.membership.table  # noqa: E731 (read at each use: it is replaced)
                 nursery.start_soon(watch_peers, s.feed, table, s.membership.wait_changed)
                 own_load = lambda: s.service.load().describe()  # noqa: E731
@@ -324,6 +370,9 @@ class Node:
                 if cfg.http is not None:
                     gateway = await self._start_gateway(nursery, cfg.http)
                     self._services = s = dataclasses.replace(s, gateway=gateway)
+                if cfg.grpc is not None:
+                    grpc = await self._start_grpc(nursery, cfg.grpc)
+                    self._services = s = dataclasses.replace(s, grpc=grpc)
                 if (listening := await self._start_local_socket(nursery, s)) is not None:
                     self._services = s = dataclasses.replace(s, local=listening)
                 write_state(cfg.data_dir, status.daemon_state(s, os.getpid()))
@@ -408,27 +457,35 @@ class Node:
 
     async def _start_gateway(self, nursery: trio.Nursery, config: GatewayConfig) -> Gateway:
         """Serve the gateway; a busy port is a ConfigError unless the fallback applies."""
-        gateway = self._gateway(config)
-        try:
-            await nursery.start(gateway.run)
-            return gateway
-        except BaseException as raised:  # a group from the gateway's nursery
-            exc = sole_error(raised)
-            if not (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE):
-                raise
-        where = f"{config.host}:{config.port}"
-        if not self.config.http_fallback:
-            raise ConfigError(f"HTTP gateway: {where} is in use (--http HOST:PORT or off)")
-        log.warning("HTTP gateway: %s is in use (another node?); taking a free port", where)
-        gateway = self._gateway(dataclasses.replace(config, port=0))
-        await nursery.start(gateway.run)
-        return gateway
+        return await _start_with_fallback(
+            nursery, self._gateway, config, self.config.http_fallback, "HTTP gateway", "--http"
+        )
+
+    async def _start_grpc(self, nursery: trio.Nursery, config: GrpcConfig) -> GrpcGateway:
+        """Serve the KServe v2 gRPC port, with the HTTP gateway's busy-port rule; its
+        messages are bounded by the node's limits too."""
+        limit = min(config.max_message, self.config.limits.max_message)
+        config = dataclasses.replace(config, max_message=limit)
+        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
+
+        def grpc(config: GrpcConfig) -> GrpcGateway:
+            return GrpcGateway(self._backend(), config, shutdown=self._stop.wait, grace_s=grace)
+
+        return await _start_with_fallback(
+            nursery, grpc, config, self.config.grpc_fallback, "gRPC port", "--grpc"
+        )
 
     def _gateway(self, config: GatewayConfig) -> Gateway:
-        """The HTTP gateway: its requests run through the service like any client's,
-        held against ``GATEWAY`` (the node's own clients) in the fair-share ledger."""
+        """The HTTP gateway: its requests run through the service like any client's."""
+        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
+        return Gateway(self._backend(), config, shutdown=self._stop.wait, grace_s=grace)
+
+    def _backend(self) -> Backend:
+        """What the gateway and the gRPC port see of this node: their requests run
+        through the service like any client's, held against ``GATEWAY`` (the node's own
+        clients) in the fair-share ledger."""
         s = self.services
-        backend = Backend(
+        return Backend(
             execute=s.service.execute,
             models=lambda: swarm_models(s.models.infos(), s.membership.table),
             status=self.status,
@@ -442,8 +499,41 @@ class Node:
                 self.services, model, strategy, priority
             ),
         )
-        grace = self.config.shutdown_grace_s + ANSWER_WAIT_S
-        return Gateway(backend, config, shutdown=self._stop.wait, grace_s=grace)
+
+
+class _Listener(Protocol):
+    async def run(self, *, task_status: TaskStatus[str] = ...) -> None: ...
+
+
+L = TypeVar("L", bound=_Listener)
+C = TypeVar("C", GatewayConfig, GrpcConfig)
+
+
+async def _start_with_fallback(
+    nursery: trio.Nursery,
+    make: Callable[[C], L],
+    config: C,
+    fallback: bool,
+    what: str,
+    flag: str,
+) -> L:
+    """``make(config)`` serving in ``nursery``. A busy port is a ConfigError unless
+    ``fallback`` (the port is the default one, not the user's): then a free one."""
+    listener = make(config)
+    try:
+        await nursery.start(listener.run)
+        return listener
+    except BaseException as raised:  # a group from the listener's nursery, or its OSError
+        exc = sole_error(raised)
+        if not (isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE):
+            raise
+    where = f"{config.host}:{config.port}"
+    if not fallback:
+        raise ConfigError(f"{what}: {where} is in use ({flag} HOST:PORT or off)")
+    log.warning("%s: %s is in use (another node?); taking a free port", what, where)
+    listener = make(dataclasses.replace(config, port=0))
+    await nursery.start(listener.run)
+    return listener
 
 
 class _Nodes:

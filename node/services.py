@@ -15,6 +15,7 @@ from bootstrap.dht import ModelDHT
 from bootstrap.peerstore import PeerStore
 from capabilities.hardware import Hardware
 from node.config import NodeConfig
+from node.gateway.grpc_server import GrpcGateway
 from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
 from node.jobs.inbound import InferHandler
@@ -29,7 +30,10 @@ from node.net.access import AccessPolicy
 from node.net.local import LocalSocket
 from node.observe.feed import Feed
 from node.observe.metrics import NodeMetrics
+from node.reach.circuits import Circuits
 from node.reach.monitor import ReachMonitor
+from node.reach.relay_service import RelayService
+from node.reach.relays import Relays
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +58,11 @@ class Services:
     signer: RecordSigner
     metrics: NodeMetrics
     store: PeerStore
+    relay: RelayService  # circuit relay v2: stop on every node, hop while public
+    relays: Relays  # reservations on relays while not known to be public
+    circuits: Circuits  # dials through relays, DCUtR, each connection's kind
     dht: ModelDHT | None  # None with --no-dht
     reach: ReachMonitor  # reachability, and the addresses records and the DHT announce
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
+    grpc: GrpcGateway | None = None  # set once the gRPC port listens; None with --grpc off
     local: LocalSocket | None = None  # set once the local socket listens; None without one

@@ -17,7 +17,13 @@ from capabilities.record import record_body
 from node.jobs.router import Candidate, LocalNode
 from node.json_values import jsonable
 from node.observe.metrics import Live
-from node.reach.records import FORWARDED_WHY, forwardable, forwarded_only, record_keys
+from node.reach.records import (
+    FORWARDED_WHY,
+    forwardable,
+    forwarded_only,
+    record_keys,
+    relay_candidates,
+)
 from node.services import Services
 from protocols import Priority
 
@@ -41,10 +47,33 @@ def describe(s: Services) -> dict[str, Any]:
     return {**body, **extra, **reach, "peers": s.membership.peer_sample()}
 
 
+def reserved_at(s: Services, relay: str) -> list[str]:
+    """The peers a linked relay's record says hold a reservation there."""
+    peer = s.membership.table.peers.get(relay)
+    entry = (peer.body or {}).get("relay") if peer is not None else None
+    reserved = entry.get("reserved") if isinstance(entry, dict) else None
+    return [p for p in reserved if isinstance(p, str)] if isinstance(reserved, list) else []
+
+
+def relays_holding(s: Services, peer_id: str) -> list[str]:
+    """Circuit addresses to ``peer_id`` through linked relays whose records say it
+    holds a reservation there (``/ip4/R/tcp/P/p2p/R/p2p-circuit``)."""
+    out = []
+    for relay, addrs in relay_candidates(s.membership.table):
+        if peer_id in reserved_at(s, relay):
+            out += [f"{a}/p2p/{relay}/p2p-circuit" for a in addrs[:2]]
+    return out
+
+
 def client_view(s: Services) -> dict[str, Any]:
     """This node's own view, which clients (``swarm status``) get in its record."""
+    view = s.membership.view()
+    # Each peer's path: how its connection runs now (direct, hole-punched or relayed;
+    # None when not connected), which `swarm peers` shows beside its status.
+    kinds = s.circuits.kinds()
+    view["peers"] = [{**row, "path": kinds.get(str(row.get("peer_id")))} for row in view["peers"]]
     return {
-        **s.membership.view(),
+        **view,
         "stats": s.service.stats.describe(),
         # Records that failed verification on arrival, before any table saw them.
         "records_refused_on_arrival": s.caps.refused_records,
@@ -79,6 +108,11 @@ def reach_view(s: Services) -> dict[str, Any]:
         **s.reach.describe(),
         "forwarding": forwarding,
         "forwarded_jobs": s.dispatcher.via_jobs,
+        # The relay work: the relay offered, the reservations held, and each
+        # connected peer's kind of connection (direct, hole-punched, relayed).
+        "relay_service": s.relay.describe(),
+        "relays": s.relays.describe(),
+        **s.circuits.describe(),
     }
 
 
@@ -181,5 +215,6 @@ def daemon_state(s: Services, pid: int) -> dict[str, Any]:
         "peer_id": s.peer_id,
         "addrs": list(s.addrs),
         "http": s.gateway.url if s.gateway is not None else None,
+        "grpc": s.grpc.address if s.grpc is not None else None,
         "socket": str(s.local.path) if s.local is not None else None,
     }

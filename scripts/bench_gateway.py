@@ -75,6 +75,8 @@ ROUTES = {  # section 4's rows
     "responses": "POST /v1/responses (Responses API)",
     "anthropic": "POST /v1/messages (Anthropic)",
     "ollama": "POST /api/chat (Ollama)",
+    "kserve": "POST /v2/models/M/infer (KServe)",
+    "grpc": "KServe v2 gRPC ModelInfer",
 }
 STREAM_CHUNKS = 3  # the fake streamer's default; the gateway passes fakes no params
 TARGET_ADDED_MS = 2.0
@@ -274,11 +276,14 @@ async def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
             # The worker keeps its data dir (the converted model) in the cache dir.
             worker = await start_node(data, "gateway-worker", worker_args)
             nodes.append(worker)
-            port = free_port()
+            port, grpc_port = free_port(), free_port()
             entry = await start_node(
                 Path(tmp),
                 "entry",
-                ["--no-models", "--peer", worker.addr, "--http", f"127.0.0.1:{port}"],
+                [
+                    *("--no-models", "--peer", worker.addr),
+                    *("--http", f"127.0.0.1:{port}", "--grpc", f"127.0.0.1:{grpc_port}"),
+                ],
             )
             nodes.append(entry)
             url = f"http://127.0.0.1:{port}"
@@ -301,7 +306,9 @@ async def measure(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                 progress("... streaming")
                 out["streaming"] = await streamed(url, swarm, args.runs)
                 progress("... the other chat APIs against the OpenAI route")
-                out["apis"] = await added_by_api(url, FAKE, args.pairs)
+                out["apis"] = await added_by_api(
+                    url, FAKE, args.pairs, grpc=f"127.0.0.1:{grpc_port}"
+                )
         finally:
             await stop_all(nodes)
             out["node_warnings"] = warnings(Path(tmp)) + warnings(data)
@@ -411,6 +418,8 @@ def report(r: dict[str, Any]) -> Summary:
     )
     print(f"   {'route':<34}{'median':>10}{'added (paired median)':>24}")
     for name, route in ROUTES.items():
+        if name not in p:
+            continue
         row = p[name]
         extra = f"{row['added_ms']:+10.3f} ms" if "added_ms" in row else ""
         print(f"   {route:<34}{row['median_ms']:7.3f} ms{extra:>24}")

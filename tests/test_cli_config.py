@@ -61,14 +61,14 @@ def test_every_daemon_flag_has_a_config_key() -> None:
         table, _, name = key.partition(".")
         if table == "node":
             assert name in fields, (dest, key)
-        elif table == "http":
-            assert f"http_{name}" in fields, (dest, key)
+        elif table in ("http", "grpc"):
+            assert f"{table}_{name}" in fields, (dest, key)
         else:
             assert key in ("models", "router.strategy", "fairness.enabled"), (dest, key)
 
 
 def switched_on(template: str) -> str:
-    """The template's [node] and [http] tables with every `# key = value` uncommented."""
+    """The template's [node], [http] and [grpc] tables with every `# key = value` uncommented."""
     part = template[template.index("[node]") : template.index("# -- models")]
     return re.sub(r"^# ([a-z_]+ = )", r"\1", part, flags=re.M)
 
@@ -78,19 +78,24 @@ def test_every_key_is_listed_in_the_template_with_its_default() -> None:
     tables = tomllib.loads(switched_on(template))
     for key in config_file.FLAG_KEYS.values():
         table, _, name = key.partition(".")
-        if table in ("node", "http"):
+        if table in ("node", "http", "grpc"):
             assert name in tables[table], f"{key} is not in default_config.toml"
     # Each value shown is the reader's default, except for the keys whose default is
     # "unset" (an example is shown) and the gateway's listen (see the next test).
     defaults = FileSettings()
-    shown = {**tables["node"], **{f"http_{k}": v for k, v in tables["http"].items()}}
+    shown = {
+        **tables["node"],
+        **{f"{t}_{k}": v for t in ("http", "grpc") for k, v in tables[t].items()},
+    }
+    unset = ("swarm_key", "http_token_env", "http_listen", "grpc_token_env", "grpc_listen")
     for key, value in shown.items():
-        if key in ("swarm_key", "http_token_env", "http_listen", "log_level"):
+        if key in (*unset, "log_level"):
             continue
         default = getattr(defaults, key)
         assert value == (list(default) if isinstance(default, tuple) else default), key
     assert tables["node"]["log_level"] == "INFO"  # the daemon's level when unset
     assert tables["http"]["listen"] == config_file.DEFAULT_HTTP
+    assert tables["grpc"]["listen"] == config_file.DEFAULT_GRPC
 
 
 def test_the_fairness_template_shows_the_defaults_and_the_flag_wins(tmp_path: Path) -> None:
@@ -125,6 +130,8 @@ def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
     assert model_names(config) == ["all-minilm-l6-v2"]  # the one uncommented model
     assert config.http is not None and config.http_fallback
     assert (config.http.host, config.http.port) == ("127.0.0.1", 8470)
+    assert config.grpc is not None and config.grpc_fallback
+    assert (config.grpc.host, config.grpc.port) == ("127.0.0.1", 8471)
     assert (level, log_format, config.listen) == ("INFO", "text", ("/ip4/0.0.0.0/tcp/7420",))
     # A second init refuses to overwrite the first.
     assert cli.main(["init", "--data-dir", str(data_dir)]) == 2
@@ -133,7 +140,7 @@ def test_init_writes_a_config_the_daemon_accepts(tmp_path: Path) -> None:
 def test_init_with_every_key_uncommented_is_accepted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every `# key = value` line of [node] and [http], switched on, reads cleanly."""
+    """Every `# key = value` line of [node], [http] and [grpc], switched on, reads cleanly."""
     data_dir = tmp_path / "node"
     assert cli.main(["init", "--data-dir", str(data_dir)]) == 0
     path = data_dir / config_file.CONFIG_FILE
@@ -146,6 +153,7 @@ def test_init_with_every_key_uncommented_is_accepted(
     assert config.swarm_key is not None  # read from swarm.key, relative to the file
     assert config.http is not None and config.http.token == "t0ken"
     assert not config.http_fallback  # the port is given now: busy would be an error
+    assert config.grpc is not None and config.grpc.token == "t0ken" and not config.grpc_fallback
     assert (config.max_queue, config.shutdown_grace_s, config.mdns) == (64, 10.0, True)
 
 
@@ -205,6 +213,7 @@ name = "echo"
     [
         ("[node]\nmax_qeue = 3\n", "node: unknown field(s) max_qeue"),
         ("[http]\nport = 3\n", "http: unknown field(s) port"),
+        ("[grpc]\nport = 3\n", "grpc: unknown field(s) port"),
         ("[nodes]\nlisten = []\n", "unknown table(s) nodes"),
         ("[node]\nmdns = 'no'\n", "node.mdns: expected true or false"),
         ("[node]\nlog_level = 'LOUD'\n", "node.log_level: expected one of"),
@@ -246,6 +255,40 @@ def test_gateway_default_off_and_explicit(tmp_path: Path) -> None:
         daemon_config("--data-dir", str(tmp_path), "--http", "off", "--http-insecure")
     with pytest.raises(ConfigError, match="beyond loopback"):
         daemon_config("--data-dir", str(tmp_path), "--http", "0.0.0.0:0")
+
+
+def test_grpc_port_default_off_explicit_and_its_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_T", "h-token")
+    monkeypatch.setenv("GRPC_T", "g-token")
+    here = ("--data-dir", str(tmp_path))
+    config, _, _ = daemon_config(*here)
+    assert config.grpc is not None and config.grpc.port == 8471 and config.grpc_fallback
+    assert config.grpc.token is None
+    config, _, _ = daemon_config(*here, "--grpc", "127.0.0.1:9000")
+    assert config.grpc is not None and config.grpc.port == 9000 and not config.grpc_fallback
+    assert daemon_config(*here, "--grpc", "off")[0].grpc is None
+    # The HTTP gateway's token guards the gRPC port too, unless it names its own.
+    config, _, _ = daemon_config(*here, "--http-token-env", "HTTP_T")
+    assert config.grpc is not None and config.grpc.token == "h-token"
+    config, _, _ = daemon_config(*here, "--http-token-env", "HTTP_T", "--grpc-token-env", "GRPC_T")
+    assert config.grpc is not None and config.grpc.token == "g-token"
+    assert config.http is not None and config.http.token == "h-token"
+    config, _, _ = daemon_config(*here, "--http", "off", "--http-token-env", "HTTP_T")
+    assert config.http is None and config.grpc is not None and config.grpc.token == "h-token"
+    with pytest.raises(ConfigError, match="need the gRPC port on"):
+        daemon_config(*here, "--grpc", "off", "--grpc-insecure")
+    with pytest.raises(ConfigError, match="need the gateway on"):
+        daemon_config(*here, "--http", "off", "--grpc", "off", "--http-token-env", "HTTP_T")
+    with pytest.raises(ConfigError, match=r"--grpc 0\.0\.0\.0: binding beyond loopback"):
+        daemon_config(*here, "--grpc", "0.0.0.0:0")
+    config, _, _ = daemon_config(*here, "--grpc", "0.0.0.0:0", "--grpc-insecure")
+    assert config.grpc is not None and config.grpc.insecure
+    path = tmp_path / "c.toml"
+    path.write_text("[grpc]\nlisten = '[::1]:0'\ntoken_env = 'GRPC_T'\n")
+    config, _, _ = daemon_config("--config", str(path))
+    assert config.grpc is not None and (config.grpc.host, config.grpc.token) == ("::1", "g-token")
 
 
 def test_keygen_and_id_and_init_speak_json(
@@ -292,3 +335,23 @@ def test_the_verify_table_of_the_template_reads_as_the_defaults(tmp_path: Path) 
         path.write_text(f"[verify]\n{bad}\n")
         with pytest.raises(ConfigError, match=re.escape(named)):
             daemon_config("--config", str(path))
+
+
+def test_relay_service_flag_and_the_relay_table(tmp_path: Path) -> None:
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / config_file.CONFIG_FILE).write_text(
+        '[node]\nreachability = "public"\n\n[relay]\ncircuit_bytes = 1000\nreservations = 3\n'
+    )
+    config, _, _ = daemon_config("--data-dir", str(data_dir))
+    assert config.reach.mode == "public"
+    assert config.relay_service.enabled
+    assert (config.relay_service.circuit_bytes, config.relay_service.reservations) == (1000, 3)
+    config, _, _ = daemon_config(
+        "--data-dir", str(data_dir), "--relay-service", "off", "--reachability", "private"
+    )
+    assert not config.relay_service.enabled and config.relay_service.circuit_bytes == 1000
+    assert config.reach.mode == "private"
+    (data_dir / config_file.CONFIG_FILE).write_text("[relay]\ncircuit_byte = 1000\n")
+    with pytest.raises(ConfigError, match="circuit_byte"):
+        daemon_config("--data-dir", str(data_dir))

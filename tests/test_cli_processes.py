@@ -72,7 +72,7 @@ def test_gateways_by_default_and_what_status_peers_models_show(daemons: Daemons)
     assert {"seq", "addrs", "hardware", "models", "load", "view"} <= set(record)
 
     lines = text_ok(peers)
-    assert lines[0].split()[:3] == ["PEER", "STATUS", "FOUND"]
+    assert lines[0].split()[:3] == ["PEER", "STATUS", "PATH"]
     assert any(line.startswith(f"{a.peer_id[-12:]} linked") for line in lines), lines
     listed = ok_json(peers_json)
     assert set(listed) == {"peer_id", "peers"} and listed["peer_id"] == b.peer_id

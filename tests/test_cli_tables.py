@@ -46,9 +46,11 @@ async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -
 
     text = peers_text(body["view"]["peers"], {})
     peers = plain(text)
-    assert peers[0] == "PEER STATUS FOUND BY MODELS RUN/Q ADDRESS"
+    assert peers[0] == "PEER STATUS PATH FOUND BY MODELS RUN/Q ADDRESS"
     [row] = [line for line in peers if line.startswith(b.peer_id[-12:])]
-    assert row.split()[1:3] == ["linked", "bootstrap"] and "echo" in row.split()
+    # Linked over a loopback connection of its own: a direct path.
+    assert row.split()[1:4] == ["linked", "direct", "bootstrap"] and "echo" in row.split()
+    assert {r["peer_id"]: r["path"] for r in body["view"]["peers"]} == {b.peer_id: "direct"}
     # The address column shows b's address as host:port (the peer id is in the row).
     raw = text.splitlines()
     column = raw[0].index("ADDRESS")
@@ -78,7 +80,9 @@ def test_peers_not_linked_get_a_note_and_records_print_as_written() -> None:
     ]
     text = peers_text(rows, {})
     lines = plain(text)
-    assert lines[2].split()[:5] == ["abcdefabcdef", "unreachable", "mdns", "[bold]x[/bold]", "-"]
+    assert lines[2].split()[:6] == [
+        "abcdefabcdef", "unreachable", "-", "mdns", "[bold]x[/bold]", "-"
+    ]  # fmt: skip
     assert lines[3].split()[:2] == ["peerstore", "all-minilm-l6-v2"]  # one name a line
     assert "abcdefabcdef unreachable, last heard 20m ago: dial timed out" in lines
     assert "[bold]x[/bold]" in text

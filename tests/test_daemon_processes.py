@@ -383,7 +383,7 @@ def test_peers_lists_the_table_and_filters_by_model(swarm: Swarm) -> None:
     assert [r["peer_id"] for r in ok_json(echo)["peers"]] == [swarm.b.peer_id]
     assert as_text.returncode == 0, as_text.stderr
     lines = as_text.stdout.splitlines()
-    assert lines[0].split()[:4] == ["PEER", "STATUS", "FOUND", "BY"]
+    assert lines[0].split()[:5] == ["PEER", "STATUS", "PATH", "FOUND", "BY"]
     assert any(swarm.b.peer_id[-12:] in line and "echo" in line for line in lines)
 
 

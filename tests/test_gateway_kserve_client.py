@@ -1,10 +1,16 @@
 """KServe's own Python client (kserve 0.21's ``InferenceRESTClient``, protocol v2)
 against the gateway: readiness, then inference answered by a peer's fake model.
-It is asyncio code, so it runs in a thread with its own event loop."""
+It is asyncio code, and it runs in a child process of its own: kserve and tritonclient
+both register protobuf package ``inference`` (``inference.ServerLiveRequest`` and the
+rest) in protobuf's default descriptor pool, and one process holds only one of them, so
+with kserve imported here every tritonclient.grpc test after this file failed."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -50,6 +56,15 @@ def kserve_calls(url: str) -> dict[str, Any]:
     return asyncio.run(calls())
 
 
+def in_child(url: str) -> dict[str, Any]:
+    """kserve_calls in a fresh interpreter (spawned, not forked: a fork would copy this
+    process's protobuf pool and trio's state); numpy arrays come back pickled."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = pool.submit(kserve_calls, url).result(timeout=120)
+    assert "kserve" not in sys.modules  # kept out of this process, see the docstring
+    return got
+
+
 async def test_kserve_client_infers_through_the_gateway(node_factory: NodeFactory) -> None:
     async with (
         node_factory("serving", models=("fake:echo",)) as serving,
@@ -58,7 +73,7 @@ async def test_kserve_client_infers_through_the_gateway(node_factory: NodeFactor
         ) as gateway,
     ):
         assert gateway.gateway is not None
-        got = await trio.to_thread.run_sync(kserve_calls, gateway.gateway.url)
+        got = await trio.to_thread.run_sync(in_child, gateway.gateway.url)
     assert got["live"] and got["ready"] and not got["missing"]
     assert got["id"] == "k-1"
     embedding = got["outputs"]["embedding"]

@@ -334,3 +334,34 @@ async def test_streams_over_the_idle_cap_are_dropped_in_the_callers_task(
                 await caller.close()
     assert sum(name.endswith("Caller.call") for name in spawned.names) == 6  # it saw them
     assert not [name for name in spawned.names if "reset" in name], spawned.names
+
+
+async def test_a_stream_busy_when_the_pool_is_dropped_is_not_pooled_again(
+    node_factory: NodeFactory,
+) -> None:
+    """drop_idle (a hole punch beside a relayed connection) also reaches the streams in
+    an exchange then: each is closed when its exchange ends, so no later call rides
+    the old connection (scripts/bench_nat found a busy stream kept on the relay)."""
+    async with node_factory(models=("fake:slow:300",)) as node:
+        peer = peer_info(node.addrs[0]).peer_id
+        key = str(peer)
+        async with running_host(None, ()) as host:
+            await host.connect(peer_info(node.addrs[0]))
+            caller = Caller(host)
+            try:
+                with trio.fail_after(10):
+                    await caller.call(peer, Request("r0", "slow", {"text": "a"}))
+                assert len(caller._idle[key]) == 1  # a clean exchange pools its stream
+                async with trio.open_nursery() as nursery:
+                    for k in (1, 2):  # one on the pooled stream, one on a new stream
+                        request = Request(f"r{k}", "slow", {"text": "b"})
+                        nursery.start_soon(caller.call, peer, request)
+                    await trio.sleep(0.1)  # both exchanges under way
+                    assert not caller._idle.get(key)  # both streams are in use
+                    await caller.drop_idle(key)
+                assert not caller._idle.get(key), "a stream busy at the drop was pooled"
+                with trio.fail_after(10):
+                    await caller.call(peer, Request("r3", "slow", {"text": "c"}))
+                assert len(caller._idle[key]) == 1  # pooling goes on as before
+            finally:
+                await caller.close()

@@ -15,6 +15,7 @@ from node.daemon import Node
 from node.membership.config import MembershipConfig
 from node.reach.config import Mode, ReachConfig
 from node.reach.records import FORWARDED_WHY
+from node.reach.relay_service import RelayServiceConfig
 
 FAST = MembershipConfig(heartbeat_s=0.5, dead_after_s=5.0)
 
@@ -33,7 +34,7 @@ async def test_loopback_nodes_dial_each_other_back_and_learn_they_are_public(
     ):
         await eventually(lambda: reach(a)["reach"] == reach(b)["reach"] == "public", 10)
         body, view = b.status(), reach(b)
-    assert body["reach"] == "public" and "relay" not in body  # no relay service here
+    assert body["reach"] == "public" and "relay" in body  # public: it offers a relay
     assert body["addrs"] == list(b.addrs)  # loopback only: a swarm on one machine
     assert view["announced"] == list(b.addrs) and view["confirmed"]
     assert "this machine only" in view["why"] and view["mode"] == "auto"
@@ -61,8 +62,9 @@ async def test_a_job_reaches_an_unannounced_provider_through_the_peer_that_links
     """b announces no address (as behind a NAT with no relay): a cannot link it, m
     can (b dialled m); a's job for b's model goes a -> m -> b."""
     private = ReachConfig(mode=Mode.PRIVATE)
+    no_relay = RelayServiceConfig(enabled=False)
     async with (
-        node_factory("m", models=("fake:other",), membership=FAST) as m,
+        node_factory("m", models=("fake:other",), membership=FAST, relay_service=no_relay) as m,
         node_factory(
             "b", models=("fake:echo",), peers=(m.addrs[0],), reach=private, membership=FAST
         ) as b,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import trio
 from conftest import NodeFactory
@@ -28,13 +29,18 @@ from bootstrap.table import live_peers
 from node.daemon import Node
 from node.gateway import GatewayConfig
 from node.membership.config import MembershipConfig
+from protocols import Param, Tensor, Value
+from runners.base import TEXT, ModelInfo, Outputs, OutputSpec, Runner, TensorSpec, check_inputs
+from runners.errors import BadInput
 from runners.fake import FakeRunner
 
 TOKEN = "page-s3cret"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "plots" / "status_page.png"
+PLOTS = Path(__file__).resolve().parent.parent / "docs" / "plots"
+SCREENSHOT = PLOTS / "status_page.png"
+PLAYGROUND_SHOT = PLOTS / "playground.png"
 # Set to write the screenshot into docs/plots as well (it changes with every run).
 SAVE_ENV = "SWARM_SAVE_SCREENSHOT"
 # Without the background-networking flags Chromium dials out at start, and is refused here.
@@ -64,16 +70,54 @@ def markup_echo() -> FakeRunner:
     return runner
 
 
+GENERATOR = "fake:gen:600"
+
+
+class PixelReader(Runner):
+    """An image classifier that names what it was given: the image's size and its mean
+    colour, as its top label (so the test knows the page sent the upload's pixels)."""
+
+    def __init__(self) -> None:
+        self.info = ModelInfo(
+            name="pixels",
+            task="image-classification",
+            runner="fake",
+            device="none",
+            precision="fp32",
+            max_batch=1,
+            inputs=(TensorSpec("image", frozenset({"uint8"}), (1, None, None, 3)),),
+            outputs=(OutputSpec("labels", TEXT, (None,)), OutputSpec("scores", "float32", (1, 2))),
+        )
+
+    def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
+        check_inputs(self.info, inputs)
+        if set(params) - {"top_k"}:
+            raise BadInput(f"pixels: unknown params {sorted(params)}")
+
+    async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
+        self.check(inputs, params)
+        image = inputs["image"]
+        assert isinstance(image, Tensor)
+        pixels = image.numpy()[0]
+        red, green, blue = (round(float(c)) for c in pixels.reshape(-1, 3).mean(axis=0))
+        size = f"{pixels.shape[1]}x{pixels.shape[0]}"
+        labels = [f"{size} rgb({red}, {green}, {blue})", "<b>not markup</b>"]
+        return {"labels": labels, "scores": Tensor.from_numpy(np.array([[0.9, 0.1]], np.float32))}
+
+
 @asynccontextmanager
 async def three_nodes(node_factory: NodeFactory) -> AsyncIterator[tuple[Node, Node, Node, str]]:
     """(gateway node, a, b, gateway URL): a and b serve echo, the gateway node nothing,
     so every job it takes runs elsewhere. It is linked to both before this yields.
-    b also serves a slow model and sends heartbeats (with its load) twice a second;
-    a's record carries markup."""
+    b also serves a slow model and a streaming one (gen: three chunks over 0.6 s),
+    and sends heartbeats (with its load) twice a second; a's record carries markup
+    and a's classifier reports what it was given."""
     fast = {"membership": MembershipConfig(heartbeat_s=0.5)}
     async with (
-        node_factory("a", models=(), runners=[markup_echo()]) as a,
-        node_factory("b", models=("fake:echo", "fake:slow:1200"), peers=(a.addrs[0],), **fast) as b,
+        node_factory("a", models=(), runners=[markup_echo(), PixelReader()]) as a,
+        node_factory(
+            "b", models=("fake:echo", "fake:slow:1200", GENERATOR), peers=(a.addrs[0],), **fast
+        ) as b,
         node_factory(
             "gw", models=(), peers=(a.addrs[0], b.addrs[0]), http=GatewayConfig(token=TOKEN)
         ) as gw,
@@ -102,12 +146,13 @@ async def test_view_route_guarded_and_page_served_with_a_strict_policy(
         )
         after = (await http.get("/swarm/view", headers=BEARER)).json()
         page = await http.get("/")  # the page holds no data: no token needed
+        script = await http.get("/playground.js")  # nor does its playground's script
     assert refused.status_code == 401
     nodes = {n["id"]: n for n in view["nodes"]}
     assert nodes.keys() == {gw.peer_id, a.peer_id, b.peer_id}
     assert nodes[gw.peer_id]["is_self"] and view["self"] == gw.peer_id
     assert {n["health"] for n in nodes.values()} == {"live"}
-    assert [m["name"] for m in nodes[a.peer_id]["models"]] == ["echo"]
+    assert [m["name"] for m in nodes[a.peer_id]["models"]] == ["echo", "pixels"]
     assert nodes[a.peer_id]["hardware"]["cpu_cores"] >= 1
     assert [gw.peer_id, a.peer_id] in view["edges"] or [a.peer_id, gw.peer_id] in view["edges"]
     assert view["gateway"] == url
@@ -123,7 +168,14 @@ async def test_view_route_guarded_and_page_served_with_a_strict_policy(
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
     assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert "'self'; style-src" in policy  # scripts of this origin: the playground's
     assert "innerHTML" not in page.text  # peer data goes in as text nodes only
+    assert '<script src="/playground.js" defer></script>' in page.text
+    assert script.status_code == 200 and script.headers["content-type"].startswith(
+        "text/javascript"
+    )
+    assert script.headers["x-content-type-options"] == "nosniff"
+    assert "innerHTML" not in script.text and "insertAdjacentHTML" not in script.text
 
 
 def browser_or_skip() -> Any:
@@ -310,3 +362,197 @@ async def test_page_in_a_real_browser_shows_the_swarm_and_where_jobs_ran(
     if os.environ.get(SAVE_ENV):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+def choose(driver: Any, model: str, mode: str | None = None) -> None:
+    """Pick ``model`` in the playground (as a person would, by the select) and ``mode``."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    wait_for(
+        driver,
+        f"{model} offered",
+        lambda: model in [e["text"].split(" · ")[0] for e in read(driver, "#play-model option")],
+    )
+    Select(driver.find_element(By.ID, "play-model")).select_by_value(model)
+    if mode is not None:
+        driver.find_element(By.CSS_SELECTOR, f'#playground .modes [data-mode="{mode}"]').click()
+
+
+def route(driver: Any) -> dict[str, str]:
+    return read(driver, "#play-route")[0]
+
+
+def two_halves(path: Path) -> None:
+    """A 120x80 PNG: red on the left half, blue on the right."""
+    from PIL import Image
+
+    pixels = np.zeros((80, 120, 3), dtype=np.uint8)
+    pixels[:, :60] = (200, 0, 0)
+    pixels[:, 60:] = (0, 0, 200)
+    Image.fromarray(pixels).save(path)
+
+
+async def test_playground_chats_compares_and_classifies_in_a_real_browser(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """A chat typed in the page is answered, streamed, by the one peer that serves the
+    generator, through the gateway node (forwarded); sentences compared by a peer's
+    embeddings; an uploaded image classified; where each ran shown, all as text."""
+    webdriver = browser_or_skip()
+    shot = tmp_path / "playground.png"
+    image = tmp_path / "two-halves.png"
+    two_halves(image)
+    async with three_nodes(node_factory) as (gw, a, b, url):
+
+        def drive() -> dict[str, Any]:
+            from selenium.webdriver.common.by import By
+
+            seen: dict[str, Any] = {}
+            driver = start_browser(webdriver, tmp_path / "chromium-profile")
+            try:
+                driver.get(f"{url}/?token={TOKEN}")
+                wait_for(
+                    driver, "the playground", lambda: driver.find_element(By.ID, "playground")
+                ).is_displayed()
+                # Chat with the streaming generator, which only b serves.
+                choose(driver, "gen")
+                seen["mode"] = attrs(driver, "#playground .modes button.on", "mode")
+                box = driver.find_element(By.ID, "chat-input")
+                box.send_keys("hello, swarm")
+                driver.find_element(By.ID, "chat-send").click()
+                seen["streaming"] = wait_for(
+                    driver,
+                    "a chunk streamed in",
+                    lambda: [
+                        m for m in read(driver, "#chat-log .msg.assistant") if m.get("chunks")
+                    ],
+                )
+                seen["chat"] = wait_for(
+                    driver,
+                    "the answer and where it ran",
+                    lambda: route(driver).get("servedBy") and read(driver, "#chat-log .msg"),
+                )
+                seen["chat_route"] = route(driver)
+                seen["classes"] = driver.execute_script(
+                    "return [...document.querySelectorAll('#chat-log .msg')].map(e => e.className)"
+                )
+                section = driver.find_element(By.ID, "playground")
+                driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", section)
+                section.screenshot(str(shot))
+
+                # Compare three sentences with echo's embeddings (a and b serve it).
+                choose(driver, "echo", "compare")
+                driver.find_element(By.ID, "compare-run").click()
+                seen["cells"] = wait_for(
+                    driver, "the cosine table", lambda: read(driver, "#cosine td.cell")
+                )
+                seen["compare_route"] = wait_for(
+                    driver, "where it ran", lambda: route(driver).get("servedBy") and route(driver)
+                )
+
+                # Classify an uploaded image with a's classifier.
+                choose(driver, "pixels")
+                seen["classify_mode"] = attrs(driver, "#playground .modes button.on", "mode")
+                driver.find_element(By.ID, "classify-file").send_keys(str(image))
+                wait_for(
+                    driver,
+                    "the image read",
+                    lambda: driver.find_element(By.ID, "classify-run").is_enabled(),
+                )
+                driver.find_element(By.ID, "classify-run").click()
+                seen["labels"] = wait_for(
+                    driver, "the labels", lambda: read(driver, "#classify-labels li")
+                )
+                seen["classify_route"] = route(driver)
+                seen["bold"] = driver.find_elements(By.CSS_SELECTOR, "#classify-labels b")
+                seen["log"] = driver.get_log("browser")
+
+                # Without its script the playground stays hidden and the page works as before.
+                driver.execute_cdp_cmd("Network.enable", {})
+                driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/playground.js"]})
+                driver.get(f"{url}/")
+                wait_for_nodes(driver, {gw.peer_id, a.peer_id, b.peer_id})
+                seen["without"] = driver.find_element(By.ID, "playground").is_displayed()
+                return seen
+            finally:
+                driver.quit()
+
+        seen = await trio.to_thread.run_sync(drive)
+    assert seen["mode"] == {"chat"}  # a streaming fake: the chat is its default
+    user, answer = seen["chat"]
+    assert user["text"] == "hello, swarm"
+    assert len(answer["text"].split()) == 3 and answer["servedBy"] == b.peer_id
+    assert int(seen["streaming"][0]["chunks"]) >= 1
+    assert all("streaming" not in c for c in seen["classes"])  # the stream ended
+    chat_route = seen["chat_route"]
+    assert (chat_route["servedBy"], chat_route["forwardedBy"]) == (b.peer_id, gw.peer_id)
+    assert chat_route["attempts"] == "1"
+    assert f"answered by …{b.peer_id[-6:]}" in chat_route["text"]
+    assert "forwarded by this node" in chat_route["text"]
+
+    cells = [float(c["cosine"]) for c in seen["cells"]]
+    assert len(cells) == 9 and [cells[0], cells[4], cells[8]] == [1.0, 1.0, 1.0]
+    assert cells[1] == cells[3] and cells[1] < 1.0  # symmetric, and not the same sentence
+    assert seen["compare_route"]["servedBy"] in {a.peer_id, b.peer_id}
+
+    assert seen["classify_mode"] == {"classify"}
+    labels = [item["label"] for item in seen["labels"]]
+    # The upload reached the model as RGB pixels at the size the page scaled it to.
+    assert labels == ["120x80 rgb(100, 0, 100)", "<b>not markup</b>"]
+    assert seen["bold"] == []  # a label's markup is shown as text
+    assert "90.0 %" in seen["labels"][0]["text"]
+    assert seen["classify_route"]["servedBy"] == a.peer_id
+
+    assert [e["message"] for e in seen["log"] if e["level"] == "SEVERE"] == []
+    assert seen["without"] is False
+    assert shot.stat().st_size > 10_000
+    if os.environ.get(SAVE_ENV):
+        PLAYGROUND_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, PLAYGROUND_SHOT)
+
+
+@pytest.mark.slow
+async def test_playground_chats_with_a_real_smollm2_peer(
+    node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    """SmolLM2-135M-Instruct (OpenVINO GenAI) on a peer: the chat goes as messages
+    (the model's template renders them), streamed token by token into the page."""
+    from runners.openvino_genai import MODEL_NAME as SMOLLM2
+    from runners.openvino_genai import OpenVINOGenAIRunner
+
+    webdriver = browser_or_skip()
+    models = tmp_path / "smollm2-models"
+    converting = OpenVINOGenAIRunner(models)  # the GGUF to IR, once (~25 s on 2 cores)
+    await converting.load()
+    await converting.close()
+    async with (
+        node_factory("llm", models=(), runners=[OpenVINOGenAIRunner(models)]) as llm,
+        node_factory("gw", models=(), peers=(llm.addrs[0],), http=GatewayConfig(token=TOKEN)) as gw,
+    ):
+        assert gw.gateway is not None
+        url = gw.gateway.url
+
+        def drive() -> dict[str, Any]:
+            from selenium.webdriver.common.by import By
+
+            driver = start_browser(webdriver, tmp_path / "chromium-profile")
+            try:
+                driver.get(f"{url}/?token={TOKEN}")
+                choose(driver, SMOLLM2)
+                driver.find_element(By.ID, "chat-input").send_keys("What is the capital of France?")
+                driver.find_element(By.ID, "chat-send").click()
+                wait_for(driver, "the answer", lambda: route(driver).get("servedBy"), 120)
+                return {
+                    "answer": read(driver, "#chat-log .msg.assistant")[0],
+                    "route": route(driver),
+                    "log": driver.get_log("browser"),
+                }
+            finally:
+                driver.quit()
+
+        seen = await trio.to_thread.run_sync(drive)
+    answer = seen["answer"]
+    assert "Paris" in answer["text"] and int(answer["chunks"]) >= 2  # streamed
+    assert (seen["route"]["servedBy"], seen["route"]["forwardedBy"]) == (llm.peer_id, gw.peer_id)
+    assert [e["message"] for e in seen["log"] if e["level"] == "SEVERE"] == []

@@ -103,7 +103,9 @@ def test_an_open_breaker_makes_a_peer_suspect() -> None:
 
 
 def test_hardware_models_and_load_summaries() -> None:
-    record = body(models=[{"name": "echo", "task": "embed", "device": "GPU", "dim": 8}])
+    described = {"name": "echo", "task": "embed", "device": "GPU", "dim": 8, "streams": True}
+    described["inputs"] = [{"name": "text", "kind": "text"}, {"name": "x", "kind": "tensor"}]
+    record = body(models=[described])
     view = swarm_view(own(), table(peer(A, record, load=load(in_flight=1, normal=4, latency=3.25))))
     a, me = by_id(view)[A], by_id(view)[SELF]
     assert a["hardware"] == {
@@ -113,7 +115,9 @@ def test_hardware_models_and_load_summaries() -> None:
         "cuda": ["RTX 4090"],
         "openvino": ["CPU"],  # the unavailable GPU is left out
     }
-    assert a["models"] == [{"name": "echo", "task": "embed", "device": "GPU"}]
+    assert a["models"] == [
+        {"name": "echo", "task": "embed", "device": "GPU", "streams": True, "inputs": ["text", "x"]}
+    ]
     # The heartbeat's load (the table's), not the record's older one.
     assert a["load"] == {"in_flight": 1, "queued": 4, "busy": 5, "latency_ms": 3.25}
     assert me["load"] == {"in_flight": 2, "queued": 3, "busy": 5, "latency_ms": 12.5}
@@ -148,14 +152,18 @@ def test_a_hostile_record_cannot_bloat_or_break_the_snapshot() -> None:
     hostile = {
         "addrs": ["<script>alert(1)</script>" * 50, 7, None] * 10,
         "hardware": {"cpu": "lots", "ram": {"total": -5}, "cuda": [{"name": 3}, "x"]},
-        "models": [{"name": f"m{i}", "task": ["x"], "device": None} for i in range(500)],
+        "models": [
+            {"name": f"m{i}", "task": ["x"], "device": None, "streams": "yes", "inputs": [3] * 99}
+            for i in range(500)
+        ],
         "peers": "everyone",
     }
     wild = {"in_flight": float("nan"), "queue_depth": {"normal": True}, "ewma_latency_ms": 1e400}
     view = swarm_view(own(), table(peer(A, hostile, load=wild)))
     a = by_id(view)[A]
     assert len(a["models"]) == MAX_MODELS
-    assert a["models"][0] == {"name": "m0", "task": "", "device": ""}
+    empty = {"task": "", "device": "", "streams": False, "inputs": []}
+    assert a["models"][0] == {"name": "m0", **empty}
     assert all(isinstance(x, str) and len(x) <= MAX_TEXT for x in a["addrs"])
     assert a["hardware"] == {
         "cpu_model": "",

@@ -1,4 +1,4 @@
-"""config.toml's [node] and [http] tables: every daemon flag, typed, with its default.
+"""config.toml's [node], [http] and [grpc] tables: every daemon flag, typed, with its default.
 
 The file is read once, here, into a frozen ``FileSettings``; ``node_config``
 then lays the flags given on the command line over it (a flag given wins; the repeatable
@@ -22,15 +22,18 @@ from typing import Any, TypeVar
 
 from node.config import NodeConfig
 from node.data_dir import CONFIG_FILE as CONFIG_FILE  # re-exported: their home was here
+from node.defaults import DEFAULT_GRPC as DEFAULT_GRPC
 from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
 from node.defaults import DEFAULT_LISTEN
 from node.gateway import GatewayConfig
+from node.gateway.config import GrpcConfig
 from node.jobs.fairness import FairnessConfig
 from node.jobs.router import RouterConfig, Strategy
 from node.jobs.verify import VerifyConfig
 from node.membership.config import MembershipConfig
 from node.net.access import load_allow_list, load_swarm_key
 from node.reach.config import Mode, ReachConfig
+from node.reach.relay_service import RelayServiceConfig
 from protocols.config import Table
 from protocols.errors import ConfigError
 from runners.catalog import (
@@ -44,7 +47,9 @@ from runners.catalog import (
 T = TypeVar("T")
 
 HTTP_OFF = "off"
-TABLES = frozenset({"node", "http", "models", "backends", "router", "fairness", "verify"})
+TABLES = frozenset(
+    {"node", "http", "grpc", "models", "backends", "router", "relay", "fairness", "verify"}
+)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Each daemon flag (its argparse dest) and the config key that sets it. Flags
@@ -57,6 +62,7 @@ FLAG_KEYS: dict[str, str] = {
     "dht": "node.dht",
     "reachability": "node.reachability",
     "public_addr": "node.public_addrs",
+    "relay_service": "node.relay_service",
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
     "max_queue": "node.max_queue",
@@ -71,6 +77,9 @@ FLAG_KEYS: dict[str, str] = {
     "http": "http.listen",
     "http_token_env": "http.token_env",
     "http_insecure": "http.insecure",
+    "grpc": "grpc.listen",
+    "grpc_token_env": "grpc.token_env",
+    "grpc_insecure": "grpc.insecure",
     "strategy": "router.strategy",
     "fair_share": "fairness.enabled",
     "model": "models",
@@ -92,6 +101,7 @@ class FileSettings:
     dht: bool = True
     reachability: str = "auto"
     public_addrs: tuple[str, ...] = ()
+    relay_service: bool = True
     heartbeat: float = 5.0
     dead_after: float = 15.0
     max_queue: int = 64
@@ -106,6 +116,9 @@ class FileSettings:
     http_listen: str | None = None  # None: DEFAULT_HTTP, falling back to a free port
     http_token_env: str | None = None
     http_insecure: bool = False
+    grpc_listen: str | None = None  # None: DEFAULT_GRPC, falling back to a free port
+    grpc_token_env: str | None = None  # None: http_token_env's (the same token)
+    grpc_insecure: bool = False
 
 
 def read(path: Path, *, required: bool) -> tuple[dict[str, Any], str]:
@@ -119,7 +132,7 @@ def read(path: Path, *, required: bool) -> tuple[dict[str, Any], str]:
 
 
 def settings(data: dict[str, Any], source: str) -> FileSettings:
-    """The [node] and [http] tables of ``data`` (read from ``source``), checked."""
+    """The [node], [http] and [grpc] tables of ``data`` (read from ``source``), checked."""
     unknown = sorted(set(data) - TABLES)
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {', '.join(unknown)}")
@@ -130,6 +143,7 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
     d = FileSettings()
     node = Table(data.get("node", {}), f"{source}: node")
     http = Table(data.get("http", {}), f"{source}: http")
+    grpc = Table(data.get("grpc", {}), f"{source}: grpc")
     level = node.text("log_level", None, choices=LOG_LEVELS)
     out = FileSettings(
         listen=node.texts("listen", d.listen),
@@ -141,6 +155,7 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
             "reachability", d.reachability, choices=tuple(m.value for m in Mode)
         ),
         public_addrs=node.texts("public_addrs", ()),
+        relay_service=node.flag("relay_service", d.relay_service),
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
         max_queue=node.integer("max_queue", d.max_queue, low=0, high=1_000_000),
@@ -155,9 +170,13 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
         http_listen=http.text("listen", None),
         http_token_env=http.text("token_env", None),
         http_insecure=http.flag("insecure", d.http_insecure),
+        grpc_listen=grpc.text("listen", None),
+        grpc_token_env=grpc.text("token_env", None),
+        grpc_insecure=grpc.flag("insecure", d.grpc_insecure),
     )
     node.done()
     http.done()
+    grpc.done()
     return out
 
 
@@ -247,6 +266,7 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         bootstrap=(*f.bootstrap, *args.bootstrap),
         mdns=_given(args.mdns, f.mdns),
         dht=_given(args.dht, f.dht),
+        relay_service=_relay(args, f, file, source),
         membership=_membership(
             _given(args.heartbeat, f.heartbeat), _given(args.dead_after, f.dead_after)
         ),
@@ -263,9 +283,21 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
         ),
         http=_http(args, f),
         http_fallback=args.http is None and f.http_listen is None,
+        grpc=_grpc(args, f),
+        grpc_fallback=args.grpc is None and f.grpc_listen is None,
     )
     level = args.log_level or f.log_level or "INFO"
     return config, level, args.log_format or f.log_format
+
+
+def _relay(
+    args: argparse.Namespace, f: FileSettings, config: dict[str, Any], source: str
+) -> RelayServiceConfig:
+    """config.toml's [relay] limits; --relay-service (or node.relay_service) turns it on or off."""
+    enabled = f.relay_service if args.relay_service is None else args.relay_service == "on"
+    return RelayServiceConfig.from_table(
+        Table(config.get("relay", {}), f"{source}: relay"), enabled=enabled
+    )
 
 
 def _given(flag: T | None, file_value: T) -> T:
@@ -278,10 +310,28 @@ def _http(args: argparse.Namespace, f: FileSettings) -> GatewayConfig | None:
     token_env = args.http_token_env or f.http_token_env
     insecure = _given(args.http_insecure, f.http_insecure)
     if listen == HTTP_OFF:
-        if args.http_token_env or args.http_insecure:
+        # The token env is the gRPC port's too, unless it names its own.
+        grpc_uses_it = (args.grpc or f.grpc_listen) != HTTP_OFF and not _grpc_token_env(args, f)
+        if (args.http_token_env and not grpc_uses_it) or args.http_insecure:
             raise ConfigError("--http-token-env and --http-insecure need the gateway on")
         return None
     return GatewayConfig.parse(listen, token_env=token_env, insecure=insecure)
+
+
+def _grpc_token_env(args: argparse.Namespace, f: FileSettings) -> str | None:
+    return args.grpc_token_env or f.grpc_token_env
+
+
+def _grpc(args: argparse.Namespace, f: FileSettings) -> GrpcConfig | None:
+    """The gRPC port: its own token env if it names one, else the HTTP gateway's."""
+    listen = args.grpc or f.grpc_listen or DEFAULT_GRPC
+    token_env = _grpc_token_env(args, f) or args.http_token_env or f.http_token_env
+    insecure = _given(args.grpc_insecure, f.grpc_insecure)
+    if listen == HTTP_OFF:
+        if args.grpc_token_env or args.grpc_insecure:
+            raise ConfigError("--grpc-token-env and --grpc-insecure need the gRPC port on")
+        return None
+    return GrpcConfig.parse(listen, token_env=token_env, insecure=insecure)
 
 
 def swarm_key_or_default(path: Path | None, data_dir: Path) -> str | None:

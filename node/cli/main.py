@@ -118,6 +118,8 @@ async def _daemon(args: argparse.Namespace) -> int:
             print(f"  serving {serving}", flush=True)
             if node.gateway is not None:
                 print(f"  HTTP gateway on {node.gateway.url}", flush=True)
+            if node.services.grpc is not None:
+                print(f"  KServe v2 gRPC on {node.services.grpc.address}", flush=True)
             async for signum in signals:
                 log.info("got %s", signal.Signals(signum).name)
                 node.stop()

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from node.data_dir import CONFIG_FILE, DEFAULT_DATA_DIR
-from node.defaults import DEFAULT_HTTP, DEFAULT_LISTEN, REACHABILITY, STRATEGIES
+from node.defaults import DEFAULT_GRPC, DEFAULT_HTTP, DEFAULT_LISTEN, REACHABILITY, STRATEGIES
 
 
 def build() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def build() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help=(
-            f"[node], [http], [[models]], [backends.NAME], [router] and [fairness] tables "
+            f"[node], [http], [grpc], [[models]], [backends.NAME], [router] and [fairness] tables "
             f"(default DATA_DIR/{CONFIG_FILE} if present)"
         ),
     )
@@ -122,6 +122,11 @@ def build() -> argparse.ArgumentParser:
         "router), announced as given; implies public (repeatable)",
     )
     d.add_argument(
+        "--relay-service",
+        choices=["on", "off"],
+        help="relay circuits for NATed peers while this node is publicly reachable (default on)",
+    )
+    d.add_argument(
         "--heartbeat",
         type=float,
         metavar="SECONDS",
@@ -172,6 +177,25 @@ def build() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="allow the gateway beyond loopback without a token",
+    )
+    d.add_argument(
+        "--grpc",
+        metavar="HOST:PORT|off",
+        help=(
+            f"serve KServe v2 over gRPC here (default {DEFAULT_GRPC}, or a free port on "
+            "127.0.0.1 when that one is busy; off: none)"
+        ),
+    )
+    d.add_argument(
+        "--grpc-token-env",
+        metavar="VAR",
+        help="the variable holding the gRPC port's bearer token (default: --http-token-env's)",
+    )
+    d.add_argument(
+        "--grpc-insecure",
+        action="store_true",
+        default=None,
+        help="allow the gRPC port beyond loopback without a token",
     )
     d.set_defaults(command="daemon")
 

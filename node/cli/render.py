@@ -309,6 +309,10 @@ def _ms(value: Any) -> str:
     return "-" if value is None else f"{value} ms"
 
 
+# How a peer's connection runs, in a word that fits the column.
+PATHS = {"direct": "direct", "hole-punched": "punched", "relayed": "relayed"}
+
+
 def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) -> Group:
     """The peers a node knows: status, how found, models, load, where.
 
@@ -317,10 +321,10 @@ def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) 
     line under the table with when it was last heard from and why (``--json``
     has every field whole).
     """
-    table = _table("PEER", "STATUS", "FOUND BY", "MODELS", "RUN/Q", "ADDRESS")
+    table = _table("PEER", "STATUS", "PATH", "FOUND BY", "MODELS", "RUN/Q", "ADDRESS")
     # One model and one source a line: columns as wide as their longest name, so the
     # address keeps room; only the address may fold.
-    for name in ("PEER", "STATUS", "FOUND BY", "MODELS", "RUN/Q"):
+    for name in ("PEER", "STATUS", "PATH", "FOUND BY", "MODELS", "RUN/Q"):
         _column(table, name).no_wrap = True
     notes: list[RenderableType] = []
     for r in rows:
@@ -332,6 +336,7 @@ def peers_table(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) 
         table.add_row(
             short,
             str(r.get("status", "")),
+            PATHS.get(str(r.get("path")), "-"),
             "\n".join(r.get("found_by", [])),
             "\n".join(r.get("models", [])) or "-",
             f"{load.get('in_flight', 0)}/{queued}" if load else "-",

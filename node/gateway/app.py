@@ -133,7 +133,13 @@ class Options:
 def options(request: HTTPRequest) -> Options:
     """``X-Swarm-Deadline-Ms``, ``X-Swarm-Priority``, ``X-Swarm-Verify`` and
     ``X-Swarm-Hedge-Ms``, checked (400 if malformed)."""
-    deadline = request.headers.get(DEADLINE_HEADER)
+    return options_from(request.headers.get)
+
+
+def options_from(header: Callable[[str], str | None]) -> Options:
+    """``options`` from ``header(name)`` (the value of a lower-case header, or None):
+    HTTP headers, or the gRPC port's metadata."""
+    deadline = header(DEADLINE_HEADER)
     deadline_ms = None
     if deadline is not None:
         if not deadline.strip().isdigit() or not 0 < int(deadline) <= MAX_DEADLINE_MS:
@@ -141,19 +147,19 @@ def options(request: HTTPRequest) -> Options:
             raise HTTPFailure(400, message, "invalid_header")
         deadline_ms = int(deadline)
     priority = Priority.NORMAL
-    if (text := request.headers.get(PRIORITY_HEADER)) is not None:
+    if (text := header(PRIORITY_HEADER)) is not None:
         try:
             priority = Priority.parse(text.strip())
         except ValueError as exc:
             raise HTTPFailure(400, f"{PRIORITY_HEADER}: {exc}", "invalid_header") from exc
     verify = 0
-    if (text := request.headers.get(VERIFY_HEADER)) is not None:
+    if (text := header(VERIFY_HEADER)) is not None:
         if not text.strip().isdigit() or int(text) > MAX_VERIFY:
             message = f"{VERIFY_HEADER} must be a whole number from 0 to {MAX_VERIFY}"
             raise HTTPFailure(400, message, "invalid_header")
         verify = int(text)
     hedge_ms = None
-    if (text := request.headers.get(HEDGE_HEADER)) is not None:
+    if (text := header(HEDGE_HEADER)) is not None:
         if not text.strip().isdigit() or int(text) > MAX_HEDGE_MS:
             message = f"{HEDGE_HEADER} must be milliseconds from 0 to {MAX_HEDGE_MS}"
             raise HTTPFailure(400, message, "invalid_header")
@@ -305,9 +311,15 @@ def guarded(config: GatewayConfig, *, public: bool = False) -> Callable[[Handler
 def authorize(request: HTTPRequest, token: str) -> None:
     """HTTPFailure 401 unless the request carries ``Authorization: Bearer <token>`` or,
     as Anthropic's clients send their key, ``x-api-key: <token>``."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        given = request.headers.get(API_KEY_HEADER, "")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not has_token(request.headers.get, token):
         message = "this gateway needs 'Authorization: Bearer <token>' (or 'x-api-key: <token>')"
         raise HTTPFailure(401, message, "unauthorized")
+
+
+def has_token(header: Callable[[str], str | None], token: str) -> bool:
+    """Whether ``header(name)`` (lower-case names) gives ``token`` as ``authorization:
+    Bearer <token>`` or ``x-api-key: <token>``: HTTP headers or gRPC metadata."""
+    scheme, _, given = (header("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = header(API_KEY_HEADER) or ""
+    return hmac.compare_digest(given.strip().encode(), token.encode())

@@ -80,8 +80,8 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
                 "name": model["name"],
                 "versions": [VERSION],
                 "platform": f"swarm-{model.get('runner', 'unknown')}",
-                "inputs": [_input_meta(spec) for spec in model.get("inputs") or []],
-                "outputs": _outputs_meta(model.get("outputs")),
+                "inputs": [input_meta(spec) for spec in model.get("inputs") or []],
+                "outputs": outputs_meta(model.get("outputs")),
             }
         )
 
@@ -96,7 +96,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
         body, blob = _split(data, request.headers.get(HEADER_LENGTH))
         model = _model(backend, request)
         inputs = _inputs(body.get("inputs"), blob)
-        params = _parameters(body.get("parameters"))
+        params = parameters(body.get("parameters"))
         rid = body.get("id")
         ident = rid if isinstance(rid, str) and 0 < len(rid) <= 128 else new_id("v2")
         how = options(request)
@@ -119,7 +119,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
                 continue
             item = _output(name, value)
             if name in binary or "*" in binary:
-                blob = _raw(value)
+                blob = raw_bytes(value)
                 del item["data"]
                 item["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
@@ -160,7 +160,7 @@ def _model(backend: Backend, request: HTTPRequest) -> Mapping[str, Any]:
     return model
 
 
-def _input_meta(spec: Mapping[str, Any]) -> dict[str, Any]:
+def input_meta(spec: Mapping[str, Any]) -> dict[str, Any]:
     if spec.get("kind") == "tensor":
         dtypes = [d for d in spec.get("dtypes", []) if d in DTYPE_TO_V2]
         datatype = DTYPE_TO_V2[dtypes[0]] if dtypes else "FP32"
@@ -168,7 +168,7 @@ def _input_meta(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": spec.get("name"), "datatype": BYTES, "shape": [-1]}
 
 
-def _outputs_meta(described: Any) -> list[dict[str, Any]]:
+def outputs_meta(described: Any) -> list[dict[str, Any]]:
     """The outputs a record declares (``ModelInfo.describe``), as v2 metadata. A peer's
     record is data from afar: entries that do not read are left out, and a record
     from before outputs were declared (none, or a text) declares none."""
@@ -249,7 +249,7 @@ def _binary_outputs(body: Mapping[str, Any]) -> set[str]:
     return named | ({"*"} if every else set())
 
 
-def _raw(value: Value) -> bytes:
+def raw_bytes(value: Value) -> bytes:
     """One output's bytes for the binary extension (little-endian; BYTES length-prefixed)."""
     if isinstance(value, Tensor):
         array = value.numpy()
@@ -258,10 +258,10 @@ def _raw(value: Value) -> bytes:
         value = [value]
     if isinstance(value, list):
         return b"".join(struct.pack("<I", len(raw)) + raw for raw in (s.encode() for s in value))
-    return _raw(_as_tensor(value))
+    return raw_bytes(as_tensor(value))
 
 
-def _parameters(raw: Any) -> dict[str, Param]:
+def parameters(raw: Any) -> dict[str, Param]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -287,7 +287,7 @@ def _wanted(raw: Any) -> set[str] | None:
     return {str(o["name"]) for o in raw}
 
 
-def _as_tensor(value: bool | int | float) -> Tensor:
+def as_tensor(value: bool | int | float) -> Tensor:
     """A scalar output as a one-element tensor."""
     if isinstance(value, bool):
         return Tensor.from_numpy(np.array([value]))
@@ -298,7 +298,7 @@ def _as_tensor(value: bool | int | float) -> Tensor:
 
 def _output(name: str, value: Value) -> dict[str, Any]:
     if isinstance(value, bool | int | float):
-        value = _as_tensor(value)
+        value = as_tensor(value)
     try:
         return encode_tensor(name, value)
     except ValueError as exc:

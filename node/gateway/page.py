@@ -1,16 +1,18 @@
 """The status page: ``GET /`` (the page) and ``GET /swarm/view`` (what it draws).
 
 The page is one HTML file (``status.html`` beside this module: inline CSS and
-plain JavaScript, nothing fetched from elsewhere). It holds no swarm data, so
-it is served without a token; everything it shows comes from ``/swarm/view``
-and the WebSocket, both guarded. With a token configured, open ``/?token=…``:
-the script keeps the token for the tab, takes it out of the address bar, and
-sends it as a bearer header (and as ``?token=`` to the WebSocket, which
+plain JavaScript, nothing fetched from elsewhere) and its playground's script
+(``playground.js``, ``GET /playground.js``: try a model, see where it ran). Both
+hold no swarm data, so they are served without a token; everything the page
+shows comes from ``/swarm/view`` and the WebSocket, both guarded. With a token
+configured, open ``/?token=…``: the script keeps the token for the tab, takes it
+out of the address bar, and sends it as a bearer header (and as ``?token=`` to the WebSocket, which
 browsers cannot give headers).
 
 The page's Content-Security-Policy allows its own inline script and style (by
-hash) and connections to this origin only: even if a peer's record got markup
-past the page's escaping, no other script could run or send data elsewhere.
+hash), scripts of this origin (``'self'``: the playground's; nothing else here
+serves script) and connections to this origin only: even if a peer's record got
+markup past the page's escaping, no inline script could run nor send data elsewhere.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ from .config import GatewayConfig
 from .view import swarm_view
 
 PAGE_FILE = "status.html"
+PLAYGROUND_FILE = "playground.js"
+STATIC_HEADERS = {"cache-control": "no-cache", "x-content-type-options": "nosniff"}
+
+
+@cache
+def playground() -> str:
+    """The playground's script (read once)."""
+    return resources.files(__package__).joinpath(PLAYGROUND_FILE).read_text(encoding="utf-8")
 
 
 @cache
@@ -47,7 +57,7 @@ def _policy(html: str) -> str:
 
     return (
         "default-src 'none'; "
-        f"script-src {hashes('script')}; style-src {hashes('style')}; "
+        f"script-src {hashes('script')} 'self'; style-src {hashes('style')}; "
         "connect-src 'self'; img-src data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
@@ -67,6 +77,11 @@ def routes(backend: Backend, config: GatewayConfig) -> list[BaseRoute]:
         }
         return HTMLResponse(html, headers=headers)
 
+    @public
+    async def playground_script(request: HTTPRequest) -> Response:
+        media = "text/javascript; charset=utf-8"
+        return Response(playground(), media_type=media, headers=STATIC_HEADERS)
+
     @guard
     async def view(request: HTTPRequest) -> Response:
         jobs = backend.feed.recent_jobs() if backend.feed is not None else []
@@ -76,5 +91,6 @@ def routes(backend: Backend, config: GatewayConfig) -> list[BaseRoute]:
 
     return [
         Route("/", status_page, methods=["GET"]),
+        Route("/" + PLAYGROUND_FILE, playground_script, methods=["GET"]),
         Route("/swarm/view", view, methods=["GET"]),
     ]

@@ -23,6 +23,7 @@ from bootstrap.table import PeerTable, Status
 MAX_TEXT = 120  # characters of any string taken from a record
 MAX_ADDRS = 4
 MAX_MODELS = 32
+MAX_INPUTS = 8  # input names of one model
 MAX_DEVICES = 16
 MAX_JOBS = 50
 MAX_EDGES = 4096
@@ -201,6 +202,13 @@ def _node(
             "name": _text(m.get("name")),
             "task": _text(m.get("task")),
             "device": _text(m.get("device")),
+            "streams": m.get("streams") is True,
+            # Input names (the playground picks what to send by them: messages, image).
+            "inputs": [
+                _text(spec.get("name"))
+                for spec in _list(m.get("inputs"), MAX_INPUTS)
+                if isinstance(spec, Mapping) and _text(spec.get("name"))
+            ],
         }
         for m in _list(body.get("models"), MAX_MODELS)
         if isinstance(m, Mapping) and _text(m.get("name"))

@@ -5,6 +5,12 @@ small call costs several times a round trip. A stream goes back to the pool
 only after a clean exchange; one that was cancelled, broke, or saw a protocol
 error is closed instead, so a late chunk can never reach the next caller. One
 exchange on a stream is ``call.exchange``, which the local-socket client shares.
+
+``drop_idle(peer)`` empties a peer's pool when a better connection to it
+arrives (a hole punch beside a relayed one): the next call opens its stream on
+the connection libp2p prefers now. Streams in use at that moment are closed
+when their exchange ends, not pooled, or one busy stream would keep a peer's
+traffic on the relay for good (scripts/bench_nat found it there).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class Caller:
         self._limits = limits
         self._max_idle = max_idle
         self._idle: dict[str, list[FramedStream]] = {}
+        self._busy: dict[str, set[FramedStream]] = {}  # in an exchange now, per peer
+        self._stale: set[FramedStream] = set()  # busy when drop_idle ran: not pooled again
 
     async def call(
         self,
@@ -69,6 +77,8 @@ class Caller:
         reuse: bool,
     ) -> Result:
         clean = False
+        busy = self._busy.setdefault(key, set())
+        busy.add(stream)
         try:
             result = await exchange(stream, request, on_chunk)
             clean = True
@@ -77,7 +87,12 @@ class Caller:
             clean = True
             raise
         finally:
-            if clean and reuse and not stream.closed:
+            busy.discard(stream)
+            if not busy and self._busy.get(key) is busy:
+                del self._busy[key]
+            stale = stream in self._stale
+            self._stale.discard(stream)
+            if clean and reuse and not stream.closed and not stale:
                 if not self._give_back(key, stream):
                     await stream.reset()  # over the idle cap: dropped at once, in this task
             else:
@@ -88,6 +103,14 @@ class Caller:
             for stream in streams:
                 await stream.close()
         self._idle.clear()
+
+    async def drop_idle(self, peer_id: str) -> None:
+        """Close the idle streams pooled for ``peer_id``: the next call opens a new one,
+        on the connection libp2p prefers now (a direct one that replaced a relay).
+        Those in use now are closed when their exchange ends."""
+        self._stale.update(self._busy.get(peer_id, ()))
+        for stream in self._idle.pop(peer_id, []):
+            await stream.close()
 
     def _take(self, key: str) -> FramedStream | None:
         pool = self._idle.get(key)

@@ -60,7 +60,9 @@ from .config import LAGGARD_FACTOR, MembershipConfig
 log = logging.getLogger(__name__)
 
 DiscoveryEvent = Discovered | DiscoveryProblem
-LINK_TIMEOUT_S = 10.0
+Connect = Callable[[str, tuple[str, ...]], Awaitable[None]]
+# A direct dial, then circuits through the peer's relays, one after another.
+LINK_TIMEOUT_S = 20.0
 DHT_LOOKUP_S = 5.0
 HINTS_ONLY = frozenset({Source.DHT, Source.PEERSTORE})
 # How many linked peers a full record names, so that a newcomer that learnt of a
@@ -85,8 +87,11 @@ class Membership:
         load: Callable[[], Mapping[str, Any]],
         config: MembershipConfig = MembershipConfig(),
         access: AccessPolicy | None = None,
+        connect: Connect | None = None,
     ) -> None:
         self._host = host
+        # How a peer is dialled: node.reach.circuits (direct, else through its relays).
+        self._connect = connect or self._connect_direct
         self._signer = signer
         self._streams = CapsStreams(host)
         self._load = load
@@ -182,6 +187,16 @@ class Membership:
         """The peers this node has tried to link since it started."""
         return set(self._last_try)
 
+    def relink(self, peer_id: str) -> None:
+        """Link ``peer_id`` now even if that was tried a moment ago (something changed
+        that may make it reachable: a relay says the peer holds a reservation
+        there); a linked peer is left alone."""
+        known = self.table.peers.get(peer_id)
+        if peer_id == self.self_id or (known is not None and known.status == Status.LINKED):
+            return
+        self._last_try.pop(peer_id, None)
+        self.link(peer_id, tuple(known.addrs) if known is not None else ())
+
     def link(self, peer_id: str, addrs: tuple[str, ...] = ()) -> None:
         """Dial ``peer_id`` and swap full records, unless that was just tried."""
         now = trio.current_time()
@@ -198,11 +213,8 @@ class Membership:
     async def _link(self, peer_id: str, addrs: tuple[str, ...]) -> None:
         try:
             async with self._limiter:
-                pid = ID.from_base58(peer_id)
-                if addrs:
-                    infos = [multiaddr.Multiaddr(a) for a in addrs]
-                    with trio.fail_after(LINK_TIMEOUT_S):
-                        await self._host.connect(PeerInfo(pid, infos))
+                with trio.fail_after(LINK_TIMEOUT_S):
+                    await self._connect(peer_id, addrs)
                 await self._swap(peer_id, self._signer.full())
         except trio.TooSlowError:
             self._apply(Unreachable(peer_id, "no connection in time", trio.current_time()))
@@ -211,6 +223,11 @@ class Membership:
             self._apply(Unreachable(peer_id, _reason(exc), trio.current_time()))
         finally:
             self._linking.discard(peer_id)
+
+    async def _connect_direct(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+        if addrs:  # none: the exchange's own stream dials what the peerstore knows
+            infos = [multiaddr.Multiaddr(a) for a in addrs]
+            await self._host.connect(PeerInfo(ID.from_base58(peer_id), infos))
 
     async def _beat(self, peer_id: str, known_version: int) -> None:
         try:

@@ -15,7 +15,9 @@
 - ``circuits``: dialling a peer through its relays when no direct dial works
   (py-libp2p's swarm drops every /p2p-circuit address), and DCUtR's upgrade of
   a relayed connection to a direct one; each connection's kind (direct,
-  hole-punched, relayed) for status and routing.
+  hole-punched, relayed) for status and routing;
+- ``conns``: what a py-libp2p connection is (live, relayed, inbound), and
+  ``ping``: our own liveness check under a deadline.
 
 py-libp2p 0.8.1 ships relay v2, DCUtR and AutoNAT but wires none of them;
 what we found wrong with them is in ../shared/design/LIBP2P.md ("Behind NAT").

@@ -7,15 +7,24 @@ an idle moment). Every request becomes the same swarm job: the fake model takes 
 conversation's JSON as its text, whatever API carried it. So an API's added latency
 is its own parsing and answer shaping; the figure is the median of its differences
 to the OpenAI request of the same round.
+
+KServe v2 joins the rounds too, over REST (``/v2/models/{m}/infer``, a BYTES
+tensor) and over gRPC (``tritonclient.grpc``, timed inside its worker thread so
+the hop into it is not counted): the same model and one text of the same
+length, not the chat's own text, so their answers are checked for being there,
+not for being equal to the chat APIs'.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Any
 
 import httpx
+import numpy as np
+import trio
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one line."},
@@ -54,20 +63,57 @@ def text_of(api: str, answer: Any) -> str:
     return str(answer["message"]["content"])
 
 
-async def added_by_api(url: str, model: str, rounds: int) -> dict[str, Any]:
+def kserve_body(model: str) -> tuple[str, dict[str, Any]]:
+    text = json.dumps(CONVERSATION)
+    tensor = {"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}
+    return f"/v2/models/{model}/infer", {"inputs": [tensor]}
+
+
+def grpc_call(address: str, model: str) -> Any:
+    """A blocking call that times one gRPC infer on its own thread (client made once)."""
+    import tritonclient.grpc as triton  # the test extra's; only this section needs it
+
+    client = triton.InferenceServerClient(address)
+    text = np.array([json.dumps(CONVERSATION).encode()], dtype=np.object_)
+    tensor = triton.InferInput("text", [1], "BYTES")
+    tensor.set_data_from_numpy(text)
+
+    def once() -> float:
+        t = time.perf_counter()
+        answer = client.infer(model, [tensor])
+        elapsed = time.perf_counter() - t
+        if answer.as_numpy("embedding") is None:
+            raise RuntimeError("the gRPC answer has no embedding")
+        return elapsed
+
+    return once
+
+
+async def added_by_api(
+    url: str, model: str, rounds: int, grpc: str | None = None
+) -> dict[str, Any]:
     """Median latency per API, and the median of each API's differences to OpenAI's."""
     asked = requests(model)
-    names = list(asked)
+    names = [*asked, "kserve"] + (["grpc"] if grpc else [])
     took: dict[str, list[float]] = {name: [] for name in names}
+    rpc = grpc_call(grpc, model) if grpc else None
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
 
         async def once(name: str) -> float:
-            path, body = asked[name]
+            if name == "grpc":
+                assert rpc is not None
+                elapsed: float = await trio.to_thread.run_sync(rpc)
+                return elapsed
+            path, body = kserve_body(model) if name == "kserve" else asked[name]
             t = time.perf_counter()
             answer = await http.post(path, json=body)
             elapsed = time.perf_counter() - t
             answer.raise_for_status()
-            texts.setdefault(name, text_of(name, answer.json()))
+            if name == "kserve":
+                if not answer.json().get("outputs"):
+                    raise RuntimeError("the KServe v2 answer has no outputs")
+            else:
+                texts.setdefault(name, text_of(name, answer.json()))
             return elapsed
 
         texts: dict[str, str] = {}
