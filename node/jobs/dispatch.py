@@ -260,8 +260,9 @@ class Dispatcher:
             raise self._broken(choice, progress, exc, f"resumed {progress.resumes} times already")
         self.resumes += 1
         log.info(
-            "attempt %d at %s failed after %d chunk(s) of the stream, resuming on another "
-            "from token %d: %s",
+            # "trying another", as a failover says: the attempt that resumes is one too.
+            "attempt %d at %s failed after %d chunk(s) of the stream, trying another to "
+            "resume it from token %d: %s",
             attempt,
             choice,
             progress.chunks,
