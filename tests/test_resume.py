@@ -11,21 +11,25 @@ be checked against what one uninterrupted run streams.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from conftest import NodeFactory
 from libp2p.custom_types import TProtocol
 from support import eventually
 from test_routing import wait_linked
+from trio_websocket import open_websocket_url as open_ws
 
 from bootstrap.table import PeerTable, RecordVerified, apply
 from node.client import SwarmClient
 from node.daemon import Node
+from node.gateway import GatewayConfig
 from node.jobs.hedge import Failed, HedgeStats, race
 from node.jobs.resume import (
     Progress,
@@ -469,3 +473,48 @@ async def test_the_nodes_hedge_ms_is_the_default_and_a_job_may_turn_it_off(
     assert hedged.meta["served_by"] == fast.peer_id
     assert waited.meta["served_by"] == slow.peer_id
     assert entry.services.dispatcher.hedges.describe() == {"sent": 1, "won": 1, "cancelled": 1}
+
+
+async def test_the_gateway_and_the_websocket_pass_a_jobs_hedge_ms_on(
+    node_factory: NodeFactory,
+) -> None:
+    """X-Swarm-Hedge-Ms at the HTTP gateway and "hedge_ms" on the WebSocket hedge the
+    job they come with; a malformed one is refused before anything runs."""
+    async with AsyncExitStack() as stack:
+        slow, fast = await servers(stack, node_factory, 2, latency_s=0.01)
+        stalls = slow.services.models.runners["gen"]
+        assert isinstance(stalls, FakeRunner)
+        stalls.latency_s = 3.0
+        router = RouterConfig(strategy=Strategy.ROUND_ROBIN)  # the first job: the slow peer
+        entry = await entry_of(
+            stack, node_factory, [slow, fast], http=GatewayConfig(), router=router
+        )
+        assert entry.gateway is not None
+        url = entry.gateway.url
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}
+        async with httpx.AsyncClient(base_url=url, timeout=JOB_WAIT_S) as http:
+            bad = await http.post(
+                "/v2/models/gen/infer", json=body, headers={"X-Swarm-Hedge-Ms": "soon"}
+            )
+            assert bad.status_code == 400, bad.text
+            with trio.fail_after(JOB_WAIT_S):
+                hedged = await http.post(
+                    "/v2/models/gen/infer", json=body, headers={"X-Swarm-Hedge-Ms": "50"}
+                )
+            assert hedged.status_code == 200, hedged.text
+        assert entry.services.dispatcher.hedges.describe() == {"sent": 1, "won": 1, "cancelled": 1}
+        async with open_ws(f"{url.replace('http://', 'ws://')}/ws/hedge") as ws:
+            job = {"type": "inference", "model": "gen", "inputs": {"text": "b"}, "stream": True}
+            await ws.send_message(json.dumps({**job, "id": "bad", "hedge_ms": -1}))
+            await ws.send_message(json.dumps({**job, "id": "ok", "hedge_ms": 50}))
+            frames: list[dict[str, Any]] = []
+            with trio.fail_after(JOB_WAIT_S):
+                while len([f for f in frames if f["type"] in ("result", "error")]) < 2:
+                    frames.append(json.loads(await ws.get_message()))
+        (refused,) = [f for f in frames if f["type"] == "error"]
+        assert refused["id"] == "bad" and refused["code"] == "BAD_REQUEST"
+        (answer,) = [f for f in frames if f["type"] == "result"]
+        assert answer["id"] == "ok" and answer["meta"]["served_by"] == fast.peer_id
+        # The WebSocket's job went to the fast peer first, or to the slow one and was hedged.
+        hedges = entry.services.dispatcher.hedges.describe()
+        assert hedges["sent"] == hedges["won"] == hedges["cancelled"] in (1, 2), hedges
