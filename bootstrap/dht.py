@@ -180,8 +180,13 @@ class ModelDHT:
         model stays announced either way (and is announced on start if the DHT
         is not running yet).
         """
-        key = model_key(model_name)
-        self._provided[key] = canonical_model_name(model_name)
+        return await self.provide_key(
+            model_key(model_name), canonical_model_name(model_name), timeout_s=timeout_s
+        )
+
+    async def provide_key(self, key: bytes, label: str, *, timeout_s: float | None = None) -> bool:
+        """``provide`` for any key: a content id (its multihash bytes) names itself."""
+        self._provided[key] = label
         dht = self._dht
         if dht is None:
             return False
@@ -215,7 +220,12 @@ class ModelDHT:
         peers that answered in time said. Each found provider also goes out as
         ``Discovered(..., Source.DHT)``.
         """
-        key = model_key(model_name)
+        return await self.find_key_providers(model_key(model_name), model_name, timeout_s, ask=ask)
+
+    async def find_key_providers(
+        self, key: bytes, model_name: str, timeout_s: float, *, ask: int | None = None
+    ) -> list[Provider]:
+        """``find_providers`` for any key (``model_name``: what to call it in logs)."""
         dht = self._dht
         found: dict[str, set[str]] = {}
         if dht is None:

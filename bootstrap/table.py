@@ -325,6 +325,37 @@ def serving(table: PeerTable, model: str) -> list[Peer]:
     return [p for p in live_peers(table) if any(m.casefold() == want for m in p.models)]
 
 
+def content_of(body: Mapping[str, Any] | None) -> set[str]:
+    """The content ids (base58) a record says its node shares: each model's
+    ``content`` and the record's ``content`` list."""
+    if not body:
+        return set()
+    out = set()
+    models = body.get("models")
+    for m in models if isinstance(models, list | tuple) else ():
+        if isinstance(m, Mapping) and isinstance(m.get("content"), str):
+            out.add(m["content"])
+    shares = body.get("content")
+    if isinstance(shares, list):
+        out.update(c for c in shares if isinstance(c, str))
+    return out
+
+
+def model_content(body: Mapping[str, Any] | None) -> dict[str, str]:
+    """Each model's content id in a record body, by model name."""
+    models = body.get("models") if body else None
+    return {
+        str(m["name"]): m["content"]
+        for m in (models if isinstance(models, list | tuple) else ())
+        if isinstance(m, Mapping) and isinstance(m.get("content"), str) and m.get("name")
+    }
+
+
+def content_providers(table: PeerTable, content: str) -> list[Peer]:
+    """Linked peers whose verified record shares ``content`` (base58), by peer id."""
+    return [p for p in live_peers(table) if content in content_of(p.body)]
+
+
 def rows(table: PeerTable) -> list[dict[str, Any]]:
     """Plain data for ``swarm peers``: one row per peer in the table, by peer id."""
     return [
@@ -335,6 +366,8 @@ def rows(table: PeerTable) -> list[dict[str, Any]]:
             "addrs": list(p.addrs),
             "hardware": hardware_summary(p.body),
             "models": list(p.models),
+            "content": sorted(content_of(p.body)),  # content ids it shares (swarm models)
+            "model_content": model_content(p.body),
             "load": None if p.load is None else dict(p.load),
             "last_seen": p.last_seen,
             "seen_ago_s": max(0.0, table.now - p.last_seen),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.content.config import ContentConfig
 from node.data_dir import DEFAULT_DATA_DIR
 from node.defaults import DEFAULT_LISTEN as DEFAULT_LISTEN  # its home before node.defaults
 from node.gateway.config import GatewayConfig, GrpcConfig
@@ -45,6 +46,7 @@ class NodeConfig:
     fairness: FairnessConfig = field(default_factory=FairnessConfig)  # sharing between peers
     reach: ReachConfig = field(default_factory=ReachConfig)  # publicly reachable, and how known
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # spot checks, reputation
+    content: ContentConfig = field(default_factory=ContentConfig)  # sharing and pulling models
     swarm_key: str | None = None  # 64 hex digits: a private swarm
     allow: frozenset[str] | None = None  # peer ids allowed to use this node; None = all
     http: GatewayConfig | None = None  # the HTTP gateway (OpenAI, KServe v2); None = off

@@ -34,10 +34,12 @@ from bootstrap.dialer import BootstrapDialer
 from bootstrap.mdns import MdnsDiscovery, service_type_for
 from bootstrap.peerstore import PeerStore
 from bootstrap.roster import ROSTER_KEY, run_roster
-from bootstrap.table import live_peers
+from bootstrap.table import content_providers, live_peers
 from capabilities.hardware import Hardware, probe
 from node import status
 from node.config import NodeConfig
+from node.content.blob import BLOB_PROTOCOL
+from node.content.service import ContentService
 from node.data_dir import CLIENT_KEY, IDENTITY_KEY, SOCKET_FILE, remove_state, write_state
 from node.errors import NodeError, sole_error
 from node.gateway.app import Backend, swarm_models
@@ -67,12 +69,14 @@ from node.reach.relay_service import RelayService
 from node.reach.relays import Relays
 from node.services import Services
 from protocols import CAPS_PROTOCOL, INFER_PROTOCOL, MAX_HOPS, CapabilityRecord, Request, Result
-from protocols.errors import ConfigError
-from runners.base import Runner
+from protocols.content import cid_text, parse_cid
+from protocols.errors import ConfigError, SwarmError
+from runners.base import CONTENT_DIR, Runner
 
 log = logging.getLogger(__name__)
 
 PEER_LINK_WAIT_S = 5.0
+DHT_FIND_S = 5.0  # one DHT lookup of a content's providers
 ANSWER_WAIT_S = 3.0
 
 
@@ -163,11 +167,14 @@ class Node:
         runner, change = await self.models.load(name)
         if runner is None:
             return change.describe()
+        cid = await s.content.share_model(runner)
         s.service.add_runner(runner, self.config.max_queue)
         if s.dht is not None and self._nursery is not None:
             # Announce it now, not at the next reprovide: peers that look it up
             # in the DHT should find this node from now on.
             self._nursery.start_soon(s.dht.provide, runner.info.name)
+            if cid is not None:
+                self._nursery.start_soon(s.dht.provide_key, parse_cid(cid), cid)
         log.info("model %s loaded on request", runner.info.name)
         return change.describe()
 
@@ -181,6 +188,7 @@ class Node:
         found = runner.info.name
         if s.dht is not None:
             s.dht.stop_providing(found)
+        s.content.unshare_model(found)
         await s.service.remove_runner(found, self.config.shutdown_grace_s)
         with trio.CancelScope(shield=True):
             await runner.close()
@@ -241,6 +249,7 @@ class Node:
             lambda: self.services.dispatcher.in_flight,
             held_back=reputation.held_back,
             paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
+            calls=lambda: self.services.dispatcher.calls,
         )
         dispatcher = Dispatcher(
             peer_id,
@@ -317,6 +326,24 @@ class Node:
         if dht is not None:
             membership.finder = dht.find_providers
             reach.on_change = dht.reannounce
+
+        async def find_content(content_id: bytes) -> list[str]:
+            text = cid_text(content_id)
+            found = [p.peer_id for p in content_providers(membership.table, text)]
+            if dht is not None:
+                hints = await dht.find_key_providers(content_id, text, DHT_FIND_S)
+                found += [h.peer_id for h in hints]
+            return list(dict.fromkeys(found))
+
+        content = ContentService(
+            host,
+            cfg.content,
+            content_dir=cfg.data_dir / CONTENT_DIR,
+            root=cfg.models_dir / CONTENT_DIR,
+            access=self.access,
+            find=find_content,
+        )
+        host.set_stream_handler(BLOB_PROTOCOL, content.server)
         return Services(
             config=cfg,
             peer_id=peer_id,
@@ -343,6 +370,7 @@ class Node:
             circuits=circuits,
             dht=dht,
             reach=reach,
+            content=content,
         )
 
     async def _run_here(self, request: Request) -> Result:
@@ -352,6 +380,10 @@ class Node:
 
     async def _serve(self, task_status: TaskStatus[Node]) -> None:
         cfg, s = self.config, self.services
+        # Before the first record goes out: it names each served model's content id.
+        for runner in list(s.models.runners.values()):
+            await s.content.share_model(runner)
+        await s.content.share_declared()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -378,6 +410,8 @@ class Node:
                 write_state(cfg.data_dir, status.daemon_state(s, os.getpid()))
                 log.info("node %s ready on %s", s.peer_id, ", ".join(s.addrs))
                 task_status.started(self)
+                for name, cid in s.models.pending.items():
+                    nursery.start_soon(self._pull_and_load, name, cid)
                 await self._stop.wait()
                 log.info("shutting down: draining for up to %.1f s", cfg.shutdown_grace_s)
                 await s.service.drain(cfg.shutdown_grace_s)
@@ -386,6 +420,16 @@ class Node:
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None  # handlers still running during the host's close spawn nothing
+
+    async def _pull_and_load(self, name: str, cid: str) -> None:
+        """A ``content=ID`` model whose files are not here: pulled from the peers that
+        share it, then loaded as if converted here (and shared on in turn)."""
+        try:
+            await self.services.content.pull(parse_cid(cid))
+            await self.load_model(name)
+        except SwarmError as exc:
+            log.error("model %s (content %s) not served: %s", name, cid, exc)
+            self.models.failed[name] = str(exc)
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -405,6 +449,8 @@ class Node:
             await nursery.start(s.dht.run)
             for name in (*s.models.runners, ROSTER_KEY):
                 nursery.start_soon(s.dht.provide, name)
+            for content_id in s.content.shares.ids():
+                nursery.start_soon(s.dht.provide_key, content_id, cid_text(content_id))
             nursery.start_soon(run_roster, s.dht, s.peer_id, lambda: s.membership.table.peers)
 
     async def _redial_remembered(self, s: Services) -> None:

@@ -21,7 +21,7 @@ import trio
 
 from protocols import SwarmError
 from protocols.errors import ConfigError
-from runners.base import ModelInfo, Runner
+from runners.base import CONTENT_DIR, ModelInfo, Runner
 from runners.catalog import ModelSpec, build_runner, parse_model_spec
 from runners.errors import ModelNotFound
 
@@ -56,6 +56,14 @@ class ModelRegistry:
         self._extra = tuple(extra)
         self.runners: dict[str, Runner] = {}  # loaded, by name as declared
         self.failed: dict[str, str] = {}  # name -> why it did not load
+        # Declared with a content id whose files are not here yet: the node pulls
+        # them from peers, then loads the model (name -> content id).
+        self.pending: dict[str, str] = {
+            s.name: cid
+            for s in self._specs
+            if (cid := getattr(s.config, "content", None))
+            and not (models_dir / CONTENT_DIR / cid).is_dir()
+        }
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -71,6 +79,8 @@ class ModelRegistry:
         built: list[Runner] = []
         try:
             for spec in self._specs:
+                if spec.name in self.pending:
+                    continue
                 built.append(build_runner(spec, self._models_dir))
             built += self._extra
             names = [r.info.name.lower() for r in built]
@@ -134,6 +144,7 @@ class ModelRegistry:
             await _close_all([runner])
             raise
         self.failed.pop(spec.name, None)
+        self.pending.pop(spec.name, None)
         self.runners[runner.info.name] = runner
         return runner, Change(runner.info.name, "loaded", changed=True)
 

@@ -15,6 +15,7 @@ from bootstrap.dht import ModelDHT
 from bootstrap.peerstore import PeerStore
 from capabilities.hardware import Hardware
 from node.config import NodeConfig
+from node.content.service import ContentService
 from node.gateway.grpc_server import GrpcGateway
 from node.gateway.server import Gateway
 from node.jobs.dispatch import Dispatcher, RouterPlanner
@@ -63,6 +64,7 @@ class Services:
     circuits: Circuits  # dials through relays, DCUtR, each connection's kind
     dht: ModelDHT | None  # None with --no-dht
     reach: ReachMonitor  # reachability, and the addresses records and the DHT announce
+    content: ContentService  # what this node shares (/swarm/blob/1.0.0) and pulls
     gateway: Gateway | None = None  # set once the gateway listens; None with --http off
     grpc: GrpcGateway | None = None  # set once the gRPC port listens; None with --grpc off
     local: LocalSocket | None = None  # set once the local socket listens; None without one

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from bootstrap.table import content_of, live_peers
 from capabilities.record import record_body
 from node.jobs.router import Candidate, LocalNode
 from node.json_values import jsonable
@@ -26,6 +27,8 @@ from node.reach.records import (
 )
 from node.services import Services
 from protocols import Priority
+
+MAX_SHARES_IN_RECORD = 64  # content ids a record lists; the DHT holds them all
 
 
 def describe(s: Services) -> dict[str, Any]:
@@ -44,7 +47,13 @@ def describe(s: Services) -> dict[str, Any]:
         s.reach.relay_entry(),
         forwardable(s.membership.table, (m.name for m in models)),
     )
-    return {**body, **extra, **reach, "peers": s.membership.peer_sample()}
+    content = s.content.models
+    body["models"] = [
+        {**m, "content": content[m["name"]]} if m.get("name") in content else m
+        for m in body.get("models", [])
+    ]
+    shares = s.content.share_ids()[:MAX_SHARES_IN_RECORD]
+    return {**body, **extra, **reach, "content": shares, "peers": s.membership.peer_sample()}
 
 
 def reserved_at(s: Services, relay: str) -> list[str]:
@@ -85,6 +94,8 @@ def client_view(s: Services) -> dict[str, Any]:
         "reach": reach_view(s),
         "verification": s.verifier.describe(),
         "models_failed": dict(s.models.failed),
+        "models_pending": dict(s.models.pending),  # content being pulled: name -> id
+        "content": content_view(s),
         "access": {
             "private_swarm": s.config.swarm_key is not None,
             "allow_list": s.access.allowed is not None,
@@ -218,3 +229,13 @@ def daemon_state(s: Services, pid: int) -> dict[str, Any]:
         "grpc": s.grpc.address if s.grpc is not None else None,
         "socket": str(s.local.path) if s.local is not None else None,
     }
+
+
+def content_view(s: Services) -> dict[str, Any]:
+    """What this node shares and pulls, and for each content id it knows of (its own
+    and those in its peers' records) how many linked peers share it."""
+    known: dict[str, int] = {}
+    for peer in live_peers(s.membership.table):
+        for cid in content_of(peer.body):
+            known[cid] = known.get(cid, 0) + 1
+    return {**s.content.describe(), "providers": known}

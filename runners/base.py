@@ -13,6 +13,7 @@ import abc
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import trio
@@ -22,6 +23,9 @@ from protocols.errors import ConfigError
 from protocols.tensors import MAX_NDIM
 
 from .errors import BadInput
+
+# Content pulled from peers lies in the models dir's content/<content id>/ (node.content).
+CONTENT_DIR = "content"
 
 Outputs = dict[str, Value]
 T = TypeVar("T")
@@ -166,6 +170,11 @@ class Runner(abc.ABC):
         ran, and twice; and complete even when called from a cancelled scope (shield
         what must finish)."""
 
+    def files(self) -> tuple[Path, ...]:
+        """The files on this node the model is made of, which it may share with peers
+        (see node.content); none for a model that is not files here."""
+        return ()
+
     def status(self) -> Mapping[str, Any] | None:
         """Live state worth showing in ``swarm status`` (a backend's circuit breaker,
         batching counters); None when there is nothing beyond ``info``. No secrets."""
@@ -189,6 +198,9 @@ class WrappedRunner(Runner):
 
     async def load(self) -> None:
         await self.inner.load()
+
+    def files(self) -> tuple[Path, ...]:
+        return self.inner.files()
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
         self.inner.check(inputs, params)

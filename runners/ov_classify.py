@@ -134,6 +134,13 @@ class OVClassifyRunner(Runner):
         self._load_lock = trio.Lock()
         self.conversion_s: float | None = None  # seconds the last load spent converting, if any
         self.choice: ov_choice.Choice | None = None  # the precision in use, once loaded
+        self._entries: dict[str, Path] = {}  # weights -> the cache entry opened for them
+
+    def files(self) -> tuple[Path, ...]:
+        """The converted IR in use (its .xml and .bin): what the node shares of it, so a
+        peer can pull it and serve it as an ``openvino`` model without converting."""
+        entry = self._entries.get(self.choice.chosen.weights) if self.choice else None
+        return () if entry is None else (entry / recipe.XML, entry / recipe.BIN)
 
     def root(self, weights: str) -> Path:
         """One root per weight precision: loading prunes every other entry of a root."""
@@ -211,6 +218,7 @@ class OVClassifyRunner(Runner):
 
     def _open(self, path: Path, candidate: Candidate) -> Any:
         """Compile the entry for ``candidate`` and prove it on its probe. Blocks."""
+        self._entries[candidate.weights] = path
         core = ov.Core()
         try:
             model = core.read_model(str(path / recipe.XML), str(path / recipe.BIN))

@@ -33,12 +33,13 @@ from protocols.config import Table
 from protocols.errors import ConfigError
 
 from . import ov_cache, ov_precision
-from .base import ModelInfo, Outputs, OutputSpec, Runner, TensorSpec, check_inputs
+from .base import CONTENT_DIR, ModelInfo, Outputs, OutputSpec, Runner, TensorSpec, check_inputs
 from .errors import BadInput, ModelLoadError, RunnerError
 from .ov_device import OVOptions, compile_for, execution_devices, optimal_requests
 from .ov_infer import InferQueue
 
 RECIPE = "1"
+CONTENT_MODEL = "model.xml"  # the model file a pulled content holds, unless ``path`` says
 SUFFIXES = frozenset({".xml", ".onnx"})
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
@@ -51,6 +52,9 @@ class OVModelConfig:
     max_batch: int = 64
     convert_timeout_s: float = 600.0
     options: OVOptions = field(default_factory=OVOptions)
+    # A content id (base58): the files were pulled from peers into the models dir's
+    # ``content/<id>/``, and ``path`` names the model file there (see node.content).
+    content: str | None = None
 
     def __post_init__(self) -> None:
         if self.path.suffix.lower() not in SUFFIXES:
@@ -63,7 +67,15 @@ class OVModelConfig:
         name = table.text("name")
         if not set(name.lower()) <= _NAME_CHARS:
             raise ConfigError(f"{table.where}.name: letters, digits, '.', '_' or '-' only")
-        path = Path(table.text("path")).expanduser()
+        content = table.text("content", "") or None
+        if content is not None and not (20 <= len(content) <= 64 and content.isalnum()):
+            raise ConfigError(f"{table.where}.content: a base58 content id (Qm...)")
+        # With a content id the model file's name inside the content; the one
+        # .xml (else .onnx) the manifest lists when not given.
+        text = table.text("path") if content is None else table.text("path", CONTENT_MODEL)
+        path = Path(text).expanduser()
+        if content is not None and (path.is_absolute() or ".." in path.parts):
+            raise ConfigError(f"{table.where}.path: with content, a name inside the content")
         if path.suffix.lower() not in SUFFIXES:
             raise ConfigError(
                 f"{table.where}.path: expected an OpenVINO .xml or an .onnx file, got {str(path)!r}"
@@ -75,6 +87,7 @@ class OVModelConfig:
             max_batch=table.integer("max_batch", 64, low=1, high=4096),
             convert_timeout_s=table.number("convert_timeout_s", 600.0, low=1.0, high=86400.0),
             options=OVOptions.from_table(table),
+            content=content,
         )
         table.done()
         return config
@@ -110,6 +123,7 @@ class OVModelRunner(Runner):
 
     def __init__(self, models_dir: Path, config: OVModelConfig) -> None:
         self.config = config
+        self.models_dir = Path(models_dir)
         self.cache_root = Path(models_dir) / config.name / config.options.precision
         self.info = self._info(inputs=(), device=config.options.device)
         self._queue: InferQueue | None = None
@@ -144,8 +158,21 @@ class OVModelRunner(Runner):
             if self._queue is None:
                 await self._load()
 
+    @property
+    def source(self) -> Path:
+        """The model file: as configured, or inside the pulled content."""
+        c = self.config
+        return c.path if c.content is None else self.models_dir / CONTENT_DIR / c.content / c.path
+
+    def files(self) -> tuple[Path, ...]:
+        """The files this model is made of: what a node shares of it."""
+        source = self.source
+        if source.suffix.lower() == ".xml":
+            return (source, source.with_suffix(".bin"))
+        return (source,)
+
     async def _load(self) -> None:
-        source = self.config.path
+        source = self.source
         if not source.is_file():
             raise ModelLoadError(f"{self.config.name}: no model file at {source}")
         if self.config.options.precision != "fp32":
@@ -181,17 +208,20 @@ class OVModelRunner(Runner):
         path, self.conversion_s = await ov_cache.find_or_convert(
             self.cache_root,
             parts,
-            lambda out: ["-m", "runners.ov_precision", str(c.path), str(out), c.options.precision],
+            lambda out: [
+                "-m",
+                "runners.ov_precision",
+                str(self.source),
+                str(out),
+                c.options.precision,
+            ],
             name=c.name,
             timeout_s=c.convert_timeout_s,
         )
         return path / ov_precision.XML
 
     def _fingerprint_parts(self) -> dict[str, str]:
-        source = self.config.path
-        files = (
-            [source, source.with_suffix(".bin")] if source.suffix.lower() == ".xml" else [source]
-        )
+        files = self.files()
         digest = hashlib.sha256()
         try:
             for f in files:

@@ -1,4 +1,6 @@
-"""Benchmark routing across a swarm: throughput scaling, the routed hop, failover.
+"""Benchmark routing across a swarm: throughput scaling, the default strategy
+against round-robin on equal workers and with one slow one, the routed hop,
+failover.
 
 Every node is a real ``swarm daemon`` process on 127.0.0.1 (no mDNS, no DHT):
 an entry node with ``--no-models`` (a gateway: it only routes) and eight
@@ -7,22 +9,29 @@ time (``fake:NAME:20``: a 20 ms ``trio.sleep``, one job at a time per model, as
 a model with one compute slot). Worker i serves ``s1`` if i < 1, ``s2`` if
 i < 2, ``s4`` if i < 4 and ``s8``, so the model names the swarm size: jobs for
 ``sN`` can run on exactly N workers, and the swarm is started once for all
-sizes. Only one model is loaded with jobs at a time, so each worker runs one
-job at a time. This process is the load generator: one ``SwarmClient`` (one
-libp2p connection to the entry node, pooled streams) shared by the callers.
+sizes. Every worker also serves ``h8``, in ``SLOW_FACTOR`` (5) times the
+service time on the last worker: one worker of eight slow. Only one model is
+loaded with jobs at a time, so each worker runs one job at a time. This
+process is the load generator: one ``SwarmClient`` (one libp2p connection to
+the entry node, pooled streams) shared by the callers.
 
 1. Throughput: for N = 1, 2, 4, 8, ``4 x N`` callers each submit ``sN`` jobs
    back to back at the entry node; jobs finished in the window per second,
    p50/p99 latency of the jobs started in it, how evenly the workers were
    used, and the CPU each role spent per job (from /proc). Scaling efficiency:
-   throughput at N / (N x throughput at 1), both from this run. Then N = 8
-   again with the jobs asking for round-robin, to compare with the default
-   least-loaded.
-2. The routed hop: one caller alternates between worker 0 directly (the job
+   throughput at N / (N x throughput at 1), both from this run.
+2. The default strategy (least-loaded) against round-robin, in the same run,
+   32 callers on the eight workers: (a) ``s8``, equal workers; (b) ``h8``, one
+   worker of eight 5x slower. Each round measures both, the order alternating
+   (default first, then round-robin first) so neither always runs on the
+   warmer swarm; jobs/s, efficiency (against the workers' capacity: 8, or
+   7 + 1/5, x throughput at 1), p50/p99, each worker's job count, and the
+   ratios default / round-robin of the rounds' means.
+3. The routed hop: one caller alternates between worker 0 directly (the job
    runs there, locally) and the entry node (routed one hop to worker 0), same
    model, same worker; the difference of the medians is what the hop adds.
    With the 20 ms model (the target's figure) and with a 0 ms one.
-3. Failover: 32 callers load ``s8`` on all eight workers; worker processes are
+4. Failover: 32 callers load ``s8`` on all eight workers; worker processes are
    SIGKILLed one at a time while jobs are in flight. A job that was submitted
    before a kill and finished after it on a second attempt was in flight at
    the dead worker: per job, time from the kill to its completion elsewhere,
@@ -51,6 +60,7 @@ import trio
 from bench_report import Summary, cpu_model
 from bench_swarm_lib.swarm import (
     SIZES,
+    SLOW_FACTOR,
     CpuSnapshot,
     NodeProc,
     Swarm,
@@ -71,6 +81,12 @@ DRAIN_BOUND_S = 15.0  # callers finishing their last job after a window
 TARGET_EFFICIENCY = 0.8
 TARGET_HOP_MS = 3.0
 TARGET_FAILOVER_S = 2.0  # plus the service time
+TARGET_EQUAL = 0.97  # issue 13: the default within 3% of round-robin on equal workers
+TARGET_SLOW = 1.5  # and at least 1.5x its throughput with one worker of eight 5x slower
+CASES = {  # section 2: model, workers' capacity in workers' worth, what it is
+    "equal": ("s8", 8.0, "8 equal workers"),
+    "one_slow": ("h8", 7 + 1 / SLOW_FACTOR, f"one worker of 8 {SLOW_FACTOR}x slower"),
+}
 
 # --------------------------------------------------------------------------- measuring
 
@@ -133,10 +149,16 @@ async def callers(
 
 
 async def throughput(
-    swarm: Swarm, n: int, warm_s: float, window_s: float, strategy: str | None = None
+    swarm: Swarm,
+    n: int,
+    warm_s: float,
+    window_s: float,
+    strategy: str | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     jobs: list[Job] = []
     count = CALLERS_PER_WORKER * n
+    model = model or f"s{n}"
     t0 = trio.current_time()
     window = (t0 + warm_s, t0 + warm_s + window_s)
     snaps: list[CpuSnapshot] = []
@@ -148,13 +170,14 @@ async def throughput(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(snapshots)
-        await callers(swarm.client, f"s{n}", count, window[1], jobs, strategy)
+        await callers(swarm.client, model, count, window[1], jobs, strategy)
     done = [j for j in jobs if window[0] <= j.end <= window[1] and not j.error]
     started = [j for j in jobs if window[0] <= j.start <= window[1] and not j.error]
     latencies = [1000 * (j.end - j.start) for j in started]
     share = Counter(swarm.name_of(j.served_by) for j in done)
     return {
         "n": n,
+        "model": model,
         "strategy": strategy or "least-loaded (the default)",
         "callers": count,
         "window_s": window_s,
@@ -163,9 +186,11 @@ async def throughput(
         "p50_ms": percentile(latencies, 0.5) if latencies else None,
         "p99_ms": percentile(latencies, 0.99) if latencies else None,
         "served_by": dict(sorted(share.items())),
+        "per_worker": [share.get(w.name, 0) for w in swarm.workers[:n]],
         "retried": sum(j.attempts > 1 for j in jobs),
         "errors": dict(Counter(j.error.split(":")[0] for j in jobs if j.error)),
         "cpu": cpu_per_job(snaps[0], snaps[1], len(done), window_s),
+        "load_after": os.getloadavg()[0],
     }
 
 
@@ -258,6 +283,22 @@ async def failover(swarm: Swarm, kills: int, warm_s: float, service_ms: float) -
     }
 
 
+async def versus(swarm: Swarm, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Section 2: per case, ``args.rounds`` rounds of the default and round-robin."""
+    n = max(SIZES)
+    out: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
+    for k in range(args.rounds):
+        for case, (model, _, about) in CASES.items():
+            order = ("default", "round-robin") if k % 2 == 0 else ("round-robin", "default")
+            one: dict[str, Any] = {}
+            for name in order:
+                progress(f"... round {k + 1}/{args.rounds}, {about}, {name}")
+                strategy = None if name == "default" else name
+                one[name] = await throughput(swarm, n, args.warm, args.window, strategy, model)
+            out[case].append(one)
+    return out
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-swarm-") as tmp:
@@ -269,16 +310,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         async with running_swarm(Path(tmp), max(SIZES), args.service_ms, common) as swarm:
             out["start"] = {"processes_s": swarm.started_s, "all_linked_s": swarm.linked_s}
             out["throughput"] = []
-            for n in SIZES:
+            for n in SIZES[:1] if args.only_versus else SIZES:
                 progress(f"... throughput, {n} worker(s), {CALLERS_PER_WORKER * n} callers")
                 out["throughput"].append(await throughput(swarm, n, args.warm, args.window))
-            n = max(SIZES)
-            progress(f"... throughput, {n} workers, round-robin (for comparison)")
-            out["round_robin"] = await throughput(swarm, n, args.warm, args.window, "round-robin")
-            progress("... routed hop vs local run")
-            out["hop"] = [await hop(swarm, "s1", args.pairs), await hop(swarm, "z1", args.pairs)]
-            progress(f"... failover: SIGKILL {args.kills} worker(s) under load")
-            out["failover"] = await failover(swarm, args.kills, args.warm, args.service_ms)
+            out["versus"] = await versus(swarm, args)
+            out["round_robin"] = out["versus"]["equal"][0]["round-robin"]  # plot_benchmarks
+            if not args.only_versus:
+                progress("... routed hop vs local run")
+                hops = [await hop(swarm, "s1", args.pairs), await hop(swarm, "z1", args.pairs)]
+                out["hop"] = hops
+                progress(f"... failover: SIGKILL {args.kills} worker(s) under load")
+                out["failover"] = await failover(swarm, args.kills, args.warm, args.service_ms)
             out["node_warnings"] = warnings(Path(tmp))
     return out
 
@@ -303,6 +345,63 @@ def throughput_row(row: dict[str, Any], label: str, service_ms: float) -> None:
     )
     if row["errors"] or row["retried"]:
         print(f"        errors: {row['errors']}, retried jobs: {row['retried']}")
+
+
+def versus_report(
+    versus: dict[str, list[dict[str, Any]]], base: float, service_ms: float, summary: Summary
+) -> None:
+    """Section 2: each round's rows, then the ratios of the rounds' means."""
+    rounds = len(versus["equal"])
+    print(
+        f"2. The default (least-loaded) against round-robin, {CALLERS_PER_WORKER * max(SIZES)}"
+        f" callers, {rounds} round(s), the order alternating"
+    )
+    for case, (model, capacity, about) in CASES.items():
+        print(
+            f"   ({'ab'[list(CASES).index(case)]}) {about} ({model}; capacity {capacity:g} workers)"
+        )
+        print(
+            f"   {'':>7} {'callers':>7} {'jobs/s':>8} {'ideal':>6} {'effic.':>6} {'p50':>8} "
+            f"{'p99':>8} {'other':>5} {'load':>5}  jobs per worker (w0..w{max(SIZES) - 1})"
+        )
+        for k, one in enumerate(versus[case]):  # in the order they ran
+            for name, row in one.items():
+                row["efficiency"] = row["jobs_per_s"] / (capacity * base) if base else 0.0
+                others = row["cpu"]["machine_busy_cores"] - row["cpu"]["ours_cores"]
+                label = f"{k + 1} {'dflt' if name == 'default' else 'rr'}"
+                print(
+                    f"   {label:>7} {row['callers']:>7} {row['jobs_per_s']:>8.1f} "
+                    f"{capacity * 1000 / service_ms:>6.0f} {row['efficiency']:>6.2f} "
+                    f"{row['p50_ms'] or 0:>6.1f}ms {row['p99_ms'] or 0:>6.1f}ms "
+                    f"{others:>5.2f} {row.get('load_after', 0):>5.1f}  "
+                    f"{' '.join(str(c) for c in row['per_worker'])}"
+                )
+                if row["errors"] or row["retried"]:
+                    print(f"        errors: {row['errors']}, retried jobs: {row['retried']}")
+        means: dict[str, dict[str, float]] = {}
+        for name in ("default", "round-robin"):
+            got = [one[name] for one in versus[case]]
+            means[name] = {
+                k: statistics.mean(row[k] or 0.0 for row in got)
+                for k in ("jobs_per_s", "p99_ms", "efficiency")
+            }
+        d, rr = means["default"], means["round-robin"]
+        ratio = d["jobs_per_s"] / rr["jobs_per_s"] if rr["jobs_per_s"] else 0.0
+        p99 = d["p99_ms"] / rr["p99_ms"] if rr["p99_ms"] else 0.0
+        print(
+            f"   default / round-robin: jobs/s {ratio:.3f}, efficiency {d['efficiency']:.2f} / "
+            f"{rr['efficiency']:.2f}, p99 {p99:.2f}"
+        )
+        target = TARGET_EQUAL if case == "equal" else TARGET_SLOW
+        summary.add(
+            f"default / round-robin jobs/s, {about}",
+            f"{ratio:.3f}",
+            f">= {target:g}",
+            ratio >= target,
+        )
+    print("   (ideal: capacity x 1000 / service ms; effic.: jobs/s / (capacity x jobs/s at 1);")
+    print("   dflt: the jobs ask for no strategy, so the entry's default, least-loaded, routes;")
+    print("   other: CPU cores the rest of the machine used in the window; load: 1-min average)")
 
 
 def report(r: dict[str, Any], service_ms: float) -> Summary:
@@ -331,84 +430,88 @@ def report(r: dict[str, Any], service_ms: float) -> Summary:
     for row in rows:
         row["efficiency"] = row["jobs_per_s"] / (row["n"] * base) if base else 0.0
         throughput_row(row, str(row["n"]), service_ms)
-    rr = r["round_robin"]
-    rr["efficiency"] = rr["jobs_per_s"] / (rr["n"] * base) if base else 0.0
-    throughput_row(rr, f"{rr['n']}rr", service_ms)
-    total = sum(rr["cpu"][k] for k in ("entry_ms", "workers_ms", "load_generator_ms"))
-    others = rr["cpu"]["machine_busy_cores"] - rr["cpu"]["ours_cores"]
-    ideal = rr["n"] * 1000 / service_ms
+    last = rows[-1]
+    total = sum(last["cpu"][k] for k in ("entry_ms", "workers_ms", "load_generator_ms"))
+    others = last["cpu"]["machine_busy_cores"] - last["cpu"]["ours_cores"]
+    ideal = last["n"] * 1000 / service_ms
     print(
-        f"   CPU per job, all roles ({rr['n']}rr): {total:.2f} ms, so {ideal:.0f}"
-        f" jobs/s needs {total * rr['n'] / service_ms:.2f} cores; other work on the machine"
+        f"   CPU per job, all roles ({last['n']}): {total:.2f} ms, so {ideal:.0f}"
+        f" jobs/s needs {total * last['n'] / service_ms:.2f} cores; other work on the machine"
         f" used {others:.2f} of its {os.cpu_count()} cores in that window"
     )
     print("   (ideal: N x 1000 / service ms; effic.: jobs/s at N / (N x jobs/s at 1), same run;")
     print("   ours / machine: CPU cores used by the swarm + load generator / by the whole machine")
-    print("   in the window; per worker: fewest..most jobs one worker ran in the window;")
-    print("   8rr: 8 workers, the jobs asking for round-robin instead of least-loaded)")
-    last = rows[-1]
-    summary.add(
-        f"scaling efficiency at {last['n']} nodes",
-        f"{last['efficiency']:.3f}",
-        f">= {TARGET_EFFICIENCY}",
-        last["efficiency"] >= TARGET_EFFICIENCY,
-    )
+    print("   in the window; per worker: fewest..most jobs one worker ran in the window)")
+    if len(rows) > 1:  # not with --only-versus
+        summary.add(
+            f"scaling efficiency at {last['n']} nodes",
+            f"{last['efficiency']:.3f}",
+            f">= {TARGET_EFFICIENCY}",
+            last["efficiency"] >= TARGET_EFFICIENCY,
+        )
     print()
-    print("2. Routed hop: one caller, same model on worker 0, direct (local run) vs via the entry")
-    for h in r["hop"]:
+    versus_report(r["versus"], base, service_ms, summary)
+    if "hop" in r:  # not with --only-versus
+        print()
         print(
-            f"   {h['model']} ({'0' if h['model'] == 'z1' else f'{service_ms:g}'} ms): "
-            f"local p50 {h['local_p50_ms']:.3f} ms, routed p50 {h['routed_p50_ms']:.3f} ms, "
-            f"added {h['added_ms']:.3f} ms (p99 {h['local_p99_ms']:.2f} / "
-            f"{h['routed_p99_ms']:.2f} ms; {h['pairs']} pairs)"
+            "3. Routed hop: one caller, same model on worker 0, direct (local run) vs via the entry"
         )
-        if h["served_elsewhere"]:
-            print(f"      served by another node: {h['served_elsewhere']}")
-    main = r["hop"][0]
-    summary.add(
-        f"routed hop adds (median, {service_ms:g} ms model)",
-        f"{main['added_ms']:.3f} ms",
-        f"< {TARGET_HOP_MS:g} ms",
-        main["added_ms"] < TARGET_HOP_MS,
-    )
-    print()
-    f = r["failover"]
-    print(
-        f"3. Failover: {f['callers']} callers on {f['workers']} workers; workers SIGKILLed "
-        f"{KILL_GAP_S} s apart,"
-    )
-    print("   each time the worker that ran the most jobs in the second before the kill")
-    for k in f["kills"]:
-        rec = k["recover_s"]
-        text = (
-            f"max {max(rec):.3f} s, median {statistics.median(rec):.3f} s" if rec else "none found"
-        )
-        print(
-            f"   {k['victim']} (ran {k['victim_jobs_last_s']} jobs in the second before; "
-            f"{k['jobs_in_flight_at_kill']} jobs in flight in all): "
-            f"{k['in_flight_moved']} in-flight job(s) completed elsewhere "
-            f"({', '.join(k['served_after_by'])}); kill -> done - service: {text}"
-        )
-        if k["submitted_after_and_retried"]:
+        for h in r["hop"]:
             print(
-                f"      + {k['submitted_after_and_retried']} job(s) submitted after the kill "
-                f"tried the dead worker first (the last submitted "
-                f"{k['last_sent_to_it_after_s']:.3f} s after the kill), then another"
+                f"   {h['model']} ({'0' if h['model'] == 'z1' else f'{service_ms:g}'} ms): "
+                f"local p50 {h['local_p50_ms']:.3f} ms, routed p50 {h['routed_p50_ms']:.3f} ms, "
+                f"added {h['added_ms']:.3f} ms (p99 {h['local_p99_ms']:.2f} / "
+                f"{h['routed_p99_ms']:.2f} ms; {h['pairs']} pairs)"
             )
-    print(f"   jobs: {f['jobs']}, failed: {f['errors'] or 'none'}")
-    ok = f["recover_max_s"] is not None and f["recover_max_s"] <= TARGET_FAILOVER_S
-    ok = ok and not f["errors"]
-    summary.add(
-        "killed peer's in-flight jobs done elsewhere (max)",
-        "none found" if f["recover_max_s"] is None else f"{f['recover_max_s']:.3f} s",
-        f"<= {TARGET_FAILOVER_S:g} s + service, none lost",
-        ok,
-    )
+            if h["served_elsewhere"]:
+                print(f"      served by another node: {h['served_elsewhere']}")
+        main = r["hop"][0]
+        summary.add(
+            f"routed hop adds (median, {service_ms:g} ms model)",
+            f"{main['added_ms']:.3f} ms",
+            f"< {TARGET_HOP_MS:g} ms",
+            main["added_ms"] < TARGET_HOP_MS,
+        )
+        print()
+        f = r["failover"]
+        print(
+            f"4. Failover: {f['callers']} callers on {f['workers']} workers; workers SIGKILLed "
+            f"{KILL_GAP_S} s apart,"
+        )
+        print("   each time the worker that ran the most jobs in the second before the kill")
+        for k in f["kills"]:
+            rec = k["recover_s"]
+            text = (
+                f"max {max(rec):.3f} s, median {statistics.median(rec):.3f} s"
+                if rec
+                else "none found"
+            )
+            print(
+                f"   {k['victim']} (ran {k['victim_jobs_last_s']} jobs in the second before; "
+                f"{k['jobs_in_flight_at_kill']} jobs in flight in all): "
+                f"{k['in_flight_moved']} in-flight job(s) completed elsewhere "
+                f"({', '.join(k['served_after_by'])}); kill -> done - service: {text}"
+            )
+            if k["submitted_after_and_retried"]:
+                print(
+                    f"      + {k['submitted_after_and_retried']} job(s) submitted after the kill "
+                    f"tried the dead worker first (the last submitted "
+                    f"{k['last_sent_to_it_after_s']:.3f} s after the kill), then another"
+                )
+        print(f"   jobs: {f['jobs']}, failed: {f['errors'] or 'none'}")
+        ok = f["recover_max_s"] is not None and f["recover_max_s"] <= TARGET_FAILOVER_S
+        ok = ok and not f["errors"]
+        summary.add(
+            "killed peer's in-flight jobs done elsewhere (max)",
+            "none found" if f["recover_max_s"] is None else f"{f['recover_max_s']:.3f} s",
+            f"<= {TARGET_FAILOVER_S:g} s + service, none lost",
+            ok,
+        )
     if r.get("node_warnings"):
         print("\nWarnings the nodes logged:")
         for line in r["node_warnings"]:
             print(f"   {line}")
-    print("\nSummary (targets from issue 5)")
+    print("\nSummary (targets from issues 5 and 13)")
     width = max(len(row["figure"]) for row in summary)
     for row in summary:
         print(
@@ -429,11 +532,19 @@ def main() -> int:
         type=float,
         help="every node's --heartbeat (dead-after 4x it); default: the daemon's (5 s)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="section 2: rounds of default and round-robin"
+    )
+    parser.add_argument(
+        "--only-versus", action="store_true", help="section 2 alone (with N = 1 for its base)"
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, fewer pairs, 1 kill")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.quick:
-        args.window, args.warm, args.pairs, args.kills = 2.0, 0.5, 60, 1
+        args.window, args.warm, args.pairs, args.kills, args.rounds = 2.0, 0.5, 60, 1, 1
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
     if not 1 <= args.kills < max(SIZES):
         parser.error(f"--kills must be 1 to {max(SIZES) - 1}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks

@@ -59,9 +59,9 @@ async def test_tables_show_a_real_node_and_its_peer(node_factory: NodeFactory) -
     assert address == f"127.0.0.1:{port}"
 
     models = plain(models_text(model_rows(body)))
-    assert models[0] == "MODEL HERE PEERS"
-    assert f"echo - 1: {b.peer_id[-8:]}" in models
-    assert "other fake fake/none 0" in models
+    assert models[0] == "MODEL HERE PEERS CONTENT SIZE PROVIDERS"
+    assert f"echo - 1: {b.peer_id[-8:]} - - 0" in models
+    assert "other fake fake/none 0 - - 0" in models
 
 
 def test_peers_not_linked_get_a_note_and_records_print_as_written() -> None:

@@ -32,6 +32,7 @@ NODE_ORDER: list[set[str]] = [
     {"node.gateway", "node.mcp"},  # mcp is served on the gateway and uses its parts
     {"node.client"},
     {"node.models"},
+    {"node.content"},  # shares and pulls model files; the daemon wires it
     {"node.jobs", "node.membership"},
     {"node.reach"},  # membership links through it; it reads the table through callables
     {"node.observe", "node.net"},

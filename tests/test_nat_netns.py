@@ -266,6 +266,7 @@ async def test_a_job_crosses_the_relay_then_dcutr_makes_it_direct(tmp_path: Path
 
         await eventually("A links B and learns its model", b_known, LINK_BOUND_S, a, b, r)
         assert kinds and kinds[0] == "relayed", kinds
+        kind_before = await a.kind_of(b)
         before = await relay_bytes(r)
         result = await a.job("echo", "x" * 20_000)
         after = await relay_bytes(r)
@@ -275,10 +276,12 @@ async def test_a_job_crosses_the_relay_then_dcutr_makes_it_direct(tmp_path: Path
             f"over a {kind_after} connection; the relay carried {after - before} bytes meanwhile"
         )
         assert result.meta["served_by"] == b.peer_id
-        # Relayed before and after the job, and the relay carried its 20 kB. (DCUtR's
-        # first try comes seconds after the circuit: its loop wakes every 2 s, then
-        # a plain dial gets UNILATERAL_S.)
-        assert kind_after == "relayed" and after - before >= 20_000, (kind_after, after - before)
+        # Relayed when the job was sent, and the relay carried its 20 kB. DCUtR's first
+        # try comes seconds after the circuit (its loop wakes every 2 s, then a plain
+        # dial gets UNILATERAL_S), so the connection is relayed after the job too,
+        # unless a loaded machine made the job slower than that (seen at load 12).
+        moved = after - before
+        assert kind_before == "relayed" and moved >= 20_000, (kind_before, kind_after, moved)
 
         async def punched() -> bool:
             return await a.kind_of(b) == "hole-punched" and await b.kind_of(a) == "hole-punched"
@@ -450,7 +453,13 @@ async def test_relays_killed_restarted_frozen_and_jobs_resume(tmp_path: Path) ->
             dead.kill()
             timings["killed"] = await loop.resumed_after(t, RESUME_BOUND_S, a, b)
             other = r1 if dead is r0 else r0
-            assert (await a.reach())["relayed_via"].get(b.peer_id) == other.peer_id
+
+            async def over_other() -> bool:
+                # Jobs may resume first through the other relay's node forwarding them
+                # (a hop), before A's own circuit to B through it is up (seen at load 9).
+                return (await a.reach())["relayed_via"].get(b.peer_id) == other.peer_id
+
+            await eventually("A-B over the other relay", over_other, RESUME_BOUND_S, a, b)
 
             # 2. It comes back (same identity, same address): both reserve on it again.
             t = trio.current_time()

@@ -281,6 +281,8 @@ def test_rows_for_swarm_peers() -> None:
         "hardware": "Test CPU 9000 (8 threads), 16 GiB RAM, CUDA: NVIDIA H100, "
         "OpenVINO: CPU, GPU.0",
         "models": ["echo", "embed"],
+        "content": [],
+        "model_content": {},
         "load": Load(in_flight=2).describe(),
         "last_seen": 2.0,
         "seen_ago_s": 3.0,

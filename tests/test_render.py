@@ -97,9 +97,32 @@ def test_models_table_joins_this_node_and_its_peers() -> None:
         ("echo", 1, True),
     ]
     lines = [line.split() for line in models_text(rows).splitlines()]
-    assert lines[0] == ["MODEL", "HERE", "PEERS"]
-    assert ["echo", "fake", "fake/none", "1:", "AAAAAAAA"] in lines
-    assert ["big", "-", "1:", "AAAAAAAA"] in lines
+    assert lines[0] == ["MODEL", "HERE", "PEERS", "CONTENT", "SIZE", "PROVIDERS"]
+    assert ["echo", "fake", "fake/none", "1:", "AAAAAAAA", "-", "-", "0"] in lines
+    assert ["big", "-", "1:", "AAAAAAAA", "-", "-", "0"] in lines
+
+
+def test_models_table_shows_content_ids_sizes_and_provider_counts() -> None:
+    cid = "QmWge1bPigWgL4Yo5uEDswznLJUwc8dCFj8SFjCSV1Q5nQ"
+    body = {
+        "models": [{"name": "effnet", "task": "classify", "runner": "openvino", "content": cid}],
+        "view": {
+            "content": {"shares": [{"content": cid, "size": 18655608}], "providers": {cid: 2}},
+            "peers": [
+                {
+                    "peer_id": f"12D3KooWpeer{c * 8}",
+                    "status": "linked",
+                    "models": ["effnet"],
+                    "model_content": {"effnet": cid},
+                }
+                for c in "AB"
+            ],
+        },
+    }
+    [row] = model_rows(body)
+    assert (row["content"], row["size"], row["providers"]) == (cid, 18655608, 3)  # 2 and us
+    text = models_text([row])
+    assert "18.7 MB" in text and f"{cid[:12]}~" in text  # 80 columns: the id cut short
 
 
 def test_status_shows_each_peers_share_in_80_columns() -> None:

@@ -6,6 +6,7 @@ exactly; the property tests feed random tables, loads, breakers and requests.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -240,13 +241,12 @@ def test_local_backend_circuit_open_leaves_it_out() -> None:
 # strategies
 
 
-def test_two_choices_spreads_the_first_pick_over_identical_peers() -> None:
+def test_identical_peers_take_turns_for_the_first_pick() -> None:
     peers = [f"p{i:02d}" for i in range(10)]
     table = table_of({p: body() for p in peers})
     r = router(seed=1)
     firsts = Counter(r.plan(table, None, RouteRequest("m"), {})[0].peer_id for _ in range(1000))
-    assert set(firsts) == set(peers)
-    assert max(firsts.values()) <= 150  # 10% expected; herding would put ~100% on one
+    assert firsts == {p: 100 for p in peers}  # ties take turns: no herding, no luck
 
 
 def test_least_loaded_never_puts_a_clearly_busier_peer_first() -> None:
@@ -564,11 +564,12 @@ loads = st.one_of(
     st.dictionaries(st.sampled_from(["queue_depth", "in_flight", "ewma_latency_ms"]), junk),
 )
 bodies = st.fixed_dictionaries(
-    {"models": st.lists(model_entries, min_size=1, max_size=3), "load": loads},
+    {"models": st.lists(model_entries, min_size=1, max_size=3)},
     optional={
+        "load": loads,  # absent: its load is unknown, and it still qualifies
         "circuits": st.dictionaries(
             st.sampled_from(NAMES), st.sampled_from(["open", "closed", "half-open"])
-        )
+        ),
     },
 )
 
@@ -599,6 +600,10 @@ requests = st.builds(
     local_models=st.none() | st.lists(st.sampled_from(NAMES), max_size=2),
     request=requests,
     ours=st.dictionaries(st.sampled_from(PEERS), st.integers(-2, 5)),
+    service=st.dictionaries(
+        st.sampled_from(PEERS), st.sampled_from([0.0, 5e-324, 1.0, 20.0, 1e300, float("nan")])
+    ),
+    then=st.dictionaries(st.sampled_from(PEERS), st.integers(-2, 9)),
     max_attempts=st.integers(1, 5),
     seed=st.integers(0, 2**16),
 )
@@ -610,6 +615,8 @@ def test_plan_properties(
     local_models: list[str] | None,
     request: RouteRequest,
     ours: dict[str, int],
+    service: dict[str, float],
+    then: dict[str, int],
     max_attempts: int,
     seed: int,
 ) -> None:
@@ -624,11 +631,12 @@ def test_plan_properties(
     clock.now += elapsed
     local = None if local_models is None else LocalNode([info(n) for n in local_models])
 
-    plan = r.plan(table, local, request, ours)
+    plan = r.plan(table, local, request, ours, None, service, then)
     event(f"plan of {len(plan)}, probe: {any(c.probe for c in plan)}")
 
     assert len(plan) <= max_attempts
     assert len(set(ids(plan))) == len(plan)
+    assert all(math.isfinite(c.score) for c in plan)
     assert not any(c.probe for c in plan[:-1])  # one probe at most, last
     live = {p.peer_id: p for p in live_peers(table)}
     for c in plan:
@@ -748,3 +756,158 @@ def test_an_old_load_report_fades_before_our_fresh_count() -> None:
     assert later[0].peer_id == "old"
     scores = {c.peer_id: c.score for c in later}
     assert scores["old"] < scores["new"]
+
+
+# ---------------------------------------------------------------------------
+# least-loaded: our own calls, the others' reported work, service times
+
+
+def test_a_report_counts_our_calls_of_then_and_the_rest_is_the_others() -> None:
+    """Both peers reported 4 in flight, all of them ours then; "a" has just answered
+    one. Taking our calls of now out of the report would leave a ghost job at "a",
+    the very peer that just freed up; our calls of then leave none."""
+    table = table_of({p: body(load_=load(normal=3, in_flight=4)) for p in "ab"})
+    r = router()
+    now, then = {"a": 3, "b": 4}, {"a": 4, "b": 4}
+    for _ in range(10):
+        plan = r.plan(table, None, RouteRequest("m"), now, None, None, then)
+        assert ids(plan) == ["a", "b"]
+    scores = {c.peer_id: c.score for c in plan}
+    assert scores["b"] - scores["a"] == pytest.approx(1.0)
+    # A report above our calls of then is the others' work there: it counts.
+    busy = table_of({"a": body(load_=load(normal=5, in_flight=6)), "b": body()})
+    for _ in range(10):
+        assert ids(r.plan(busy, None, RouteRequest("m"), {"b": 3}, None, None, {"a": 2})) == [
+            "b",
+            "a",
+        ]
+    # The report's queued jobs are in its in_flight too: counted once, not twice.
+    one = table_of({"q": body(load_=load(normal=3, in_flight=4))})
+    (q,) = r.plan(one, None, RouteRequest("m"), {})
+    assert q.score == pytest.approx(4 + Weights().hop)
+
+
+def test_least_loaded_joins_the_shortest_of_our_queues() -> None:
+    table = table_of({p: body() for p in "abcd"})
+    r = router()
+    ours = {"a": 2, "b": 1, "c": 3}  # nothing reported at any: our calls decide
+    for _ in range(20):
+        assert ids(r.plan(table, None, RouteRequest("m"), ours)) == ["d", "b", "a"]
+    firsts = [r.plan(table, None, RouteRequest("m"), {"a": 1, "c": 1})[0].peer_id for _ in range(6)]
+    assert firsts == ["b", "d", "b", "d", "b", "d"]  # the tied shortest take turns
+    # A failover re-plan takes no turn.
+    again = RouteRequest("m", exclude=frozenset({"b"}))
+    assert ids(r.plan(table, None, again, {}))[0] in "acd"
+    assert r.plan(table, None, RouteRequest("m"), {"a": 1, "c": 1})[0].peer_id == "b"
+
+
+def test_a_slower_peer_takes_jobs_only_once_the_faster_ones_queue_enough() -> None:
+    """Queues are scaled by each peer's time per job: a peer five times slower than
+    the typical one is worth an idle slot only behind four jobs at the others."""
+    table = table_of({p: body() for p in ("f1", "f2", "f3", "slow")})
+    r = router()
+    seen = {"f1": 20.0, "f2": 20.0, "f3": 20.0, "slow": 100.0}
+    for n, first in ((0, "f"), (3, "f"), (5, "slow")):
+        ours = {"f1": n, "f2": n, "f3": n}
+        got = r.plan(table, None, RouteRequest("m"), ours, None, seen)[0].peer_id
+        assert got.startswith(first), (n, got)
+    # Without our own observations, the EWMA the records report serves.
+    reported = table_of(
+        {
+            "f": body(load_=load(ewma=20.0)),
+            "g": body(load_=load(ewma=20.0)),
+            "slow": body(load_=load(ewma=100.0)),
+        }
+    )
+    assert ids(r.plan(reported, None, RouteRequest("m"), {"f": 2, "g": 2}))[0] != "slow"
+    # Ours win over a report: a peer we saw run fast is fast, whatever it said.
+    fast = r.plan(reported, None, RouteRequest("m"), {"f": 2, "g": 2}, None, {"slow": 20.0})
+    assert fast[0].peer_id == "slow"
+
+
+def test_the_local_node_counts_its_own_load_exactly() -> None:
+    table = table_of({"a": body()})
+    r = router()
+    busy = LocalNode([info()], Load(queue_depth={"high": 0, "normal": 2, "low": 0}, in_flight=3))
+    assert ids(r.plan(table, busy, RouteRequest("m"), {"a": 2})) == ["a", SELF]  # 3 vs 2.5
+    assert ids(r.plan(table, busy, RouteRequest("m"), {"a": 3})) == [SELF, "a"]  # 3 vs 3.5
+
+
+# ---------------------------------------------------------------------------
+# unknown load: a provider known but not linked (no heartbeats)
+
+
+def unlinked(*models: dict[str, Any]) -> dict[str, Any]:
+    """A record with no load: nobody reported how busy it is."""
+    return {"models": list(models or [entry()])}
+
+
+def test_a_provider_of_unknown_load_is_used_when_it_is_the_only_one() -> None:
+    table = table_of({"u": unlinked()})
+    assert live_peers(table)[0].load is None
+    r = router()
+    (only,) = r.plan(table, None, RouteRequest("m"), {})
+    assert only.peer_id == "u"
+    # Its score: the prior for others' work (none known to take a median of), a penalty.
+    config = RouterConfig()
+    w = config.weights
+    assert only.score == pytest.approx(config.unknown_load + w.hop + w.unknown)
+    assert r.plan(table, None, RouteRequest("m"), {}, None, None, {})[0].peer_id == "u"
+
+
+def test_known_load_wins_ties_and_unknown_load_is_used_once_the_known_are_busy() -> None:
+    table = table_of({"a": body(), "b": body(), "u": unlinked()})
+    r = router(max_attempts=3)
+    for _ in range(20):  # idle known peers beat an unknown one: not taken as idle
+        assert ids(r.plan(table, None, RouteRequest("m"), {}))[-1] == "u"
+    # Our calls count at it as anywhere; the known ones busy with ours, it goes first.
+    assert ids(r.plan(table, None, RouteRequest("m"), {"a": 1, "b": 1}))[0] == "u"
+    assert ids(r.plan(table, None, RouteRequest("m"), {"a": 1, "b": 1, "u": 1}))[-1] == "u"
+    # Others' work reported at the known ones: the unknown one is assumed as busy as
+    # their median, so it is not a refuge from a busy swarm, nor shunned in one.
+    busy = table_of(
+        {
+            "a": body(load_=load(normal=1, in_flight=2)),
+            "b": body(load_=load(normal=3, in_flight=4)),
+            "c": body(load_=load(normal=5, in_flight=6)),
+            "u": unlinked(),
+        }
+    )
+    scores = {c.peer_id: c.score for c in r.preview(busy, None, RouteRequest("m"), {}).candidates}
+    assert scores["u"] == pytest.approx(scores["b"] + Weights().unknown)
+    assert ids(r.plan(busy, None, RouteRequest("m"), {})) == ["a", "b", "u"]  # before c
+
+
+def test_the_unknown_load_prior_and_penalty_are_configurable() -> None:
+    config = RouterConfig.from_table(
+        Table({"unknown_load": 3, "weights": {"unknown": 0.25}}, "router")
+    )
+    assert config.unknown_load == 3.0 and config.weights.unknown == 0.25
+    with pytest.raises(ConfigError, match="unknown_load"):
+        RouterConfig(unknown_load=-1.0)
+    with pytest.raises(ConfigError, match=r"router\.unknown_load"):
+        RouterConfig.from_table(Table({"unknown_load": "x"}, "router"))
+    table = table_of({"u": unlinked()})
+    r = Router(SELF, config, rng=random.Random(1), clock=Clock())
+    assert r.plan(table, None, RouteRequest("m"), {})[0].score == pytest.approx(3 + 0.5 + 0.25)
+
+
+def test_speeds_within_twice_the_typical_count_as_typical() -> None:
+    """A busy machine stretches one worker's jobs now, another's next: a peer seen
+    1.75x slower is taken as typical (equal peers stay balanced, taking turns);
+    one 5x slower is scaled (it waits for the others to queue 4 of ours)."""
+    table = table_of({p: body() for p in "abc"})
+    r = router()
+    noisy = {"a": 20.0, "b": 35.0, "c": 20.0}
+    firsts = [r.plan(table, None, RouteRequest("m"), {}, None, noisy)[0].peer_id for _ in range(6)]
+    assert sorted(firsts) == ["a", "a", "b", "b", "c", "c"]
+    scores = {
+        c.peer_id: c.score
+        for c in r.preview(table, None, RouteRequest("m"), {}, None, noisy).candidates
+    }
+    assert scores["a"] == scores["b"] == scores["c"]
+    slow = {"a": 20.0, "b": 100.0, "c": 20.0}
+    for n in (0, 3):
+        got = r.plan(table, None, RouteRequest("m"), {"a": n, "c": n}, None, slow)
+        assert got[0].peer_id != "b", n
+    assert r.plan(table, None, RouteRequest("m"), {"a": 5, "c": 5}, None, slow)[0].peer_id == "b"

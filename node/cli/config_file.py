@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from node.config import NodeConfig
+from node.content.config import ContentConfig
 from node.data_dir import CONFIG_FILE as CONFIG_FILE  # re-exported: their home was here
 from node.defaults import DEFAULT_GRPC as DEFAULT_GRPC
 from node.defaults import DEFAULT_HTTP as DEFAULT_HTTP
@@ -35,6 +36,7 @@ from node.net.access import load_allow_list, load_swarm_key
 from node.reach.config import Mode, ReachConfig
 from node.reach.relay_service import RelayServiceConfig
 from protocols.config import Table
+from protocols.content import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK
 from protocols.errors import ConfigError
 from runners.catalog import (
     DEFAULT_MODEL,
@@ -66,6 +68,9 @@ FLAG_KEYS: dict[str, str] = {
     "heartbeat": "node.heartbeat",
     "dead_after": "node.dead_after",
     "max_queue": "node.max_queue",
+    "upload_rate": "node.upload_rate",
+    "max_uploads": "node.max_uploads",
+    "chunk_size": "node.chunk_size",
     "grace": "node.grace",
     "allow": "node.allow",
     "allow_file": "node.allow_file",
@@ -105,6 +110,9 @@ class FileSettings:
     heartbeat: float = 5.0
     dead_after: float = 15.0
     max_queue: int = 64
+    upload_rate: float = 0.0
+    max_uploads: int = 8
+    chunk_size: int = DEFAULT_CHUNK
     grace: float = 10.0
     allow: tuple[str, ...] = ()
     allow_file: tuple[str, ...] = ()
@@ -159,6 +167,9 @@ def _settings(data: dict[str, Any], source: str) -> FileSettings:
         heartbeat=node.number("heartbeat", d.heartbeat, low=0.01, high=3600.0),
         dead_after=node.number("dead_after", d.dead_after, low=0.01, high=86400.0),
         max_queue=node.integer("max_queue", d.max_queue, low=0, high=1_000_000),
+        upload_rate=node.number("upload_rate", d.upload_rate, low=0.0, high=1e12),
+        max_uploads=node.integer("max_uploads", d.max_uploads, low=1, high=1024),
+        chunk_size=node.integer("chunk_size", d.chunk_size, low=MIN_CHUNK, high=MAX_CHUNK),
         grace=node.number("grace", d.grace, low=0.0, high=86400.0),
         allow=node.texts("allow", ()),
         allow_file=node.texts("allow_file", ()),
@@ -277,6 +288,11 @@ def node_config(args: argparse.Namespace) -> tuple[NodeConfig, str, str]:
             public_addrs=(*f.public_addrs, *args.public_addr),
         ),
         verify=_verify(file, source),
+        content=ContentConfig(
+            upload_rate=_given(args.upload_rate, f.upload_rate),
+            max_uploads=_given(args.max_uploads, f.max_uploads),
+            chunk_size=_given(args.chunk_size, f.chunk_size),
+        ),
         allow=load_allow_list(
             [*f.allow, *args.allow],
             [*(here / Path(p).expanduser() for p in f.allow_file), *args.allow_file],

@@ -400,9 +400,25 @@ async def _peers(args: argparse.Namespace) -> int:
 
 
 async def _models_cmd(args: argparse.Namespace) -> int:
+    from protocols.errors import ConfigError
+
     from .render import model_rows, models_table
 
+    if args.action != "list" and not args.target:
+        raise ConfigError(f"swarm models {args.action} needs a target")
+    if args.action == "share":
+        from .content_cmds import share
+
+        shared = await share(args)
+        _print_json(shared) if args.json else print(f"{shared['content']}  {shared['path']}")
+        return 0
     record = await _record(args)
+    if args.action == "pull":
+        from .content_cmds import pull
+
+        pulled = await pull(args, record.body, args.json)
+        _print_json(pulled) if args.json else print(f"{pulled['content']}  {pulled['path']}")
+        return 0
     rows = model_rows(record.body)
     if args.json:
         _print_json({"peer_id": record.peer_id, "models": rows})

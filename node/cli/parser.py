@@ -81,6 +81,25 @@ def build() -> argparse.ArgumentParser:
         "--max-queue", type=int, metavar="N", help="waiting requests per model (default 64)"
     )
     d.add_argument(
+        "--upload-rate",
+        type=float,
+        metavar="BYTES_PER_S",
+        help="bytes a second this node sends of shared models, all peers together (0, the "
+        "default: no cap)",
+    )
+    d.add_argument(
+        "--max-uploads",
+        type=int,
+        metavar="N",
+        help="peers pulling shared models from this node at once (default 8)",
+    )
+    d.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="BYTES",
+        help="chunk size of the manifests this node makes of its models (default 1048576)",
+    )
+    d.add_argument(
         "--fair-share",
         action=argparse.BooleanOptionalAction,
         help="share capacity fairly between the peers sending work (default on; off: first "
@@ -263,7 +282,13 @@ def build() -> argparse.ArgumentParser:
     _json_flag(st)
     st.set_defaults(command="status")
 
-    mo = sub.add_parser("models", help="list the models a node and its peers serve")
+    mo = sub.add_parser(
+        "models",
+        help="list the models a node and its peers serve (content ids, sizes, providers); "
+        "pull NAME|CONTENT_ID from peers; share PATH",
+    )
+    mo.add_argument("action", nargs="?", choices=["list", "pull", "share"], default="list")
+    mo.add_argument("target", nargs="?", help="pull: a model name or content id; share: a path")
     _data_dir(mo)
     mo.add_argument("--peer", metavar="MULTIADDR", help="ask this node instead of the local one")
     _json_flag(mo)

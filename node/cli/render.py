@@ -378,16 +378,37 @@ def peers_text(rows: Sequence[Mapping[str, Any]], problems: Mapping[str, str]) -
 def model_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every model the node and its linked peers serve: who serves it, and how."""
     found: dict[str, dict[str, Any]] = {}
+    view = body.get("view", {})
+    content = view.get("content", {})
+    sizes = {s.get("content"): s.get("size") for s in content.get("shares", [])}
+    counts = content.get("providers", {})
+
+    def row_of(name: str) -> dict[str, Any]:
+        new: dict[str, Any] = {
+            "model": name,
+            "local": None,
+            "peers": [],
+            "content": None,
+            "size": None,
+        }
+        return found.setdefault(name.lower(), new)
+
     for model in body.get("models", []):
-        name = str(model.get("name", "?"))
-        row = found.setdefault(name.lower(), {"model": name, "local": None, "peers": []})
+        row = row_of(str(model.get("name", "?")))
         row["local"] = {k: model.get(k) for k in ("task", "runner", "device", "precision")}
-    for peer in body.get("view", {}).get("peers", []):
+        row["content"] = model.get("content")
+    for peer in view.get("peers", []):
         if peer.get("status") != "linked":
             continue
         for name in peer.get("models", []):
-            row = found.setdefault(name.lower(), {"model": name, "local": None, "peers": []})
+            row = row_of(name)
             row["peers"].append(peer.get("peer_id"))
+            row["content"] = row["content"] or (peer.get("model_content") or {}).get(name)
+    for row in found.values():
+        cid = row["content"]
+        row["size"] = sizes.get(cid)
+        # Providers in the swarm as this node sees it: linked peers that share it, and us.
+        row["providers"] = counts.get(cid, 0) + (1 if cid in sizes else 0) if cid else 0
     return [found[k] for k in sorted(found)]
 
 
@@ -395,13 +416,21 @@ def models_table(rows: Sequence[Mapping[str, Any]]) -> RenderableType:
     """The models table: name, how this node runs it, and which peers serve it."""
     if not rows:
         return Text("no models served by this node or its linked peers")
-    table = _table("MODEL", "HERE", "PEERS")
+    table = _table("MODEL", "HERE", "PEERS", "CONTENT", "SIZE", "PROVIDERS")
     for r in rows:
         local = r.get("local")
         here = f"{local.get('task')} {local.get('runner')}/{local.get('device')}" if local else "-"
         peers = r.get("peers") or []
         shown = ", ".join(str(p)[-8:] for p in peers[:4]) + (" ..." if len(peers) > 4 else "")
-        table.add_row(str(r.get("model")), here, f"{len(peers)}: {shown}" if peers else "0")
+        cid, size = r.get("content"), r.get("size")
+        table.add_row(
+            str(r.get("model")),
+            here,
+            f"{len(peers)}: {shown}" if peers else "0",
+            f"{cid[:12]}~" if isinstance(cid, str) else "-",  # whole in --json
+            f"{size / 1e6:.1f} MB" if isinstance(size, int) else "-",
+            str(r.get("providers", 0)),
+        )
     return table
 
 

@@ -66,6 +66,7 @@ from protocols import (
 from protocols.errors import ConfigError
 from runners.errors import ModelNotFound
 
+from .calls import OwnCalls
 from .hedge import Failed, HedgeStats, race
 from .outbound import Caller
 from .resume import Progress, Resume, continued, may_resume, resume_of
@@ -77,6 +78,9 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[Mapping[str, Any]], Awaitable[None]]
 RunLocal = Callable[[Emit], Awaitable[Result]]  # runs it here, chunks to the Emit given
+# Our calls' service time for a peer counts while an answer refreshed it this lately;
+# then the router falls back to what the peer's heartbeats report (its own EWMA).
+SERVICE_FRESH_S = 10.0
 # Codes after which a peer counts as failing (not the request's fault, not busy).
 PEER_FAULTS = frozenset({ErrorCode.INTERNAL, ErrorCode.OUTCOME_UNKNOWN, ErrorCode.MALFORMED})
 
@@ -170,7 +174,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.max_resumes = max_resumes
         self.hedge_ms = hedge_ms
-        self.in_flight: dict[str, int] = {}  # our requests at each peer, now
+        self.calls = OwnCalls()  # our requests at each peer: now, lately, how long they took
         self.failovers = 0  # attempts after the first, for status
         self.resumes = 0  # streams continued on another producer, for status
         self.broken = 0  # streams that failed after chunks with no one to continue them
@@ -348,15 +352,21 @@ class Dispatcher:
             raise PeerUnavailable(f"{choice.peer_id} is held back by its breaker")
         return await self._remote(choice.peer_id, request, _no_chunks)
 
+    @property
+    def in_flight(self) -> Mapping[str, int]:
+        """Our requests at each peer, now."""
+        return self.calls.in_flight
+
     async def _remote(self, peer_id: str, request: Request, relay: Any) -> Result:
         left = trio.current_effective_deadline() - trio.current_time()
         deadline_ms = None if left == float("inf") else max(1, int(left * 1000))
         forwarded = replace(request, hops=request.hops + 1, deadline_ms=deadline_ms, hedge_ms=None)
-        self.in_flight[peer_id] = self.in_flight.get(peer_id, 0) + 1
+        self.calls.started(peer_id, trio.current_time())
         verdict: str | None = None
+        meta: Mapping[str, Any] | None = None  # the answer's: how long the job ran there
         try:
             result = await self._caller.call(ID.from_base58(peer_id), forwarded, relay)
-            verdict = "success"
+            verdict, meta = "success", result.meta
             return result
         except PeerUnavailable as exc:
             verdict = "failure"
@@ -369,11 +379,7 @@ class Dispatcher:
             verdict = "failure"
             raise ConnectionLost(f"{peer_id} broke off after the request left: {exc}") from exc
         finally:
-            left_over = self.in_flight[peer_id] - 1
-            if left_over:
-                self.in_flight[peer_id] = left_over
-            else:
-                del self.in_flight[peer_id]
+            self.calls.ended(peer_id, trio.current_time(), request.model, meta)
             if verdict == "success":
                 self._planner.success(peer_id)
             elif verdict == "failure":
@@ -438,15 +444,35 @@ class RouterPlanner:
         in_flight: Callable[[], Mapping[str, int]],
         paths: Callable[[], Mapping[str, str]] = dict,
         held_back: Callable[[], frozenset[str]] = frozenset,
+        calls: Callable[[], OwnCalls | None] = lambda: None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         """``paths``: each connected peer's connection kind ("direct", "hole-punched",
-        "relayed"), from the circuits manager when there is one."""
+        "relayed"), from the circuits manager when there is one. ``calls``: the
+        dispatcher's record of our calls (service times, our calls when each peer
+        reported its load); without it the router knows only ``in_flight``.
+        ``clock``: the one ``calls`` was given times by."""
         self.router = router
         self._table = table
         self._local = local
         self._in_flight = in_flight
         self._paths = paths
         self._held_back = held_back  # peers reputation keeps out of plans now
+        self._calls = calls
+        self._clock = clock
+
+    def _ours(
+        self, table: PeerTable, model: str
+    ) -> tuple[Mapping[str, float] | None, Mapping[str, int] | None]:
+        """(each peer's service time for ``model``, our calls at each peer when its
+        load was reported: the table's last_seen, when the heartbeat came)."""
+        calls = self._calls()
+        if calls is None:
+            return None, None
+        peers = table.peers
+        moments = {pid: peers[pid].last_seen for pid in calls.tracked() if pid in peers}
+        fresh = self._clock() - SERVICE_FRESH_S
+        return calls.service_ms(model, since=fresh), calls.as_of(moments)
 
     def plan(
         self,
@@ -466,8 +492,14 @@ class RouterPlanner:
             continues=None if resume is None else resume.kind,
             alike=() if resume is None else resume.alike,
         )
+        table = self._table()
         found = self.router.plan(
-            self._table(), self._local() if local else None, query, self._in_flight(), self._paths()
+            table,
+            self._local() if local else None,
+            query,
+            self._in_flight(),
+            self._paths(),
+            *self._ours(table, request.model),
         )
         return [Choice(c.peer_id, c.local, c.path == "via") for c in found]
 
@@ -499,8 +531,9 @@ class RouterPlanner:
             priority=priority,
             held_back=self._held_back(),
         )
+        table = self._table()
         return self.router.preview(
-            self._table(), self._local(), query, self._in_flight(), self._paths()
+            table, self._local(), query, self._in_flight(), self._paths(), *self._ours(table, model)
         )
 
     def admit(self, peer_id: str) -> bool:

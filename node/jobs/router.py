@@ -40,27 +40,48 @@ Paths
     every direct candidate before any relayed one or intermediary, whatever the
     strategy: a relay's byte limits are spent only when nothing else is left.
 
-Score (lower is better), from the record's load and our own counts::
+Score (lower is better): how long a job would take there, in typical job times
 
-    score = max(fade * (w.queue_ahead  * ahead       # queued at the request's priority or above
-                      + w.queue_behind * behind      # queued below it (they hold slots)
-                      + w.in_flight    * in_flight), # the node's own count, as last reported
-                w.ours * ours)                       # our calls to that peer now (fresher: a
-                                                     # report already counts our calls of then)
-          # fade = 0.5 ** (report age / load_half_life_s): old reports count less
-          + w.latency_per_s * ewma_latency_ms / 1000   # 0 while unknown
+    queue = w.ours * ours                      # our calls to that peer now: exact and fresh
+          + fade * max(0, reported - then)     # the others' work there, as last reported
+    # then: our calls there when it reported (``ours_then``; absent: ours now)
+    reported = w.queue_ahead  * ahead          # queued at the request's priority or above
+             + w.queue_behind * behind         # queued below it (they hold slots)
+             + w.in_flight    * running        # in_flight less the queued (a node counts
+                                               # its queued jobs as in flight too)
+    # fade = 0.5 ** (report age / load_half_life_s): an old report says less about now
+    speed = service_ms / typical_ms            # 1 while unknown, or within 2x (SPEED_BAND)
+    score = (queue + 1) * speed - 1            # with every node alike: the queue
           + w.hop          * (0 if local else 1)       # a network hop costs
           + w.half_open    * (record says the model's backend circuit is half-open)
           + w.relayed      * (the connection to it is relayed)
           + w.forwarded    * (an intermediary: its load, not the provider's)
+          + w.unknown      * (its load is unknown, below)
           - w.accelerator  * (no device asked and the model runs off CPU)
 
-Strategies (ties always broken by the rng)
-    least-loaded (default): power of two choices. Two candidates are drawn at
-        random and the better scored goes first; the rest follow by score. Many
-        routers reading the same stale loads thus do not all herd onto the one
-        peer that looked idlest, and a clearly busier peer is never first when
-        there is an idler one.
+    ``service_ms`` is a peer's time per job for this model: what our own calls'
+    answers said it took (``service_ms`` given to ``plan``, an EWMA of their
+    ``run_ms``; the dispatcher passes those an answer refreshed in the last
+    10 s), else the EWMA its record reports; ``typical_ms`` is the median of
+    the candidates' known ones. The local node's queue is its own load (exact).
+    A report counts our calls of its time, so those are taken out of it, and ours
+    now added: subtracting our calls *now* would leave a ghost of the call that
+    just ended on the very peer that just freed up, and adding the report to ours
+    counted ours twice (both herded jobs away from fresh reporters).
+
+Unknown load
+    A candidate whose row has no load (``load`` None: a provider known but not
+    linked, no heartbeats) is neither idle nor left out: its others' work is the
+    median of the known candidates' (``config.unknown_load`` when none is known),
+    plus ``w.unknown``. Linked peers of known load win ties; an unlinked provider
+    is used when it is the only one or the known ones are busy. Our own calls to
+    it count as for any peer.
+
+Strategies (exact ties broken by the rng)
+    least-loaded (default): join the shortest queue, by the score above; the
+        candidates within ``TIE`` of the best take turns (round-robin per model),
+        the rest follow by score. Our own calls count at once, so jobs do not pile
+        onto one peer between its reports.
     round-robin: candidates by id (the local node under its own id), rotated one
         step per plan for that model.
     best-performance: by effective latency (EWMA + ``hop_ms`` for a remote
@@ -74,6 +95,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,14 +126,15 @@ class Weights:
 
     queue_ahead: float = 1.0
     queue_behind: float = 0.25
-    in_flight: float = 1.0
-    ours: float = 1.0
-    latency_per_s: float = 2.0
+    in_flight: float = 1.0  # its running jobs, as last reported
+    ours: float = 1.0  # our own calls to it now
+    latency_per_s: float = 2.0  # no longer scored (service times scale the queue); old configs load
     hop: float = 0.5
     half_open: float = 2.0
     accelerator: float = 0.5
     relayed: float = 1.0  # a peer reached through a relay (see Paths)
     forwarded: float = 1.5  # an intermediary that passes the job on
+    unknown: float = 0.5  # a candidate whose load nobody reported (see Unknown load)
     hop_ms: float = 5.0  # best-performance: a remote node's latency plus this
 
     def __post_init__(self) -> None:
@@ -136,6 +159,7 @@ class RouterConfig:
     weights: Weights = field(default_factory=Weights)
     saturation: int = 8  # local-first: the local node is full at ahead + in_flight >= this
     load_half_life_s: float = 2.5  # a peer's reported load counts half after this long
+    unknown_load: float = 1.0  # others' jobs assumed at an unknown-load peer, when none is known
     peer_failures: int = 3  # consecutive failures that open a peer's breaker
     peer_cooldown_s: float = 5.0
     peer_max_cooldown_s: float = 300.0
@@ -170,6 +194,8 @@ class RouterConfig:
             raise ConfigError("router weights must be a Weights")
         if not (math.isfinite(self.load_half_life_s) and self.load_half_life_s > 0):
             raise ConfigError("router load_half_life_s must be a positive number")
+        if not (math.isfinite(self.unknown_load) and self.unknown_load >= 0):
+            raise ConfigError("router unknown_load must be a finite number >= 0")
         cool, top = self.peer_cooldown_s, self.peer_max_cooldown_s
         if not (math.isfinite(cool) and cool >= 0 and math.isfinite(top) and top >= cool):
             raise ConfigError("router needs 0 <= peer_cooldown_s <= peer_max_cooldown_s, finite")
@@ -200,6 +226,7 @@ class RouterConfig:
             load_half_life_s=table.number(
                 "load_half_life_s", base.load_half_life_s, low=0.01, high=3600.0
             ),
+            unknown_load=table.number("unknown_load", base.unknown_load, low=0.0, high=1 << 20),
             relay_max_bytes=table.integer(
                 "relay_max_bytes", base.relay_max_bytes, low=1, high=1 << 40
             ),
@@ -283,6 +310,53 @@ class _Seen:
     alike: bool = True  # its entry has every field of request.alike
 
 
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """One qualifying node before scoring: scores depend on the others (medians)."""
+
+    pid: str
+    local: bool
+    name: str  # the model's name as that node spells it
+    device: str
+    circuit: str | None
+    probe: bool
+    path: str
+    known: bool  # its load was reported (see Unknown load)
+    reported: float  # its weighted queue and running jobs, as reported
+    ours: int  # our calls to it now (0 for the local node: its load is exact)
+    then: int  # our calls to it when it reported its load
+    fade: float
+    latency_ms: float | None  # the EWMA its record reports
+    service_ms: float | None  # its time per job: ours observed, else the reported EWMA
+    tokens_per_s: float | None
+    ahead: int
+    in_flight: int
+    alike: bool = True  # its entry has every field of request.alike
+
+    def others(self) -> float:
+        """The others' work there: the report, less our calls it counted, faded."""
+        return self.fade * max(0.0, self.reported - self.then)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ours:
+    """What this node knows of its own calls (see ``Router.plan``)."""
+
+    in_flight: Mapping[str, int]
+    service_ms: Mapping[str, float]
+    then: Mapping[str, int]
+
+
+MAX_SPEEDUP = 1000.0  # a node's speed counts at most this many times the typical one
+TIE = 0.25  # least-loaded: scores this close to the best (in typical jobs) take turns
+# Speeds within this factor of the typical one count as typical: run_ms is noisy (a
+# busy machine stretches a 20 ms job to 40 at one worker, then at another), and a
+# noisy speed only unbalances equal peers; by our own calls alone the shortest
+# queue already keeps a slower peer busy with fewer jobs, and the speed is there
+# so that a clearly slower one (5x) holds less of them waiting (latency).
+SPEED_BAND = 2.0
+
+
 class Router:
     """Plans the order in which to try nodes for one request (see the module docstring)."""
 
@@ -305,7 +379,7 @@ class Router:
             clock,
             max_peers=config.max_tracked_peers,
         )
-        self._turns: dict[str, int] = {}  # round-robin position per model (casefolded)
+        self._turns: dict[tuple[Strategy, str], int] = {}  # turns per strategy and model
 
     def describe(self) -> dict[str, Any]:
         """Plain data for ``swarm status``: the default strategy and peers held against."""
@@ -322,10 +396,17 @@ class Router:
         request: RouteRequest,
         in_flight: Mapping[str, int],
         paths: Mapping[str, str] | None = None,
+        service_ms: Mapping[str, float] | None = None,
+        ours_then: Mapping[str, int] | None = None,
     ) -> list[Candidate]:
-        """The nodes to try, in order, at most ``config.max_attempts`` (maybe none)."""
-        found = self._plan(table, local, request, in_flight, paths or {}, self._rng, take_turn=True)
-        return found[0]
+        """The nodes to try, in order, at most ``config.max_attempts`` (maybe none).
+
+        ``in_flight``: our calls at each peer now; ``paths``: see Paths;
+        ``service_ms``: each peer's time per job for this model, as our own calls
+        observed it; ``ours_then``: our calls at each peer when its load in the
+        table was reported (see Score; ``node.jobs.calls`` keeps both)."""
+        mine = _Ours(in_flight, service_ms or {}, ours_then or {})
+        return self._plan(table, local, request, mine, paths or {}, self._rng, True)[0]
 
     def preview(
         self,
@@ -334,15 +415,16 @@ class Router:
         request: RouteRequest,
         in_flight: Mapping[str, int],
         paths: Mapping[str, str] | None = None,
+        service_ms: Mapping[str, float] | None = None,
+        ours_then: Mapping[str, int] | None = None,
     ) -> Preview:
-        """What ``plan`` would answer now, changing nothing: no round-robin turn is
-        taken and the draws come from a copy of the rng, so the next ``plan`` on the
-        same state answers the same order. For "which node would run this, and why"."""
+        """What ``plan`` would answer now, changing nothing: no turn is taken and
+        the draws come from a copy of the rng, so the next ``plan`` on the same
+        state answers the same order. For "which node would run this, and why"."""
         rng = random.Random()
         rng.setstate(self._rng.getstate())
-        order, eligible = self._plan(
-            table, local, request, in_flight, paths or {}, rng, take_turn=False
-        )
+        mine = _Ours(in_flight, service_ms or {}, ours_then or {})
+        order, eligible = self._plan(table, local, request, mine, paths or {}, rng, False)
         ranked = sorted(eligible, key=lambda c: (c.probe, c.score, c.peer_id))
         return Preview(order=order, candidates=ranked)
 
@@ -351,27 +433,25 @@ class Router:
         table: PeerTable,
         local: LocalNode | None,
         request: RouteRequest,
-        in_flight: Mapping[str, int],
+        mine: _Ours,
         paths: Mapping[str, str],
         rng: random.Random,
-        *,
         take_turn: bool,
     ) -> tuple[list[Candidate], list[Candidate]]:
         """(the plan, every eligible candidate in no particular order)."""
-        seen: list[_Seen] = []
-        probes: list[_Seen] = []
+        found: list[_Found] = []
         if local is not None and self.self_id not in request.exclude:
             entry = _match([m.describe() for m in local.models], request)
             load = local.load.describe()
-            found = self._consider(self.self_id, request, entry, load, 0, local.circuits)
-            seen += [] if found is None else [found]
+            here = self._found(self.self_id, request, entry, load, 0, 0, local.circuits)
+            found += [] if here is None else [here]
         peers = [
             (p, _match((p.body or {}).get("models"), request))
             for p in serving(table, request.model)
         ]
         for via in (False, True):
             if via:
-                if seen or probes or not request.via or request.continues is not None:
+                if found or not request.via or request.continues is not None:
                     break  # (an intermediary's provider may not continue a stream)
                 stand_in = {"name": request.model, "device": ""}  # the provider's is unknown
                 peers = [(p, stand_in) for p in intermediaries(table, request.model)]
@@ -385,17 +465,27 @@ class Router:
                 if state == BreakerState.OPEN or self.breakers.probing(pid):
                     continue
                 circuits = {} if via else _map(peer.body.get("circuits"))
-                probe = state == BreakerState.HALF_OPEN
-                ours = _count(in_flight.get(pid))
-                # A report fades as it ages (see _consider); last_seen is when it came.
+                # A report fades as it ages; last_seen is when it came.
                 age = max(0.0, self._clock() - peer.last_seen)
                 fade = 0.5 ** (age / self.config.load_half_life_s)
-                path = "via" if via else str(paths.get(pid) or "direct")
-                found = self._consider(
-                    pid, request, entry, _map(peer.load), ours, circuits, probe, fade, path
+                ours = _count(mine.in_flight.get(pid))
+                one = self._found(
+                    pid,
+                    request,
+                    entry,
+                    peer.load,
+                    ours,
+                    _count(mine.then.get(pid, ours)),
+                    circuits,
+                    probe=state == BreakerState.HALF_OPEN,
+                    fade=fade,
+                    path="via" if via else str(paths.get(pid) or "direct"),
+                    observed=_positive(mine.service_ms.get(pid)),
                 )
-                if found is not None:
-                    (probes if probe else seen).append(found)
+                found += [] if one is None else [one]
+        scored = self._score(request, found)
+        seen = [s for s in scored if not s.candidate.probe]
+        probes = [s for s in scored if s.candidate.probe]
         ordered = self._order(request, seen, rng, take_turn)
         if request.size_bytes > self.config.relay_max_bytes:  # direct ones first (Paths)
             ordered.sort(key=lambda s: s.candidate.path in ("relayed", "via"))
@@ -408,27 +498,31 @@ class Router:
 
     # -- scoring -----------------------------------------------------------------
 
-    def _consider(
+    def _found(
         self,
         pid: str,
         request: RouteRequest,
         model: Mapping[str, Any] | None,
-        load: Mapping[str, Any],
+        load: Mapping[str, Any] | None,
         ours: int,
+        then: int,
         circuits: Mapping[str, Any],
+        *,
         probe: bool = False,
         fade: float = 1.0,
         path: str = "direct",
-    ) -> _Seen | None:
-        """The node as an unplaced candidate, or None when it does not qualify."""
+        observed: float | None = None,
+    ) -> _Found | None:
+        """The node as an unscored candidate, or None when it does not qualify."""
         if model is None:
             return None
         name = str(model.get("name"))
         circuit = _circuit(circuits, name)
         if circuit == "open":
             return None
-        local = pid == self.self_id
         w = self.config.weights
+        known = isinstance(load, Mapping)
+        load = _map(load)
         depth = _map(load.get("queue_depth"))
         ahead = behind = 0
         for prio in Priority:
@@ -438,32 +532,72 @@ class Router:
             else:
                 behind += n
         theirs = _count(load.get("in_flight"))
+        running = max(0, theirs - ahead - behind)  # its in_flight counts the queued too
+        reported = w.queue_ahead * ahead + w.queue_behind * behind + w.in_flight * running
         latency = _positive(load.get("ewma_latency_ms"))
         device = model.get("device")
-        device = device if isinstance(device, str) else ""
-        # What the node reported (its last heartbeat, up to an interval old) already
-        # counts our calls of then; ours now is fresh. Adding both made every router
-        # shun a peer for a whole interval after each report and herd onto the others
-        # (bench_swarm: 2 workers alternating idle for 2-3 s); the larger of the two
-        # is a lower bound on its load that moves at once with our own calls.
-        reported = w.queue_ahead * ahead + w.queue_behind * behind + w.in_flight * theirs
-        reported *= fade  # an old report says less about now than our own fresh count
-        score = (
-            max(reported, w.ours * ours)
-            + w.latency_per_s * (latency or 0.0) / 1000
-            + (0.0 if local else w.hop)
-            + (w.half_open if circuit == "half-open" else 0.0)
-            + (w.relayed if path == "relayed" else w.forwarded if path == "via" else 0.0)
+        return _Found(
+            pid,
+            pid == self.self_id,
+            name,
+            device if isinstance(device, str) else "",
+            circuit,
+            probe,
+            "local" if pid == self.self_id else path,
+            known,
+            reported,
+            ours,
+            then,
+            fade,
+            latency,
+            observed or latency or None,
+            _positive(load.get("tokens_per_s")),
+            ahead,
+            theirs,
+            all(model.get(key) == value for key, value in request.alike),
         )
-        if request.device is None and device and not device.casefold().startswith("cpu"):
-            score -= w.accelerator
-        path = "local" if local else path
-        candidate = Candidate(pid, local, name, device, score, probe, path)
-        alike = all(model.get(key) == value for key, value in request.alike)
-        tokens_per_s = _positive(load.get("tokens_per_s"))
-        return _Seen(candidate, latency, tokens_per_s, ahead, theirs, alike)
+
+    def _score(self, request: RouteRequest, found: list[_Found]) -> list[_Seen]:
+        w = self.config.weights
+        times = [f.service_ms for f in found if f.service_ms]
+        typical = statistics.median(times) if times else None
+        known = [f.others() for f in found if f.known]
+        unknown = statistics.median(known) if known else self.config.unknown_load
+        out: list[_Seen] = []
+        for f in found:
+            # Our calls now are exact and fresh; the report, less them, is the others'.
+            others = f.others() if f.known else unknown
+            queue = w.ours * f.ours + others
+            speed = f.service_ms / typical if f.service_ms and typical else 1.0
+            speed = 1.0 if 1 / SPEED_BAND <= speed <= SPEED_BAND else speed
+            speed = min(max(speed, 1 / MAX_SPEEDUP), MAX_SPEEDUP)  # junk stays finite
+            score = (
+                (queue + 1) * speed
+                - 1
+                + (0.0 if f.local else w.hop)
+                + (w.half_open if f.circuit == "half-open" else 0.0)
+                + (w.relayed if f.path == "relayed" else w.forwarded if f.path == "via" else 0.0)
+                + (0.0 if f.known else w.unknown)
+            )
+            if request.device is None and f.device and not f.device.casefold().startswith("cpu"):
+                score -= w.accelerator
+            candidate = Candidate(f.pid, f.local, f.name, f.device, score, f.probe, f.path)
+            seen = _Seen(candidate, f.latency_ms, f.tokens_per_s, f.ahead, f.in_flight, f.alike)
+            out.append(seen)
+        return out
 
     # -- ordering ----------------------------------------------------------------
+
+    def _turn(self, strategy: Strategy, request: RouteRequest, take_turn: bool) -> int:
+        """This job's turn for ``strategy`` and the model; a job's first plan takes
+        one, its failovers (``exclude`` set) do not."""
+        key = (strategy, request.model.casefold())
+        turn = self._turns.get(key, 0)
+        if take_turn and not request.exclude:
+            self._turns[key] = turn + 1
+        if len(self._turns) > 4096:  # model names come from requests: keep the map small
+            self._turns = {key: turn + 1}
+        return turn
 
     def _order(
         self, request: RouteRequest, seen: list[_Seen], rng: random.Random, take_turn: bool
@@ -473,14 +607,7 @@ class Router:
         by_score = sorted(seen, key=lambda s: (s.candidate.score, tie[s.candidate.peer_id]))
         if strategy == Strategy.ROUND_ROBIN:
             ring = sorted(seen, key=lambda s: s.candidate.peer_id)
-            key = request.model.casefold()
-            turn = self._turns.get(key, 0)
-            if (
-                take_turn and not request.exclude
-            ):  # a job's first plan takes a turn; failovers do not
-                self._turns[key] = turn + 1
-            if len(self._turns) > 4096:  # model names come from requests: keep the map small
-                self._turns = {key: turn + 1}
+            turn = self._turn(strategy, request, take_turn)
             if not ring:
                 return []
             start = turn % len(ring)
@@ -498,16 +625,20 @@ class Router:
             mine = [s for s in seen if s.candidate.local]
             if mine and mine[0].ahead + mine[0].in_flight < self.config.saturation:
                 rest = [s for s in by_score if not s.candidate.local]
-                return mine[:1] + _two_choices(rest, rng)
-        return _two_choices(by_score, rng)
+                return mine[:1] + _shortest(rest, self._turn(strategy, request, take_turn))
+        return _shortest(by_score, self._turn(Strategy.LEAST_LOADED, request, take_turn))
 
 
-def _two_choices(by_score: list[_Seen], rng: random.Random) -> list[_Seen]:
-    """Power of two choices: the better of two drawn at random first, then by score."""
+def _shortest(by_score: list[_Seen], turn: int) -> list[_Seen]:
+    """Join the shortest queue: of those within TIE of the best, the one whose turn it
+    is (by peer id) first, then the rest by score."""
     if len(by_score) < 2:
         return list(by_score)
-    i, j = rng.sample(range(len(by_score)), 2)
-    first = by_score[min(i, j)]  # by_score is sorted: the lower index is the better
+    best = by_score[0].candidate.score
+    tied = sorted(
+        (s for s in by_score if s.candidate.score <= best + TIE), key=lambda s: s.candidate.peer_id
+    )
+    first = tied[turn % len(tied)]
     return [first] + [s for s in by_score if s is not first]
 
 

@@ -1,0 +1,1 @@
+"""The swarm simulator's parts (``scripts/simulate_swarm.py`` runs them)."""
