@@ -85,6 +85,8 @@ class SwarmClient:
         request_id: str | None = None,
         strategy: str | None = None,
         verify: int = 0,
+        hedge_ms: int | None = None,
+        idempotent: bool = True,
     ) -> Result:
         """Run ``model`` on ``inputs`` somewhere in the swarm, through this node.
 
@@ -95,6 +97,9 @@ class SwarmClient:
         the meta then says whether their answers agreed (``verify_verdict``,
         ``verify_agreed``, ``verify_nodes``; see ``node.jobs.verify``). Raises
         RemoteError (with its ``code`` and ``retry``) when the node answers with an error.
+        ``hedge_ms``: with no first chunk or answer in that time the node sends the job
+        to a second peer too (0: never; None: the node's default); only for an
+        ``idempotent`` job (one safe to run twice; inference is).
         """
         request = client_request(
             model,
@@ -106,6 +111,8 @@ class SwarmClient:
             request_id=request_id,
             strategy=strategy,
             verify=verify,
+            hedge_ms=hedge_ms,
+            idempotent=idempotent,
         )
         if deadline_s is None:
             return await self._caller.call(self.peer, request, on_chunk)

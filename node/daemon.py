@@ -254,7 +254,13 @@ class Node:
             calls=lambda: self.services.dispatcher.calls,
         )
         dispatcher = Dispatcher(
-            peer_id, membership, caller, planner, max_attempts=cfg.router.max_attempts
+            peer_id,
+            membership,
+            caller,
+            planner,
+            max_attempts=cfg.router.max_attempts,
+            max_resumes=cfg.router.max_resumes,
+            hedge_ms=cfg.router.hedge_ms,
         )
         service = InferenceService(
             self.models.runners,

@@ -133,6 +133,9 @@ def routing_view(s: Services) -> dict[str, Any]:
         "strategy": described["strategy"],
         "max_attempts": described["max_attempts"],
         "failovers": s.dispatcher.failovers,
+        "resumes": s.dispatcher.resumes,
+        "broken_streams": s.dispatcher.broken,
+        "hedges": s.dispatcher.hedges.describe(),
         "peer_breakers": described["peers"],
     }
 
@@ -207,6 +210,9 @@ def live_figures(s: Services) -> Live:
             peer: str(b.get("state")) for peer, b in s.router.breakers.describe().items()
         },
         failovers=s.dispatcher.failovers,
+        resumes=s.dispatcher.resumes,
+        broken_streams=s.dispatcher.broken,
+        hedges=s.dispatcher.hedges.describe(),
         shares=s.service.shares(),
         reputation=s.verifier.reputation.describe(),
         verdicts=dict(s.verifier.stats.verdicts),

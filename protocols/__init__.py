@@ -23,6 +23,7 @@ from .exchange import Exchange, Role, State
 from .messages import (
     CAPS_PROTOCOL,
     INFER_PROTOCOL,
+    MAX_HEDGE_MS,
     MAX_HOPS,
     MAX_VERIFY,
     Cancel,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DTYPES",
     "INFER_PROTOCOL",
+    "MAX_HEDGE_MS",
     "MAX_HOPS",
     "MAX_VERIFY",
     "Cancel",

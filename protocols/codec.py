@@ -29,6 +29,7 @@ from .errors import (
     RemoteProtocolError,
 )
 from .messages import (
+    MAX_HEDGE_MS,
     MAX_ID_LEN,
     MAX_NAME_LEN,
     MAX_STRATEGY_LEN,
@@ -122,6 +123,8 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes]:
                 body["origin"] = message.origin
             if message.verify:  # likewise
                 body["verify"] = message.verify
+            if message.hedge_ms is not None:  # likewise: a client's, for its first node
+                body["hedge_ms"] = message.hedge_ms
         case Chunk():
             body = {
                 "t": "chunk",
@@ -330,6 +333,9 @@ def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limi
             verify = f.integer("verify", 0)
             if verify > MAX_VERIFY:
                 raise RemoteProtocolError(f"request.verify must be at most {MAX_VERIFY}")
+            hedge_ms = f.opt_integer("hedge_ms")
+            if hedge_ms is not None and hedge_ms > MAX_HEDGE_MS:
+                raise RemoteProtocolError(f"request.hedge_ms must be at most {MAX_HEDGE_MS}")
             message: Message = Request(
                 id=f.ident(),
                 model=f.text("model", max_len=MAX_NAME_LEN),
@@ -343,6 +349,7 @@ def _message_from_wire(obj: dict[str, Any], targets: list[_Target], limits: Limi
                 strategy=f.opt_text("strategy", max_len=MAX_STRATEGY_LEN),
                 origin=f.opt_text("origin", max_len=MAX_ID_LEN),
                 verify=verify,
+                hedge_ms=hedge_ms,
             )
         case "chunk":
             message = Chunk(

@@ -36,6 +36,7 @@ MAX_NAME_LEN = 256
 MAX_HOPS = 4
 MAX_STRATEGY_LEN = 32
 MAX_VERIFY = 4  # a job asks for at most this many extra runs (5 nodes in all)
+MAX_HEDGE_MS = 600_000  # a job's hedge_ms, at most
 
 
 class Priority(enum.IntEnum):
@@ -77,10 +78,17 @@ class Request:
     # Run it on this many more distinct nodes and say whether the answers agree
     # (node.jobs.verify); 0: once. Only the first node acts on it: copies go out with 0.
     verify: int = 0
+    # Hedge: when no first chunk or answer came in this many ms, the first node sends
+    # the job to a second peer too and takes whichever answers first (only for an
+    # idempotent job); 0: never; None: that node's default. Copies go out with None.
+    hedge_ms: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.verify, bool) or not 0 <= self.verify <= MAX_VERIFY:
             raise ValueError(f"verify must be an integer from 0 to {MAX_VERIFY}")
+        hedge = self.hedge_ms
+        if hedge is not None and (isinstance(hedge, bool) or not 0 <= hedge <= MAX_HEDGE_MS):
+            raise ValueError(f"hedge_ms must be an integer from 0 to {MAX_HEDGE_MS}")
 
 
 @dataclass(frozen=True, slots=True)

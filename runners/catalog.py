@@ -10,7 +10,8 @@ a spec into an unloaded runner. The flag grammar::
     efficientnet-lite0       EfficientNet-Lite0 image classification on OpenVINO CPU
     smollm2-135m-instruct    SmolLM2-135M-Instruct text generation on OpenVINO GenAI
                              (also: smollm2)
-    fake:NAME[:LATENCY_MS]   a FakeRunner serving NAME (for tests and benchmarks)
+    fake:NAME[:LATENCY_MS]   a FakeRunner serving NAME (for tests and benchmarks; the
+                             table form also takes continues, stall_rate, stall_ms, seed)
     KIND:key=value,...       any kind below with its fields, e.g.
                              openai:name=smollm2,base_url=http://127.0.0.1:8080
                              openvino:name=nsfw,path=/models/nsfw.onnx,task=classify
@@ -49,7 +50,7 @@ from protocols.errors import ConfigError
 
 from .base import Runner
 from .batching import BatchConfig, BatchingRunner
-from .fake import FakeRunner
+from .fake import FakeConfig
 from .openvino_embed import AUTO_MIN_COSINE, EmbedConfig, OpenVINOEmbedRunner
 from .openvino_embed import MODEL_NAME as MINILM
 from .ov_device import OVOptions
@@ -103,14 +104,20 @@ def _read_embed(table: Table) -> EmbedConfig:
     )
 
 
-def _read_fake(table: Table) -> tuple[str, float]:
+def _read_fake(table: Table) -> FakeConfig:
     name = table.text("name")
     if not _FAKE_NAME.fullmatch(name):
         raise ModelSpecError(
             f"fake model name {name!r} must be 1 to 128 letters, digits, '.', '_' or '-'"
         )
-    latency = table.number("latency_ms", 0.0, high=MAX_FAKE_LATENCY_MS)
-    return name, latency
+    return FakeConfig(
+        name,
+        latency_ms=table.number("latency_ms", 0.0, high=MAX_FAKE_LATENCY_MS),
+        continues=table.flag("continues", True),
+        stall_rate=table.number("stall_rate", 0.0, low=0.0, high=1.0),
+        stall_ms=table.number("stall_ms", 0.0, high=MAX_FAKE_LATENCY_MS),
+        seed=table.integer("seed", 0, low=0, high=2**63 - 1),
+    )
 
 
 def _kinds() -> dict[str, Kind]:
@@ -181,7 +188,7 @@ def _kinds() -> dict[str, Kind]:
         ),
         "fake": Kind(
             _read_fake,
-            lambda d, c: FakeRunner(c[0], latency_s=c[1] / 1000),
+            lambda d, c: c.build(),
             about="a fake for tests and benchmarks",
         ),
     }

@@ -23,6 +23,14 @@ demand. It is raised when the request runs (``infer`` or ``stream``), not by
 ``check``: the node has admitted the request by then, as it would have
 admitted work that fails for real.
 
+Continuation (``runners.continuation``), unless built with ``continues=False``:
+with ``continue_from`` the fake counts its words (one word, one token, one
+chunk) and goes on from the next, so a stream resumed after k chunks yields
+words k..chunks-1, what the uninterrupted one would have. ``stall_rate`` of
+its jobs (drawn from a seeded rng) first wait ``stall_s`` more, like a peer
+that stalls now and then; ``started``, ``finished`` and ``cancelled`` count its
+runs, so a test can see a job cancelled on the node that ran it.
+
 ``LyingFakeRunner`` is the same fake with a flaw, for the tests and benchmarks
 of verification: a share ``lie_rate`` of its answers (drawn from a seeded rng)
 carry well-formed but wrong embeddings, rows of another text with the right
@@ -31,9 +39,11 @@ shape, dtype and scale, and the rest are the honest fake's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +52,7 @@ import trio
 from protocols import ErrorCode, Param, Tensor, Value
 from protocols.errors import ConfigError
 
+from . import continuation
 from .base import (
     TEXT,
     ModelInfo,
@@ -52,6 +63,7 @@ from .base import (
     TextSpec,
     check_inputs,
 )
+from .continuation import CONTINUES
 from .errors import BadInput, ModelNotFound, RunnerError
 
 MAX_CHUNKS = 1024
@@ -69,18 +81,57 @@ class FakeFailure(RunnerError):
         self.code = code
 
 
+@dataclass(frozen=True, slots=True)
+class FakeConfig:
+    """A fake model table: ``name``, ``latency_ms``, ``continues`` (default true),
+    ``stall_rate`` (0 to 1), ``stall_ms`` and ``seed`` (of the stall draws)."""
+
+    name: str
+    latency_ms: float = 0.0
+    continues: bool = True
+    stall_rate: float = 0.0
+    stall_ms: float = 0.0
+    seed: int = 0
+
+    def build(self) -> FakeRunner:
+        return FakeRunner(
+            self.name,
+            latency_s=self.latency_ms / 1000,
+            continues=self.continues,
+            stall_rate=self.stall_rate,
+            stall_s=self.stall_ms / 1000,
+            seed=self.seed,
+        )
+
+
 class FakeRunner(Runner):
     """A fake model named ``name``: fixed latency, deterministic outputs (see the module)."""
 
     def __init__(
-        self, name: str, latency_s: float = 0.0, dim: int = 8, *, concurrency: int = 1
+        self,
+        name: str,
+        latency_s: float = 0.0,
+        dim: int = 8,
+        *,
+        concurrency: int = 1,
+        continues: bool = True,
+        stall_rate: float = 0.0,
+        stall_s: float = 0.0,
+        seed: int = 0,
     ) -> None:
-        if not latency_s >= 0:
-            raise ConfigError("latency_s must be non-negative")
+        if not latency_s >= 0 or not stall_s >= 0:
+            raise ConfigError("latency_s and stall_s must be non-negative")
         if dim < 1 or concurrency < 1:
             raise ConfigError("dim and concurrency must be at least 1")
+        if not 0.0 <= stall_rate <= 1.0:
+            raise ConfigError("stall_rate must be from 0 to 1")
         self.latency_s = float(latency_s)
         self.dim = dim
+        self.continues = continues
+        self.stall_rate = stall_rate
+        self.stall_s = float(stall_s)
+        self._stalls = random.Random(seed)
+        self.started = self.finished = self.cancelled = self.stalled = 0
         # One at a time by default, like a model with one compute slot, so a fake peer
         # queues and saturates the way a real one does; raise it for throughput benchmarks.
         self.concurrency = concurrency
@@ -100,43 +151,71 @@ class FakeRunner(Runner):
                 OutputSpec("text", TEXT, (1,)),
             ),
             streams=True,
-            extra={"dim": dim, "latency_ms": self.latency_s * 1000},
+            extra={
+                "dim": dim,
+                "latency_ms": self.latency_s * 1000,
+                **({CONTINUES: "text"} if continues else {}),
+            },
         )
 
     def check(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> None:
         self._validate(inputs, params)
 
     async def infer(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> Outputs:
-        chunks = self._start(inputs, params)
-        if self.latency_s:  # zero latency means no wait at all, not a yield to the scheduler
-            await trio.sleep(self.latency_s)
-        words = "".join(_word(inputs, i) for i in range(chunks))
-        return {"embedding": self._embedding(inputs), "text": words}
+        first, chunks = self._start(inputs, params)
+        with self._counted():
+            await self._stall()
+            if self.latency_s:  # zero latency means no wait at all, not a yield to the scheduler
+                await trio.sleep(self.latency_s)
+            words = "".join(_word(inputs, i) for i in range(first, chunks))
+            return {"embedding": self._embedding(inputs), "text": words}
 
     async def stream(
         self, inputs: Mapping[str, Value], params: Mapping[str, Param]
     ) -> AsyncIterator[Outputs]:
-        chunks = self._start(inputs, params)
+        first, chunks = self._start(inputs, params)
         pause = self.latency_s / chunks
-        for i in range(chunks):
-            await trio.sleep(pause)
-            yield {"text": _word(inputs, i)}
+        with self._counted():
+            await self._stall()
+            for i in range(first, chunks):
+                await trio.sleep(pause)
+                yield {"text": _word(inputs, i)}
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.started += 1
+        try:
+            yield
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+
+    async def _stall(self) -> None:
+        if self.stall_rate and self._stalls.random() < self.stall_rate:
+            self.stalled += 1
+            await trio.sleep(self.stall_s)
 
     def _validate(
         self, inputs: Mapping[str, Value], params: Mapping[str, Param]
-    ) -> tuple[int, ErrorCode | None]:
-        chunks, fail = _parse_params(self.info.name, params)
+    ) -> tuple[int, int, ErrorCode | None]:
+        """(the first word's index, the chunk count, the failure asked for)."""
+        resumed, rest = continuation.split(self.info.name, params)
+        if resumed is not None and not self.continues:
+            raise BadInput(f"{self.info.name}: this fake does not continue answers")
+        chunks, fail = _parse_params(self.info.name, rest)
         check_inputs(self.info, inputs)
         if (inputs.get("text") is None) == (inputs.get("x") is None):
             raise BadInput(f"{self.info.name}: give exactly one of 'text' or 'x'")
-        return chunks, fail
+        first = 0 if resumed is None else min(len(resumed.text.split()), chunks)
+        return first, chunks, fail
 
-    def _start(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> int:
-        """Check the request, raise the error asked for, return the chunk count."""
-        chunks, fail = self._validate(inputs, params)
+    def _start(self, inputs: Mapping[str, Value], params: Mapping[str, Param]) -> tuple[int, int]:
+        """Check the request, raise the error asked for; the words to say, as a range."""
+        first, chunks, fail = self._validate(inputs, params)
         if fail is not None:
             raise _failure(fail, f"{self.info.name}: failing on request with {fail}")
-        return chunks
+        return first, chunks
 
     def _embedding(self, inputs: Mapping[str, Value]) -> Tensor:
         text = inputs.get("text")
@@ -191,7 +270,10 @@ class LyingFakeRunner(FakeRunner):
 def _parse_params(model: str, params: Mapping[str, Param]) -> tuple[int, ErrorCode | None]:
     unknown = set(params) - {"chunks", "fail"}
     if unknown:
-        raise BadInput(f"{model}: unknown params {sorted(unknown)}; it takes 'chunks' and 'fail'")
+        raise BadInput(
+            f"{model}: unknown params {sorted(unknown)}; it takes 'chunks', 'fail', "
+            f"{continuation.CONTINUE_FROM!r} and {continuation.CONTINUE_TOKENS!r}"
+        )
     chunks = params.get("chunks", DEFAULT_CHUNKS)
     if type(chunks) is not int or not 1 <= chunks <= MAX_CHUNKS:
         raise BadInput(f"{model}: param 'chunks' must be an int from 1 to {MAX_CHUNKS}")

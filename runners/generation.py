@@ -22,11 +22,20 @@ Params (all optional; anything else is refused):
   ends before the first of them, which is left out of the text.
 - ``repetition_penalty`` float, 0.5 to 2 (default 1: off).
 
+Continuation (``runners.continuation``): ``continue_from`` and
+``continue_tokens`` continue an answer from its start, for the node that resumes
+a stream whose producer died. A chat continues the assistant's turn (the
+template rendered with the prompt for the answer, then the text); a raw prompt
+continues the prompt and the text. The budget is ``max_new_tokens`` less
+``continue_tokens``, and the counts are the whole answer's.
+
 Outputs of ``infer``: ``text`` (str), ``prompt_tokens`` and
 ``completion_tokens`` (int), ``finish_reason`` ("stop": end of turn or a stop
 string; "length": ``max_new_tokens`` or the context ran out). ``stream``
-yields ``{"text": piece}`` as tokens come, then one last chunk with ``text``
-"" and the other three outputs.
+yields ``{"text": piece, "tokens": n}`` as tokens come (``n``: the generated
+tokens whose text the piece completes, so the counts of the pieces a client got
+sum to the tokens of its text), then one last chunk with ``text`` "" and the
+other three outputs.
 
 A runner supplies an ``Engine`` (blocking: tokenizer, template, model); the
 ``GenerationRunner`` here parses, serializes access to the engine, and moves
@@ -37,7 +46,8 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
@@ -46,9 +56,11 @@ import trio
 
 from protocols import Param, Value, bounded_json
 
+from . import continuation
 from .base import TEXT, ModelInfo, Outputs, OutputSpec, Runner, TextSpec, check_inputs
+from .continuation import Continuation
 from .errors import BadInput, RunnerError
-from .token_stream import Done, Emit, pieces, run_cancellable
+from .token_stream import Done, pieces, run_cancellable
 
 TASK = "text-generation"
 MAX_CHARS = 65536  # of ``prompt`` or of the ``messages`` JSON
@@ -65,6 +77,7 @@ PARAMS = frozenset(
 )
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+CONTINUED = "prompt messages"  # ModelInfo.extra["continues"] of these runners
 _T = TypeVar("_T")
 
 
@@ -81,6 +94,7 @@ OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("prompt_tokens", "int64", (1,)),
     OutputSpec("completion_tokens", "int64", (1,)),
     OutputSpec("finish_reason", TEXT, (1,)),
+    OutputSpec("tokens", "int64", (1,)),  # of a streamed piece (see the module)
 )
 
 
@@ -117,6 +131,33 @@ class Sampling:
 class Request:
     prompt: Prompt
     sampling: Sampling
+    continuation: Continuation | None = None  # the answer's start, to continue from
+
+    @property
+    def spent(self) -> int:
+        """Tokens of the answer generated before this run (0 unless it continues)."""
+        return 0 if self.continuation is None else self.continuation.tokens
+
+    def budget(self, model: str, input_tokens: int, context_length: int) -> int:
+        """New tokens this run may make: the request's limit less what was spent, and
+        what the context holds after the input (the prompt and any continuation).
+        0 for a continuation with nothing left (its answer ends "length"); BadInput
+        when a prompt of its own leaves no room."""
+        room = context_length - input_tokens
+        allowed = self.sampling.max_new_tokens - self.spent
+        if self.continuation is not None:
+            return max(0, min(allowed, room))
+        if room < 1:
+            raise context_error(model, input_tokens, context_length)
+        return min(allowed, room)
+
+    def spent_answer(self, prompt_tokens: int) -> Completion:
+        """The answer of a continuation with no budget left: nothing more, "length"."""
+        return Completion("", prompt_tokens, self.spent, FINISH_LENGTH)
+
+    def input_text(self, rendered: str) -> str:
+        """What the model reads: the rendered prompt, then the answer's start if any."""
+        return rendered if self.continuation is None else rendered + self.continuation.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +180,8 @@ def parse_request(
     info: ModelInfo, inputs: Mapping[str, Value], params: Mapping[str, Param], limit: int
 ) -> Request:
     """Check inputs and params; raise BadInput naming the first thing wrong."""
-    return Request(parse_prompt(info, inputs), parse_sampling(info.name, params, limit))
+    resumed, rest = continuation.split(info.name, params, MAX_CHARS)
+    return Request(parse_prompt(info, inputs), parse_sampling(info.name, rest, limit), resumed)
 
 
 def parse_prompt(info: ModelInfo, inputs: Mapping[str, Value]) -> Prompt:
@@ -191,7 +233,8 @@ def _parse_messages(model: str, blob: str) -> tuple[Message, ...]:
 def parse_sampling(model: str, params: Mapping[str, Param], limit: int) -> Sampling:
     unknown = set(params) - PARAMS
     if unknown:
-        raise BadInput(f"{model}: unknown params {sorted(unknown)}; it takes {sorted(PARAMS)}")
+        takes = sorted(PARAMS | continuation.PARAMS)
+        raise BadInput(f"{model}: unknown params {sorted(unknown)}; it takes {takes}")
     return Sampling(
         max_new_tokens=_int(
             model, params, "max_new_tokens", min(DEFAULT_NEW_TOKENS, limit), 1, limit
@@ -301,14 +344,109 @@ class StopScanner:
         return best
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Generated text, and how many generated tokens it completes (a token's text may
+    come with a later piece: an unfinished character, a held-back stop string)."""
+
+    text: str
+    tokens: int
+
+
+Emit = Callable[[Piece], bool]
+
+
+class TokenText:
+    """Token ids into text as it becomes final, with the tokens each piece completes.
+
+    ``decode`` is the tokenizer's (special tokens skipped). Text is decoded over a
+    window of ids that starts afresh after each newline, and shown only once
+    ``delay`` more tokens have come (a detokenizer may change the end of a text as
+    tokens follow; OpenVINO GenAI's own text streamer waits 3), never while it ends
+    in an unfinished UTF-8 character. Each piece counts the tokens whose text it
+    completes: the pieces a client got sum to the tokens of exactly its text, what a
+    continuation of that text is charged. Tokens that add no text (an end of turn)
+    are never counted.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], delay: int = 0) -> None:
+        self._decode = decode
+        self._delay = delay
+        self._window: list[int] = []
+        self._lengths: list[int] = []  # the window's text length after each id; -1 unfinished
+        self._printed = 0  # characters of the window's text shown
+        self._counted = 0  # ids of the window counted in pieces
+
+    def add(self, token_id: int) -> Piece | None:
+        """One more token; the text it makes final, if any."""
+        self._window.append(token_id)
+        text = self._decode(self._window)
+        unfinished = text.endswith("\ufffd")
+        self._lengths.append(-1 if unfinished else len(text))
+        if unfinished:
+            return None
+        if text.endswith("\n") and len(text) > self._printed:
+            piece = Piece(text[self._printed :], self._ending() - self._counted)
+            self._window, self._lengths, self._printed, self._counted = [], [], 0, 0
+            return piece
+        if len(self._lengths) <= self._delay:
+            return None
+        index = len(self._lengths) - 1 - self._delay
+        until = self._lengths[index]
+        if until <= self._printed:
+            return None
+        piece = Piece(text[self._printed : until], index + 1 - self._counted)
+        self._printed, self._counted = until, index + 1
+        return piece
+
+    def flush(self) -> Piece | None:
+        """The text held back when generation ends, if any."""
+        text = self._decode(self._window) if self._window else ""
+        rest = text[self._printed :]
+        piece = Piece(rest, self._ending() - self._counted) if rest else None
+        self._window, self._lengths, self._printed, self._counted = [], [], 0, 0
+        return piece
+
+    def _ending(self) -> int:
+        """Ids of the window up to the last that changed its text."""
+        n = len(self._lengths)
+        while n > self._counted + 1 and self._lengths[n - 1] == self._lengths[n - 2]:
+            n -= 1
+        return n
+
+
+class Shown:
+    """Tokens of the text shown when some decoded text is held back (``StopScanner``)."""
+
+    def __init__(self) -> None:
+        self._ends: deque[tuple[int, int]] = deque()  # (decoded chars, tokens) at each piece
+        self._decoded = self._tokens = self._shown = self._reported = 0
+
+    def decoded(self, piece: Piece) -> None:
+        self._decoded += len(piece.text)
+        self._tokens += piece.tokens
+        self._ends.append((self._decoded, self._tokens))
+
+    def show(self, text: str) -> Piece:
+        """``text``, shown now after what was shown before, with the tokens it completes."""
+        self._shown += len(text)
+        complete = self._reported
+        while self._ends and self._ends[0][0] <= self._shown:
+            complete = self._ends.popleft()[1]
+        piece = Piece(text, complete - self._reported)
+        self._reported = complete
+        return piece
+
+
 class Engine(abc.ABC):
     """A loaded model with its tokenizer. All methods block; one call at a time."""
 
     @abc.abstractmethod
     def generate(self, request: Request, emit: Emit) -> Completion:
-        """Generate, passing each new piece of text to ``emit``; stop when it returns False.
+        """Generate, passing each new piece to ``emit``; stop when it returns False.
 
         Raise BadInput (before generating) when the prompt does not fit the context.
+        A continuation with no budget left answers ``request.spent_answer`` at once.
         """
 
 
@@ -350,7 +488,11 @@ class GenerationRunner(Runner):
         engine = self._ready()
         await self._busy.acquire()
         try:
-            items = pieces(lambda emit: engine.generate(request, emit), buffer=STREAM_BUFFER)
+
+            def work(emit: Emit) -> Completion:
+                return engine.generate(request, emit)
+
+            items = pieces(work, buffer=STREAM_BUFFER)
             async with aclosing(items):
                 while True:
                     item = await self._translate(_next(items))
@@ -358,8 +500,8 @@ class GenerationRunner(Runner):
                         break
                     if isinstance(item, Done):
                         yield {**item.value.outputs(), "text": ""}
-                    elif item:
-                        yield {"text": item}
+                    elif item.text:
+                        yield {"text": item.text, "tokens": item.tokens}
         finally:
             self._busy.release()
 

@@ -32,6 +32,7 @@ import outcome
 import trio
 
 R = TypeVar("R")
+P = TypeVar("P")  # what the worker emits: a piece of text, or text with its token count
 Emit = Callable[[str], bool]
 
 
@@ -103,7 +104,9 @@ async def run_cancellable(work: Callable[[threading.Event], R]) -> R:
     return worker.unwrap()
 
 
-async def pieces(work: Callable[[Emit], R], *, buffer: int) -> AsyncGenerator[str | Done[R], None]:
+async def pieces(
+    work: Callable[[Callable[[P], bool]], R], *, buffer: int
+) -> AsyncGenerator[P | Done[R], None]:
     """Run ``work(emit)`` in a thread; yield each emitted piece, then ``Done(result)``.
 
     At most ``buffer`` pieces wait in the channel; a full channel blocks the
@@ -112,11 +115,11 @@ async def pieces(work: Callable[[Emit], R], *, buffer: int) -> AsyncGenerator[st
     """
     if buffer < 1:
         raise ValueError("buffer must be at least 1")
-    send, recv = trio.open_memory_channel[str](buffer)
+    send, recv = trio.open_memory_channel[P](buffer)
     token = trio.lowlevel.current_trio_token()
     worker: _Worker[R]
 
-    def emit(piece: str) -> bool:
+    def emit(piece: P) -> bool:
         if worker.cancel.is_set():
             return False
         try:

@@ -31,21 +31,24 @@ from protocols.errors import ConfigError
 
 from . import convert_smollm2 as recipe
 from .base import ModelInfo, run_blocking
+from .continuation import CONTINUES
 from .errors import BadInput
 from .generation import (
+    CONTINUED,
     FINISH_LENGTH,
     FINISH_STOP,
     OUTPUTS,
     TASK,
     Completion,
+    Emit,
     Engine,
     GenerationRunner,
     Request,
+    Shown,
     StopScanner,
-    context_error,
+    TokenText,
     input_specs,
 )
-from .token_stream import Emit
 from .torch_device import Resolved, TorchPlacement, build_on, release, resolve
 
 MODEL_NAME = recipe.MODEL_NAME
@@ -94,7 +97,11 @@ class TorchGenerateRunner(GenerationRunner):
             outputs=OUTPUTS,
             context_length=self.config.context_length,
             streams=True,
-            extra={"max_new_tokens": self.config.max_new_tokens, "chat": True},
+            extra={
+                "max_new_tokens": self.config.max_new_tokens,
+                "chat": True,
+                CONTINUES: CONTINUED,
+            },
         )
         super().__init__(info, self.config.max_new_tokens)
         self._limiter = trio.CapacityLimiter(1)
@@ -151,20 +158,27 @@ class _TorchEngine(Engine):
 
     def generate(self, request: Request, emit: Emit) -> Completion:
         torch = self._torch
-        ids = self._encode(request)
-        prompt_tokens = len(ids)
-        room = self.config.context_length - prompt_tokens
-        if room < 1:
-            raise context_error(MODEL_NAME, prompt_tokens, self.config.context_length)
+        rendered = self._render(request)
+        prompt_tokens = len(self._encode(rendered))
+        prompt = request.input_text(rendered)
+        ids = self._encode(prompt)
+        budget = request.budget(MODEL_NAME, len(ids), self.config.context_length)
+        if budget < 1:
+            return request.spent_answer(prompt_tokens)
         sampling = request.sampling
-        budget = min(sampling.max_new_tokens, room)
         device = self.resolved.device
         processors = self._logits_processors(request)
         scanner = StopScanner(sampling.stop)
-        decoder = Decoder(self.tokenizer)
+        decoder = TokenText(self._decode)
+        shown_tokens = Shown()
         shown: list[str] = []
         generated = 0
         finish = FINISH_LENGTH
+
+        def show(text: str) -> bool:
+            shown.append(text)
+            return emit(shown_tokens.show(text))
+
         with torch.inference_mode():
             generator = torch.Generator(device=device)
             generator.manual_seed(secrets.randbits(63) if sampling.seed is None else sampling.seed)
@@ -187,41 +201,53 @@ class _TorchEngine(Engine):
                     break
                 sequence = torch.cat([sequence, token], dim=-1)
                 step_input = token
-                text = scanner.feed(decoder.add(token_id))
-                if text:
-                    shown.append(text)
-                    if not emit(text):
+                piece = decoder.add(token_id)
+                if piece is not None:
+                    shown_tokens.decoded(piece)
+                    text = scanner.feed(piece.text)
+                    if text and not show(text):
                         break  # the reader is gone: the finish reason no longer matters
                 if scanner.stopped:
                     finish = FINISH_STOP
                     break
-        tail = scanner.feed(decoder.flush()) + scanner.flush()
+        last = decoder.flush()
+        if last is not None:
+            shown_tokens.decoded(last)
+        tail = scanner.feed(last.text if last is not None else "") + scanner.flush()
         if tail:
-            shown.append(tail)
-            emit(tail)
-        return Completion("".join(shown), prompt_tokens, generated, finish)
+            show(tail)
+        return Completion("".join(shown), prompt_tokens, request.spent + generated, finish)
 
-    def _encode(self, request: Request) -> list[int]:
-        return encode(self.tokenizer, request)
+    def _render(self, request: Request) -> str:
+        return render(self.tokenizer, request)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _logits_processors(self, request: Request) -> Any:
         return logits_processors(request)
 
 
-def encode(tokenizer: Any, request: Request) -> list[int]:
-    """The prompt's token ids: its text, or its messages through the chat template."""
+def render(tokenizer: Any, request: Request) -> str:
+    """The prompt's text: as given, or its messages through the chat template."""
     prompt = request.prompt
     if prompt.text is not None:
-        text = prompt.text
-    else:
-        history = [{"role": m.role, "content": m.content} for m in prompt.messages]
-        try:
-            text = tokenizer.apply_chat_template(
-                history, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:
-            raise BadInput(f"{MODEL_NAME}: the chat template refused the messages: {exc}") from exc
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        return prompt.text
+    history = [{"role": m.role, "content": m.content} for m in prompt.messages]
+    try:
+        return str(
+            tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+        )
+    except Exception as exc:
+        raise BadInput(f"{MODEL_NAME}: the chat template refused the messages: {exc}") from exc
+
+
+def encode(tokenizer: Any, request: Request) -> list[int]:
+    """The prompt's token ids (``render``'s text, tokenized as the engine does)."""
+    return list(tokenizer(render(tokenizer, request), add_special_tokens=True)["input_ids"])
 
 
 def logits_processors(request: Request) -> Any:

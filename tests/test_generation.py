@@ -18,6 +18,7 @@ from support import undeclared
 
 from protocols import ErrorCode, Param, Value
 from runners.base import ModelInfo
+from runners.continuation import Continuation
 from runners.errors import BadInput
 from runners.generation import (
     MAX_CHARS,
@@ -25,7 +26,10 @@ from runners.generation import (
     OUTPUTS,
     Completion,
     Message,
+    Piece,
+    Shown,
     StopScanner,
+    TokenText,
     input_specs,
     parse_request,
 )
@@ -104,6 +108,20 @@ BAD: dict[str, tuple[dict[str, Value], dict[str, Param], str]] = {
     "too many stops": ({"prompt": "a"}, {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     "long stop": ({"prompt": "a"}, {"stop": "x" * 65}, "stop"),
     "penalty zero": ({"prompt": "a"}, {"repetition_penalty": 0.0}, "repetition_penalty"),
+    "prefix alone": ({"prompt": "a"}, {"continue_from": "b"}, "continue_tokens"),
+    "tokens alone": ({"prompt": "a"}, {"continue_tokens": 2}, "continue_from"),
+    "empty prefix": ({"prompt": "a"}, {"continue_from": "", "continue_tokens": 0}, "1 to"),
+    "prefix too long": (
+        {"prompt": "a"},
+        {"continue_from": "b" * (MAX_CHARS + 1), "continue_tokens": 1},
+        "continue_from",
+    ),
+    "negative tokens": (
+        {"prompt": "a"},
+        {"continue_from": "b", "continue_tokens": -1},
+        "continue_tokens",
+    ),
+    "text tokens": ({"prompt": "a"}, {"continue_from": "b", "continue_tokens": "1"}, "int"),
 }
 
 
@@ -119,7 +137,64 @@ def test_the_answer_is_the_declared_outputs() -> None:
     """What infer and a stream's last chunk carry (Completion.outputs), as declared."""
     answer = Completion("Paris.", prompt_tokens=12, completion_tokens=3, finish_reason="stop")
     assert undeclared(INFO, answer.outputs()) == []
-    assert {o.name for o in OUTPUTS} == set(answer.outputs())
+    assert {o.name for o in OUTPUTS} - {"tokens"} == set(answer.outputs())  # tokens: chunks'
+    assert undeclared(INFO, {"text": "Par", "tokens": 1}) == []
+
+
+def test_a_continuation_keeps_the_clients_budget() -> None:
+    """continue_from/continue_tokens: the budget is the request's less what was spent,
+    capped by the context; a spent budget answers "length" with nothing more."""
+    params: dict[str, Param] = {"max_new_tokens": 10, "continue_from": "Par", "continue_tokens": 4}
+    request = parse_request(INFO, {"messages": CHAT}, params, LIMIT)
+    assert request.continuation == Continuation("Par", 4) and request.spent == 4
+    assert request.sampling.max_new_tokens == 10  # the whole answer's limit, as asked
+    assert request.input_text("<rendered>") == "<rendered>Par"
+    assert request.budget("m", input_tokens=20, context_length=100) == 6
+    assert request.budget("m", input_tokens=97, context_length=100) == 3  # the context's end
+    assert request.budget("m", input_tokens=100, context_length=100) == 0  # no error: "length"
+    spent = parse_request(INFO, {"prompt": "a"}, {**params, "continue_tokens": 10}, LIMIT)
+    assert spent.budget("m", 5, 100) == 0
+    assert spent.spent_answer(5) == Completion("", 5, 10, "length")
+    # Without a continuation a prompt that fills the context is the client's error.
+    plain = parse_request(INFO, {"prompt": "a"}, {"max_new_tokens": 10}, LIMIT)
+    assert plain.spent == 0 and plain.input_text("a") == "a"
+    with pytest.raises(BadInput, match="context holds"):
+        plain.budget("m", 100, 100)
+
+
+def _decoder(vocab: dict[int, bytes], delay: int = 0) -> TokenText:
+    """A byte-level detokenizer over ``vocab`` (special ids decode to nothing)."""
+    return TokenText(lambda ids: b"".join(vocab[i] for i in ids).decode(errors="replace"), delay)
+
+
+def _feed(text: TokenText, ids: list[int]) -> list[Piece]:
+    found = [text.add(i) for i in ids]
+    return [p for p in (*found, text.flush()) if p is not None]
+
+
+def test_token_text_counts_the_tokens_of_each_piece() -> None:
+    euro = "€".encode()  # three bytes: split over two tokens, its text waits for both
+    vocab = {1: b"Hi", 2: b" there", 3: euro[:2], 4: euro[2:], 5: b"!\n", 6: b"ok", 0: b""}
+    got = _feed(_decoder(vocab), [1, 2, 3, 4, 5, 6, 0])
+    assert got == [Piece("Hi", 1), Piece(" there", 1), Piece("€", 2), Piece("!\n", 1),
+                   Piece("ok", 1)]  # fmt: skip
+    assert sum(p.tokens for p in got) == 6  # the end-of-turn id (0) adds no text: not counted
+    delayed = _feed(_decoder(vocab, delay=2), [1, 2, 3, 4, 6, 6])
+    assert "".join(p.text for p in delayed) == "Hi there€okok"
+    # Shown once two more tokens came (and not while the newest ends mid-character).
+    assert delayed[0] == Piece("Hi there", 2)
+    assert sum(p.tokens for p in delayed) == 6
+
+
+def test_shown_counts_only_the_tokens_of_text_let_through() -> None:
+    shown, scanner = Shown(), StopScanner(("END",))
+    out = []
+    for piece in (Piece("one ", 1), Piece("E", 1), Piece("N", 1), Piece("VOY", 2)):
+        shown.decoded(piece)
+        if text := scanner.feed(piece.text):
+            out.append(shown.show(text))
+    # "E" and "N" were held back (they may start END): counted with the text that freed them
+    assert out == [Piece("one ", 1), Piece("ENVOY", 4)]
 
 
 @pytest.mark.parametrize(

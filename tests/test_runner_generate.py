@@ -10,8 +10,9 @@ work on a copy. CUDA tests run only where torch sees a GPU.
 from __future__ import annotations
 
 import json
+import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from pathlib import Path
 
@@ -26,9 +27,8 @@ from protocols.errors import ConfigError
 from runners import convert_smollm2, ir_cache
 from runners.base import Outputs
 from runners.errors import BadInput, ModelLoadError
-from runners.generation import Completion, Engine, GenerationRunner, Request
+from runners.generation import Completion, Emit, Engine, GenerationRunner, Request
 from runners.openvino_genai import MODEL_NAME, GenAIConfig, OpenVINOGenAIRunner, cache_key
-from runners.token_stream import Emit
 from runners.torch_device import TorchPlacement
 from runners.torch_generate import TorchGenerateConfig, TorchGenerateRunner
 
@@ -42,9 +42,14 @@ SAMPLING: dict[str, Param] = {"temperature": 1.0, "top_p": 0.95, "top_k": 50, "m
 
 
 async def collect(
-    runner: GenerationRunner, inputs: dict[str, Value], params: dict[str, Param]
+    runner: GenerationRunner, inputs: Mapping[str, Value], params: dict[str, Param]
 ) -> list[Outputs]:
     return [chunk async for chunk in runner.stream(inputs, params)]
+
+
+def count(value: Value) -> int:
+    assert isinstance(value, int), value
+    return value
 
 
 async def check_stream_equals_infer(runner: GenerationRunner) -> None:
@@ -53,9 +58,11 @@ async def check_stream_equals_infer(runner: GenerationRunner) -> None:
     chunks = await collect(runner, CAPITAL, params)
     assert len(chunks) > 2, chunks  # streamed piece by piece, not all at once
     *texts, last = chunks
-    assert all(set(c) == {"text"} and c["text"] for c in texts)
+    assert all(set(c) == {"text", "tokens"} and c["text"] for c in texts)
     assert "".join(str(c["text"]) for c in texts) == whole["text"]
     assert last == {**whole, "text": ""}
+    # The pieces count the tokens of their text: all generated but the end of turn.
+    assert sum(count(c["tokens"]) for c in texts) == count(whole["completion_tokens"]) - 1
     assert all(undeclared(runner.info, c) == [] for c in [whole, *chunks])
     assert "Paris" in str(whole["text"])
     assert whole["finish_reason"] == "stop"
@@ -220,6 +227,24 @@ def runner(request: pytest.FixtureRequest) -> GenerationRunner:
     return loaded
 
 
+# Numerics under which GenAI's prefill of a prompt computes as its token-by-token
+# decoding does: what a resumed greedy answer needs to equal the uninterrupted one.
+EXACT = GenAIConfig(inference_precision="f32", kv_cache_precision="f32", dynamic_quantization=False)
+
+
+@pytest.fixture(scope="session")
+def genai_exact(genai_models_dir: Path) -> OpenVINOGenAIRunner:
+    runner = OpenVINOGenAIRunner(genai_models_dir, EXACT)
+    trio.run(runner.load)
+    return runner
+
+
+@pytest.fixture(params=["genai_exact", "torch_runner"])
+def exact_runner(request: pytest.FixtureRequest) -> GenerationRunner:
+    loaded: GenerationRunner = request.getfixturevalue(request.param)
+    return loaded
+
+
 def test_the_entry_holds_the_ir_and_its_probe(genai_models_dir: Path) -> None:
     entry = ir_cache.find(genai_models_dir / MODEL_NAME, cache_key())
     assert entry is not None
@@ -233,6 +258,17 @@ def test_info(genai: OpenVINOGenAIRunner) -> None:
     assert info["task"] == "text-generation" and info["streams"] is True
     assert info["context_length"] == 8192 and info["runner"] == "openvino-genai"
     assert {i["name"] for i in info["inputs"]} == {"prompt", "messages"}
+    assert info["continues"] == "prompt messages"
+    # The numerics as the device runs them (its defaults: auto) and as pinned.
+    assert info["inference_precision"] in ("f32", "bf16", "f16")
+    assert info["kv_cache_precision"] in ("f32", "f16", "bf16", "u8")
+    assert isinstance(info["dynamic_quantization"], bool)
+
+
+def test_pinned_numerics_are_announced(genai_exact: OpenVINOGenAIRunner) -> None:
+    info = genai_exact.info.describe()
+    assert (info["inference_precision"], info["kv_cache_precision"]) == ("f32", "f32")
+    assert info["dynamic_quantization"] is False
 
 
 async def test_stream_equals_infer(runner: GenerationRunner) -> None:
@@ -265,6 +301,40 @@ async def test_over_long_prompt(runner: GenerationRunner) -> None:
 
 def test_bad_params(runner: GenerationRunner) -> None:
     check_bad_params(runner)
+
+
+STORY = {"messages": json.dumps([{"role": "user", "content": "Tell a story about a painter."}])}
+
+
+@pytest.mark.parametrize("inputs", [STORY, COUNTING], ids=["chat", "prompt"])
+async def test_a_greedy_answer_continued_from_a_cut_is_the_same(
+    exact_runner: GenerationRunner, inputs: dict[str, Value], seed: int
+) -> None:
+    """The answer's start and its token count (what a client got before its producer
+    died) continued here give the uninterrupted answer, token for token, and the
+    whole answer's counts and finish reason."""
+    params: dict[str, Param] = {"max_new_tokens": 40}
+    *pieces, last = await collect(exact_runner, inputs, params)
+    whole = "".join(str(p["text"]) for p in pieces)
+    rng = random.Random(seed)
+    for cut in sorted(rng.sample(range(1, len(pieces)), 3)):
+        start = "".join(str(p["text"]) for p in pieces[:cut])
+        spent = sum(count(p["tokens"]) for p in pieces[:cut])
+        more: dict[str, Param] = {"continue_from": start, "continue_tokens": spent}
+        *rest, end = await collect(exact_runner, inputs, {**params, **more})
+        assert start + "".join(str(p["text"]) for p in rest) == whole, (cut, spent)
+        assert end == last, cut  # prompt_tokens without the start; completion_tokens all
+
+
+async def test_a_continuation_with_its_budget_spent_ends_at_once(runner: GenerationRunner) -> None:
+    more: dict[str, Param] = {"continue_from": "The capital", "continue_tokens": 3}
+    chunks = await collect(runner, CAPITAL, {"max_new_tokens": 3, **more})
+    assert chunks == [
+        {"text": "", "prompt_tokens": chunks[0]["prompt_tokens"], "completion_tokens": 3,
+         "finish_reason": "length"}
+    ]  # fmt: skip
+    answer = await runner.infer(CAPITAL, {"max_new_tokens": 8, **more})
+    assert str(answer["text"]).strip() and answer["completion_tokens"] == 8
 
 
 async def test_a_smaller_context_is_enforced(genai_models_dir: Path) -> None:
@@ -301,6 +371,17 @@ def test_config_from_table() -> None:
     config = GenAIConfig.from_table(table)
     table.done()
     assert (config.device, config.context_length, config.max_new_tokens) == ("CPU", 2048, 512)
+    numerics = {"inference_precision": "f32", "kv_cache_precision": "u8"}
+    table = Table({**numerics, "dynamic_quantization": False}, "models[0]")
+    pinned = GenAIConfig.from_table(table)
+    assert pinned.properties() == {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "KV_CACHE_PRECISION": "u8",
+        "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+    }
+    assert GenAIConfig().properties() == {}
+    with pytest.raises(ConfigError, match=r"models\[0\]\.kv_cache_precision"):
+        GenAIConfig.from_table(Table({"kv_cache_precision": "int4"}, "models[0]"))
     with pytest.raises(ConfigError, match=r"models\[0\]\.context_length"):
         GenAIConfig.from_table(Table({"context_length": 9000}, "models[0]"))
     with pytest.raises(ConfigError, match=r"models\[0\]\.max_new_tokens"):

@@ -351,7 +351,9 @@ def _print_chunk(as_json: bool) -> Callable[[Chunk], Awaitable[None]]:
         if as_json:
             print(json.dumps({"chunk": chunk.seq, "outputs": jsonable(chunk.outputs)}), flush=True)
             return
-        for value in chunk.outputs.values():
+        for key, value in chunk.outputs.items():
+            if key == "tokens":  # a generation chunk's count of its tokens: not its text
+                continue
             text = value if isinstance(value, str) else repr(value)
             print(text, end="" if isinstance(value, str) else "\n", flush=True)
 

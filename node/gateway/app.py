@@ -14,7 +14,10 @@ OpenAI routes, /v1/embeddings and the completions, and KServe's infer). A verifi
 job's answer carries ``X-Swarm-Verify-Verdict`` (agree, disagree, unsure or
 unverified), ``X-Swarm-Verify-Nodes`` (who answered; one list per job, ";"
 between jobs), and, when there are any, ``X-Swarm-Verify-Against`` and
-``X-Swarm-Verify-Min-Cosine`` (``verify_headers``).
+``X-Swarm-Verify-Min-Cosine`` (``verify_headers``). ``X-Swarm-Hedge-Ms`` (0 to
+MAX_HEDGE_MS) hedges the job: no first chunk or answer in that time, and the node
+sends it to a second peer too, taking whichever answers first (0: never; absent:
+the node's ``[router] hedge_ms``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,16 @@ from starlette.responses import Response
 from bootstrap.table import PeerTable, live_peers
 from node.errors import sole_error
 from node.observe.feed import Feed
-from protocols import MAX_VERIFY, Priority, Request, Result, SwarmError, Value, bounded_json
+from protocols import (
+    MAX_HEDGE_MS,
+    MAX_VERIFY,
+    Priority,
+    Request,
+    Result,
+    SwarmError,
+    Value,
+    bounded_json,
+)
 from runners.base import ModelInfo, gather
 
 from .config import GatewayConfig
@@ -46,6 +58,7 @@ DEADLINE_HEADER = "x-swarm-deadline-ms"  # the request's time budget, in millise
 PRIORITY_HEADER = "x-swarm-priority"  # high, normal or low
 API_KEY_HEADER = "x-api-key"  # Anthropic's clients send their key here, not as a bearer
 VERIFY_HEADER = "x-swarm-verify"  # 0 to MAX_VERIFY: extra nodes to run the job on
+HEDGE_HEADER = "x-swarm-hedge-ms"  # 0 to MAX_HEDGE_MS: when to ask a second peer too
 MAX_DEADLINE_MS = 24 * 3600 * 1000
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 EmitFor = Callable[[int, Mapping[str, Value]], Awaitable[None]]  # job index, its chunk
@@ -114,11 +127,12 @@ class Options:
     deadline_ms: int | None = None
     priority: Priority = Priority.NORMAL
     verify: int = 0
+    hedge_ms: int | None = None
 
 
 def options(request: HTTPRequest) -> Options:
-    """``X-Swarm-Deadline-Ms``, ``X-Swarm-Priority`` and ``X-Swarm-Verify``, checked
-    (400 if malformed)."""
+    """``X-Swarm-Deadline-Ms``, ``X-Swarm-Priority``, ``X-Swarm-Verify`` and
+    ``X-Swarm-Hedge-Ms``, checked (400 if malformed)."""
     return options_from(request.headers.get)
 
 
@@ -144,7 +158,13 @@ def options_from(header: Callable[[str], str | None]) -> Options:
             message = f"{VERIFY_HEADER} must be a whole number from 0 to {MAX_VERIFY}"
             raise HTTPFailure(400, message, "invalid_header")
         verify = int(text)
-    return Options(deadline_ms, priority, verify)
+    hedge_ms = None
+    if (text := header(HEDGE_HEADER)) is not None:
+        if not text.strip().isdigit() or int(text) > MAX_HEDGE_MS:
+            message = f"{HEDGE_HEADER} must be milliseconds from 0 to {MAX_HEDGE_MS}"
+            raise HTTPFailure(400, message, "invalid_header")
+        hedge_ms = int(text)
+    return Options(deadline_ms, priority, verify, hedge_ms)
 
 
 def verify_field(body: Mapping[str, Any], given: int) -> int:

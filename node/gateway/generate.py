@@ -200,6 +200,7 @@ def job(
         stream=stream,
         deadline_ms=how.deadline_ms,
         priority=how.priority,
+        hedge_ms=how.hedge_ms,
     )
 
 
@@ -360,6 +361,7 @@ async def embedded(
         inputs={"text": texts},
         deadline_ms=how.deadline_ms,
         priority=how.priority,
+        hedge_ms=how.hedge_ms,
         verify=verify,
     )
     result = await run_while_connected(backend, http, request)

@@ -276,6 +276,7 @@ def handlers(backend: Backend, config: GrpcConfig, bridge: Bridge) -> Any:
                 deadline_ms=deadline_ms,
                 priority=how.priority,
                 verify=how.verify,
+                hedge_ms=how.hedge_ms,
             )
             return job.model, await backend.execute(job, no_chunks)
 

@@ -107,6 +107,7 @@ def routes(backend: Backend, config: GatewayConfig) -> list[Route]:
             params=params,
             deadline_ms=how.deadline_ms,
             priority=how.priority,
+            hedge_ms=how.hedge_ms,
             verify=how.verify,
         )
         result = await run_while_connected(backend, request, job)

@@ -245,6 +245,7 @@ async def _generate(
             stream=stream,
             deadline_ms=how.deadline_ms,
             priority=how.priority,
+            hedge_ms=how.hedge_ms,
             verify=verify,
         )
         for i in range(n)

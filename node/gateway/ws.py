@@ -4,7 +4,9 @@ One JSON object per text frame each way. A client sends:
 
 - ``{"type": "inference", "id": TAG, "model": M, "inputs": ..., "params": {...},
   "stream": bool, "priority": "high"|"normal"|"low", "deadline_ms": N,
-  "strategy": S}``. ``inputs`` and ``params`` take swarm's JSON form
+  "strategy": S, "hedge_ms": N}`` (``hedge_ms``: ask a second peer too when no first
+  chunk or answer came in that time; 0: never; absent: the node's default).
+  ``inputs`` and ``params`` take swarm's JSON form
   (node/json_values.py: texts, or named inputs with tensors as ``{"dtype",
   "shape", "data"}``, as the MCP tools and ``swarm submit --json`` use). The
   answer is ``{"type": "result", "id": TAG, "outputs": ..., "meta": ...}``,
@@ -46,7 +48,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from bootstrap.table import Peer, PeerTable, live_peers
 from node.json_values import BadValue, inputs_from_json, jsonable, params_from_json
 from node.observe.feed import Feed, Subscription, Topic, peer_summary
-from protocols import ErrorCode, Priority, Request, SwarmError, Value, bounded_json
+from protocols import MAX_HEDGE_MS, ErrorCode, Priority, Request, SwarmError, Value, bounded_json
 
 from .app import MAX_DEADLINE_MS, Backend, find_model
 from .config import GatewayConfig
@@ -243,6 +245,7 @@ class Connection:
             deadline_ms=_deadline(body.get("deadline_ms")),
             stream=stream,
             strategy=_strategy(body.get("strategy")),
+            hedge_ms=_hedge(body.get("hedge_ms")),
         )
         return request, tag
 
@@ -328,6 +331,15 @@ def _deadline(raw: Any) -> int | None:
         return None
     if type(raw) is not int or not 0 < raw <= MAX_DEADLINE_MS:
         message = f"'deadline_ms' must be milliseconds from 1 to {MAX_DEADLINE_MS}"
+        raise Refused(ErrorCode.BAD_REQUEST, message)
+    return raw
+
+
+def _hedge(raw: Any) -> int | None:
+    if raw is None:
+        return None
+    if type(raw) is not int or not 0 <= raw <= MAX_HEDGE_MS:
+        message = f"'hedge_ms' must be milliseconds from 0 to {MAX_HEDGE_MS}"
         raise Refused(ErrorCode.BAD_REQUEST, message)
     return raw
 

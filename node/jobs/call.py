@@ -56,6 +56,8 @@ def client_request(
     request_id: str | None = None,
     strategy: str | None = None,
     verify: int = 0,
+    hedge_ms: int | None = None,
+    idempotent: bool = True,
 ) -> Request:
     """The Request for a client's arguments: numpy arrays become tensors, the
     deadline whole milliseconds (at least 1), a fresh id unless one is given."""
@@ -69,6 +71,8 @@ def client_request(
         stream=stream,
         strategy=strategy,
         verify=verify,
+        hedge_ms=hedge_ms,
+        idempotent=idempotent,
     )
 
 

@@ -13,12 +13,23 @@ failure decides from the failure alone whether the next may be tried:
 - the request itself is at fault (``BAD_REQUEST``...) or the deadline passed:
   that error, at once.
 
-A stream that already relayed chunks is never retried (the caller has part of
-one answer; a second would be a different one): it fails with ``StreamBroken``,
-which says how many chunks arrived. Attempts are bounded, and the request's
-deadline bounds them all. Only one answer ever reaches the caller: an attempt
-is abandoned (and the peer told ``Cancel``) before the next starts, and every
-attempt carries the caller's request id.
+A stream that already relayed chunks is not sent again whole (the caller has
+part of one answer; a second would be a different one). It is resumed instead
+(``node.jobs.resume``), at most ``max_resumes`` times: when its producer fails
+in a way that would fail over a job that had sent nothing, the rest goes to a
+peer whose record says it continues the job's input (the producer's numerics
+first), continuing from the text the caller got; its chunks follow on the same
+stream and the answer's meta names each producer and where it took over. When
+no peer can continue it, it fails with ``StreamBroken``, which says how many
+chunks arrived. Attempts are bounded (``max_attempts`` per producer sought), and
+the request's deadline bounds them all. Only one answer ever reaches the
+caller: an attempt is abandoned (and the peer told ``Cancel``) before the next
+starts, and every attempt carries the caller's request id.
+
+Hedging (``node.jobs.hedge``): an idempotent job whose first attempt has
+delivered nothing after ``hedge_ms`` (the job's, else the node's; 0 is off) is
+sent to the next candidate too; the first to deliver wins and the other is
+cancelled.
 
 Peers that fail are reported to the peer breakers, which keep them out of plans
 for a while (doubling on each failed probe); peers that answer close them.
@@ -56,8 +67,12 @@ from protocols.errors import ConfigError
 from runners.errors import ModelNotFound
 
 from .calls import OwnCalls
+from .hedge import Failed, HedgeStats, race
 from .outbound import Caller
+from .resume import Progress, Resume, continued, may_resume, resume_of
+from .resume import meta as resume_meta
 from .router import LocalNode, Preview, Router, RouteRequest, Strategy
+from .service import RunHere
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +109,18 @@ class Choice:
 
 
 class Planner(Protocol):
-    """Orders the candidates for ``request``, leaving out ``exclude``."""
+    """Orders the candidates for ``request``, leaving out ``exclude``; with ``resume``
+    only those that can continue the stream (``node.jobs.resume``)."""
 
-    def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]: ...
+    def plan(
+        self,
+        request: Request,
+        exclude: frozenset[str],
+        local: bool,
+        resume: Resume | None = None,
+    ) -> list[Choice]: ...
+
+    def entry(self, peer_id: str, model: str) -> Mapping[str, Any] | None: ...
 
     def admit(self, peer_id: str) -> bool: ...
 
@@ -138,23 +162,32 @@ class Dispatcher:
         planner: Planner,
         *,
         max_attempts: int = 3,
+        max_resumes: int = 2,
+        hedge_ms: int = 0,
     ) -> None:
         if max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
+        if max_resumes < 0 or hedge_ms < 0:
+            raise ConfigError("max_resumes and hedge_ms must be at least 0")
         self.self_id = self_id
         self._providers = providers
         self._caller = caller
         self._planner = planner
         self.max_attempts = max_attempts
+        self.max_resumes = max_resumes
+        self.hedge_ms = hedge_ms
         self.calls = OwnCalls()  # our requests at each peer: now, lately, how long they took
         self.failovers = 0  # attempts after the first, for status
+        self.resumes = 0  # streams continued on another producer, for status
+        self.broken = 0  # streams that failed after chunks with no one to continue them
+        self.hedges = HedgeStats()
         self.via_jobs = 0  # jobs answered through an intermediary, for status
         self.verifier: Checks | None = None  # spot checks and verify: N (set by the wiring)
 
     def serves(self, model: str) -> bool:
         return self._providers.serves(model)
 
-    async def forward(self, request: Request, emit: Emit, local: RunLocal | None = None) -> Result:
+    async def forward(self, request: Request, emit: Emit, local: RunHere | None = None) -> Result:
         """Run ``request`` on the best candidate, failing over as the module says.
 
         ``local`` runs it on this node (when this node serves the model): the
@@ -163,24 +196,23 @@ class Dispatcher:
         """
         if request.verify and self.verifier is not None:
             return await self.verifier.verified(request, local)
+        progress = Progress()
         tried: set[str] = set()
-        relayed = 0
         last: SwarmError | None = None
+        job = request  # what the next attempt sends: the request, or its continuation
+        resume: Resume | None = None  # what the next producer must do, once chunks went
+        producer: Choice | None = None  # who produced the chunks so far, last
+        attempts = sought = 0  # attempts in all; attempts for the producer now sought
 
-        async def counted(outputs: Mapping[str, Any]) -> None:
-            nonlocal relayed
-            relayed += 1
+        async def relay(outputs: Mapping[str, Any]) -> None:
+            progress.relayed(outputs)
             await emit(outputs)
 
-        async def relay(chunk: Any) -> None:
-            await counted(chunk.outputs)
-
-        attempts = 0
-        while attempts < self.max_attempts:
-            plan = self._planner.plan(request, frozenset(tried), local is not None)
+        while sought < self.max_attempts:
+            plan = self._planner.plan(job, frozenset(tried), local is not None, resume)
             if not plan and not tried and local is None:
                 await self._providers.providers(request.model)  # the DHT, when it runs
-                plan = self._planner.plan(request, frozenset(tried), False)
+                plan = self._planner.plan(job, frozenset(tried), False, resume)
             if not plan:
                 break
             choice = plan[0]
@@ -188,40 +220,127 @@ class Dispatcher:
             if not choice.local and not self._planner.admit(choice.peer_id):
                 continue  # its breaker's one probe is out already: not an attempt
             attempts += 1
+            sought += 1
             if attempts > 1:
                 self.failovers += 1
             if not choice.local:  # the model is in use and this link busy: both kept
                 self._providers.note_use(request.model, choice.peer_id)
+            since = progress.mark()
             try:
-                if choice.local:
-                    assert local is not None
-                    result = await local(counted)
-                else:
-                    result = await self._remote(choice.peer_id, request, relay)
-            except SwarmError as exc:
-                if relayed:
-                    raise StreamBroken(
-                        f"{choice.peer_id} failed after {relayed} chunk(s) of the stream: {exc}",
-                        chunks=relayed,
-                    ) from exc
-                if not may_fail_over(exc, request):
-                    raise
+                choice, result = await self._attempt(choice, job, relay, local, plan, tried)
+            except Failed as failed:
+                choice, exc = failed.choice, failed.error
+                if progress.chunks > since[0]:  # it produced part of the stream, then failed
+                    progress.produced(choice.peer_id, since)
+                    producer = choice
+                    job, resume = self._resumed(request, progress, choice, exc, attempts)
+                    sought = 0
+                    last = exc
+                    continue
+                if not may_fail_over(exc, job):
+                    if progress.chunks:  # a continuation refused: the stream stays cut
+                        raise self._broken(producer or choice, progress, exc) from exc
+                    raise exc from None
                 log.info("attempt %d at %s failed, trying another: %s", attempts, choice, exc)
                 last = exc
                 continue
-            meta: dict[str, Any] = {**result.meta, "attempts": attempts}
-            if not choice.local:
-                meta["forwarded_by"] = self.self_id
-                # An intermediary passed on another's answer: not its own to check.
-                if self.verifier is not None and not choice.via:
-                    self.verifier.offer(request, result, choice.peer_id)
-            if choice.via:
-                meta["via"] = choice.peer_id
-                self.via_jobs += 1
-            return replace(result, id=request.id, meta=meta)
+            progress.produced(choice.peer_id, since)
+            return self._answer(request, progress, choice, result, attempts)
+        if progress.chunks:
+            assert producer is not None and last is not None
+            raise self._broken(producer, progress, last, "no other peer could continue it")
         if last is not None:
             raise last
         raise ModelNotFound(f"no peer in the swarm is known to serve {request.model!r}")
+
+    def _resumed(
+        self, request: Request, progress: Progress, choice: Choice, exc: SwarmError, attempt: int
+    ) -> tuple[Request, Resume]:
+        """The continuation of ``request``'s stream, and what its producer must do;
+        StreamBroken when it may not or cannot be resumed."""
+        resume = resume_of(request, self._planner.entry(choice.peer_id, request.model))
+        job = continued(request, progress)
+        # Only the node the client talks to resumes: an intermediary's stream that
+        # breaks is the first node's to continue, once.
+        if request.hops or not may_resume(exc, request) or resume is None or job is None:
+            raise self._broken(choice, progress, exc) from exc
+        if progress.resumes >= self.max_resumes:
+            raise self._broken(choice, progress, exc, f"resumed {progress.resumes} times already")
+        self.resumes += 1
+        log.info(
+            # "trying another", as a failover says: the attempt that resumes is one too.
+            "attempt %d at %s failed after %d chunk(s) of the stream, trying another to "
+            "resume it from token %d: %s",
+            attempt,
+            choice,
+            progress.chunks,
+            progress.tokens,
+            exc,
+        )
+        return job, resume
+
+    def _broken(
+        self, producer: Choice, progress: Progress, exc: SwarmError, why: str = ""
+    ) -> StreamBroken:
+        self.broken += 1
+        said = f"{exc}; {why}" if why else str(exc)
+        return StreamBroken(
+            f"{producer.peer_id} failed after {progress.chunks} chunk(s) of the stream: {said}",
+            chunks=progress.chunks,
+        )
+
+    def _answer(
+        self, request: Request, progress: Progress, choice: Choice, result: Result, attempts: int
+    ) -> Result:
+        meta: dict[str, Any] = {**result.meta, "attempts": attempts}
+        if request.stream:
+            meta.update(resume_meta(progress))
+        if not choice.local:
+            meta["forwarded_by"] = self.self_id
+            # An intermediary passed on another's answer, and a resumed stream is
+            # several nodes' answer: neither is one peer's own to check.
+            if self.verifier is not None and not choice.via and not progress.resumes:
+                self.verifier.offer(request, result, choice.peer_id)
+        if choice.via:
+            meta["via"] = choice.peer_id
+            self.via_jobs += 1
+        return replace(result, id=request.id, meta=meta)
+
+    async def _attempt(
+        self,
+        choice: Choice,
+        job: Request,
+        relay: Emit,
+        local: RunHere | None,
+        plan: list[Choice],
+        tried: set[str],
+    ) -> tuple[Choice, Result]:
+        """``job`` at ``choice``, hedged on the plan's next candidate when the job asks
+        for it; the choice that answered and its result. Raises ``Failed``."""
+
+        async def run(at: Choice, emit: Emit) -> Result:
+            if at.local:
+                assert local is not None
+                return await local(emit, job)
+            return await self._remote(at.peer_id, job, _chunks_to(emit))
+
+        hedge_ms = self.hedge_ms if job.hedge_ms is None else job.hedge_ms
+        if not hedge_ms or not job.idempotent or job.verify or job.hops:
+            try:
+                return choice, await run(choice, relay)
+            except SwarmError as exc:
+                raise Failed(choice, exc) from exc
+
+        def second() -> Choice | None:
+            for other in plan[1:]:
+                if other.peer_id in tried:
+                    continue
+                if other.local or self._planner.admit(other.peer_id):
+                    tried.add(other.peer_id)
+                    return other
+            return None
+
+        return await race(run, choice, second, relay, hedge_ms / 1000, self.hedges)
 
     async def attempt(
         self, choice: Choice, request: Request, local: RunLocal | None = None
@@ -245,7 +364,7 @@ class Dispatcher:
     async def _remote(self, peer_id: str, request: Request, relay: Any) -> Result:
         left = trio.current_effective_deadline() - trio.current_time()
         deadline_ms = None if left == float("inf") else max(1, int(left * 1000))
-        forwarded = replace(request, hops=request.hops + 1, deadline_ms=deadline_ms)
+        forwarded = replace(request, hops=request.hops + 1, deadline_ms=deadline_ms, hedge_ms=None)
         self.calls.started(peer_id, trio.current_time())
         verdict: str | None = None
         meta: Mapping[str, Any] | None = None  # the answer's: how long the job ran there
@@ -271,6 +390,15 @@ class Dispatcher:
                 self._planner.failure(peer_id)
             else:  # cancelled: no verdict on the peer
                 self._planner.abandon(peer_id)
+
+
+def _chunks_to(emit: Emit) -> Callable[[Any], Awaitable[None]]:
+    """A caller's chunk handler that passes each chunk's outputs to ``emit``."""
+
+    async def relay(chunk: Any) -> None:
+        await emit(chunk.outputs)
+
+    return relay
 
 
 async def _no_chunks(chunk: Any) -> None:
@@ -350,7 +478,13 @@ class RouterPlanner:
         fresh = self._clock() - SERVICE_FRESH_S
         return calls.service_ms(model, since=fresh), calls.as_of(moments)
 
-    def plan(self, request: Request, exclude: frozenset[str], local: bool) -> list[Choice]:
+    def plan(
+        self,
+        request: Request,
+        exclude: frozenset[str],
+        local: bool,
+        resume: Resume | None = None,
+    ) -> list[Choice]:
         query = RouteRequest(
             model=request.model,
             strategy=parse_strategy(request.strategy),
@@ -359,6 +493,8 @@ class RouterPlanner:
             size_bytes=request_bytes(request),
             via=request.hops == 0,  # a job forwarded to us goes to a provider, not further
             held_back=self._held_back(),
+            continues=None if resume is None else resume.kind,
+            alike=() if resume is None else resume.alike,
         )
         table = self._table()
         found = self.router.plan(
@@ -370,6 +506,20 @@ class RouterPlanner:
             *self._ours(table, request.model),
         )
         return [Choice(c.peer_id, c.local, c.path == "via") for c in found]
+
+    def entry(self, peer_id: str, model: str) -> Mapping[str, Any] | None:
+        """How ``peer_id`` (this node, or a peer by its record) announces ``model``."""
+        want = model.casefold()
+        local = self._local()
+        if peer_id == self.router.self_id:
+            entries: Any = [m.describe() for m in local.models]
+        else:
+            peer = self._table().peers.get(peer_id)
+            entries = (peer.body or {}).get("models") if peer is not None else None
+        for m in entries if isinstance(entries, list | tuple) else ():
+            if isinstance(m, Mapping) and str(m.get("name")).casefold() == want:
+                return m
+        return None
 
     def preview(
         self, model: str, strategy: str | None = None, priority: Priority = Priority.NORMAL

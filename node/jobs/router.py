@@ -19,6 +19,13 @@ Candidates
     Peers in ``request.held_back`` are left out too: this node found their answers
     wrong (``node.jobs.reputation``). The local node is never held back.
 
+    Resuming a stream (``request.continues``: the input it continues, "messages",
+    "prompt" or "text"), only nodes whose entry says the model continues that input
+    qualify (``runners.continuation.continues``), and those whose entry has every
+    field of ``request.alike`` (the dead producer's runner and numerics) as it has
+    come first, whatever the strategy: greedy text resumed at the same numerics
+    is the text the producer would have given.
+
     Intermediaries: when no node above qualifies and ``request.via`` allows it
     (the job was not forwarded to us already), linked peers whose record says
     they forward the model (``node.reach.records``: they link a provider others
@@ -96,11 +103,12 @@ from typing import Any
 from bootstrap.table import PeerTable, serving
 from capabilities.record import Load
 from node.reach.records import intermediaries
-from protocols import Priority
+from protocols import MAX_HEDGE_MS, Priority
 from protocols.config import Table
 from protocols.errors import ConfigError
 from protocols.resilience import BreakerState
 from runners.base import ModelInfo
+from runners.continuation import continues
 
 from .peer_health import PeerBreakers
 
@@ -159,6 +167,12 @@ class RouterConfig:
     # Requests with more input bytes than this use relayed paths only when no direct
     # candidate is left (relays limit the bytes of a circuit).
     relay_max_bytes: int = 1 << 20
+    # A stream whose producer dies is resumed on another peer at most this often
+    # (node.jobs.resume); 0: never, it fails typed naming the chunks delivered.
+    max_resumes: int = 2
+    # Hedge jobs that have no first chunk or answer after this long (idempotent jobs
+    # only; a job's own hedge_ms overrides it); 0: off.
+    hedge_ms: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -172,6 +186,10 @@ class RouterConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"router {name} must be an integer >= 1")
+        for name, most in (("max_resumes", 64), ("hedge_ms", MAX_HEDGE_MS)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most):
+                raise ConfigError(f"router {name} must be an integer from 0 to {most}")
         if not isinstance(self.weights, Weights):
             raise ConfigError("router weights must be a Weights")
         if not (math.isfinite(self.load_half_life_s) and self.load_half_life_s > 0):
@@ -212,6 +230,8 @@ class RouterConfig:
             relay_max_bytes=table.integer(
                 "relay_max_bytes", base.relay_max_bytes, low=1, high=1 << 40
             ),
+            max_resumes=table.integer("max_resumes", base.max_resumes, low=0, high=64),
+            hedge_ms=table.integer("hedge_ms", base.hedge_ms, low=0, high=MAX_HEDGE_MS),
         )
         table.done()
         return config
@@ -229,6 +249,8 @@ class RouteRequest:
     size_bytes: int = 0  # the inputs' bytes (see Paths)
     via: bool = True  # intermediaries may be candidates (False once forwarded to us)
     held_back: frozenset[str] = frozenset()  # peers reputation keeps out (not "tried")
+    continues: str | None = None  # resuming: the input candidates must continue
+    alike: tuple[tuple[str, Any], ...] = ()  # resuming: (entry field, value) to prefer
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -285,6 +307,7 @@ class _Seen:
     tokens_per_s: float | None
     ahead: int
     in_flight: int
+    alike: bool = True  # its entry has every field of request.alike
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +331,7 @@ class _Found:
     tokens_per_s: float | None
     ahead: int
     in_flight: int
+    alike: bool = True  # its entry has every field of request.alike
 
     def others(self) -> float:
         """The others' work there: the report, less our calls it counted, faded."""
@@ -427,8 +451,8 @@ class Router:
         ]
         for via in (False, True):
             if via:
-                if found or not request.via:
-                    break
+                if found or not request.via or request.continues is not None:
+                    break  # (an intermediary's provider may not continue a stream)
                 stand_in = {"name": request.model, "device": ""}  # the provider's is unknown
                 peers = [(p, stand_in) for p in intermediaries(table, request.model)]
             for peer, entry in peers:
@@ -465,6 +489,8 @@ class Router:
         ordered = self._order(request, seen, rng, take_turn)
         if request.size_bytes > self.config.relay_max_bytes:  # direct ones first (Paths)
             ordered.sort(key=lambda s: s.candidate.path in ("relayed", "via"))
+        if request.alike:  # a resumed stream: the producer's numerics first (Candidates)
+            ordered.sort(key=lambda s: not s.alike)
         if probes:  # one probe at most, and only after every healthy node
             ordered.append(rng.choice(probes))
         eligible = [s.candidate for s in (*seen, *probes)]
@@ -528,6 +554,7 @@ class Router:
             _positive(load.get("tokens_per_s")),
             ahead,
             theirs,
+            all(model.get(key) == value for key, value in request.alike),
         )
 
     def _score(self, request: RouteRequest, found: list[_Found]) -> list[_Seen]:
@@ -555,7 +582,8 @@ class Router:
             if request.device is None and f.device and not f.device.casefold().startswith("cpu"):
                 score -= w.accelerator
             candidate = Candidate(f.pid, f.local, f.name, f.device, score, f.probe, f.path)
-            out.append(_Seen(candidate, f.latency_ms, f.tokens_per_s, f.ahead, f.in_flight))
+            seen = _Seen(candidate, f.latency_ms, f.tokens_per_s, f.ahead, f.in_flight, f.alike)
+            out.append(seen)
         return out
 
     # -- ordering ----------------------------------------------------------------
@@ -639,7 +667,7 @@ def _fits(model: Mapping[str, Any], request: RouteRequest) -> bool:
         have = model.get("device")
         if not (isinstance(have, str) and have.casefold().startswith(request.device.casefold())):
             return False
-    return True
+    return request.continues is None or continues(model, request.continues)
 
 
 def _circuit(circuits: Mapping[str, Any], name: str) -> str | None:

@@ -15,7 +15,6 @@ is counted for status.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -39,14 +38,18 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Mapping[str, Value]], Awaitable[None]]
 
 
+class RunHere(Protocol):
+    """Runs a job on this node, its chunks to ``emit``: the job given, or the one it
+    was made for (a resumed stream's continuation is another job)."""
+
+    def __call__(self, emit: Emit, request: Request | None = None, /) -> Awaitable[Result]: ...
+
+
 class Forwarder(Protocol):
     """Chooses where a request runs (``local`` runs it here) and fails over."""
 
     async def forward(
-        self,
-        request: Request,
-        emit: Emit,
-        local: Callable[[Emit], Awaitable[Result]] | None = None,
+        self, request: Request, emit: Emit, local: RunHere | None = None
     ) -> Result: ...
 
     def serves(self, model: str) -> bool: ...
@@ -250,9 +253,14 @@ class InferenceService:
             and request.hops < MAX_HOPS
             and (runner is not None or forwarder.serves(name))
         ):
-            local = None
+            local: RunHere | None = None
             if runner is not None:
-                local = functools.partial(self._run_local_to, name, runner, request, job)
+
+                async def run_here(to: Emit, other: Request | None = None) -> Result:
+                    assert runner is not None
+                    return await self._run_local(name, runner, other or request, to, job)
+
+                local = run_here
             result = await forwarder.forward(request, emit, local)
             if result.meta.get("served_by") != self.node_id:
                 self.stats.forwarded += 1
@@ -261,11 +269,6 @@ class InferenceService:
             f"no peer known to this node serves {request.model!r}; "
             f"this node serves {sorted(self.runners) or 'no models'}"
         )
-
-    async def _run_local_to(
-        self, name: str, runner: Runner, request: Request, job: _Active, emit: Emit
-    ) -> Result:
-        return await self._run_local(name, runner, request, emit, job)
 
     async def _run_local(
         self, name: str, runner: Runner, request: Request, emit: Emit, job: _Active

@@ -10,7 +10,9 @@ and benchmarks), with two kinds of series:
 - read from the node at scrape time (a collector, so they are never stale):
   queue depth per model and priority, requests in flight, peers known by status,
   each local backend's circuit state, each peer breaker's state, failovers,
-  and verification: judgements by verdict, and per peer checked the checks,
+  streams resumed on another producer and streams cut with no one to continue
+  them, hedged requests (sent, won by the hedge, racers cancelled), and
+  verification: judgements by verdict, and per peer checked the checks,
   agreements and strikes counted and whether it is held back from routing now.
 
 Circuit states are exported as one gauge per state with value 1 for the current
@@ -53,6 +55,9 @@ class Live:
     backend_circuits: Mapping[str, str | None] = field(default_factory=dict)  # model -> state
     peer_circuits: Mapping[str, str | None] = field(default_factory=dict)  # peer -> state
     failovers: int = 0
+    resumes: int = 0
+    broken_streams: int = 0
+    hedges: Mapping[str, int] = field(default_factory=dict)  # sent, won, cancelled
     shares: Mapping[str, Any] = field(default_factory=dict)  # InferenceService.shares()
     # peer -> its reputation row (node.jobs.reputation.Reputation.describe)
     reputation: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -140,6 +145,25 @@ class _Live(Collector):
             "Attempts after the first, over all jobs routed here.",
             value=live.failovers,
         )
+        yield CounterMetricFamily(
+            "swarm_stream_resumes",
+            "Streams whose producer failed, continued on another peer from the text sent.",
+            value=live.resumes,
+        )
+        yield CounterMetricFamily(
+            "swarm_streams_broken",
+            "Streams that failed after some chunks with no peer to continue them.",
+            value=live.broken_streams,
+        )
+        hedges = CounterMetricFamily(
+            "swarm_hedges",
+            "Hedged requests: sent to a second peer, won by that second request, and "
+            "racers cancelled because the other delivered first.",
+            labels=["event"],
+        )
+        for event in ("sent", "won", "cancelled"):
+            hedges.add_metric([event], float(live.hedges.get(event, 0)))
+        yield hedges
         yield from _shares(live.shares)
         yield from _verification(live)
 
