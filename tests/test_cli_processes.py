@@ -79,12 +79,16 @@ def test_gateways_by_default_and_what_status_peers_models_show(daemons: Daemons)
     assert [p["peer_id"] for p in listed["peers"]] == [a.peer_id]
 
     lines = text_ok(models)
-    assert f"echo - 1: {a.peer_id[-8:]}" in lines and "other fake fake/none 0" in lines
+    # (fake models have no content: CONTENT and SIZE "-", no providers)
+    assert f"echo - 1: {a.peer_id[-8:]} - - 0" in lines, lines
+    assert "other fake fake/none 0 - - 0" in lines, lines
     listed = ok_json(models_json)
     assert set(listed) == {"peer_id", "models"}
     rows = {r["model"]: r for r in listed["models"]}
-    assert all(set(r) == {"model", "local", "peers"} for r in rows.values())
+    fields = {"model", "local", "peers", "content", "size", "providers"}
+    assert all(set(r) == fields for r in rows.values())
     assert rows["echo"]["peers"] == [a.peer_id] and rows["other"]["local"]["runner"] == "fake"
+    assert all(r["content"] is None and r["providers"] == 0 for r in rows.values())
 
 
 def test_config_file_sets_the_daemon_and_turns_the_gateway_off(daemons: Daemons) -> None:

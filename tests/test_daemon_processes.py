@@ -368,7 +368,9 @@ def test_status_of_a_lists_both_peers(swarm: Swarm) -> None:
 
     assert as_text.returncode == 0, as_text.stderr
     assert re.search(rf"^node +{swarm.a.peer_id}$", as_text.stdout, re.M), as_text.stdout
-    assert re.search(r"^peers +2 known, 2 linked", as_text.stdout, re.M), as_text.stdout
+    assert re.search(r"^peers +2 linked, links 2/32, 0 more known", as_text.stdout, re.M), (
+        as_text.stdout
+    )
 
 
 def test_peers_lists_the_table_and_filters_by_model(swarm: Swarm) -> None:
