@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -38,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_report import Summary, cpu_model
+from bench_report import Summary, load_now
+from bench_report import machine as bench_machine
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_HELP_S = 0.3
@@ -200,12 +200,7 @@ def main() -> int:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    machine = bench_machine()
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as scratch:
         daemon = Daemon(Path(scratch, "node"))
         try:
@@ -226,7 +221,7 @@ def main() -> int:
                 times = own_loop(commands, args.runs)
         finally:
             daemon.close()
-    machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["load_after"] = load_now()
     results: dict[str, Any] = {
         "runs": args.runs,
         "timer": "hyperfine" if hyperfine else "own loop, interleaved, 1 warm-up round",

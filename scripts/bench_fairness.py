@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import random
 import signal
 import statistics
@@ -53,7 +51,8 @@ from typing import Any
 
 import trio
 from bench_fairness_lib.flood import flood
-from bench_report import Summary, cpu_model
+from bench_report import Summary, load_now
+from bench_report import machine as bench_machine
 from bench_swarm_lib.swarm import NodeProc, start_node, stop_all
 from libp2p import generate_new_ed25519_identity
 
@@ -416,18 +415,13 @@ def main() -> int:
     print(f"seed {args.seed} (replay with --seed {args.seed})")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     began = time.monotonic()
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    machine = bench_machine()
     try:
         results = trio.run(measure, args)
     except KeyboardInterrupt:
         print("interrupted: every node process was stopped", file=sys.stderr)
         return 130
-    machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["load_after"] = load_now()
     results["machine"] = machine
     results["summary"] = report(results)
     results["total_s"] = time.monotonic() - began

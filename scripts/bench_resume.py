@@ -30,8 +30,6 @@ import argparse
 import itertools
 import json
 import logging
-import os
-import platform
 import random
 import statistics
 import sys
@@ -43,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_report import Summary, cpu_model
+from bench_report import Summary, load_now
+from bench_report import machine as bench_machine
 from libp2p.peer.id import ID
 
 from node.client import SwarmClient
@@ -387,18 +386,13 @@ def main() -> int:
         args.trials, args.tokens, args.jobs, args.windows = 5, 32, 60, 2
     logging.getLogger("node").setLevel(logging.ERROR)
     began = time.monotonic()
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    machine = bench_machine()
     try:
         results = trio.run(measure, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["load_after"] = load_now()
     results["machine"] = machine
     results["summary"] = report(results)
     results["total_s"] = time.monotonic() - began

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -57,7 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_report import Summary, cpu_model
+from bench_report import Summary, load_now
+from bench_report import machine as bench_machine
 from bench_swarm_lib.swarm import (
     SIZES,
     SLOW_FACTOR,
@@ -549,18 +549,13 @@ def main() -> int:
         parser.error(f"--kills must be 1 to {max(SIZES) - 1}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     began = time.monotonic()
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    machine = bench_machine()
     try:
         results = trio.run(measure, args)
     except KeyboardInterrupt:
         print("interrupted: every node process was stopped", file=sys.stderr)
         return 130
-    machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["load_after"] = load_now()
     results["machine"] = machine
     results["heartbeat"] = (
         "the daemon's default (5 s, dead after 15 s)"

@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import signal
 import statistics
 import sys
@@ -48,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_report import Summary, cpu_model
+from bench_report import Summary, load_now
+from bench_report import machine as bench_machine
 from bench_swarm_lib.swarm import NodeProc, start_node, stop_all
 
 from node.client import SwarmClient
@@ -370,18 +369,13 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     logging.getLogger("node").setLevel(logging.ERROR)  # the caught section's nodes: no warnings
     began = time.monotonic()
-    machine = {
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
+    machine = bench_machine()
     try:
         results = trio.run(measure, args)
     except KeyboardInterrupt:
         print("interrupted: every node process was stopped", file=sys.stderr)
         return 130
-    machine["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine["load_after"] = load_now()
     results["machine"] = machine
     results["summary"] = report(results)
     results["total_s"] = time.monotonic() - began
