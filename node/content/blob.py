@@ -35,7 +35,8 @@ from node.errors import NodeError
 from node.net.access import AccessPolicy
 from protocols.codes import ErrorCode
 from protocols.content import DIGEST_LEN, MAX_CHUNK, MAX_MANIFEST
-from protocols.errors import ConfigError, FrameTooLarge, RemoteError, RemoteProtocolError
+from protocols.errors import ConfigError, RemoteError, RemoteProtocolError
+from protocols.frames import Frames, frame
 
 from .shares import Shares
 
@@ -90,7 +91,7 @@ def encode(message: Message) -> bytes:
     limit = MAX_REQUEST if isinstance(message, Get) else MAX_ANSWER
     if len(payload) > limit:
         raise ConfigError(f"a blob message of {len(payload)} bytes is over {limit}")
-    return len(payload).to_bytes(4, "big") + payload
+    return frame(payload)
 
 
 def decode(payload: bytes, limit: int) -> Message:
@@ -136,22 +137,18 @@ class Decoder:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._buffer = bytearray()
+        self._frames = Frames(limit, "blob")
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= 4 and int.from_bytes(self._buffer[:4], "big") > self.limit:
-            raise FrameTooLarge(f"a blob frame over {self.limit} bytes")
+        self._frames.feed(data)
 
     def next_message(self) -> Message | None:
-        if len(self._buffer) < 4:
-            return None
-        size = int.from_bytes(self._buffer[:4], "big")
-        if len(self._buffer) < 4 + size:
-            return None
-        payload = bytes(self._buffer[4 : 4 + size])
-        del self._buffer[: 4 + size]
-        return decode(payload, self.limit)
+        payload = self._frames.next_frame()
+        return None if payload is None else decode(payload, self.limit)
+
+    @property
+    def partial(self) -> bool:
+        return self._frames.partial
 
 
 async def receive(stream: Any, decoder: Decoder) -> Message | None:
@@ -162,7 +159,7 @@ async def receive(stream: Any, decoder: Decoder) -> Message | None:
         except EOFError:
             data = b""
         if not data:
-            if decoder._buffer:
+            if decoder.partial:
                 raise RemoteProtocolError("the blob stream ended inside a message")
             return None
         decoder.feed(data)

@@ -68,7 +68,8 @@ from libp2p.transport.upgrader import TransportUpgrader
 
 from node.errors import NodeError
 from node.net.access import AccessPolicy
-from protocols.errors import ConfigError, FrameTooLarge, RemoteProtocolError
+from protocols.errors import ConfigError, RemoteProtocolError
+from protocols.frames import Frames, frame
 
 from .addresses import MAX_CANDIDATES, Endpoint, endpoint
 from .reachability import DialResult, Outcome
@@ -123,29 +124,21 @@ def encode(message: Message) -> bytes:
     payload: bytes = msgpack.packb(body, use_bin_type=True)
     if len(payload) > MAX_FRAME:
         raise ConfigError(f"a dial-back message of {len(payload)} bytes is over {MAX_FRAME}")
-    return len(payload).to_bytes(4, "big") + payload
+    return frame(payload)
 
 
 class Decoder:
     """Bytes in, messages out; any bytes give a message or a RemoteProtocolError."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._frames = Frames(MAX_FRAME, "dial-back")
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= 4 and int.from_bytes(self._buffer[:4], "big") > MAX_FRAME:
-            raise FrameTooLarge(f"a dial-back frame over {MAX_FRAME} bytes")
+        self._frames.feed(data)
 
     def next_message(self) -> Message | None:
-        if len(self._buffer) < 4:
-            return None
-        size = int.from_bytes(self._buffer[:4], "big")
-        if len(self._buffer) < 4 + size:
-            return None
-        payload = bytes(self._buffer[4 : 4 + size])
-        del self._buffer[: 4 + size]
-        return decode(payload)
+        payload = self._frames.next_frame()
+        return None if payload is None else decode(payload)
 
 
 def decode(payload: bytes) -> Message:
