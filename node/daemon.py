@@ -252,6 +252,7 @@ class Node:
             held_back=reputation.held_back,
             paths=circuits.kinds,  # direct, hole-punched or relayed, per connected peer
             calls=lambda: self.services.dispatcher.calls,
+            unlinked=membership.unlinked_providers,
         )
         dispatcher = Dispatcher(
             peer_id,

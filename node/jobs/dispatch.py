@@ -42,14 +42,14 @@ gave is offered to it for a spot check once it is on its way to the caller.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import trio
 from libp2p.peer.id import ID
 
-from bootstrap.table import PeerTable
+from bootstrap.table import Peer, PeerTable
 from node.errors import ConnectionLost, NodeError, PeerUnavailable
 from protocols import (
     ErrorCode,
@@ -450,12 +450,15 @@ class RouterPlanner:
         held_back: Callable[[], frozenset[str]] = frozenset,
         calls: Callable[[], OwnCalls | None] = lambda: None,
         clock: Callable[[], float] = trio.current_time,
+        unlinked: Callable[[str], Sequence[Peer]] = lambda model: (),
     ) -> None:
         """``paths``: each connected peer's connection kind ("direct", "hole-punched",
         "relayed"), from the circuits manager when there is one. ``calls``: the
         dispatcher's record of our calls (service times, our calls when each peer
         reported its load); without it the router knows only ``in_flight``.
-        ``clock``: the one ``calls`` was given times by."""
+        ``clock``: the one ``calls`` was given times by. ``unlinked``: rows for
+        providers of a model known but not linked (their load None: unknown to the
+        router), which plans may use beside the table's linked peers."""
         self.router = router
         self._table = table
         self._local = local
@@ -464,6 +467,7 @@ class RouterPlanner:
         self._held_back = held_back  # peers reputation keeps out of plans now
         self._calls = calls
         self._clock = clock
+        self._unlinked = unlinked
 
     def _ours(
         self, table: PeerTable, model: str
@@ -497,6 +501,8 @@ class RouterPlanner:
             alike=() if resume is None else resume.alike,
         )
         table = self._table()
+        if extra := self._unlinked(request.model):
+            table = replace(table, peers={**table.peers, **{p.peer_id: p for p in extra}})
         found = self.router.plan(
             table,
             self._local() if local else None,

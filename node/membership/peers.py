@@ -80,7 +80,10 @@ DiscoveryEvent = Discovered | DiscoveryProblem
 Connect = Callable[[str, tuple[str, ...]], Awaitable[None]]
 # A direct dial, then circuits through the peer's relays, one after another.
 LINK_TIMEOUT_S = 20.0
+UNLINKED_ROUTES = 4  # known providers offered to the router when none is linked
+PROVIDER_WAIT_S = 2.0  # a job with no linked provider waits this long for a link
 DHT_LOOKUP_S = 5.0
+DHT_TRIES, DHT_RETRY_S = 2, 1.0  # lookups when the first finds no provider, and the pause
 HINTS_ONLY = frozenset({Source.DHT, Source.PEERSTORE})
 # How many linked peers a full record names, so that a newcomer that learnt of a
 # few members (one DHT lookup returns about 20) links to the rest through them.
@@ -509,7 +512,12 @@ class Membership:
         found = serving(self.table, model)
         if found:
             return found
-        if not self._known_serving(model) and self.finder is not None:
+        for attempt in range(DHT_TRIES if self.finder is not None else 0):
+            if self._known_serving(model):
+                break
+            if attempt:  # a provider that started a moment ago may not have told the DHT
+                await trio.sleep(DHT_RETRY_S)
+            assert self.finder is not None
             for hint in await self.finder(model, DHT_LOOKUP_S):
                 if hint.peer_id != self.self_id and self._access.member(hint.peer_id):
                     self._learn(hint.peer_id, tuple(hint.addrs), (model,))
@@ -517,10 +525,46 @@ class Membership:
         for pid in candidates:  # a job needs it: an earlier refusal does not hold it back
             self._backoff.pop(pid, None)
         self._replan()
-        with trio.move_on_after(LINK_TIMEOUT_S if candidates else 0):
+        # A link made in a moment is the best route (its load comes with it); past
+        # that the job may go to a known provider unlinked (unlinked_providers).
+        with trio.move_on_after(PROVIDER_WAIT_S if candidates else 0):
             while not (found := serving(self.table, model)):
                 await self.wait_changed()
         return found
+
+    def unlinked_providers(self, model: str) -> list[Peer]:
+        """Known providers of ``model`` with no link to us, as rows a job can be routed
+        to with its load unknown (no heartbeat tells it), when no linked peer serves
+        ``model``: a provider at its link budget refuses our link, not our job. Their
+        addresses go to the host's peerstore (as ``host.connect`` puts them, for two
+        minutes) so that the job's own stream can dial them."""
+        if serving(self.table, model):
+            return []
+        rows = []
+        for pid in self._known_serving(model)[:UNLINKED_ROUTES]:
+            known = self.known[pid]
+            if not known.addrs:
+                continue  # announces no address (behind a NAT): reached through others
+            try:
+                addrs = [multiaddr.Multiaddr(a) for a in known.addrs]
+                self._host.get_peerstore().add_addrs(ID.from_base58(pid), addrs, 120)
+            except Exception as exc:  # a hint's bad address or id: not routable
+                log.debug("known provider %s not routable: %s", pid, exc)
+                continue
+            entries = [{"name": m} for m in known.models]
+            body = {"models": entries}
+            rows.append(
+                Peer(
+                    pid,
+                    known.addrs,
+                    frozenset(),
+                    known.seen,
+                    Status.LINKED,
+                    body=body,
+                    models=known.models,
+                )
+            )
+        return rows
 
     def note_use(self, model: str, peer_id: str) -> None:
         """A job for ``model`` went to ``peer_id``: the model is in use, the link busy."""
