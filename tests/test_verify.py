@@ -108,7 +108,11 @@ async def test_a_lying_peer_is_caught_held_back_and_remembered_across_a_restart(
                 # Honest peers are never struck, even when the liar checked them.
                 for honest in (b, c):
                     assert rows.get(honest.peer_id, {}).get("strikes", 0) == 0
-                # Held back: no job goes to it any more, and no check either.
+                # Held back: no job goes to it any more, and no check either. (A check
+                # sent to it before it was held back may still be running: once seen
+                # answering after this point in a clean-clone run.)
+                verifier = a.services.verifier
+                await eventually(lambda: verifier.describe()["in_flight"] == 0, 10)
                 answered = liar.answers
                 for i in range(60):
                     result = await client.infer(MODEL, {"text": f"after {i}"})
